@@ -1,0 +1,847 @@
+"""The embedded benchmark: procedurally generated two-domain street scenes (DESIGN.md).
+
+Each image is a street seen from a car: sky, façades of buildings and tree rows along both
+sides, road and sidewalks in perspective, terrain strips, poles with traffic lights and
+signs, vehicles, pedestrians and cyclists, labelled with the 19 Cityscapes train ids and
+colours (DATASETS.md 1.4). Two domains share the scene geometry and differ in everything a
+camera sees:
+
+- **source** looks synthetic: flat, saturated per-class colours, hard edges, no noise, and
+  a GTA5-like class prior (more sky and heavy vehicles, fewer pedestrians; DATASETS.md 6.2);
+- **target** looks real: a different per-class palette, texture, lighting and colour
+  casts, sensor noise, blur, an ego-vehicle hood (labelled 255, as in Cityscapes), objects
+  at a slightly different scale, and a Cityscapes-like class prior (DATASETS.md 6.1).
+
+The output uses the folder-dataset format (DESIGN.md "Contracts")::
+
+    ROOT/benchmark.json                  seed, size, generator version, counts, class shares
+    ROOT/source/dataset.yaml
+    ROOT/source/{images,labels}/train/source_train_0000.png ...
+    ROOT/target/dataset.yaml
+    ROOT/target/{images,labels}/{train,val}/target_train_0000.png ...
+
+Target train labels are on disk for the target-supervised oracle; adaptation recipes
+must not read them. Every image is drawn from its own seed (benchmark seed, domain,
+split, index), so a benchmark is identical whatever the number of worker processes.
+
+Examples:
+    >>> root = ensure_benchmark(size="tiny")  # doctest: +SKIP
+    >>> sorted(p.name for p in root.iterdir())  # doctest: +SKIP
+    ['benchmark.json', 'source', 'target']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+from PIL import Image, ImageFilter
+
+from ..errors import DataError
+from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
+
+# Bump whenever the generated pixels change, so cached copies of older versions are not reused.
+GENERATOR_VERSION = 1
+
+CLASSES = CITYSCAPES_CLASSES
+_ID = {name: index for index, name in enumerate(CLASSES.names)}
+SPLITS: tuple[tuple[str, str], ...] = (("source", "train"), ("target", "train"), ("target", "val"))
+
+
+@dataclass(frozen=True)
+class BenchmarkSize:
+    """Image size (height, width) and the number of images of each split."""
+
+    height: int
+    width: int
+    source_train: int
+    target_train: int
+    target_val: int
+
+    def count(self, domain: str, split: str) -> int:
+        return getattr(self, f"{domain}_{split}")
+
+
+SIZES: dict[str, BenchmarkSize] = {
+    "tiny": BenchmarkSize(height=32, width=64, source_train=6, target_train=4, target_val=3),
+    "default": BenchmarkSize(height=128, width=256, source_train=500, target_train=400, target_val=150),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Scene priors: how often and how large things are in each domain (the label shift).
+# All lengths are in metres.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenePrior:
+    """The layout statistics of one domain."""
+
+    horizon: tuple[float, float]  # horizon row, as a fraction of the image height
+    focal: tuple[float, float]  # focal length, in image widths
+    road_half_width: tuple[float, float]
+    sidewalk_width: tuple[float, float]
+    verge_width: tuple[float, float]  # between sidewalk and façades: grass or paving per block
+    building_height: tuple[float, float]
+    tree_row_height: tuple[float, float]
+    block_kinds: dict[str, float]  # building / vegetation / park: probabilities
+    barrier_kinds: dict[str, float]  # none / wall / fence in front of a block: probabilities
+    grass_verge: float  # probability that a block's verge is grass (terrain)
+    mean_count: dict[str, float]  # Poisson mean of each kind of object per image
+    object_scale: float
+    ego_hood: bool  # the bottom of the image shows the camera car's hood (ignore label)
+
+
+SOURCE_PRIOR = ScenePrior(
+    horizon=(0.40, 0.50),
+    focal=(0.55, 0.65),
+    road_half_width=(3.0, 6.5),
+    sidewalk_width=(3.0, 6.0),
+    verge_width=(0.5, 3.0),
+    building_height=(6.0, 16.0),
+    tree_row_height=(4.0, 9.0),
+    block_kinds={"building": 0.6, "vegetation": 0.2, "park": 0.2},
+    barrier_kinds={"none": 0.6, "wall": 0.28, "fence": 0.12},
+    grass_verge=0.5,
+    mean_count={
+        "car": 1.5, "parked_car": 0.5, "truck": 0.2, "bus": 0.1, "train": 0.03, "pole": 3.5,
+        "tree": 1.2, "person": 1.5, "cyclist": 0.08, "motorcyclist": 0.1, "bicycle": 0.05,
+    },
+    object_scale=1.0,
+    ego_hood=False,
+)
+
+TARGET_PRIOR = ScenePrior(
+    horizon=(0.36, 0.46),
+    focal=(0.5, 0.6),
+    road_half_width=(3.0, 6.5),
+    sidewalk_width=(2.0, 5.0),
+    verge_width=(0.5, 3.5),
+    building_height=(12.0, 28.0),
+    tree_row_height=(7.0, 14.0),
+    block_kinds={"building": 0.5, "vegetation": 0.45, "park": 0.05},
+    barrier_kinds={"none": 0.70, "wall": 0.12, "fence": 0.18},
+    grass_verge=0.6,
+    mean_count={
+        "car": 2.0, "parked_car": 1.4, "truck": 0.04, "bus": 0.035, "train": 0.06, "pole": 4.5,
+        "tree": 2.0, "person": 6.0, "cyclist": 0.7, "motorcyclist": 0.15, "bicycle": 1.5,
+    },
+    object_scale=0.92,
+    ego_hood=True,
+)
+
+CAMERA_HEIGHT = 1.5
+MAX_DEPTH = 80.0
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: a painter's-algorithm canvas seen through a pinhole camera.
+# --------------------------------------------------------------------------------------------
+
+
+class _Canvas:
+    """Label and region maps, painted back to front.
+
+    A point ``x`` metres right of the camera axis, ``z`` metres above the ground and ``depth``
+    metres ahead projects to column ``vanish_x + focal * x / depth`` and row
+    ``horizon + focal * (CAMERA_HEIGHT - z) / depth``.
+    """
+
+    def __init__(self, height: int, width: int, horizon: float, vanish_x: float, focal: float) -> None:
+        self.height, self.width = height, width
+        self.horizon, self.vanish_x, self.focal = horizon, vanish_x, focal
+        self.label = np.full((height, width), _ID["sky"], dtype=np.uint8)
+        self.region = np.zeros((height, width), dtype=np.int32)
+        self.materials: list[tuple[str, float]] = [("sky", 1.0)]  # (material, shade) of each region
+        self.rows = np.arange(height, dtype=np.float32)[:, None] + 0.5
+        self.cols = np.arange(width, dtype=np.float32)[None, :] + 0.5
+        # Façade surface coordinates (height, depth) in metres for the window texture; NaN elsewhere.
+        self.facade_z = np.full((height, width), np.nan, dtype=np.float32)
+        self.facade_depth = np.full((height, width), np.nan, dtype=np.float32)
+
+    def row(self, z: float, depth: float) -> float:
+        return self.horizon + self.focal * (CAMERA_HEIGHT - z) / depth
+
+    def col(self, x: float, depth: float) -> float:
+        return self.vanish_x + self.focal * x / depth
+
+    def pixels(self, metres: float, depth: float) -> float:
+        return self.focal * metres / depth
+
+    def paint(self, class_id: int, material: str, mask: np.ndarray, top: int = 0, left: int = 0, shade: float = 1.0) -> None:
+        """Paint ``mask`` (a window whose corner is at ``top, left``) as a new region."""
+        region_id = len(self.materials)
+        self.materials.append((material, shade))
+        window = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
+        self.label[window][mask] = class_id
+        self.region[window][mask] = region_id
+
+    def rect(self, class_id: int, material: str, x0: float, x1: float, y0: float, y1: float, min_size: int = 1) -> None:
+        """An axis-aligned rectangle in pixel coordinates, at least ``min_size`` pixels across."""
+        left, top = int(math.floor(x0)), int(math.floor(y0))
+        right = max(int(round(x1)), left + min_size)
+        bottom = max(int(round(y1)), top + min_size)
+        left, top = max(left, 0), max(top, 0)
+        right, bottom = min(right, self.width), min(bottom, self.height)
+        if right > left and bottom > top:
+            self.paint(class_id, material, np.ones((bottom - top, right - left), dtype=bool), top, left)
+
+    def front(self, class_id: int, material: str, x0: float, x1: float, z0: float, z1: float, depth: float, min_size: int = 1) -> None:
+        """A rectangle facing the camera (the back of a car, a sign, a torso)."""
+        self.rect(class_id, material, self.col(x0, depth), self.col(x1, depth), self.row(z1, depth), self.row(z0, depth), min_size)
+
+    def disc(self, class_id: int, material: str, x: float, z: float, radius_x: float, radius_z: float, depth: float) -> None:
+        """An ellipse facing the camera, centred at ``(x, z)``."""
+        cx, cy = self.col(x, depth), self.row(z, depth)
+        rx, ry = max(self.pixels(radius_x, depth), 0.7), max(self.pixels(radius_z, depth), 0.7)
+        top, bottom = max(int(cy - ry), 0), min(int(cy + ry) + 1, self.height)
+        left, right = max(int(cx - rx), 0), min(int(cx + rx) + 1, self.width)
+        if right > left and bottom > top:
+            mask = ((self.cols[:, left:right] - cx) / rx) ** 2 + ((self.rows[top:bottom] - cy) / ry) ** 2 <= 1.0
+            self.paint(class_id, material, mask, top, left)
+
+    def side(
+        self,
+        class_id: int,
+        material: str,
+        x: float,
+        near: float,
+        far: float,
+        z0: float,
+        z1: float | Callable[[np.ndarray], np.ndarray],
+        shade: float = 1.0,
+        facade: bool = False,
+    ) -> None:
+        """A vertical plane along the street, ``x`` metres from the axis, between two depths.
+
+        ``z1`` may be a function of depth (the bumpy top of a tree row). Façades also record
+        their surface coordinates for the window texture.
+        """
+        if abs(x) < 0.05:
+            return
+        x_near, x_far = self.col(x, near), self.col(x, far)
+        left = max(int(math.floor(min(x_near, x_far))), 0)
+        right = min(int(math.ceil(max(x_near, x_far))), self.width)
+        if right <= left:
+            return
+        depth = np.clip(self.focal * x / (self.cols[0, left:right] - self.vanish_x), near, far)
+        top_z = z1(depth) if callable(z1) else z1
+        y_top = self.horizon + self.focal * (CAMERA_HEIGHT - top_z) / depth
+        y_bottom = self.horizon + self.focal * (CAMERA_HEIGHT - z0) / depth
+        mask = (self.rows >= y_top) & (self.rows < y_bottom)
+        self.paint(class_id, material, mask, 0, left, shade)
+        if facade:
+            window = (slice(None), slice(left, right))
+            z = CAMERA_HEIGHT - (self.rows - self.horizon) * depth / self.focal
+            self.facade_z[window] = np.where(mask, z, self.facade_z[window])
+            self.facade_depth[window] = np.where(mask, depth, self.facade_depth[window])
+
+    def overlay(self, layer: "_Canvas") -> None:
+        """Paint ``layer``'s non-sky regions over this canvas, keeping their materials."""
+        offset = len(self.materials) - 1
+        painted = layer.region > 0
+        self.materials.extend(layer.materials[1:])
+        self.label[painted] = layer.label[painted]
+        self.region[painted] = layer.region[painted] + offset
+        self.facade_z = np.where(painted, layer.facade_z, self.facade_z)
+        self.facade_depth = np.where(painted, layer.facade_depth, self.facade_depth)
+
+
+def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    names = list(weights)
+    probabilities = np.asarray([weights[name] for name in names])
+    return names[rng.choice(len(names), p=probabilities / probabilities.sum())]
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """Depths: uniform in log depth, so near and far objects are equally common per octave."""
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+@dataclass(frozen=True)
+class _Street:
+    """The street's cross-section in metres, one value per side (left, right)."""
+
+    road: tuple[float, float]
+    sidewalk: tuple[float, float]
+    facade: tuple[float, float]
+
+    def kerb(self, side: int) -> float:
+        """Signed lateral position of the kerb (road edge) on ``side`` (0 left, 1 right)."""
+        return self.road[side] if side else -self.road[side]
+
+    def on_sidewalk(self, side: int, fraction: float) -> float:
+        """Signed lateral position ``fraction`` of the way across the sidewalk from the kerb."""
+        offset = self.road[side] + fraction * self.sidewalk[side]
+        return offset if side else -offset
+
+
+def _paint_ground(canvas: _Canvas, street: _Street, grass_verge: Callable[[int, np.ndarray], np.ndarray], rng: np.random.Generator) -> None:
+    """Road with lane markings, sidewalks and verges, below the horizon."""
+    top = min(max(int(math.ceil(canvas.horizon - 0.5)) + 1, 0), canvas.height)
+    depth = np.broadcast_to(canvas.focal * CAMERA_HEIGHT / (canvas.rows[top:] - canvas.horizon), (canvas.height - top, canvas.width))
+    lateral = (canvas.cols - canvas.vanish_x) * depth / canvas.focal
+    right = lateral > 0
+    road_edge = np.where(right, street.road[1], street.road[0])
+    sidewalk_edge = road_edge + np.where(right, street.sidewalk[1], street.sidewalk[0])
+    distance = np.abs(lateral)
+    road = distance < road_edge
+    canvas.paint(_ID["road"], "road", road, top)
+    if rng.random() < 0.8:  # a dashed centre line: 3 m dashes every 9 m
+        centre = (street.road[1] - street.road[0]) / 2
+        dashes = road & (np.abs(lateral - centre) < 0.12) & (np.mod(depth, 9.0) < 3.0)
+        canvas.paint(_ID["road"], "road.marking", dashes, top)
+    canvas.paint(_ID["sidewalk"], "sidewalk", ~road & (distance < sidewalk_edge), top)
+    verge = distance >= sidewalk_edge
+    grass = verge & np.where(right, grass_verge(1, depth), grass_verge(0, depth))
+    canvas.paint(_ID["sidewalk"], "sidewalk", verge & ~grass, top)
+    canvas.paint(_ID["terrain"], "terrain", grass, top)
+
+
+def _paint_blocks(layer: _Canvas, street: _Street, prior: ScenePrior, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Façades, tree rows, parks and their walls and fences along both sides of the street.
+
+    Returns, per side, the depth bounds of the blocks and whether each block's verge is grass.
+    """
+    layer.front(_ID["building"], "building", -street.facade[0], street.facade[1], 0.0, rng.uniform(*prior.building_height), MAX_DEPTH)
+    verges, blocks = [], []
+    for side in (0, 1):
+        facade_x = street.facade[side] if side else -street.facade[side]
+        image_edge = layer.width - layer.vanish_x if side else layer.vanish_x
+        depth = 0.9 * layer.focal * street.facade[side] / max(image_edge, 1.0)  # where the façade leaves the image
+        bounds, grass = [depth], []
+        while depth < MAX_DEPTH:
+            near, depth = depth, min(depth + rng.uniform(6.0, 20.0) * (0.5 + depth / 30.0), MAX_DEPTH)
+            kind = _choice(rng, prior.block_kinds)
+            grass.append(kind == "park" or rng.random() < prior.grass_verge)
+            blocks.append((near, depth, kind, facade_x))
+            bounds.append(depth)
+        verges.append((np.asarray(bounds), np.asarray(grass, dtype=bool)))
+    for near, far, kind, facade_x in sorted(blocks, key=lambda block: -block[0]):
+        _paint_block(layer, kind, facade_x, near, far, prior, rng)
+    return verges
+
+
+def _paint_block(layer: _Canvas, kind: str, facade_x: float, near: float, far: float, prior: ScenePrior, rng: np.random.Generator) -> None:
+    shade = rng.uniform(0.8, 1.0)
+    if kind == "building":
+        height = rng.uniform(*prior.building_height)
+        layer.side(_ID["building"], "building", facade_x, near, far, 0.0, height, shade, facade=True)
+    elif kind == "vegetation":
+        base, amplitude = rng.uniform(*prior.tree_row_height), rng.uniform(0.5, 2.0)
+        period, phase = rng.uniform(3.0, 8.0), rng.uniform(0.0, 2 * np.pi)
+        layer.side(_ID["vegetation"], "vegetation", facade_x, near, far, 0.0, lambda d: base + amplitude * np.sin(d / period + phase), shade)
+    else:  # a park: grass up to the façade line, bushes further back
+        layer.side(_ID["vegetation"], "vegetation", facade_x * 1.8, near, far, 0.0, rng.uniform(1.5, 3.5), shade)
+    barrier = _choice(rng, prior.barrier_kinds)
+    if barrier != "none":
+        height = rng.uniform(1.0, 2.2) if barrier == "wall" else rng.uniform(0.9, 1.6)
+        layer.side(_ID[barrier], barrier, facade_x - np.sign(facade_x) * 0.3, near, far, 0.0, height, shade)
+
+
+# --------------------------------------------------------------------------------------------
+# Objects. Each draws itself at its depth; the caller draws them far to near.
+# --------------------------------------------------------------------------------------------
+
+# Vehicles' width, height and length in metres.
+_VEHICLE_SIZE = {"car": (1.8, 1.45, 4.5), "truck": (2.4, 3.4, 8.0), "bus": (2.5, 3.1, 12.0), "train": (2.6, 3.4, 25.0)}
+
+
+def _vehicle(canvas: _Canvas, kind: str, x: float, depth: float, scale: float) -> None:
+    """A vehicle seen from behind: its side facing the camera axis, then its rear with glass and wheels."""
+    width, height, length = (size * scale for size in _VEHICLE_SIZE[kind])
+    class_id = _ID[kind]
+    if abs(x) > width / 2:
+        inner = x - np.sign(x) * width / 2
+        canvas.side(class_id, f"{kind}.body", inner, depth, depth + length, 0.15, height, shade=0.75)
+    left, right = x - width / 2, x + width / 2
+    glass_bottom = height * (0.55 if kind == "car" else 0.5)
+    glass_inset = width * (0.12 if kind == "car" else 0.08)
+    canvas.front(class_id, f"{kind}.body", left, right, 0.15, height, depth)
+    canvas.front(class_id, f"{kind}.glass", left + glass_inset, right - glass_inset, glass_bottom, height * 0.9, depth)
+    for wheel_left in (left, right - 0.35 * scale):
+        canvas.front(class_id, "wheel", wheel_left, wheel_left + 0.35 * scale, 0.0, 0.35 * scale, depth)
+
+
+def _person(canvas: _Canvas, class_id: int, x: float, depth: float, scale: float, rng: np.random.Generator, seat: float = 0.0) -> None:
+    """A person facing the camera: legs, torso, head. A rider (``seat`` > 0) sits on a bike."""
+    height = 1.75 * scale * rng.uniform(0.9, 1.1)
+    shoulders = 0.5 * scale
+    hip = seat if seat > 0 else 0.48 * height
+    if seat == 0:
+        canvas.front(class_id, "person.legs", x - shoulders * 0.3, x + shoulders * 0.3, 0.0, hip, depth, min_size=2)
+    neck = hip + 0.36 * height
+    canvas.front(class_id, "person.top", x - shoulders / 2, x + shoulders / 2, hip - 0.05 * height, neck, depth, min_size=2)
+    canvas.disc(class_id, "person.skin", x, neck + 0.06 * height, 0.1 * scale, 0.12 * height, depth)
+
+
+def _two_wheeler(canvas: _Canvas, kind: str, x: float, depth: float, scale: float, rng: np.random.Generator, rider: bool) -> None:
+    """A bicycle or motorcycle, from behind or from the side, with or without a rider."""
+    class_id = _ID[kind]
+    seat = (0.85 if kind == "motorcycle" else 0.9) * scale
+    if rng.random() < 0.5:  # from behind: a narrow upright shape
+        width = (0.8 if kind == "motorcycle" else 0.5) * scale
+        canvas.front(class_id, f"{kind}.body", x - width / 2, x + width / 2, 0.0, seat, depth, min_size=2)
+    else:  # from the side: two wheels and a frame between them
+        length, radius = (2.0 if kind == "motorcycle" else 1.7) * scale, (0.33 * scale)
+        for wheel_x in (x - length / 2 + radius, x + length / 2 - radius):
+            canvas.disc(class_id, "wheel", wheel_x, radius, radius, radius, depth)
+        frame_bottom = radius if kind == "bicycle" else radius * 0.5
+        canvas.front(class_id, f"{kind}.body", x - length * 0.3, x + length * 0.3, frame_bottom, seat, depth, min_size=2)
+    if rider:
+        _person(canvas, _ID["rider"], x, depth, scale, rng, seat=seat)
+
+
+def _pole(canvas: _Canvas, x: float, depth: float, rng: np.random.Generator) -> None:
+    """A pole, often carrying a traffic light (on top or on an arm over the road) and/or a sign."""
+    height = rng.uniform(4.0, 6.5)
+    canvas.front(_ID["pole"], "pole", x - 0.12, x + 0.12, 0.0, height, depth, min_size=2)
+    fixture = rng.random()
+    if fixture < 0.35:
+        light_x = x - np.sign(x) * rng.choice([0.0, rng.uniform(1.5, 4.0)])
+        if light_x != x:
+            canvas.front(_ID["pole"], "pole", min(x, light_x), max(x, light_x), height - 0.15, height, depth)
+        canvas.front(_ID["traffic light"], "light.housing", light_x - 0.3, light_x + 0.3, height - 1.1, height, depth, min_size=2)
+        canvas.front(_ID["traffic light"], "light.lamp", light_x - 0.15, light_x + 0.15, height - 0.4, height - 0.15, depth)
+    if fixture > 0.35:
+        size = rng.uniform(0.7, 1.0)
+        centre = rng.uniform(2.2, height - 0.3 - size)
+        if rng.random() < 0.5:
+            canvas.front(_ID["traffic sign"], "sign", x - size / 2, x + size / 2, centre - size / 2, centre + size / 2, depth, min_size=2)
+        else:
+            canvas.disc(_ID["traffic sign"], "sign", x, centre, size / 2, size / 2, depth)
+
+
+def _tree(canvas: _Canvas, x: float, depth: float, rng: np.random.Generator) -> None:
+    trunk = rng.uniform(2.0, 3.5)
+    canvas.front(_ID["vegetation"], "vegetation.trunk", x - 0.15, x + 0.15, 0.0, trunk, depth, min_size=2)
+    radius_x, radius_z = rng.uniform(1.5, 3.0), rng.uniform(1.5, 3.0)
+    canvas.disc(_ID["vegetation"], "vegetation", x, trunk + radius_z * 0.7, radius_x, radius_z, depth)
+
+
+def _place_objects(canvas: _Canvas, street: _Street, prior: ScenePrior, rng: np.random.Generator) -> None:
+    """A Poisson number of each kind of object at random places, drawn far to near."""
+    drawers: list[tuple[float, Callable[[], None]]] = []
+    scale = prior.object_scale
+    near = canvas.focal * CAMERA_HEIGHT / (canvas.height - canvas.horizon)  # ground depth at the bottom row
+
+    def count(kind: str) -> range:
+        return range(rng.poisson(prior.mean_count[kind]))
+
+    def in_lane(width: float) -> float:
+        return rng.uniform(-street.road[0] + width / 2, street.road[1] - width / 2)
+
+    def add(depth: float, draw: Callable[[], None]) -> None:
+        drawers.append((depth, draw))
+
+    for kind in ("car", "truck", "bus", "train"):
+        for _ in count(kind):
+            x = 0.0 if kind == "train" else in_lane(_VEHICLE_SIZE[kind][0])  # trams run in the middle
+            depth = _log_uniform(rng, near * 1.3, 60.0)
+            add(depth, lambda k=kind, x=x, d=depth: _vehicle(canvas, k, x, d, scale))
+    for _ in count("parked_car"):
+        side = int(rng.integers(2))
+        x, depth = street.kerb(side) * (1.0 - 1.1 / street.road[side]), _log_uniform(rng, near, 50.0)
+        add(depth, lambda x=x, d=depth: _vehicle(canvas, "car", x, d, scale))
+    for _ in count("pole"):
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.08, 0.3)), _log_uniform(rng, near, 50.0)
+        add(depth, lambda x=x, d=depth: _pole(canvas, x, d, rng))
+    for _ in count("tree"):
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.3, 0.7)), _log_uniform(rng, near, 50.0)
+        add(depth, lambda x=x, d=depth: _tree(canvas, x, d, rng))
+    for _ in count("person"):
+        crossing = rng.random() < 0.15
+        x = in_lane(0.6) if crossing else street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.95))
+        depth = _log_uniform(rng, near, 40.0)
+        add(depth, lambda x=x, d=depth: _person(canvas, _ID["person"], x, d, scale, rng))
+    for kind, key in (("bicycle", "cyclist"), ("motorcycle", "motorcyclist")):
+        for _ in count(key):
+            side = int(rng.integers(2))
+            x = in_lane(1.0) if kind == "motorcycle" else street.kerb(side) * (1.0 - 0.9 / street.road[side])
+            depth = _log_uniform(rng, near * 1.2, 40.0)
+            add(depth, lambda k=kind, x=x, d=depth: _two_wheeler(canvas, k, x, d, scale, rng, rider=True))
+    for _ in count("bicycle"):
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.3)), _log_uniform(rng, near, 30.0)
+        add(depth, lambda x=x, d=depth: _two_wheeler(canvas, "bicycle", x, d, scale, rng, rider=False))
+    for _, draw in sorted(drawers, key=lambda item: -item[0]):
+        draw()
+
+
+def sample_scene(height: int, width: int, prior: ScenePrior, rng: np.random.Generator) -> _Canvas:
+    """Lay out one street scene: its label map and the region map the renderer colours."""
+    horizon, vanish_x = height * rng.uniform(*prior.horizon), width * rng.uniform(0.38, 0.62)
+    focal = width * rng.uniform(*prior.focal)
+    road = tuple(float(rng.uniform(*prior.road_half_width)) for _ in range(2))
+    sidewalk = tuple(float(rng.uniform(*prior.sidewalk_width)) for _ in range(2))
+    facade = tuple(r + s + rng.uniform(*prior.verge_width) for r, s in zip(road, sidewalk))
+    street = _Street(road, sidewalk, facade)
+    # The blocks decide which verges are grass, and are painted over the ground.
+    blocks = _Canvas(height, width, horizon, vanish_x, focal)
+    verges = _paint_blocks(blocks, street, prior, rng)
+
+    def grass_verge(side: int, depth: np.ndarray) -> np.ndarray:
+        bounds, grass = verges[side]
+        return grass[np.clip(np.searchsorted(bounds, depth) - 1, 0, len(grass) - 1)]
+
+    canvas = _Canvas(height, width, horizon, vanish_x, focal)
+    _paint_ground(canvas, street, grass_verge, rng)
+    canvas.overlay(blocks)
+    _place_objects(canvas, street, prior, rng)
+    if prior.ego_hood:
+        hood = height * rng.uniform(0.06, 0.1)
+        cx, cy, rx, ry = width * rng.uniform(0.45, 0.55), height + hood * 2.0, width * 0.75, hood * 3.0
+        mask = ((canvas.cols - cx) / rx) ** 2 + ((canvas.rows - cy) / ry) ** 2 <= 1.0
+        canvas.paint(IGNORE_INDEX, "hood", mask)
+    return canvas
+
+
+# --------------------------------------------------------------------------------------------
+# Appearance: what each material looks like in each domain.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Material:
+    """Colours an instance may take (RGB in [0, 1]), their per-instance jitter, texture amplitude."""
+
+    colors: tuple[tuple[float, float, float], ...]
+    jitter: float = 0.03
+    texture: float = 0.0
+
+
+@dataclass(frozen=True)
+class DomainStyle:
+    """How one domain renders: materials plus camera effects."""
+
+    materials: dict[str, Material]
+    texture_cell: float  # pixels per texture cell at the bottom row
+    sky_gradient: float
+    lighting: tuple[float, float]  # global gain range
+    color_cast: float
+    vignette: float
+    noise: float
+    blur: float
+    windows: float  # how much façade windows darken
+
+
+def _m(*colors: tuple[float, float, float], jitter: float = 0.03, texture: float = 0.0) -> Material:
+    return Material(tuple(colors), jitter, texture)
+
+
+SOURCE_STYLE = DomainStyle(
+    materials={
+        "sky": _m((0.35, 0.65, 1.0), jitter=0.04),
+        "road": _m((0.45, 0.42, 0.55), jitter=0.03),
+        "road.marking": _m((0.95, 0.95, 0.95)),
+        "sidewalk": _m((0.85, 0.62, 0.62), jitter=0.04),
+        "terrain": _m((0.65, 0.9, 0.35), jitter=0.04),
+        "building": _m((0.9, 0.6, 0.3), (0.95, 0.85, 0.4), (0.5, 0.75, 0.9), (0.8, 0.45, 0.45), (0.75, 0.75, 0.7), jitter=0.05),
+        "vegetation": _m((0.15, 0.75, 0.2), jitter=0.05),
+        "vegetation.trunk": _m((0.55, 0.35, 0.15)),
+        "wall": _m((0.65, 0.65, 0.85), jitter=0.04),
+        "fence": _m((0.85, 0.65, 0.3), jitter=0.04),
+        "pole": _m((0.8, 0.8, 0.85)),
+        "light.housing": _m((0.2, 0.2, 0.25)),
+        "light.lamp": _m((1.0, 0.2, 0.1), (0.1, 1.0, 0.2), (1.0, 0.8, 0.1)),
+        "sign": _m((1.0, 0.9, 0.1), (1.0, 0.3, 0.3), jitter=0.04),
+        "person.legs": _m((0.2, 0.25, 0.6), (0.3, 0.3, 0.3), jitter=0.06),
+        "person.top": _m((1.0, 0.2, 0.4), (0.2, 0.8, 0.9), (1.0, 0.6, 0.1), (0.6, 0.3, 0.9), jitter=0.06),
+        "person.skin": _m((1.0, 0.8, 0.65), (0.6, 0.4, 0.3)),
+        "car.body": _m((0.9, 0.1, 0.1), (0.1, 0.3, 0.9), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.9, 0.8, 0.1), jitter=0.05),
+        "car.glass": _m((0.3, 0.45, 0.6)),
+        "wheel": _m((0.08, 0.08, 0.08)),
+        "truck.body": _m((0.95, 0.5, 0.1), (0.3, 0.6, 0.3), jitter=0.05),
+        "truck.glass": _m((0.3, 0.45, 0.6)),
+        "bus.body": _m((0.95, 0.85, 0.1), (0.9, 0.2, 0.2), jitter=0.05),
+        "bus.glass": _m((0.3, 0.45, 0.6)),
+        "train.body": _m((0.2, 0.8, 0.4), jitter=0.05),
+        "train.glass": _m((0.3, 0.45, 0.6)),
+        "bicycle.body": _m((0.2, 0.4, 1.0), (1.0, 0.3, 0.6)),
+        "motorcycle.body": _m((0.7, 0.1, 0.9), (0.2, 0.2, 0.2)),
+        "hood": _m((0.1, 0.1, 0.12)),
+    },
+    texture_cell=6.0,
+    sky_gradient=0.1,
+    lighting=(0.95, 1.05),
+    color_cast=0.0,
+    vignette=0.0,
+    noise=0.01,
+    blur=0.0,
+    windows=0.35,
+)
+
+TARGET_STYLE = DomainStyle(
+    materials={
+        "sky": _m((0.82, 0.86, 0.9), (0.6, 0.7, 0.85), jitter=0.04),
+        "road": _m((0.32, 0.32, 0.31), jitter=0.03, texture=0.12),
+        "road.marking": _m((0.75, 0.75, 0.72)),
+        "sidewalk": _m((0.55, 0.53, 0.5), jitter=0.04, texture=0.15),
+        "terrain": _m((0.45, 0.45, 0.25), jitter=0.05, texture=0.25),
+        "building": _m((0.7, 0.62, 0.5), (0.5, 0.4, 0.35), (0.6, 0.6, 0.62), (0.75, 0.72, 0.65), (0.55, 0.3, 0.25), jitter=0.05, texture=0.1),
+        "vegetation": _m((0.22, 0.3, 0.12), jitter=0.04, texture=0.45),
+        "vegetation.trunk": _m((0.3, 0.25, 0.2), texture=0.2),
+        "wall": _m((0.62, 0.6, 0.55), jitter=0.04, texture=0.15),
+        "fence": _m((0.42, 0.4, 0.35), jitter=0.04, texture=0.35),
+        "pole": _m((0.28, 0.28, 0.3)),
+        "light.housing": _m((0.12, 0.12, 0.1)),
+        "light.lamp": _m((0.9, 0.5, 0.2), (0.5, 0.9, 0.6)),
+        "sign": _m((0.2, 0.35, 0.75), (0.8, 0.2, 0.15), (0.9, 0.9, 0.9), jitter=0.04),
+        "person.legs": _m((0.15, 0.15, 0.2), (0.35, 0.3, 0.25), jitter=0.05),
+        "person.top": _m((0.15, 0.15, 0.15), (0.5, 0.45, 0.4), (0.35, 0.2, 0.2), (0.6, 0.6, 0.65), jitter=0.05),
+        "person.skin": _m((0.8, 0.65, 0.55), (0.45, 0.32, 0.25)),
+        "car.body": _m((0.15, 0.15, 0.17), (0.6, 0.6, 0.62), (0.85, 0.85, 0.85), (0.25, 0.3, 0.4), (0.45, 0.15, 0.12), jitter=0.04, texture=0.05),
+        "car.glass": _m((0.12, 0.14, 0.16)),
+        "wheel": _m((0.06, 0.06, 0.06)),
+        "truck.body": _m((0.85, 0.85, 0.82), (0.3, 0.35, 0.45), jitter=0.04),
+        "truck.glass": _m((0.12, 0.14, 0.16)),
+        "bus.body": _m((0.9, 0.9, 0.88), (0.2, 0.35, 0.6), jitter=0.04),
+        "bus.glass": _m((0.12, 0.14, 0.16)),
+        "train.body": _m((0.85, 0.25, 0.2), (0.9, 0.9, 0.85), jitter=0.04),
+        "train.glass": _m((0.12, 0.14, 0.16)),
+        "bicycle.body": _m((0.15, 0.15, 0.15), (0.5, 0.5, 0.5)),
+        "motorcycle.body": _m((0.1, 0.1, 0.12), (0.6, 0.1, 0.1)),
+        "hood": _m((0.08, 0.08, 0.1)),
+    },
+    texture_cell=3.0,
+    sky_gradient=0.25,
+    lighting=(0.65, 1.15),
+    color_cast=0.08,
+    vignette=0.3,
+    noise=0.03,
+    blur=0.7,
+    windows=0.5,
+)
+
+
+def _value_noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
+    """Smooth noise in about [-1, 1]: two octaves of bilinearly upsampled random grids."""
+    total = np.zeros((height, width), dtype=np.float32)
+    for octave_cell, weight in ((cell, 0.65), (cell * 4, 0.35)):
+        grid_h, grid_w = int(height / octave_cell) + 2, int(width / octave_cell) + 2
+        grid = Image.fromarray(rng.uniform(-1, 1, (grid_h, grid_w)).astype(np.float32), mode="F")
+        scaled = grid.resize((int(grid_w * octave_cell), int(grid_h * octave_cell)), Image.BILINEAR)
+        total += weight * np.asarray(scaled)[:height, :width]
+    return total
+
+
+def render(canvas: _Canvas, style: DomainStyle, rng: np.random.Generator) -> np.ndarray:
+    """Colour a laid-out scene in a domain's style. Returns an ``[H, W, 3]`` uint8 RGB image."""
+    height, width = canvas.label.shape
+    colors = np.empty((len(canvas.materials), 3), dtype=np.float32)
+    texture = np.empty(len(canvas.materials), dtype=np.float32)
+    for index, (name, shade) in enumerate(canvas.materials):
+        material = style.materials[name]
+        base = np.asarray(material.colors[rng.integers(len(material.colors))])
+        colors[index] = np.clip(base + rng.normal(0.0, material.jitter, 3), 0, 1) * shade
+        texture[index] = material.texture
+    image = colors[canvas.region]
+    noise = _value_noise(rng, height, width, style.texture_cell)
+    image *= (1.0 + texture[canvas.region] * noise)[..., None]
+    windows = _window_mask(canvas)
+    image[windows] *= 1.0 - style.windows
+    rows = canvas.rows / height
+    sky = canvas.label == _ID["sky"]
+    image[sky] *= (1.0 - style.sky_gradient * (1.0 - np.broadcast_to(rows, sky.shape)[sky] * 2.0))[:, None]
+    image *= _lighting(rng, style, height, width)
+    image += rng.normal(0.0, style.noise, image.shape).astype(np.float32)
+    pixels = Image.fromarray(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    if style.blur > 0:
+        pixels = pixels.filter(ImageFilter.GaussianBlur(style.blur))
+    return np.asarray(pixels)
+
+
+def _window_mask(canvas: _Canvas) -> np.ndarray:
+    """Rows and columns of windows on façades, from each façade pixel's height and depth."""
+    z, depth = canvas.facade_z, canvas.facade_depth
+    with np.errstate(invalid="ignore"):  # NaN off façades compares False
+        mask = (np.mod(z, 3.0) > 1.2) & (np.mod(depth, 3.0) > 1.4) & (z > 2.0)
+    return mask & (canvas.label == _ID["building"])
+
+
+def _lighting(rng: np.random.Generator, style: DomainStyle, height: int, width: int) -> np.ndarray:
+    """Global gain, a colour cast and vignetting, as an ``[H, W, 3]`` multiplier."""
+    gain = rng.uniform(*style.lighting)
+    cast = 1.0 + rng.uniform(-style.color_cast, style.color_cast, 3)
+    ys = (np.arange(height, dtype=np.float32)[:, None] + 0.5) / height - 0.5
+    xs = (np.arange(width, dtype=np.float32)[None, :] + 0.5) / width - 0.5
+    vignette = 1.0 - style.vignette * (xs**2 + ys**2) * 2.0
+    return (gain * vignette)[..., None] * cast.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation, caching and statistics.
+# --------------------------------------------------------------------------------------------
+
+_DOMAINS = {"source": (SOURCE_PRIOR, SOURCE_STYLE), "target": (TARGET_PRIOR, TARGET_STYLE)}
+
+
+def sample_rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
+    """The random stream of one image: independent of generation order and worker count."""
+    domain_id = [d for d, _ in SPLITS].index(domain)
+    split_id = ["train", "val"].index(split)
+    return np.random.default_rng(np.random.SeedSequence([seed, domain_id, split_id, index]))
+
+
+def generate_sample(seed: int, domain: str, split: str, index: int, size: str = "default") -> tuple[np.ndarray, np.ndarray]:
+    """One image and its label: ``([H, W, 3] uint8 RGB, [H, W] uint8 train ids / 255)``."""
+    shape = _size(size)
+    prior, style = _DOMAINS[domain]
+    rng = sample_rng(seed, domain, split, index)
+    canvas = sample_scene(shape.height, shape.width, prior, rng)
+    return render(canvas, style, rng), canvas.label
+
+
+def _write_sample(job: tuple[Path, int, str, str, int, str]) -> np.ndarray:
+    root, seed, domain, split, index, size = job
+    image, label = generate_sample(seed, domain, split, index, size)
+    stem = f"{domain}_{split}_{index:04d}"
+    Image.fromarray(image, mode="RGB").save(root / domain / "images" / split / f"{stem}.png")
+    Image.fromarray(label, mode="L").save(root / domain / "labels" / split / f"{stem}.png")
+    return np.bincount(label.ravel(), minlength=256).astype(np.int64)
+
+
+def _size(size: str) -> BenchmarkSize:
+    if size not in SIZES:
+        raise DataError(f"unknown benchmark size {size!r}; choose one of {sorted(SIZES)} (e.g. --size tiny)")
+    return SIZES[size]
+
+
+def _dataset_yaml(domain: str) -> str:
+    description = {
+        "source": "embedded benchmark, source domain (synthetic look)",
+        "target": "embedded benchmark, target domain (real look; train labels are for the oracle only)",
+    }[domain]
+    content = {
+        "name": f"benchmark-{domain}",
+        "description": description,
+        "ignore_index": IGNORE_INDEX,
+        "classes": [{"name": name, "color": list(color)} for name, color in zip(CLASSES.names, CLASSES.colors)],
+    }
+    return yaml.safe_dump(content, sort_keys=False)
+
+
+def _write_tree(root: Path, seed: int, size: str, num_workers: int) -> None:
+    shape = _size(size)
+    jobs = []
+    for domain, split in SPLITS:
+        for kind in ("images", "labels"):
+            (root / domain / kind / split).mkdir(parents=True, exist_ok=True)
+        jobs += [(root, seed, domain, split, i, size) for i in range(shape.count(domain, split))]
+    for domain in ("source", "target"):
+        (root / domain / "dataset.yaml").write_text(_dataset_yaml(domain))
+    if num_workers > 0:
+        with get_context("spawn").Pool(num_workers) as pool:
+            histograms = pool.map(_write_sample, jobs, chunksize=8)
+    else:
+        histograms = [_write_sample(job) for job in jobs]
+    summary = _summary(seed, size, shape, jobs, histograms)
+    (root / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _summary(seed: int, size: str, shape: BenchmarkSize, jobs: list, histograms: list[np.ndarray]) -> dict:
+    totals: dict[str, np.ndarray] = {}
+    for (_, _, domain, split, _, _), histogram in zip(jobs, histograms):
+        key = f"{domain}/{split}"
+        totals[key] = totals.get(key, 0) + histogram
+    distribution, ignored = {}, {}
+    for key, histogram in totals.items():
+        labelled = histogram[: CLASSES.num_classes].sum()
+        distribution[key] = {name: round(float(histogram[i] / labelled), 6) for i, name in enumerate(CLASSES.names)}
+        ignored[key] = round(float(histogram[IGNORE_INDEX] / histogram.sum()), 6)
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "size": size,
+        "image_size": [shape.height, shape.width],
+        "counts": {f"{d}/{s}": shape.count(d, s) for d, s in SPLITS},
+        "class_distribution": distribution,
+        "ignored_fraction": ignored,
+    }
+
+
+def generate_benchmark(root: str | Path, seed: int = 0, size: str = "default", num_workers: int = 0) -> Path:
+    """Generate the benchmark into ``root`` and return it.
+
+    The tree is written to a temporary sibling directory and renamed into place, so an
+    interrupted run never leaves a directory that looks complete. An existing benchmark at
+    ``root`` is replaced; any other non-empty directory is refused.
+
+    Args:
+        root: destination directory.
+        seed: the benchmark seed; the same seed gives byte-identical files.
+        size: ``"default"`` (the published calibration) or ``"tiny"`` (tests).
+        num_workers: worker processes (0 generates in this process).
+    """
+    root = Path(root).expanduser()
+    _size(size)
+    if root.exists() and any(root.iterdir()) and not _looks_like_benchmark(root):
+        raise DataError(
+            f"{root} is not empty and is not a segadapt benchmark; pass a new or empty directory as --root"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _write_tree(staging, seed, size, num_workers)
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root
+
+
+def _looks_like_benchmark(root: Path) -> bool:
+    """Only our own names at the top level: safe to delete and regenerate."""
+    return {p.name for p in root.iterdir()} <= {"benchmark.json", "source", "target"}
+
+
+def is_complete(root: Path, seed: int, size: str) -> bool:
+    """Whether ``root`` holds a finished benchmark of this seed, size and generator version."""
+    try:
+        summary = json.loads((root / "benchmark.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if (summary.get("generator_version"), summary.get("seed"), summary.get("size")) != (GENERATOR_VERSION, seed, size):
+        return False
+    shape = _size(size)
+    for domain, split in SPLITS:
+        for kind in ("images", "labels"):
+            folder = root / domain / kind / split
+            if not folder.is_dir() or len(list(folder.glob("*.png"))) != shape.count(domain, split):
+                return False
+    return all((root / domain / "dataset.yaml").is_file() for domain in ("source", "target"))
+
+
+def default_benchmark_dir(seed: int = 0, size: str = "default") -> Path:
+    """``$SEGADAPT_HOME/benchmark/<size>-seed<seed>-v<version>``; SEGADAPT_HOME defaults to ``~/.cache/segadapt``."""
+    home = Path(os.environ.get("SEGADAPT_HOME", "~/.cache/segadapt")).expanduser()
+    return home / "benchmark" / f"{size}-seed{seed}-v{GENERATOR_VERSION}"
+
+
+def ensure_benchmark(root: str | Path | None = None, seed: int = 0, size: str = "default", num_workers: int = 0) -> Path:
+    """Return a complete benchmark at ``root`` (default: the cache), generating it only if needed.
+
+    A missing, partial or outdated copy is regenerated. When several processes (e.g. the
+    ranks of a distributed run) race, each generates into its own temporary directory and the
+    first rename wins.
+    """
+    root = Path(root).expanduser() if root is not None else default_benchmark_dir(seed, size)
+    if is_complete(root, seed, size):
+        return root
+    try:
+        return generate_benchmark(root, seed, size, num_workers)
+    except OSError:
+        if is_complete(root, seed, size):  # another process finished first
+            return root
+        raise

@@ -1,0 +1,174 @@
+"""``segadapt check-data``: read every file of a dataset once and report what is wrong with it.
+
+The report lists each problem with its file (missing pairs, unreadable files, image/label size
+mismatches, label ids the format does not define, items the loader skipped) and the class
+pixel distribution, so a download can be validated before hours of training.
+
+Examples:
+    >>> print(format_report(check_dataset(build_dataset("gta5", "/data/gta5", "all"))))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .base import Problem, SegDataset
+from .classes import ClassInfo
+from .folder import FolderDataset, folder_splits, read_dataset_yaml
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_dataset` found. ``class_pixels[c]`` counts label pixels of train id ``c``
+    at the labels' own resolution; ``ignored_pixels`` counts the rest."""
+
+    description: str
+    classes: ClassInfo
+    num_images: int = 0
+    num_labels: int = 0
+    class_pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ignored_pixels: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def class_pixel_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per train id ``0..num_classes-1`` of a label map (other values are not counted).
+
+    Shape:
+        label ``[H, W]`` of train ids -> ``int64 [num_classes]``
+
+    Examples:
+        >>> class_pixel_counts(np.array([[0, 1, 1], [255, 1, 2]]), 3).tolist()
+        [1, 3, 1]
+    """
+    values = np.asarray(label).ravel().astype(np.int64)
+    values = values[(values >= 0) & (values < num_classes)]
+    return np.bincount(values, minlength=num_classes)
+
+
+def check_dataset(dataset: SegDataset, log_every: int = 500) -> CheckReport:
+    """Read every item of ``dataset`` (no transforms) and collect its problems and class counts.
+
+    Unknown label ids are a problem under either ``unknown_ids`` policy (with the policy in
+    the detail), and are counted as ignored. A size mismatch is a problem even where the
+    dataset's ``size_mismatch`` policy resizes it.
+    """
+    classes = dataset.classes
+    report = CheckReport(
+        dataset.description, classes, class_pixels=np.zeros(classes.num_classes, dtype=np.int64)
+    )
+    report.problems.extend(dataset.skipped)
+    for index, item in enumerate(dataset.items):
+        if log_every and index and index % log_every == 0:
+            logger.info("checked %d/%d items of %s", index, len(dataset), dataset.description)
+        report.num_images += 1
+        try:
+            image_shape = dataset.load_image(index).shape[:2]
+        except DataError as error:
+            report.problems.append(Problem("unreadable", str(item.image), str(error)))
+            image_shape = None
+        if item.label is None:
+            continue
+        try:
+            raw = dataset.read_raw_label(item.label)
+        except DataError as error:
+            report.problems.append(Problem("unreadable", str(item.label), str(error)))
+            continue
+        report.num_labels += 1
+        _check_label(dataset, item.label, raw, image_shape, report)
+    return report
+
+
+def _check_label(
+    dataset: SegDataset, path: Path, raw: np.ndarray, image_shape: tuple[int, ...] | None, report: CheckReport
+) -> None:
+    unknown = dataset.unknown_ids_in(raw)
+    if unknown:
+        fate = "an error" if dataset.label_map is None or dataset.unknown_ids == "error" else "mapped to ignore"
+        report.problems.append(
+            Problem("unknown_ids", str(path), f"ids {unknown[:20]} not in the label format ({fate} when loading)")
+        )
+    label = dataset.to_train_ids(raw, path, unknown_ids="ignore")
+    if image_shape is not None and image_shape != label.shape:
+        report.problems.append(
+            Problem(
+                "size_mismatch",
+                str(path),
+                f"label is {label.shape[1]}x{label.shape[0]} (WxH), image is {image_shape[1]}x{image_shape[0]} "
+                f"(size_mismatch={dataset.size_mismatch!r} when loading)",
+            )
+        )
+    counts = class_pixel_counts(label, report.classes.num_classes)
+    report.class_pixels += counts
+    report.ignored_pixels += int(label.size - counts.sum())
+
+
+def format_report(report: CheckReport) -> str:
+    """A plain-text report: counts, every problem with its file, and the class pixel distribution."""
+    lines = [f"{report.description}: {report.num_images} images, {report.num_labels} labels"]
+    if report.problems:
+        lines.append(f"{len(report.problems)} problem(s):")
+        lines += [f"  [{p.kind}] {p.path}: {p.detail}" for p in report.problems]
+    else:
+        lines.append("no problems found")
+    total = int(report.class_pixels.sum())
+    if report.num_labels:
+        all_pixels = total + report.ignored_pixels
+        ignored_share = 100.0 * report.ignored_pixels / all_pixels if all_pixels else 0.0
+        lines.append(
+            f"class pixels ({report.classes.num_classes} classes; {report.ignored_pixels:,} ignored pixels = "
+            f"{ignored_share:.2f}% of all; percent of labelled pixels):"
+        )
+        width = max(len(name) for name in report.classes.names)
+        for class_id, (name, pixels) in enumerate(zip(report.classes.names, report.class_pixels)):
+            share = 100.0 * pixels / total if total else 0.0
+            lines.append(f"  {class_id:>3} {name:<{width}} {int(pixels):>15,} {share:8.3f}%")
+    return "\n".join(lines)
+
+
+def check_folder_root(root: str | Path, **options: Any) -> list[CheckReport]:
+    """Check every split of a folder dataset (``segadapt check-data PATH``).
+
+    Missing pairs are reported, not raised (``missing_files='skip'``); ``options`` go to
+    :class:`~segadapt.data.folder.FolderDataset`.
+
+    Raises:
+        DataError: ``dataset.yaml`` is invalid, or there is no ``images/<split>/`` folder.
+    """
+    read_dataset_yaml(root)
+    splits = folder_splits(root)
+    if not splits:
+        raise DataError(f"{Path(root) / 'images'} holds no split folders (images/<split>/)")
+    options.setdefault("missing_files", "skip")
+    return [check_dataset(FolderDataset(root, split, **options)) for split in splits]
+
+
+def check_named_dataset(
+    name: str, root: str | Path, splits: Sequence[str] | None = None, **options: Any
+) -> list[CheckReport]:
+    """Check splits of a registered dataset (``segadapt check-data --dataset NAME --root PATH [--split S]``).
+
+    Without ``splits``, the dataset's labelled splits (``default_splits``: e.g. train and val
+    of Cityscapes, ``all`` of GTA5; every split of a folder dataset). Missing pairs are
+    reported, not raised (``missing_files='skip'``).
+    """
+    from . import DATASETS, build_dataset  # the registry lives in the package, which imports this module
+
+    if name == "folder" and not splits:
+        return check_folder_root(root, **options)
+    if name in DATASETS and not splits:
+        splits = DATASETS[name].default_splits
+    options.setdefault("missing_files", "skip")
+    return [check_dataset(build_dataset(name, root, split, **options)) for split in splits or ()]

@@ -1,0 +1,165 @@
+"""The generic folder dataset: any data a user converts to train ids, and the embedded benchmark.
+
+Layout (DESIGN.md "Contracts", docs/datasets/folder.md)::
+
+    ROOT/dataset.yaml                     name, ignore_index, classes: [{name, color: [r, g, b]}, ...],
+                                          optionally a free-text description
+    ROOT/images/<split>/<stem>.png|.jpg   RGB images
+    ROOT/labels/<split>/<stem>.png        uint8 train ids, ignore_index elsewhere; absent for unlabeled splits
+
+Examples:
+    >>> dataset = FolderDataset("/data/my_dataset", "val")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import DataError
+from .base import MissingFiles, SampleFiles, SegDataset, SizeMismatch, Transform
+from .classes import IGNORE_INDEX, ClassInfo
+
+DATASET_YAML = "dataset.yaml"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_KEYS = ("name", "description", "ignore_index", "classes")
+_OPTIONAL_KEYS = ("description", "ignore_index")
+_CLASS_KEYS = ("name", "color")
+
+
+def read_dataset_yaml(root: str | Path) -> ClassInfo:
+    """The classes of a folder dataset, validated; errors name the file and the key.
+
+    ``ignore_index`` defaults to 255 and must not be a class index; ``description`` is optional text.
+
+    Raises:
+        DataError: the file is missing, is not YAML, or a key is missing, unknown or of the wrong type.
+    """
+    path = Path(root) / DATASET_YAML
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} not found: a folder dataset needs it, with keys name, ignore_index and classes "
+            "(docs/datasets/folder.md)"
+        ) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise DataError(f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping with keys name, ignore_index, classes, got {type(data).__name__}")
+    _check_keys(path, data, _KEYS, "")
+    if not isinstance(data.get("name"), str) or not data["name"].strip():
+        raise DataError(f"{path}: 'name' must be a non-empty string, got {data.get('name')!r}")
+    if not isinstance(data.get("description", ""), str):
+        raise DataError(f"{path}: 'description' must be a string, got {data['description']!r}")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise DataError(f"{path}: 'classes' must be a non-empty list of {{name, color: [r, g, b]}}, got {classes!r}")
+    names, colors = [], []
+    for index, entry in enumerate(classes):
+        key = f"classes[{index}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: '{key}' must be a mapping {{name, color: [r, g, b]}}, got {entry!r}")
+        _check_keys(path, entry, _CLASS_KEYS, f"{key}.")
+        name, color = entry.get("name"), entry.get("color")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{path}: '{key}.name' must be a non-empty string, got {name!r}")
+        if (
+            not isinstance(color, list)
+            or len(color) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
+        ):
+            raise DataError(f"{path}: '{key}.color' must be three integers 0..255 [r, g, b], got {color!r}")
+        names.append(name)
+        colors.append(tuple(color))
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DataError(f"{path}: class names must be unique in 'classes', repeated: {duplicates}")
+    if len(names) > 255:
+        raise DataError(f"{path}: 'classes' lists {len(names)} classes; at most 255 fit uint8 labels")
+    ignore = data.get("ignore_index", IGNORE_INDEX)
+    if not isinstance(ignore, int) or isinstance(ignore, bool) or not len(names) <= ignore <= 255:
+        raise DataError(
+            f"{path}: 'ignore_index' must be an integer in {len(names)}..255 (not a class index), got {ignore!r}"
+        )
+    return ClassInfo(data["name"], tuple(names), tuple(colors), ignore)
+
+
+def _check_keys(path: Path, data: dict[str, Any], valid: tuple[str, ...], prefix: str) -> None:
+    required = [key for key in valid if key not in _OPTIONAL_KEYS]
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise DataError(f"{path}: unknown key '{prefix}{key}'{hint}")
+    for key in required:
+        if key not in data:
+            raise DataError(f"{path}: missing key '{prefix}{key}'")
+
+
+def folder_splits(root: str | Path) -> list[str]:
+    """The splits of a folder dataset: the sub-folders of ``ROOT/images``."""
+    image_root = Path(root) / "images"
+    if not image_root.is_dir():
+        raise DataError(f"{image_root} not found: a folder dataset keeps its images in images/<split>/")
+    return sorted(path.name for path in image_root.iterdir() if path.is_dir())
+
+
+class FolderDataset(SegDataset):
+    """A split of a folder dataset (module docstring). Labels hold train ids, so an id
+    ``>= num_classes`` other than ``ignore_index`` is an error naming the file.
+
+    Args:
+        root: the folder holding ``dataset.yaml``, ``images/`` and ``labels/``.
+        split: a sub-folder of ``images/``; without ``labels/<split>/`` the split is unlabeled.
+
+    The other arguments are those of :class:`~segadapt.data.base.SegDataset`. Names are the
+    file stems.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        transform: Transform | None = None,
+        with_labels: bool = True,
+        names: Iterable[str] | None = None,
+        split_file: str | Path | None = None,
+        size_mismatch: SizeMismatch = "error",
+        missing_files: MissingFiles = "error",
+    ) -> None:
+        root = Path(root)
+        classes = read_dataset_yaml(root)
+        image_dir, label_dir = root / "images" / split, root / "labels" / split
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir} not found; the splits of {root} are {folder_splits(root)}")
+        images: dict[str, Path] = {}
+        for path in sorted(image_dir.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.stem in images:
+                raise DataError(
+                    f"{image_dir}: two images named {path.stem!r} ({images[path.stem].name}, {path.name}); keep one"
+                )
+            images[path.stem] = path
+        if not images:
+            raise DataError(f"no .png/.jpg images in {image_dir}")
+        labeled = label_dir.is_dir()
+        labels = {path.stem: path for path in label_dir.glob("*.png")} if labeled else {}
+        super().__init__(
+            [SampleFiles(path, label_dir / f"{name}.png" if labeled else None, name) for name, path in images.items()],
+            classes,
+            transform=transform,
+            with_labels=with_labels,
+            names=names,
+            split_file=split_file,
+            size_mismatch=size_mismatch,
+            missing_files=missing_files,
+            orphan_labels={name: path for name, path in labels.items() if name not in images},
+            description=f"{classes.name} {split} ({root})",
+        )
+        self.root, self.split = root, split

@@ -1,0 +1,99 @@
+"""GTA5 (Playing for Data, Richter et al. ECCV 2016): the usual synthetic source domain.
+
+Layout, label encoding and quirks: DATASETS.md section 2, docs/datasets/gta5.md.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import DataError
+from .base import MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .cityscapes import LABEL_ID_TO_TRAIN_ID, LABEL_IDS
+from .classes import CITYSCAPES_CLASSES
+
+KNOWN_BAD_FRAMES: dict[str, str] = {
+    "15188": "all-white 957x526 frame (DATASETS.md 2.3)",
+    "17705": "all-black 957x526 frame (DATASETS.md 2.3)",
+}
+"""Frames no loader should train on; dropped by default (``drop_known_bad``)."""
+
+_FRAME = re.compile(r"^\d+\.png$")  # not DAFormer's converted NNNNN_labelTrainIds.png
+
+
+class GTA5(SegDataset):
+    """GTA5: ``images/NNNNN.png`` (RGB) with ``labels/NNNNN.png`` (palette PNGs whose indices are
+    Cityscapes label ids, DATASETS.md 2.1-2.2), mapped to the 19 Cityscapes train classes.
+
+    Args:
+        root: the folder holding ``images/`` and ``labels/``.
+        split: ``all`` (or its alias ``train``): every frame, the UDA convention. GTA5 has no split
+            folders; restrict with ``split_file`` (e.g. RobustNet's ``gtav_split_val.txt``).
+        drop_known_bad: drop :data:`KNOWN_BAD_FRAMES` (counted and logged).
+        unknown_ids: ``ignore`` by default, as every reference loader maps ids outside the table
+            to 255 and ProDA's void list includes 34 (DATASETS.md 2.2).
+        size_mismatch: ``resize_label`` by default: frames 20801-20860 have labels of another size
+            than their images (DATASETS.md 2.3); the reference UDA loaders (AdaptSegNet, DAFormer,
+            ProDA) resize label and image independently, so these frames are kept with the label
+            resized by nearest neighbour, each logged once. ``skip`` drops them as RobustNet does.
+        missing_files: ``skip`` by default: some downloads miss 25 frames (DATASETS.md 2.3); the
+            file list is the intersection of ``images/`` and ``labels/``, the rest counted and logged.
+
+    The other arguments are those of :class:`~segadapt.data.base.SegDataset`. Names are the
+    5-digit frame numbers, e.g. ``00001``.
+    """
+
+    default_splits = ("all",)
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "all",
+        *,
+        transform: Transform | None = None,
+        with_labels: bool = True,
+        names: Iterable[str] | None = None,
+        split_file: str | Path | None = None,
+        drop_known_bad: bool = True,
+        unknown_ids: UnknownIds = "ignore",
+        size_mismatch: SizeMismatch = "resize_label",
+        missing_files: MissingFiles = "skip",
+    ) -> None:
+        root = Path(root)
+        if split not in ("all", "train"):
+            raise DataError(
+                f"GTA5 has no {split!r} split on disk; use split='all' (every frame, the UDA convention) and "
+                "restrict it with split_file=<a list of NNNNN.png names> (docs/datasets/gta5.md)"
+            )
+        images = {path.stem: path for path in (root / "images").glob("*.png") if _FRAME.match(path.name)}
+        if not images:
+            raise DataError(
+                f"no GTA5 images in {root / 'images'}: expected images/00001.png ... Unpack the *_images.zip "
+                f"archives into {root / 'images'} and the *_labels.zip archives into {root / 'labels'}"
+            )
+        labels = {path.stem: path for path in (root / "labels").glob("*.png") if _FRAME.match(path.name)}
+        skipped = []
+        if drop_known_bad:
+            for name, reason in KNOWN_BAD_FRAMES.items():
+                if name in images:
+                    skipped.append(Problem("known_bad", str(images.pop(name)), reason))
+                    labels.pop(name, None)
+        items = [SampleFiles(path, root / "labels" / path.name, name) for name, path in images.items()]
+        super().__init__(
+            items,
+            CITYSCAPES_CLASSES,
+            label_map=make_label_map(LABEL_ID_TO_TRAIN_ID, LABEL_IDS),
+            transform=transform,
+            with_labels=with_labels,
+            names=names,
+            split_file=split_file,
+            unknown_ids=unknown_ids,
+            size_mismatch=size_mismatch,
+            missing_files=missing_files,
+            orphan_labels={name: path for name, path in labels.items() if name not in images},
+            skipped=skipped,
+            description=f"GTA5 {split} ({root})",
+        )
+        self.root, self.split = root, split

@@ -1,0 +1,74 @@
+"""Evaluation over a dataset: confusion matrix, per-class IoU, mIoU (19/16/13 protocols), MPA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import EvalConfig
+from ..data.classes import ClassInfo
+from ..metrics import ConfusionMatrix, compute_scores, format_table, scores_for_protocol
+from .inference import predict_probs
+
+
+@torch.no_grad()
+def confusion_over(model: nn.Module, loader: DataLoader, num_classes: int, cfg: EvalConfig, device: torch.device, ignore_index: int = 255) -> ConfusionMatrix:
+    """Accumulate the confusion matrix of ``model`` over ``loader`` (labels at their own size)."""
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    for batch in loader:
+        images = batch["image"].to(device) if isinstance(batch["image"], torch.Tensor) else None
+        labels = batch["label"]
+        if images is None or not isinstance(labels, torch.Tensor):  # images of different sizes: one at a time
+            for image, label in zip(batch["image"], batch["label"]):
+                probs = predict_probs(model, image[None].to(device), label.shape[-2:], cfg)
+                matrix.update(probs.argmax(1), label[None].to(device))
+            continue
+        probs = predict_probs(model, images, labels.shape[-2:], cfg)
+        matrix.update(probs.argmax(1), labels.to(device))
+    model.train(was_training)
+    return matrix
+
+
+def summarize(matrix: ConfusionMatrix, classes: ClassInfo, protocols: Sequence[int] = (19,), run_name: str = "model") -> dict[str, Any]:
+    """Scores of a confusion matrix: ``scores`` (SegScores), ``flat`` (JSON-ready, fractions), ``table``."""
+    scores = compute_scores(matrix, classes.names)
+    flat: dict[str, Any] = scores.to_dict()
+    extra = [p for p in protocols if p != classes.num_classes]
+    for protocol in extra:
+        flat[f"miou{protocol}"] = scores_for_protocol(matrix, protocol).miou
+    table = format_table({run_name: scores}, style="terminal", protocols=extra if extra else ())
+    summary = f"{table}\nmIoU {100 * scores.miou:.2f} | pixel accuracy {100 * scores.pixel_accuracy:.2f} | MPA {100 * scores.mpa:.2f}"
+    for protocol in extra:
+        summary += f" | mIoU{protocol} {100 * flat[f'miou{protocol}']:.2f}"
+    return {"scores": scores, "flat": flat, "table": summary, "matrix": matrix.state_dict()}
+
+
+def evaluate(model: nn.Module, loader: DataLoader, classes: ClassInfo, cfg: EvalConfig, device: torch.device, run_name: str = "model") -> dict[str, Any]:
+    matrix = confusion_over(model, loader, classes.num_classes, cfg, device, classes.ignore_index)
+    return summarize(matrix.all_reduce(), classes, cfg.protocols, run_name)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``segadapt eval``: the checkpoint's network on ``data.val`` of its (or the given) config."""
+    from ..errors import ConfigError
+    from .builders import build_dataset_from_spec, build_eval_loader, resolve_device
+    from .loading import config_for_checkpoint, load_trained_model
+    from .trainer import _build_transform
+
+    cfg = config_for_checkpoint(checkpoint, config, overrides)
+    if cfg.data.val is None:
+        raise ConfigError("nothing to evaluate on: set data.val.dataset and data.val.root (or data.val.dataset=benchmark)")
+    dataset = build_dataset_from_spec(cfg.data.val, with_labels=True)
+    device = resolve_device(cfg.device)
+    model, classes = load_trained_model(checkpoint, cfg)
+    classes = classes or dataset.classes
+    if classes.num_classes != dataset.classes.num_classes:
+        raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but {cfg.data.val.dataset} has {dataset.classes.num_classes}")
+    loader = build_eval_loader(dataset, _build_transform(cfg.data.val_transforms), cfg.data.val_batch_size, cfg.data.num_workers)
+    return evaluate(model.to(device), loader, classes, cfg.eval, device, run_name=Path(checkpoint).stem)

@@ -1,0 +1,46 @@
+"""Rebuild the network of a checkpoint for evaluation and prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from ..config import RunConfig, load_config
+from ..data.classes import ClassInfo
+from ..errors import CheckpointError, ConfigError
+from .builders import build_model
+from .checkpoint import load_checkpoint
+
+
+def config_for_checkpoint(checkpoint: str | Path, config: str | Path | None, overrides: Sequence[str]) -> RunConfig:
+    """The given config, else the run directory's ``config.yaml`` (``RUN/checkpoints/x.pt`` -> ``RUN/config.yaml``)."""
+    if config is None:
+        candidate = Path(checkpoint).resolve().parent.parent / "config.yaml"
+        if not candidate.exists():
+            raise ConfigError(f"no config given and {candidate} does not exist; pass --config CONFIG.yaml")
+        config = candidate
+    return load_config(config, overrides)
+
+
+def load_trained_model(checkpoint: str | Path, cfg: RunConfig) -> tuple[nn.Module, ClassInfo | None]:
+    """The evaluated network of a segadapt checkpoint (EMA weights when the run kept them).
+
+    A file that is not a segadapt checkpoint is loaded as raw weights (the authors' formats)
+    into ``cfg.model``; its classes then come from the evaluation dataset.
+    """
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        if "not a segadapt checkpoint" not in str(err):
+            raise
+        if cfg.model.num_classes is None:
+            raise ConfigError(f"{checkpoint} holds raw weights: set model.name and model.num_classes to build the network") from None
+        model = build_model(cfg.model.model_copy(update={"checkpoint": str(checkpoint), "pretrained": None}), cfg.model.num_classes)
+        return model.eval(), None
+    classes = ClassInfo(**{k: tuple(map(tuple, v)) if k == "colors" else (tuple(v) if k == "names" else v) for k, v in state["classes"].items()})
+    model_cfg = cfg.model.model_copy(update={"name": state["model_name"], "options": state["model_options"], "pretrained": None, "checkpoint": None})
+    model = build_model(model_cfg, classes.num_classes)
+    model.load_state_dict(state["eval_model"] if state.get("eval_model") is not None else state["model"])
+    return model.eval(), classes

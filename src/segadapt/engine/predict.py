@@ -1,0 +1,76 @@
+"""``segadapt predict``: a folder of images -> colourised PNGs, train-id PNGs, Cityscapes labelId PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.base import read_image
+from ..errors import ConfigError, DataError
+from .builders import resolve_device
+from .inference import predict_probs
+from .loading import config_for_checkpoint, load_trained_model
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FORMATS = ("color", "trainid", "labelid")
+
+
+def _read_rgb(path: Path) -> torch.Tensor:
+    return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def predict_folder(
+    checkpoint: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    formats: Sequence[str] = ("color", "trainid"),
+) -> int:
+    """Predict every image under ``input_dir``; outputs keep the relative paths, one subfolder per format.
+
+    ``labelid`` writes Cityscapes label ids (for the official test server), so it needs a
+    19-class Cityscapes-label-space model. Returns the number of images predicted.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"unknown prediction format(s) {unknown}; choose from {list(FORMATS)}")
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    images = sorted(p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"no .png/.jpg images under {input_dir}; point predict at a folder of images")
+    cfg = config_for_checkpoint(checkpoint, config, overrides)
+    model, classes = load_trained_model(checkpoint, cfg)
+    if classes is None:
+        from ..data.classes import CITYSCAPES_CLASSES
+
+        classes = CITYSCAPES_CLASSES  # raw authors' weights: the papers' 19-class Cityscapes label space
+    to_label_id = None
+    if "labelid" in formats:
+        from ..data.cityscapes import train_id_to_label_id
+
+        if classes.num_classes != 19:
+            raise ConfigError(f"labelid output needs a 19-class Cityscapes model; {checkpoint} predicts {classes.num_classes} classes")
+        to_label_id = train_id_to_label_id
+    device = resolve_device(cfg.device)
+    model.to(device)
+    palette = classes.palette()
+    for path in images:
+        image = _read_rgb(path)
+        prediction = predict_probs(model, image[None].to(device), image.shape[-2:], cfg.eval).argmax(1)[0]
+        train_ids = prediction.cpu().numpy().astype(np.uint8)
+        relative = path.relative_to(input_dir).with_suffix(".png")
+        outputs = {
+            "color": lambda: Image.fromarray(palette[train_ids]),
+            "trainid": lambda: Image.fromarray(train_ids),
+            "labelid": lambda: Image.fromarray(to_label_id(train_ids).astype(np.uint8)),
+        }
+        for fmt in formats:
+            target = output_dir / fmt / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            outputs[fmt]().save(target)
+    return len(images)

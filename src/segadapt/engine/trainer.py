@@ -1,0 +1,257 @@
+"""The one training loop every recipe runs in.
+
+The trainer owns what is common to all methods: data streams, optimiser and schedule,
+AMP, gradient accumulation and clipping, the optional EMA copy, periodic evaluation,
+``metrics.jsonl``, atomic ``last.pt``/``best.pt`` and exact resume. A recipe
+(:mod:`segadapt.engine.recipes`) only maps batches to losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import RunConfig, save_config
+from ..errors import CheckpointError, ConfigError
+from ..methods.ema import ModelEMA
+from .builders import (
+    build_dataset_from_spec,
+    build_eval_loader,
+    build_model,
+    build_optimizer,
+    build_train_loader,
+    num_classes_of,
+    resolve_device,
+)
+from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .evaluation import evaluate
+from .logging import MetricsLog, Progress
+from .losses import build_seg_loss
+from .recipes import Recipe, recipe_class
+from .schedule import build_scheduler
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _build_transform(spec: list[dict[str, Any]] | None) -> Any:
+    from ..data.transforms import build_transforms
+
+    return build_transforms(spec) if spec else None
+
+
+class Trainer:
+    """Trains ``cfg.recipe`` for ``cfg.train.iters`` optimiser steps in ``cfg.run_dir``.
+
+    Args:
+        cfg: the validated run config (saved, fully resolved, as ``run_dir/config.yaml``).
+        resume: continue from ``run_dir/checkpoints/last.pt``. Without it, a run directory
+            that already holds checkpoints is an error rather than being overwritten.
+        log: where progress lines go.
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.run_dir = cfg.run_dir
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._prepare_run_dir(resume)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.device = resolve_device(cfg.device)
+
+        self.recipe_class = recipe_class(cfg.recipe)
+        self.train_sets = {
+            name: build_dataset_from_spec(self._spec(stream.spec, name), with_labels=stream.labels)
+            for name, stream in self.recipe_class.streams.items()
+        }
+        self.val_set = build_dataset_from_spec(cfg.data.val, with_labels=True) if cfg.data.val else None
+        sets = dict(self.train_sets, **({"val": self.val_set} if self.val_set is not None else {}))
+        self.num_classes = num_classes_of(cfg, sets)
+        self.classes = next(iter(sets.values())).classes
+
+        model = build_model(cfg.model, self.num_classes).to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index)
+        self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.num_classes).to(self.device)
+        self.optimizer = build_optimizer(self.recipe.trainable_model(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
+        self.ema = ModelEMA(model, cfg.train.ema_momentum) if cfg.train.ema_momentum is not None else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.iteration = 0
+        self.consumed = {name: 0 for name in self.train_sets}
+        self.best_score = float("-inf")
+        self.metrics_log = MetricsLog(self.run_dir)
+        if resume:
+            self._load(self.checkpoint_dir / "last.pt")
+        else:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    # ---------------------------------------------------------------- setup
+
+    def _spec(self, spec_name: str, stream: str):
+        spec = getattr(self.cfg.data, spec_name)
+        if spec is None:
+            raise ConfigError(
+                f"recipe {self.cfg.recipe!r} reads stream {stream!r} from data.{spec_name}, which is not set; "
+                f"set data.{spec_name}.dataset and data.{spec_name}.root (or use dataset: benchmark)"
+            )
+        return spec
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        last = self.checkpoint_dir / "last.pt"
+        if resume and not last.exists():
+            raise CheckpointError(f"cannot resume: {last} does not exist; start the run without resume")
+        if not resume and any(self.checkpoint_dir.glob("*.pt")):
+            raise ConfigError(
+                f"run directory {self.run_dir} already holds checkpoints; pass resume=true to continue it, "
+                "or choose another name= or output_dir= (nothing was overwritten)"
+            )
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def _loaders(self) -> dict[str, Iterator[dict[str, Any]]]:
+        cfg = self.cfg
+        loaders = {}
+        for index, (name, stream) in enumerate(self.recipe_class.streams.items()):
+            spec = getattr(cfg.data, stream.transforms)
+            if stream.spec == "target" and stream.transforms == "train_transforms" and cfg.data.target_transforms is not None:
+                spec = cfg.data.target_transforms
+            loader = build_train_loader(
+                self.train_sets[name],
+                _build_transform(spec),
+                cfg.data.batch_size,
+                cfg.data.num_workers,
+                seed=cfg.seed * 1000 + index,
+                start=self.consumed[name],
+            )
+            loaders[name] = iter(loader)
+        return loaders
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.recipe.model.state_dict(),
+            "recipe": self.recipe.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "consumed": dict(self.consumed),
+            "best_score": self.best_score,
+            "rng": rng_state(),
+            "eval_model": self.eval_model().state_dict() if self.eval_model() is not self.recipe.model else None,
+            "classes": dataclasses.asdict(self.classes),
+            "model_name": self.cfg.model.name,
+            "model_options": dict(self.cfg.model.options),
+        }
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.recipe.load_state_dict(state["recipe"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        self.consumed = dict(state["consumed"])
+        self.best_score = state["best_score"]
+        set_rng_state(state["rng"])
+        self.metrics_log.truncate_after(self.iteration)
+        self.log(f"resumed {self.run_dir} at iteration {self.iteration}")
+
+    def save(self, name: str) -> None:
+        atomic_save(self.state_dict(), self.checkpoint_dir / name)
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.recipe.eval_model()
+
+    # ---------------------------------------------------------------- loop
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.train.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _step(self, loaders: dict[str, Iterator[dict[str, Any]]]) -> dict[str, float]:
+        cfg = self.cfg.train
+        self.recipe.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batches = {}
+            for name, loader in loaders.items():
+                batches[name] = _to_device(next(loader), self.device)
+                self.consumed[name] += self.cfg.data.batch_size
+            with self._autocast():
+                losses = self.recipe.training_step(batches, self.iteration)
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(
+                    f"loss is {losses['loss'].item()} at iteration {self.iteration}; lower optim.lr or enable "
+                    f"optim.grad_clip (last good checkpoint: {self.checkpoint_dir / 'last.pt'})"
+                )
+            self.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.recipe.trainable_model().parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        for index, group in enumerate(self.optimizer.param_groups):  # the rate this step used
+            totals[f"lr_{group.get('name', index)}"] = group["lr"]
+        self.scheduler.step()
+        self.iteration += 1
+        if self.ema is not None:
+            self.ema.update(self.recipe.model)
+        self.recipe.after_optimizer_step(self.iteration)
+        return totals
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if self.val_set is None:
+            return None
+        loader = build_eval_loader(
+            self.val_set, _build_transform(self.cfg.data.val_transforms), self.cfg.data.val_batch_size, self.cfg.data.num_workers
+        )
+        return evaluate(self.eval_model(), loader, self.classes, self.cfg.eval, self.device)
+
+    def fit(self) -> dict[str, Any] | None:
+        """Train to ``train.iters``; returns the final evaluation (None without a validation set)."""
+        cfg = self.cfg.train
+        progress = Progress(cfg.iters, start=self.iteration, prefix=f"[{self.cfg.name}] ")
+        loaders = self._loaders()
+        final: dict[str, Any] | None = None
+        while self.iteration < cfg.iters:
+            losses = self._step(loaders)
+            it = self.iteration
+            if it % cfg.log_every == 0 or it == cfg.iters:
+                self.metrics_log.write({"iter": it, **losses})
+                progress.show(it, {k: v for k, v in losses.items() if not k.startswith("lr_")})
+            evaluate_now = it == cfg.iters or (cfg.eval_every and it % cfg.eval_every == 0)
+            if evaluate_now:
+                final = self._evaluate_and_log(it)
+            if evaluate_now or it == cfg.iters or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+                self.save("last.pt")
+        self.metrics_log.close()
+        return final
+
+    def _evaluate_and_log(self, iteration: int) -> dict[str, Any] | None:
+        scores = self.evaluate()
+        if scores is None:
+            return None
+        self.metrics_log.write({"iter": iteration, **{f"val/{k}": v for k, v in scores["flat"].items()}})
+        self.log(f"[{self.cfg.name}] it {iteration}: val mIoU {100 * scores['flat']['miou']:.2f}")
+        if scores["flat"]["miou"] > self.best_score:
+            self.best_score = scores["flat"]["miou"]
+            self.save("best.pt")  # best-on-validation: reported beside the last iteration, labelled as such
+        return scores

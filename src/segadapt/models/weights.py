@@ -1,0 +1,335 @@
+"""Loading ImageNet backbones and the authors' checkpoints into segadapt models.
+
+Two entry points, matching the two config keys (docs/models.md):
+
+- :func:`load_backbone_weights` (``model.pretrained``): a torchvision-format ImageNet
+  ResNet-101 file (``resnet101-5d3b4d8f.pth``, ``resnet101-63fe2227.pth``, ...) into the
+  backbone of a DeepLab-V2 model; the head keeps its initialisation.
+- :func:`load_checkpoint_weights` (``model.checkpoint``): a whole model, from a plain
+  state dict, ``{'state_dict': ...}``, ``{'model': ...}`` (segadapt checkpoints) or ProDA/CPSL's
+  ``{'ResNet101': {'model_state': ...}}``, with DataParallel/DDP ``module.`` prefixes removed.
+
+Files are read with ``torch.load(weights_only=True)``, which runs no pickled code; the numpy
+scalars and arrays that the references and segadapt store beside the weights (best mIoU, RNG
+state) are allowed explicitly. A file needing anything else is refused unless ``trusted=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+STATE_DICT_LOCATIONS: tuple[tuple[str, ...], ...] = (
+    ("ResNet101", "model_state"),  # ProDA / CPSL
+    ("state_dict",),  # SimCLRv2 conversions, Lightning, many repos
+    ("model_state",),
+    ("model",),  # segadapt checkpoints
+)
+"""Where a checkpoint may keep its state dict, tried in this order after "the file is one"."""
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "Scale.")
+"""Key prefixes added by DataParallel/DDP, torch.compile and AdaptSegNet's ``DeepLab_init.pth``."""
+
+TORCHVISION_DROPPED_PREFIXES = ("fc.",)
+"""torchvision ResNet keys with no place in a segmentation network (the ImageNet classifier)."""
+
+_SHOWN_KEYS = 6
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load did: keys copied, model keys left at their initialisation, file keys not used."""
+
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors; {len(self.missing)} model keys keep their initialisation"
+            f"{_preview(self.missing)}; {len(self.unexpected)} file keys unused{_preview(self.unexpected)}"
+        )
+
+
+def _preview(keys: tuple[str, ...] | list[str]) -> str:
+    if not keys:
+        return ""
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return f" ({shown}{', ...' if len(keys) > _SHOWN_KEYS else ''})"
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy reconstructors a weights-only load may use, under numpy 1.x and 2.x names."""
+    core = getattr(np, "_core", None) or np.core
+    functions = [core.multiarray._reconstruct, core.multiarray.scalar]
+    allowed: list[Any] = [np.ndarray, np.dtype, *functions]
+    allowed += [(function, f"numpy.core.multiarray.{function.__name__}") for function in functions]
+    allowed += [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
+    return allowed
+
+
+def _torch_load(path: Path, trusted: bool) -> Any:
+    try:
+        if trusted:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", message)
+        if not unsafe:
+            details = [line.strip() for line in message.splitlines() if "WeightsUnpickler error" in line]
+            reason = (details or message.strip().splitlines() or ["unpickling failed"])[-1]
+            raise CheckpointError(
+                f"{path} cannot be read ({reason}); the file may be truncated or not a PyTorch file"
+            ) from None
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors ({', '.join(unsafe)}) that a weights-only load refuses."
+            " If you trust the file, load it with trusted=True, or re-save just its state dict:"
+            f" torch.save(torch.load('{path}', weights_only=False)[...], 'weights.pt')"
+        ) from None
+    except Exception as err:  # torch raises many types for damaged files
+        raise CheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); the file may be truncated or not a PyTorch file"
+        ) from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Globals a weights-only load refuses, beyond the allowed numpy ones; empty when unknown."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) or damaged files cannot be listed
+        return []
+    allowed = {name for item in _numpy_safe_globals() for name in _global_names(item)}
+    return [name for name in found if name not in allowed]
+
+
+def _global_names(item: Any) -> list[str]:
+    if isinstance(item, tuple):
+        return [item[1]]
+    return [f"{item.__module__}.{item.__qualname__}"]
+
+
+def _is_state_dict(node: Any) -> bool:
+    return (
+        isinstance(node, Mapping)
+        and len(node) > 0
+        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in node.items())
+    )
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a prefix when every key carries it (e.g. ``module.`` from DataParallel), repeatedly."""
+    state = dict(state_dict)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix) :]: value for key, value in state.items()}
+                stripped = True
+    return state
+
+
+def read_state_dict(path: str | Path, *, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict inside a weight file, in any of the supported wrappers, unprefixed.
+
+    Args:
+        path: a ``.pth``/``.pt``/``.pkl`` file written by ``torch.save``.
+        trusted: allow arbitrary pickled objects (``weights_only=False``); only for files
+            from a source you trust.
+
+    Raises:
+        CheckpointError: missing or unreadable file, or no state dict in it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file {path} does not exist; download it (docs/models.md) or fix the path")
+    content = _torch_load(path, trusted)
+    if _is_state_dict(content):
+        return _strip_wrapper_prefixes(content)
+    if isinstance(content, Mapping):
+        for location in STATE_DICT_LOCATIONS:
+            node: Any = content
+            for key in location:
+                node = node.get(key) if isinstance(node, Mapping) else None
+            if _is_state_dict(node):
+                return _strip_wrapper_prefixes(node)
+    top = sorted(map(str, content)) if isinstance(content, Mapping) else type(content).__name__
+    raise CheckpointError(
+        f"{path} holds no model state dict (top level: {top}); expected a plain state dict, {{'state_dict': ...}},"
+        " {'model': ...} or ProDA/CPSL's {'ResNet101': {'model_state': ...}}"
+    )
+
+
+def torchvision_to_deeplab_key(key: str) -> str | None:
+    """The DeepLab-V2 key receiving a torchvision ResNet-101 tensor, or ``None`` to drop it.
+
+    The Caffe-style DeepLab backbone moves the stride from the 3x3 to the first 1x1
+    convolution but keeps torchvision's module names and parameter shapes, so every
+    backbone key maps to itself; the ImageNet classifier ``fc.*`` is dropped. The references
+    load torchvision weights the same way (ProDA ``Deeplab()``, DARS ``Resnet101_deeplab``).
+    """
+    if key.startswith(TORCHVISION_DROPPED_PREFIXES):
+        return None
+    return key
+
+
+def _is_bn_counter(key: str) -> bool:
+    # Files saved before PyTorch 0.4.1 (torchvision's resnet101-5d3b4d8f.pth) lack this
+    # counter; BatchNorm fills it in, and nothing in training depends on it.
+    return key.endswith("num_batches_tracked")
+
+
+def _shape_error(path: Path, mismatched: list[tuple[str, torch.Size, torch.Size]], model: nn.Module) -> CheckpointError:
+    """A class-count message when only the classifier's class dimension differs, else the first bad key."""
+    num_classes = getattr(model, "num_classes", None)
+    file_classes = {file_shape[0] for _, file_shape, _ in mismatched}
+    only_classes_differ = all(
+        len(file_shape) == len(model_shape) and model_shape[0] == num_classes and file_shape[1:] == model_shape[1:]
+        for _, file_shape, model_shape in mismatched
+    )
+    key, file_shape, model_shape = mismatched[0]
+    if num_classes is not None and only_classes_differ and len(file_classes) == 1:
+        return CheckpointError(
+            f"{path}: checkpoint has {file_shape[0]} classes ({key} {tuple(file_shape)}), config"
+            f" model.num_classes={num_classes}; set model.num_classes={file_shape[0]}, or start from the backbone"
+            " only with model.pretrained"
+        )
+    return CheckpointError(
+        f"{path}: {key} has shape {tuple(file_shape)} in the file but {tuple(model_shape)} in the model"
+        f" ({type(model).__name__}; {len(mismatched)} tensors differ); the file was saved from a different"
+        " architecture or options, check model.name and model.options"
+    )
+
+
+def _layout_hints(missing: list[str], unexpected: list[str]) -> str:
+    hints = []
+    if any(key.startswith("bn_pretrain.") for key in unexpected):
+        hints.append(
+            "the file has ProDA/CPSL's bn_pretrain (a SimCLR-initialised student): set model.options.bn_clr=true"
+        )
+    if any(key.startswith("bn_pretrain.") for key in missing):
+        hints.append("the file has no bn_pretrain: set model.options.bn_clr=false")
+    if "layer5.conv2d_list.0.weight" in unexpected and "layer5.head.1.weight" in missing:
+        hints.append("it is a classic DeepLab-V2 checkpoint: use model.name=deeplabv2_r101")
+    if "layer5.head.1.weight" in unexpected and "layer5.conv2d_list.0.weight" in missing:
+        hints.append("it is a ProDA/CPSL checkpoint: use model.name=deeplabv2_r101_proda")
+    return "; ".join(hints) if hints else "check model.name and its options"
+
+
+def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
+    """Load a whole model (backbone and head) from segadapt's or the authors' checkpoint formats.
+
+    Every model tensor must be in the file with the same shape and no file tensor may be
+    left over (BatchNorm's ``num_batches_tracked`` counters excepted: old files lack them),
+    because a half-loaded network trains or evaluates silently wrong.
+
+    Args:
+        model: the freshly created model (not wrapped in DDP).
+        path: the weight file; see :func:`read_state_dict` for the formats.
+        trusted: allow arbitrary pickled objects in the file.
+
+    Raises:
+        CheckpointError: unreadable file, wrong class count (the message gives the file's),
+            other shape mismatches, missing or unexpected keys, with the fix.
+
+    Examples:
+        >>> checkpoint = "pretrained/from_gta5_to_cityscapes_on_deeplabv2_best_model.pkl"
+        >>> load_checkpoint_weights(model, checkpoint)  # doctest: +SKIP
+    """
+    path = Path(path)
+    state = read_state_dict(path, trusted=trusted)
+    expected = model.state_dict()
+    mismatched = [
+        (key, value.shape, expected[key].shape)
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if mismatched:
+        raise _shape_error(path, mismatched, model)
+    missing = [key for key in expected if key not in state and not _is_bn_counter(key)]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit model {type(model).__name__}: {len(missing)} model keys missing from the file"
+            f"{_preview(missing)}, {len(unexpected)} file keys unknown to the model{_preview(unexpected)};"
+            f" {_layout_hints(missing, unexpected)}"
+        )
+    model.load_state_dict(state, strict=False)
+    report = LoadReport(loaded=tuple(state), missing=(), unexpected=())
+    logger.info("model weights from %s: %s", path, report.summary())
+    return report
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
+    """Initialise a DeepLab-V2 backbone from a torchvision-format ImageNet ResNet-101 file.
+
+    Keys are mapped with :func:`torchvision_to_deeplab_key` (``fc.*`` dropped). File keys of
+    other top-level modules (e.g. the ``layer5`` of AdaptSegNet's ``DeepLab_init.pth``) are
+    reported as unexpected and not loaded; the head keeps its initialisation. Every backbone
+    tensor must be in the file with the right shape (a ResNet-50 file, say, is refused).
+
+    Returns:
+        A :class:`LoadReport`: ``missing`` lists the head keys left at their initialisation,
+        ``unexpected`` the file keys not used (``fc.*`` among them).
+
+    Raises:
+        ConfigError: the model has no ResNet-101 backbone.
+        CheckpointError: unreadable file, shape mismatch or backbone keys missing from it.
+    """
+    path = Path(path)
+    backbone_modules = getattr(model, "backbone_module_names", None)
+    if backbone_modules is None:
+        raise ConfigError(
+            f"model.pretrained={path}: model {type(model).__name__} has no ResNet-101 backbone to initialise;"
+            " unset model.pretrained or choose a deeplabv2_* model"
+        )
+    state = read_state_dict(path, trusted=trusted)
+    expected = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        target = torchvision_to_deeplab_key(key)
+        if target is None or target.split(".")[0] not in backbone_modules:
+            unexpected.append(key)
+            continue
+        if target not in expected:
+            raise CheckpointError(
+                f"{path}: {key} has no place in the ResNet-101 backbone; expected a torchvision-format"
+                " ResNet-101 file such as resnet101-5d3b4d8f.pth (docs/models.md)"
+            )
+        if value.shape != expected[target].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(value.shape)} but the ResNet-101 backbone needs"
+                f" {tuple(expected[target].shape)}; expected a torchvision-format ResNet-101 file (docs/models.md)"
+            )
+        mapped[target] = value
+    backbone_keys = [key for key in expected if key.split(".")[0] in backbone_modules]
+    absent = [key for key in backbone_keys if key not in mapped and not _is_bn_counter(key)]
+    if absent:
+        raise CheckpointError(
+            f"{path} lacks {len(absent)} of the {len(backbone_keys)} ResNet-101 backbone tensors{_preview(absent)};"
+            " is it a ResNet-101 (not ResNet-50) in torchvision format? (docs/models.md)"
+        )
+    model.load_state_dict(mapped, strict=False)
+    report = LoadReport(
+        loaded=tuple(mapped),
+        missing=tuple(key for key in expected if key not in mapped and not _is_bn_counter(key)),
+        unexpected=tuple(unexpected),
+    )
+    logger.info("backbone weights from %s: %s", path, report.summary())
+    return report
