@@ -80,13 +80,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_make_benchmark(args: argparse.Namespace) -> int:
-    from .data.benchmark import ensure_benchmark, generate_benchmark
+    import json
 
-    if args.root is not None and args.force:
-        root = generate_benchmark(Path(args.root), seed=args.seed, size=args.size)
+    from .data.benchmark import default_benchmark_dir, ensure_benchmark, generate_benchmark
+
+    if args.force:
+        root = generate_benchmark(Path(args.root) if args.root else default_benchmark_dir(args.seed, args.size), seed=args.seed, size=args.size)
     else:
-        root = ensure_benchmark(args.root, seed=args.seed, size=args.size, force=args.force)
+        root = ensure_benchmark(args.root, seed=args.seed, size=args.size)
+    summary = json.loads((root / "benchmark.json").read_text())
     print(f"embedded benchmark ({args.size}, seed {args.seed}) at {root}")
+    print(json.dumps(summary.get("counts", {}), indent=None))
     return 0
 
 

@@ -133,7 +133,7 @@ TARGET_PRIOR = ScenePrior(
     barrier_kinds={"none": 0.70, "wall": 0.12, "fence": 0.18},
     grass_verge=0.6,
     mean_count={
-        "car": 2.0, "parked_car": 1.4, "truck": 0.04, "bus": 0.035, "train": 0.06, "pole": 4.5,
+        "car": 2.0, "parked_car": 1.4, "truck": 0.1, "bus": 0.08, "train": 0.07, "pole": 4.5,
         "tree": 2.0, "person": 6.0, "cyclist": 0.7, "motorcyclist": 0.15, "bicycle": 1.5,
     },
     object_scale=0.92,
@@ -382,7 +382,8 @@ def _person(canvas: _Canvas, class_id: int, x: float, depth: float, scale: float
         canvas.front(class_id, "person.legs", x - shoulders * 0.3, x + shoulders * 0.3, 0.0, hip, depth, min_size=2)
     neck = hip + 0.36 * height
     canvas.front(class_id, "person.top", x - shoulders / 2, x + shoulders / 2, hip - 0.05 * height, neck, depth, min_size=2)
-    canvas.disc(class_id, "person.skin", x, neck + 0.06 * height, 0.1 * scale, 0.12 * height, depth)
+    head = "rider.helmet" if seat > 0 else "person.skin"
+    canvas.disc(class_id, head, x, neck + 0.06 * height, 0.11 * scale, 0.12 * height, depth)
 
 
 def _two_wheeler(canvas: _Canvas, kind: str, x: float, depth: float, scale: float, rng: np.random.Generator, rider: bool) -> None:
@@ -447,31 +448,31 @@ def _place_objects(canvas: _Canvas, street: _Street, prior: ScenePrior, rng: np.
     for kind in ("car", "truck", "bus", "train"):
         for _ in count(kind):
             x = 0.0 if kind == "train" else in_lane(_VEHICLE_SIZE[kind][0])  # trams run in the middle
-            depth = _log_uniform(rng, near * 1.3, 60.0)
+            depth = _log_uniform(rng, near * 1.3, 40.0)
             add(depth, lambda k=kind, x=x, d=depth: _vehicle(canvas, k, x, d, scale))
     for _ in count("parked_car"):
         side = int(rng.integers(2))
-        x, depth = street.kerb(side) * (1.0 - 1.1 / street.road[side]), _log_uniform(rng, near, 50.0)
+        x, depth = street.kerb(side) * (1.0 - 1.1 / street.road[side]), _log_uniform(rng, near, 35.0)
         add(depth, lambda x=x, d=depth: _vehicle(canvas, "car", x, d, scale))
     for _ in count("pole"):
-        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.08, 0.3)), _log_uniform(rng, near, 50.0)
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.08, 0.3)), _log_uniform(rng, near, 40.0)
         add(depth, lambda x=x, d=depth: _pole(canvas, x, d, rng))
     for _ in count("tree"):
-        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.3, 0.7)), _log_uniform(rng, near, 50.0)
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.3, 0.7)), _log_uniform(rng, near, 40.0)
         add(depth, lambda x=x, d=depth: _tree(canvas, x, d, rng))
     for _ in count("person"):
         crossing = rng.random() < 0.15
         x = in_lane(0.6) if crossing else street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.95))
-        depth = _log_uniform(rng, near, 40.0)
+        depth = _log_uniform(rng, near, 22.0)
         add(depth, lambda x=x, d=depth: _person(canvas, _ID["person"], x, d, scale, rng))
     for kind, key in (("bicycle", "cyclist"), ("motorcycle", "motorcyclist")):
         for _ in count(key):
             side = int(rng.integers(2))
             x = in_lane(1.0) if kind == "motorcycle" else street.kerb(side) * (1.0 - 0.9 / street.road[side])
-            depth = _log_uniform(rng, near * 1.2, 40.0)
+            depth = _log_uniform(rng, near * 1.2, 25.0)
             add(depth, lambda k=kind, x=x, d=depth: _two_wheeler(canvas, k, x, d, scale, rng, rider=True))
     for _ in count("bicycle"):
-        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.3)), _log_uniform(rng, near, 30.0)
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.3)), _log_uniform(rng, near, 20.0)
         add(depth, lambda x=x, d=depth: _two_wheeler(canvas, "bicycle", x, d, scale, rng, rider=False))
     for _, draw in sorted(drawers, key=lambda item: -item[0]):
         draw()
@@ -512,10 +513,10 @@ def sample_scene(height: int, width: int, prior: ScenePrior, rng: np.random.Gene
 
 @dataclass(frozen=True)
 class Material:
-    """Colours an instance may take (RGB in [0, 1]), their per-instance jitter, texture amplitude."""
+    """The colours an instance may take (RGB in [0, 1]), their per-instance jitter, texture amplitude."""
 
     colors: tuple[tuple[float, float, float], ...]
-    jitter: float = 0.03
+    jitter: float = 0.04
     texture: float = 0.0
 
 
@@ -524,56 +525,94 @@ class DomainStyle:
     """How one domain renders: materials plus camera effects."""
 
     materials: dict[str, Material]
-    texture_cell: float  # pixels per texture cell at the bottom row
-    sky_gradient: float
-    lighting: tuple[float, float]  # global gain range
-    color_cast: float
+    texture_cell: float  # pixels per texture cell
+    sky_gradient: float  # sky brightness change from the top of the image to the horizon
+    lighting: tuple[float, float]  # per-image gain range
+    saturation: tuple[float, float]  # per-image saturation range (1: unchanged)
+    color_cast: float  # per-image, per-channel gain spread
     vignette: float
-    noise: float
-    blur: float
+    noise: float  # sensor noise standard deviation
+    blur: float  # Gaussian blur radius in pixels
     windows: float  # how much façade windows darken
 
 
-def _m(*colors: tuple[float, float, float], jitter: float = 0.03, texture: float = 0.0) -> Material:
+def _m(*colors: tuple[float, float, float], jitter: float = 0.04, texture: float = 0.0) -> Material:
     return Material(tuple(colors), jitter, texture)
 
 
+# The synthetic look: flat, saturated colours, every class in its own colour family.
+SOURCE_MATERIALS = {
+    "sky": _m((0.35, 0.65, 1.0)),
+    "road": _m((0.45, 0.42, 0.55), jitter=0.03),
+    "road.marking": _m((0.95, 0.95, 0.95)),
+    "sidewalk": _m((0.85, 0.62, 0.62)),
+    "terrain": _m((0.65, 0.9, 0.35)),
+    "building": _m((0.9, 0.6, 0.3), (0.95, 0.85, 0.4), (0.8, 0.45, 0.45), (0.75, 0.7, 0.6), jitter=0.05),
+    "vegetation": _m((0.15, 0.75, 0.2), jitter=0.05),
+    "vegetation.trunk": _m((0.55, 0.35, 0.15)),
+    "wall": _m((0.6, 0.6, 0.9)),
+    "fence": _m((0.9, 0.7, 0.3)),
+    "pole": _m((0.8, 0.8, 0.85)),
+    "light.housing": _m((0.2, 0.2, 0.25)),
+    "light.lamp": _m((1.0, 0.2, 0.1), (0.1, 1.0, 0.2), (1.0, 0.8, 0.1)),
+    "sign": _m((1.0, 0.9, 0.1), (1.0, 0.3, 0.3)),
+    "person.legs": _m((0.2, 0.25, 0.6), (0.3, 0.3, 0.3), jitter=0.06),
+    "person.top": _m((1.0, 0.2, 0.4), (0.2, 0.8, 0.9), (1.0, 0.6, 0.1), (0.6, 0.3, 0.9), jitter=0.06),
+    "person.skin": _m((1.0, 0.8, 0.65), (0.6, 0.4, 0.3)),
+    "rider.helmet": _m((1.0, 1.0, 0.2), (0.2, 1.0, 1.0)),
+    "car.body": _m((0.9, 0.1, 0.1), (0.1, 0.3, 0.9), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.2, 0.7, 0.3), jitter=0.05),
+    "car.glass": _m((0.3, 0.45, 0.6)),
+    "wheel": _m((0.08, 0.08, 0.08)),
+    "truck.body": _m((0.95, 0.5, 0.1), (0.5, 0.35, 0.2)),
+    "truck.glass": _m((0.3, 0.45, 0.6)),
+    "bus.body": _m((0.95, 0.85, 0.1), (0.9, 0.2, 0.2)),
+    "bus.glass": _m((0.3, 0.45, 0.6)),
+    "train.body": _m((0.2, 0.8, 0.4)),
+    "train.glass": _m((0.3, 0.45, 0.6)),
+    "bicycle.body": _m((0.2, 0.4, 1.0), (1.0, 0.3, 0.6)),
+    "motorcycle.body": _m((0.7, 0.1, 0.9), (0.3, 0.3, 0.3)),
+    "hood": _m((0.1, 0.1, 0.12)),
+}
+
+# Materials the target repaints beyond the camera change: the classes whose look differs
+# between a game and a city (cf. the classes near zero for GTA5 -> Cityscapes source-only).
+TARGET_REPAINTS = {
+    "sky": _m((0.8, 0.84, 0.88), (0.55, 0.68, 0.85)),
+    "terrain": _m((0.55, 0.5, 0.3), texture=0.3),
+    "vegetation": _m((0.2, 0.35, 0.12), (0.3, 0.4, 0.15), texture=0.4),
+    "fence": _m((0.35, 0.37, 0.4), texture=0.3),
+    "sign": _m((0.15, 0.3, 0.8), (0.9, 0.9, 0.95)),
+    "light.lamp": _m((1.0, 0.75, 0.2)),
+    "rider.helmet": _m((0.95, 0.95, 0.95), (0.1, 0.1, 0.1)),
+    "truck.body": _m((0.85, 0.85, 0.8), (0.2, 0.3, 0.5)),
+    "bus.body": _m((0.95, 0.95, 0.9), (0.2, 0.45, 0.7)),
+    "train.body": _m((0.85, 0.15, 0.15)),
+    "bicycle.body": _m((0.9, 0.9, 0.1), (0.1, 0.1, 0.1)),
+    "motorcycle.body": _m((0.1, 0.1, 0.1), (0.8, 0.75, 0.7)),
+}
+
+
+def _camera_look(materials: dict[str, Material], saturation: float, brightness: float, texture: float) -> dict[str, Material]:
+    """What a real camera does to a palette: desaturate toward luminance, darken, add texture."""
+
+    def convert(color: tuple[float, float, float]) -> tuple[float, float, float]:
+        rgb = np.asarray(color)
+        luminance = float(rgb @ np.asarray([0.299, 0.587, 0.114]))
+        return tuple(float(v) for v in np.clip((luminance + saturation * (rgb - luminance)) * brightness, 0, 1))
+
+    return {
+        name: Material(tuple(convert(c) for c in m.colors), m.jitter, max(m.texture, texture))
+        for name, m in materials.items()
+    }
+
+
 SOURCE_STYLE = DomainStyle(
-    materials={
-        "sky": _m((0.35, 0.65, 1.0), jitter=0.04),
-        "road": _m((0.45, 0.42, 0.55), jitter=0.03),
-        "road.marking": _m((0.95, 0.95, 0.95)),
-        "sidewalk": _m((0.85, 0.62, 0.62), jitter=0.04),
-        "terrain": _m((0.65, 0.9, 0.35), jitter=0.04),
-        "building": _m((0.9, 0.6, 0.3), (0.95, 0.85, 0.4), (0.5, 0.75, 0.9), (0.8, 0.45, 0.45), (0.75, 0.75, 0.7), jitter=0.05),
-        "vegetation": _m((0.15, 0.75, 0.2), jitter=0.05),
-        "vegetation.trunk": _m((0.55, 0.35, 0.15)),
-        "wall": _m((0.65, 0.65, 0.85), jitter=0.04),
-        "fence": _m((0.85, 0.65, 0.3), jitter=0.04),
-        "pole": _m((0.8, 0.8, 0.85)),
-        "light.housing": _m((0.2, 0.2, 0.25)),
-        "light.lamp": _m((1.0, 0.2, 0.1), (0.1, 1.0, 0.2), (1.0, 0.8, 0.1)),
-        "sign": _m((1.0, 0.9, 0.1), (1.0, 0.3, 0.3), jitter=0.04),
-        "person.legs": _m((0.2, 0.25, 0.6), (0.3, 0.3, 0.3), jitter=0.06),
-        "person.top": _m((1.0, 0.2, 0.4), (0.2, 0.8, 0.9), (1.0, 0.6, 0.1), (0.6, 0.3, 0.9), jitter=0.06),
-        "person.skin": _m((1.0, 0.8, 0.65), (0.6, 0.4, 0.3)),
-        "car.body": _m((0.9, 0.1, 0.1), (0.1, 0.3, 0.9), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.9, 0.8, 0.1), jitter=0.05),
-        "car.glass": _m((0.3, 0.45, 0.6)),
-        "wheel": _m((0.08, 0.08, 0.08)),
-        "truck.body": _m((0.95, 0.5, 0.1), (0.3, 0.6, 0.3), jitter=0.05),
-        "truck.glass": _m((0.3, 0.45, 0.6)),
-        "bus.body": _m((0.95, 0.85, 0.1), (0.9, 0.2, 0.2), jitter=0.05),
-        "bus.glass": _m((0.3, 0.45, 0.6)),
-        "train.body": _m((0.2, 0.8, 0.4), jitter=0.05),
-        "train.glass": _m((0.3, 0.45, 0.6)),
-        "bicycle.body": _m((0.2, 0.4, 1.0), (1.0, 0.3, 0.6)),
-        "motorcycle.body": _m((0.7, 0.1, 0.9), (0.2, 0.2, 0.2)),
-        "hood": _m((0.1, 0.1, 0.12)),
-    },
+    materials=SOURCE_MATERIALS,
     texture_cell=6.0,
     sky_gradient=0.1,
-    lighting=(0.95, 1.05),
-    color_cast=0.0,
+    lighting=(0.75, 1.2),
+    saturation=(0.6, 1.1),
+    color_cast=0.08,
     vignette=0.0,
     noise=0.01,
     blur=0.0,
@@ -581,44 +620,15 @@ SOURCE_STYLE = DomainStyle(
 )
 
 TARGET_STYLE = DomainStyle(
-    materials={
-        "sky": _m((0.82, 0.86, 0.9), (0.6, 0.7, 0.85), jitter=0.04),
-        "road": _m((0.32, 0.32, 0.31), jitter=0.03, texture=0.12),
-        "road.marking": _m((0.75, 0.75, 0.72)),
-        "sidewalk": _m((0.55, 0.53, 0.5), jitter=0.04, texture=0.15),
-        "terrain": _m((0.45, 0.45, 0.25), jitter=0.05, texture=0.25),
-        "building": _m((0.7, 0.62, 0.5), (0.5, 0.4, 0.35), (0.6, 0.6, 0.62), (0.75, 0.72, 0.65), (0.55, 0.3, 0.25), jitter=0.05, texture=0.1),
-        "vegetation": _m((0.22, 0.3, 0.12), jitter=0.04, texture=0.45),
-        "vegetation.trunk": _m((0.3, 0.25, 0.2), texture=0.2),
-        "wall": _m((0.62, 0.6, 0.55), jitter=0.04, texture=0.15),
-        "fence": _m((0.42, 0.4, 0.35), jitter=0.04, texture=0.35),
-        "pole": _m((0.28, 0.28, 0.3)),
-        "light.housing": _m((0.12, 0.12, 0.1)),
-        "light.lamp": _m((0.9, 0.5, 0.2), (0.5, 0.9, 0.6)),
-        "sign": _m((0.2, 0.35, 0.75), (0.8, 0.2, 0.15), (0.9, 0.9, 0.9), jitter=0.04),
-        "person.legs": _m((0.15, 0.15, 0.2), (0.35, 0.3, 0.25), jitter=0.05),
-        "person.top": _m((0.15, 0.15, 0.15), (0.5, 0.45, 0.4), (0.35, 0.2, 0.2), (0.6, 0.6, 0.65), jitter=0.05),
-        "person.skin": _m((0.8, 0.65, 0.55), (0.45, 0.32, 0.25)),
-        "car.body": _m((0.15, 0.15, 0.17), (0.6, 0.6, 0.62), (0.85, 0.85, 0.85), (0.25, 0.3, 0.4), (0.45, 0.15, 0.12), jitter=0.04, texture=0.05),
-        "car.glass": _m((0.12, 0.14, 0.16)),
-        "wheel": _m((0.06, 0.06, 0.06)),
-        "truck.body": _m((0.85, 0.85, 0.82), (0.3, 0.35, 0.45), jitter=0.04),
-        "truck.glass": _m((0.12, 0.14, 0.16)),
-        "bus.body": _m((0.9, 0.9, 0.88), (0.2, 0.35, 0.6), jitter=0.04),
-        "bus.glass": _m((0.12, 0.14, 0.16)),
-        "train.body": _m((0.85, 0.25, 0.2), (0.9, 0.9, 0.85), jitter=0.04),
-        "train.glass": _m((0.12, 0.14, 0.16)),
-        "bicycle.body": _m((0.15, 0.15, 0.15), (0.5, 0.5, 0.5)),
-        "motorcycle.body": _m((0.1, 0.1, 0.12), (0.6, 0.1, 0.1)),
-        "hood": _m((0.08, 0.08, 0.1)),
-    },
+    materials={**_camera_look(SOURCE_MATERIALS, saturation=0.5, brightness=0.8, texture=0.12), **TARGET_REPAINTS},
     texture_cell=3.0,
     sky_gradient=0.25,
-    lighting=(0.65, 1.15),
+    lighting=(0.7, 1.15),
+    saturation=(0.8, 1.0),
     color_cast=0.08,
     vignette=0.3,
-    noise=0.03,
-    blur=0.7,
+    noise=0.025,
+    blur=0.6,
     windows=0.5,
 )
 
@@ -652,6 +662,8 @@ def render(canvas: _Canvas, style: DomainStyle, rng: np.random.Generator) -> np.
     rows = canvas.rows / height
     sky = canvas.label == _ID["sky"]
     image[sky] *= (1.0 - style.sky_gradient * (1.0 - np.broadcast_to(rows, sky.shape)[sky] * 2.0))[:, None]
+    luminance = image @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    image = luminance[..., None] + rng.uniform(*style.saturation) * (image - luminance[..., None])
     image *= _lighting(rng, style, height, width)
     image += rng.normal(0.0, style.noise, image.shape).astype(np.float32)
     pixels = Image.fromarray(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
