@@ -4,6 +4,8 @@
     segadapt train CONFIG|RUN_DIR [key=value ...]   train a recipe (resume=true continues a run)
     segadapt eval CHECKPOINT [key=value ...]        per-class IoU of a checkpoint
     segadapt predict CHECKPOINT INPUT_DIR OUTPUT_DIR   colour / train-id / labelId PNGs
+    segadapt pseudo-label CHECKPOINT OUT_DIR [key=value ...]   ST / CBST / DARS pseudo labels
+    segadapt rounds CONFIG [key=value ...]          semi-supervised rounds (DARS)
     segadapt make-benchmark [--root DIR]            generate the embedded benchmark
     segadapt check-data PATH | --dataset NAME --root PATH   validate a dataset
 """
@@ -49,6 +51,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run directory: {cfg.run_dir}")
     if scores is not None:
         print(scores["table"])
+    return 0
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from .engine.pseudo_label import pseudo_label_checkpoint, summary_markdown
+
+    summary = pseudo_label_checkpoint(args.checkpoint, args.out, args.config, args.overrides)
+    print(summary_markdown(summary))
+    print(f"pseudo labels written to {args.out}")
+    return 0
+
+
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.rounds import run_rounds
+
+    cfg = load_config(args.config, args.overrides)
+    results = run_rounds(cfg, log=lambda text: print(text, file=sys.stderr, flush=True))
+    for index, scores in enumerate(results):
+        if scores is not None:
+            print(f"round {index}: val mIoU {100 * scores['flat']['miou']:.2f}")
+    print(f"run directory: {cfg.run_dir}")
     return 0
 
 
@@ -144,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test, not the calibration)")
     demo.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("pseudo-label", help="pseudo-label data.target with a checkpoint (ST, CBST, DARS)")
+    pl.add_argument("checkpoint")
+    pl.add_argument("out", help="output folder: <name>.png labels, summary.json, summary.md")
+    pl.add_argument("overrides", nargs="*", help="e.g. pseudo_label.rule=dars pseudo_label.ratio=0.5 data.target.root=...")
+    pl.add_argument("--config", help="config file (default: the run directory's config.yaml)")
+    pl.set_defaults(func=cmd_pseudo_label)
+
+    rd = sub.add_parser("rounds", help="semi-supervised rounds: train, pseudo-label, retrain (DARS)")
+    rd.add_argument("config")
+    rd.add_argument("overrides", nargs="*", help="e.g. rounds.labeling_ratios=[0.2,0.5] train.iters=500")
+    rd.set_defaults(func=cmd_rounds)
 
     mb = sub.add_parser("make-benchmark", help="generate the embedded benchmark (cached)")
     mb.add_argument("--root", help="output folder (default: the cache, $SEGADAPT_HOME/benchmark/...)")

@@ -31,6 +31,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SubsetSpec(_Strict):
+    """A deterministic labeled/unlabeled partition of a split (:func:`segadapt.data.splits.make_split`)."""
+
+    ratio: float = Field(gt=0, le=1, description="labeled fraction, e.g. 0.125 for 1/8")
+    part: Literal["labeled", "unlabeled"] = "labeled"
+    seed: int = 0
+
+
 class DatasetSpec(_Strict):
     """One dataset split. ``dataset`` is a registered name (``segadapt.data.build_dataset``).
 
@@ -47,6 +55,10 @@ class DatasetSpec(_Strict):
     benchmark_seed: int = 0
     benchmark_size: str = "default"
     options: dict[str, Any] = Field(default_factory=dict, description="dataset-specific loader options")
+    subset: SubsetSpec | None = Field(None, description="keep the labeled or unlabeled part of a ratio split")
+    pseudo_labels: str | None = Field(
+        None, description="a folder of <name>.png train-id pseudo labels (segadapt pseudo-label) that replace the labels"
+    )
 
 
 class DataConfig(_Strict):
@@ -121,6 +133,45 @@ class LossConfig(_Strict):
     name: Literal["ce"] = "ce"
 
 
+class PseudoLabelConfig(_Strict):
+    """How offline pseudo labels are made: ``segadapt pseudo-label``, recipe ``self_training``, ``segadapt rounds``.
+
+    The rules (docs/pseudo_labels.md): ``st`` keeps pixels whose confidence reaches
+    ``threshold``; ``cbst`` keeps the top ``ratio`` fraction of each predicted class; ``dars``
+    labels a fraction ``ratio`` of all pixels, split over classes by ``distribution``.
+    """
+
+    rule: Literal["st", "cbst", "dars"] = "cbst"
+    threshold: float = Field(0.9, ge=0, le=1, description="st: the global confidence threshold")
+    ratio: float = Field(0.5, ge=0, le=1, description="cbst: kept fraction per class; dars: labeling ratio alpha")
+    distribution: Literal["source", "given", "predicted"] = Field(
+        "source",
+        description="dars target class distribution: source labels (DARS-SD), given_distribution (DARS-TD), "
+        "or the model's own predictions",
+    )
+    given_distribution: list[float] | None = Field(None, description="dars with distribution=given: one value per class")
+    size: tuple[int, int] | None = Field(None, description="resize images to (h, w) before the network")
+    flip: bool = True
+    scales: list[float] = Field(default_factory=lambda: [1.0])
+    sliding_window: tuple[int, int] | None = None
+    soft: bool = Field(False, description="also write float16 class probabilities (<name>.npy)")
+    soft_stride: int = Field(4, ge=1, description="soft labels are stored at 1/soft_stride of the label size")
+    seed: int = Field(0, description="seed of the random sampling of dars")
+
+
+class RoundsConfig(_Strict):
+    """Semi-supervised rounds (DARS, supplement S1.1): round 0 on labels, then pseudo-label and retrain.
+
+    Round ``k >= 1`` labels ``data.target`` with ``labeling_ratios[k-1]`` as ``pseudo_label.ratio``
+    and trains recipe ``self_training`` from round ``k-1``'s weights; from round 2 on the
+    ``random_scale`` range of the train transforms widens by ``scale_growth`` = (beta_min, beta_max).
+    """
+
+    labeling_ratios: list[float] = Field(default_factory=list, description="alpha of rounds 1, 2, ...")
+    scale_growth: tuple[float, float] = (0.0, 0.0)
+    iters: list[int] | None = Field(None, description="training iterations of rounds 0, 1, ...; default train.iters")
+
+
 class RunConfig(_Strict):
     """Everything a run needs. Recipe-specific sections are added by the recipes' issues."""
 
@@ -137,6 +188,11 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    method: dict[str, Any] = Field(
+        default_factory=dict, description="the recipe's own options, validated by the recipe (docs/recipes.md)"
+    )
 
     @property
     def run_dir(self) -> Path:

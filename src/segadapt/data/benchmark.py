@@ -50,7 +50,7 @@ from ..errors import DataError
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
 
 # Bump whenever the generated pixels change, so cached copies of older versions are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 CLASSES = CITYSCAPES_CLASSES
 _ID = {name: index for index, name in enumerate(CLASSES.names)}
@@ -133,8 +133,8 @@ TARGET_PRIOR = ScenePrior(
     barrier_kinds={"none": 0.70, "wall": 0.12, "fence": 0.18},
     grass_verge=0.6,
     mean_count={
-        "car": 2.0, "parked_car": 1.4, "truck": 0.1, "bus": 0.08, "train": 0.07, "pole": 4.5,
-        "tree": 2.0, "person": 6.0, "cyclist": 0.7, "motorcyclist": 0.15, "bicycle": 1.5,
+        "car": 2.0, "parked_car": 1.4, "truck": 0.14, "bus": 0.12, "train": 0.07, "pole": 4.5,
+        "tree": 2.0, "person": 5.0, "cyclist": 0.7, "motorcyclist": 0.35, "bicycle": 1.5,
     },
     object_scale=0.92,
     ego_hood=True,
@@ -358,17 +358,23 @@ _VEHICLE_SIZE = {"car": (1.8, 1.45, 4.5), "truck": (2.4, 3.4, 8.0), "bus": (2.5,
 
 
 def _vehicle(canvas: _Canvas, kind: str, x: float, depth: float, scale: float) -> None:
-    """A vehicle seen from behind: its side facing the camera axis, then its rear with glass and wheels."""
+    """A vehicle seen from behind: its side facing the camera axis, then its rear.
+
+    Cars and buses have a rear window, trucks a closed cargo box; buses and trams have a band
+    of side windows.
+    """
     width, height, length = (size * scale for size in _VEHICLE_SIZE[kind])
     class_id = _ID[kind]
     if abs(x) > width / 2:
         inner = x - np.sign(x) * width / 2
         canvas.side(class_id, f"{kind}.body", inner, depth, depth + length, 0.15, height, shade=0.75)
+        if kind in ("bus", "train"):
+            canvas.side(class_id, f"{kind}.glass", inner, depth + 0.5, depth + length - 0.5, height * 0.5, height * 0.85, shade=0.75)
     left, right = x - width / 2, x + width / 2
-    glass_bottom = height * (0.55 if kind == "car" else 0.5)
-    glass_inset = width * (0.12 if kind == "car" else 0.08)
     canvas.front(class_id, f"{kind}.body", left, right, 0.15, height, depth)
-    canvas.front(class_id, f"{kind}.glass", left + glass_inset, right - glass_inset, glass_bottom, height * 0.9, depth)
+    if kind != "truck":
+        glass_bottom, inset = (height * 0.55, width * 0.12) if kind == "car" else (height * 0.5, width * 0.08)
+        canvas.front(class_id, f"{kind}.glass", left + inset, right - inset, glass_bottom, height * 0.9, depth)
     for wheel_left in (left, right - 0.35 * scale):
         canvas.front(class_id, "wheel", wheel_left, wheel_left + 0.35 * scale, 0.0, 0.35 * scale, depth)
 
@@ -381,7 +387,8 @@ def _person(canvas: _Canvas, class_id: int, x: float, depth: float, scale: float
     if seat == 0:
         canvas.front(class_id, "person.legs", x - shoulders * 0.3, x + shoulders * 0.3, 0.0, hip, depth, min_size=2)
     neck = hip + 0.36 * height
-    canvas.front(class_id, "person.top", x - shoulders / 2, x + shoulders / 2, hip - 0.05 * height, neck, depth, min_size=2)
+    part = "rider" if seat > 0 else "person"
+    canvas.front(class_id, f"{part}.top", x - shoulders / 2, x + shoulders / 2, hip - 0.05 * height, neck, depth, min_size=2)
     head = "rider.helmet" if seat > 0 else "person.skin"
     canvas.disc(class_id, head, x, neck + 0.06 * height, 0.11 * scale, 0.12 * height, depth)
 
@@ -412,8 +419,9 @@ def _pole(canvas: _Canvas, x: float, depth: float, rng: np.random.Generator) -> 
         light_x = x - np.sign(x) * rng.choice([0.0, rng.uniform(1.5, 4.0)])
         if light_x != x:
             canvas.front(_ID["pole"], "pole", min(x, light_x), max(x, light_x), height - 0.15, height, depth)
-        canvas.front(_ID["traffic light"], "light.housing", light_x - 0.3, light_x + 0.3, height - 1.1, height, depth, min_size=2)
-        canvas.front(_ID["traffic light"], "light.lamp", light_x - 0.15, light_x + 0.15, height - 0.4, height - 0.15, depth)
+        # Larger than real lights (0.4 x 1.0 m): at 128 x 256 pixels real-sized ones are a pixel or two wide.
+        canvas.front(_ID["traffic light"], "light.housing", light_x - 0.4, light_x + 0.4, height - 1.4, height, depth, min_size=2)
+        canvas.front(_ID["traffic light"], "light.lamp", light_x - 0.2, light_x + 0.2, height - 0.55, height - 0.2, depth)
     if fixture > 0.35:
         size = rng.uniform(0.7, 1.0)
         centre = rng.uniform(2.2, height - 0.3 - size)
@@ -448,14 +456,14 @@ def _place_objects(canvas: _Canvas, street: _Street, prior: ScenePrior, rng: np.
     for kind in ("car", "truck", "bus", "train"):
         for _ in count(kind):
             x = 0.0 if kind == "train" else in_lane(_VEHICLE_SIZE[kind][0])  # trams run in the middle
-            depth = _log_uniform(rng, near * 1.3, 40.0)
+            depth = _log_uniform(rng, near * (1.3 if kind == "car" else 2.5), 40.0)  # no wall-filling trucks
             add(depth, lambda k=kind, x=x, d=depth: _vehicle(canvas, k, x, d, scale))
     for _ in count("parked_car"):
         side = int(rng.integers(2))
         x, depth = street.kerb(side) * (1.0 - 1.1 / street.road[side]), _log_uniform(rng, near, 35.0)
         add(depth, lambda x=x, d=depth: _vehicle(canvas, "car", x, d, scale))
     for _ in count("pole"):
-        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.08, 0.3)), _log_uniform(rng, near, 40.0)
+        x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.08, 0.3)), _log_uniform(rng, near, 30.0)
         add(depth, lambda x=x, d=depth: _pole(canvas, x, d, rng))
     for _ in count("tree"):
         x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.3, 0.7)), _log_uniform(rng, near, 40.0)
@@ -463,13 +471,13 @@ def _place_objects(canvas: _Canvas, street: _Street, prior: ScenePrior, rng: np.
     for _ in count("person"):
         crossing = rng.random() < 0.15
         x = in_lane(0.6) if crossing else street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.95))
-        depth = _log_uniform(rng, near, 22.0)
+        depth = _log_uniform(rng, near, 16.0)
         add(depth, lambda x=x, d=depth: _person(canvas, _ID["person"], x, d, scale, rng))
     for kind, key in (("bicycle", "cyclist"), ("motorcycle", "motorcyclist")):
         for _ in count(key):
             side = int(rng.integers(2))
             x = in_lane(1.0) if kind == "motorcycle" else street.kerb(side) * (1.0 - 0.9 / street.road[side])
-            depth = _log_uniform(rng, near * 1.2, 25.0)
+            depth = _log_uniform(rng, near * 1.2, 20.0)
             add(depth, lambda k=kind, x=x, d=depth: _two_wheeler(canvas, k, x, d, scale, rng, rider=True))
     for _ in count("bicycle"):
         x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.3)), _log_uniform(rng, near, 20.0)
@@ -560,11 +568,11 @@ SOURCE_MATERIALS = {
     "person.top": _m((1.0, 0.2, 0.4), (0.2, 0.8, 0.9), (1.0, 0.6, 0.1), (0.6, 0.3, 0.9), jitter=0.06),
     "person.skin": _m((1.0, 0.8, 0.65), (0.6, 0.4, 0.3)),
     "rider.helmet": _m((1.0, 1.0, 0.2), (0.2, 1.0, 1.0)),
+    "rider.top": _m((0.1, 0.9, 0.5), (1.0, 0.5, 0.0), jitter=0.06),
     "car.body": _m((0.9, 0.1, 0.1), (0.1, 0.3, 0.9), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.2, 0.7, 0.3), jitter=0.05),
     "car.glass": _m((0.3, 0.45, 0.6)),
     "wheel": _m((0.08, 0.08, 0.08)),
     "truck.body": _m((0.95, 0.5, 0.1), (0.5, 0.35, 0.2)),
-    "truck.glass": _m((0.3, 0.45, 0.6)),
     "bus.body": _m((0.95, 0.85, 0.1), (0.9, 0.2, 0.2)),
     "bus.glass": _m((0.3, 0.45, 0.6)),
     "train.body": _m((0.2, 0.8, 0.4)),
@@ -577,18 +585,12 @@ SOURCE_MATERIALS = {
 # Materials the target repaints beyond the camera change: the classes whose look differs
 # between a game and a city (cf. the classes near zero for GTA5 -> Cityscapes source-only).
 TARGET_REPAINTS = {
-    "sky": _m((0.8, 0.84, 0.88), (0.55, 0.68, 0.85)),
-    "terrain": _m((0.55, 0.5, 0.3), texture=0.3),
-    "vegetation": _m((0.2, 0.35, 0.12), (0.3, 0.4, 0.15), texture=0.4),
-    "fence": _m((0.35, 0.37, 0.4), texture=0.3),
+    "vegetation": _m((0.22, 0.45, 0.2), (0.3, 0.5, 0.22), texture=0.4),
+    "terrain": _m((0.55, 0.55, 0.3), texture=0.3),
+    "fence": _m((0.55, 0.47, 0.35), texture=0.3),
     "sign": _m((0.15, 0.3, 0.8), (0.9, 0.9, 0.95)),
-    "light.lamp": _m((1.0, 0.75, 0.2)),
-    "rider.helmet": _m((0.95, 0.95, 0.95), (0.1, 0.1, 0.1)),
-    "truck.body": _m((0.85, 0.85, 0.8), (0.2, 0.3, 0.5)),
-    "bus.body": _m((0.95, 0.95, 0.9), (0.2, 0.45, 0.7)),
+    "rider.top": _m((0.1, 0.1, 0.12), (0.85, 0.95, 0.2)),
     "train.body": _m((0.85, 0.15, 0.15)),
-    "bicycle.body": _m((0.9, 0.9, 0.1), (0.1, 0.1, 0.1)),
-    "motorcycle.body": _m((0.1, 0.1, 0.1), (0.8, 0.75, 0.7)),
 }
 
 
@@ -620,15 +622,15 @@ SOURCE_STYLE = DomainStyle(
 )
 
 TARGET_STYLE = DomainStyle(
-    materials={**_camera_look(SOURCE_MATERIALS, saturation=0.5, brightness=0.8, texture=0.12), **TARGET_REPAINTS},
+    materials={**_camera_look(SOURCE_MATERIALS, saturation=0.6, brightness=0.85, texture=0.12), **TARGET_REPAINTS},
     texture_cell=3.0,
     sky_gradient=0.25,
     lighting=(0.7, 1.15),
     saturation=(0.8, 1.0),
     color_cast=0.08,
     vignette=0.3,
-    noise=0.025,
-    blur=0.6,
+    noise=0.02,
+    blur=0.5,
     windows=0.5,
 )
 

@@ -33,8 +33,20 @@ def build_dataset_from_spec(spec: DatasetSpec, with_labels: bool | None = None) 
     from ..data import build_dataset
 
     name, root = dataset_root(spec)
+    options = dict(spec.options)
+    if spec.subset is not None:
+        from ..data.splits import make_split
+
+        everything = build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=False, **options)
+        labeled, unlabeled = make_split(everything.names, ratio=spec.subset.ratio, seed=spec.subset.seed)
+        options["names"] = labeled if spec.subset.part == "labeled" else unlabeled
+    if spec.pseudo_labels is not None and with_labels is not False:
+        from ..data.pseudo_labeled import PseudoLabeledDataset
+
+        images = build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=False, **options)
+        return PseudoLabeledDataset(images, spec.pseudo_labels)
     labels = spec.with_labels if with_labels is None else (with_labels and spec.with_labels)
-    return build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=labels, **spec.options)
+    return build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=labels, **options)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

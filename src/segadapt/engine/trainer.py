@@ -67,6 +67,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
 
         self.recipe_class = recipe_class(cfg.recipe)
+        cfg = self.cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
         self.train_sets = {
             name: build_dataset_from_spec(self._spec(stream.spec, name), with_labels=stream.labels)
             for name, stream in self.recipe_class.streams.items()

@@ -6,7 +6,8 @@ The registry turns ``model.name`` / ``model.options`` of a config into a network
     >>> groups = param_groups(model)  # {"backbone": [...], "head": [...]}, for the head LR multiplier
 
 Names: ``deeplabv2_r101`` (:class:`DeepLabV2`), ``deeplabv2_r101_proda``
-(:class:`DeepLabV2ProDA`), ``small`` (:class:`SmallSegNet`). See docs/models.md.
+(:class:`DeepLabV2ProDA`), ``pspnet50`` (:class:`PSPNet50`), ``small`` (:class:`SmallSegNet`).
+See docs/models.md.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from torch import nn
 from ..errors import ConfigError, SegadaptError
 from .base import InputNormalizer, Normalization, SegOutput
 from .deeplabv2 import DeepLabV2, DeepLabV2ProDA, check_num_classes, deeplabv2_output_size
+from .pspnet import PSPNet50, pspnet_output_size
 from .small import SmallSegNet
 from .weights import LoadReport, load_backbone_weights, load_checkpoint_weights, read_state_dict
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv2_r101": DeepLabV2,
     "deeplabv2_r101_proda": DeepLabV2ProDA,
+    "pspnet50": PSPNet50,
     "small": SmallSegNet,
 }
 
@@ -117,6 +120,7 @@ __all__ = [
     "InputNormalizer",
     "LoadReport",
     "Normalization",
+    "PSPNet50",
     "SegOutput",
     "SmallSegNet",
     "available_models",
@@ -126,5 +130,6 @@ __all__ = [
     "load_checkpoint_weights",
     "model_options",
     "param_groups",
+    "pspnet_output_size",
     "read_state_dict",
 ]

@@ -4,7 +4,8 @@ Two entry points, matching the two config keys (docs/models.md):
 
 - :func:`load_backbone_weights` (``model.pretrained``): a torchvision-format ImageNet
   ResNet-101 file (``resnet101-5d3b4d8f.pth``, ``resnet101-63fe2227.pth``, ...) into the
-  backbone of a DeepLab-V2 model; the head keeps its initialisation.
+  backbone of a DeepLab-V2 model, or another format a model declares (:class:`BackboneFormat`;
+  semseg's deep-stem ``resnet50_v2.pth`` for ``pspnet50``); the head keeps its initialisation.
 - :func:`load_checkpoint_weights` (``model.checkpoint``): a whole model, from a plain
   state dict, ``{'state_dict': ...}``, ``{'model': ...}`` (segadapt checkpoints) or ProDA/CPSL's
   ``{'ResNet101': {'model_state': ...}}``, with DataParallel/DDP ``module.`` prefixes removed.
@@ -22,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -188,6 +189,31 @@ def torchvision_to_deeplab_key(key: str) -> str | None:
     return key
 
 
+@dataclass(frozen=True)
+class BackboneFormat:
+    """The ImageNet weight file a model's backbone loads (``model.pretrained``), as a model declares it.
+
+    A model sets the class attribute ``backbone_format``; models without one get
+    :data:`TORCHVISION_RESNET101`.
+
+    Attributes:
+        name: the backbone, in messages (``"ResNet-101"``).
+        file_hint: which file is expected, in messages.
+        key_map: file key -> model key, or ``None`` for tensors with no place in the model.
+    """
+
+    name: str
+    file_hint: str
+    key_map: Callable[[str], str | None]
+
+
+TORCHVISION_RESNET101 = BackboneFormat(
+    name="ResNet-101",
+    file_hint="a torchvision-format ResNet-101 file such as resnet101-5d3b4d8f.pth (docs/models.md)",
+    key_map=torchvision_to_deeplab_key,
+)
+
+
 def _is_bn_counter(key: str) -> bool:
     # Files saved before PyTorch 0.4.1 (torchvision's resnet101-5d3b4d8f.pth) lack this
     # counter; BatchNorm fills it in, and nothing in training depends on it.
@@ -276,9 +302,12 @@ def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
-    """Initialise a DeepLab-V2 backbone from a torchvision-format ImageNet ResNet-101 file.
+    """Initialise a model's backbone from its ImageNet weight file; the head keeps its initialisation.
 
-    Keys are mapped with :func:`torchvision_to_deeplab_key` (``fc.*`` dropped). File keys of
+    The model's ``backbone_format`` (:class:`BackboneFormat`) says which file and how its keys
+    map: a torchvision-format ResNet-101 for the DeepLab-V2 models (:data:`TORCHVISION_RESNET101`,
+    :func:`torchvision_to_deeplab_key`, ``fc.*`` dropped), semseg's deep-stem ResNet-50 for
+    ``pspnet50``. File keys of
     other top-level modules (e.g. the ``layer5`` of AdaptSegNet's ``DeepLab_init.pth``) are
     reported as unexpected and not loaded; the head keeps its initialisation. Every backbone
     tensor must be in the file with the right shape (a ResNet-50 file, say, is refused).
@@ -296,34 +325,34 @@ def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool =
     if backbone_modules is None:
         raise ConfigError(
             f"model.pretrained={path}: model {type(model).__name__} has no ResNet-101 backbone to initialise;"
-            " unset model.pretrained or choose a deeplabv2_* model"
+            " unset model.pretrained or choose a deeplabv2_* or pspnet50 model"
         )
+    file_format: BackboneFormat = getattr(model, "backbone_format", TORCHVISION_RESNET101)
     state = read_state_dict(path, trusted=trusted)
     expected = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
-        target = torchvision_to_deeplab_key(key)
+        target = file_format.key_map(key)
         if target is None or target.split(".")[0] not in backbone_modules:
             unexpected.append(key)
             continue
         if target not in expected:
             raise CheckpointError(
-                f"{path}: {key} has no place in the ResNet-101 backbone; expected a torchvision-format"
-                " ResNet-101 file such as resnet101-5d3b4d8f.pth (docs/models.md)"
+                f"{path}: {key} has no place in the {file_format.name} backbone; expected {file_format.file_hint}"
             )
         if value.shape != expected[target].shape:
             raise CheckpointError(
-                f"{path}: {key} has shape {tuple(value.shape)} but the ResNet-101 backbone needs"
-                f" {tuple(expected[target].shape)}; expected a torchvision-format ResNet-101 file (docs/models.md)"
+                f"{path}: {key} has shape {tuple(value.shape)} but the {file_format.name} backbone needs"
+                f" {tuple(expected[target].shape)}; expected {file_format.file_hint}"
             )
         mapped[target] = value
     backbone_keys = [key for key in expected if key.split(".")[0] in backbone_modules]
     absent = [key for key in backbone_keys if key not in mapped and not _is_bn_counter(key)]
     if absent:
         raise CheckpointError(
-            f"{path} lacks {len(absent)} of the {len(backbone_keys)} ResNet-101 backbone tensors{_preview(absent)};"
-            " is it a ResNet-101 (not ResNet-50) in torchvision format? (docs/models.md)"
+            f"{path} lacks {len(absent)} of the {len(backbone_keys)} {file_format.name} backbone tensors"
+            f"{_preview(absent)}; expected {file_format.file_hint}"
         )
     model.load_state_dict(mapped, strict=False)
     report = LoadReport(

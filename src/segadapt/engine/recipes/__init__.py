@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .base import Recipe, Stream
+from .self_training import SelfTraining
 from .source_only import Oracle, SourceOnly
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle)}
+RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
 
-from ...config import RunConfig
+from ...config import RunConfig, validate
 from ..losses import SegLoss
+
+
+class NoOptions(BaseModel):
+    """A recipe without options of its own: any key under ``method`` is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_options(options_class: type[BaseModel], method: dict[str, Any], recipe: str) -> Any:
+    """Validate ``cfg.method`` against a recipe's options; errors name ``method.<key>`` and the closest key."""
+    wrapper = create_model(f"{options_class.__name__}Section", __config__=ConfigDict(extra="forbid"), method=(options_class, ...))
+    return validate({"method": method}, wrapper, source=f"recipe {recipe}").method
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,8 @@ class Recipe(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     streams: ClassVar[dict[str, Stream]]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    """The schema of ``cfg.method`` for this recipe (docs/recipes.md lists each recipe's keys)."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: SegLoss, num_classes: int) -> None:
         super().__init__()
@@ -41,6 +57,16 @@ class Recipe(nn.Module, abc.ABC):
         self.model = model
         self.seg_loss = seg_loss
         self.num_classes = num_classes
+        self.options = parse_options(self.Options, cfg.method, self.name)
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+        """Work before the data is built (e.g. generating pseudo labels); returns the config to run.
+
+        Called on every start, resumed ones too, so it must reuse work already done in ``run_dir``.
+        """
+        parse_options(cls.Options, cfg.method, cls.name)
+        return cfg
 
     @abc.abstractmethod
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,261 @@
+"""Offline pseudo-label generation: ``segadapt pseudo-label`` and the self-training recipes.
+
+Two passes over the dataset, as the DARS reference makes them (REFERENCE_NOTES 3.1), but
+without its 200 GB of saved logits and its in-RAM lists of every pixel's confidence:
+
+1. predict every image (optional flip / multi-scale / sliding window) and stream the
+   max-softmax confidences into a :class:`~segadapt.methods.pseudo_labels.ConfidenceHistogram`
+   (fixed size); the rule's per-class thresholds (ST, CBST, DARS) come from it;
+2. predict again, threshold (and, for DARS, randomly subsample) each image, and write
+   ``<name>.png`` (uint8 train ids, 255 = unlabeled), optionally ``<name>.npy`` (float16 class
+   probabilities at ``1/soft_stride`` resolution), while accumulating the quality statistics.
+
+Predicting twice costs a second inference pass but keeps memory and disk independent of the
+dataset size. ``summary.json`` (written last, so its presence marks a complete folder) and
+``summary.md`` hold the thresholds, sampling ratios, per-class counts, density, accuracy
+against ground truth when there is some, and the KL divergence of the pseudo-label class
+distribution to the ground truth's and to the rule's reference distribution (DARS Tab. S7).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..config import EvalConfig, PseudoLabelConfig, RunConfig
+from ..data.classes import ClassInfo
+from ..data.pseudo_labeled import pseudo_label_path
+from ..errors import ConfigError, DataError
+from ..methods.dars import dars_thresholds, given_distribution, label_distribution, predicted_distribution
+from ..methods.pseudo_labels import ConfidenceHistogram, Thresholds, apply_thresholds, cbst_thresholds, st_thresholds
+from ..metrics.pseudo_label_quality import PseudoLabelStats, kl_divergence
+from .builders import build_dataset_from_spec, build_eval_loader
+from .inference import predict_probs
+
+SUMMARY = "summary.json"
+
+
+def inference_config(cfg: PseudoLabelConfig) -> EvalConfig:
+    """The prediction settings of pseudo labelling, in the form :func:`predict_probs` takes."""
+    return EvalConfig(size=cfg.size, flip=cfg.flip, scales=cfg.scales, sliding_window=cfg.sliding_window)
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a finished generation (its summary is written last)."""
+    return (Path(out_dir) / SUMMARY).is_file()
+
+
+def _batches(loader: Any) -> Iterator[tuple[list[str], list[torch.Tensor], list[torch.Tensor | None]]]:
+    """Names, images ``[3, H, W]`` and labels (or None) of each batch, whatever their sizes."""
+    for batch in loader:
+        images = list(batch["image"]) if isinstance(batch["image"], torch.Tensor) else batch["image"]
+        labels = batch.get("label")
+        labels = [None] * len(images) if labels is None else list(labels)
+        yield batch["name"], images, labels
+
+
+def _predictions(model: nn.Module, loader: Any, cfg: EvalConfig, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """``(name, probs [C, H, W], label [H, W] or None)`` per image, at the image's own size."""
+    for names, images, labels in _batches(loader):
+        sizes = {tuple(image.shape) for image in images}
+        if len(sizes) == 1:
+            probs = predict_probs(model, torch.stack(images).to(device), None, cfg)
+            yield from zip(names, probs, labels)
+        else:
+            for name, image, label in zip(names, images, labels):
+                yield name, predict_probs(model, image[None].to(device), None, cfg)[0], label
+
+
+def source_class_counts(cfg: RunConfig, num_classes: int) -> torch.Tensor:
+    """Pixels per class of ``data.source``'s labels: the DARS-SD target distribution."""
+    if cfg.data.source is None:
+        raise ConfigError(
+            "pseudo_label.distribution=source needs labelled source data: set data.source, or use "
+            "pseudo_label.distribution=given with pseudo_label.given_distribution"
+        )
+    dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for index in range(len(dataset)):
+        label = torch.from_numpy(np.asarray(dataset.load_label(index)).astype(np.int64))
+        counts += torch.bincount(label[label < num_classes], minlength=num_classes)
+    return counts
+
+
+@dataclass
+class RuleResult:
+    """The thresholds of a rule and the class distribution it aimed at (DARS only)."""
+
+    thresholds: Thresholds
+    reference: torch.Tensor | None
+
+
+def thresholds_for(cfg: RunConfig, histogram: ConfidenceHistogram) -> RuleResult:
+    """Per-class thresholds (and DARS sampling ratios) of ``cfg.pseudo_label.rule`` from the histogram."""
+    rule = cfg.pseudo_label
+    num_classes = histogram.num_classes
+    if rule.rule == "st":
+        return RuleResult(st_thresholds(rule.threshold, num_classes), None)
+    if rule.rule == "cbst":
+        return RuleResult(cbst_thresholds(histogram, rule.ratio), None)
+    if rule.distribution == "source":
+        prior = label_distribution(source_class_counts(cfg, num_classes))
+    elif rule.distribution == "given":
+        if rule.given_distribution is None:
+            raise ConfigError(
+                "pseudo_label.distribution=given needs pseudo_label.given_distribution: one value per class "
+                f"({num_classes}), e.g. the class pixel percentages of a labelled subset"
+            )
+        prior = given_distribution(rule.given_distribution, num_classes)
+    else:
+        prior = predicted_distribution(histogram)
+    return RuleResult(dars_thresholds(histogram, prior, rule.ratio), prior)
+
+
+def _write_png(path: Path, label: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label.to(torch.uint8).cpu().numpy(), mode="L").save(path)
+
+
+def _write_soft(path: Path, probs: torch.Tensor, stride: int) -> None:
+    height, width = probs.shape[-2:]
+    size = (max(1, math.ceil(height / stride)), max(1, math.ceil(width / stride)))
+    small = F.interpolate(probs[None].float(), size=size, mode="area")[0] if stride > 1 else probs
+    np.save(path, small.to(torch.float16).cpu().numpy())
+
+
+def generate_pseudo_labels(
+    model: nn.Module,
+    dataset: Any,
+    cfg: RunConfig,
+    out_dir: str | Path,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Label ``dataset`` with ``model`` by ``cfg.pseudo_label`` into ``out_dir``; returns the summary.
+
+    ``dataset`` yields labels when ground truth exists (only to measure accuracy, density and
+    KL divergence; never to make the labels).
+    """
+    rule = cfg.pseudo_label
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY).unlink(missing_ok=True)
+    classes: ClassInfo = dataset.classes
+    infer = inference_config(rule)
+    loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers)
+    model = model.to(device).eval()
+
+    histogram = ConfidenceHistogram(classes.num_classes, device=device)
+    for index, (_, probs, _) in enumerate(_predictions(model, loader, infer, device)):
+        histogram.update(probs[None])
+        if (index + 1) % 100 == 0:
+            log(f"pseudo-label pass 1/2: {index + 1}/{len(dataset)} images")
+    result = thresholds_for(cfg, histogram)
+
+    generator = torch.Generator(device="cpu").manual_seed(rule.seed)
+    stats: PseudoLabelStats | None = None
+    for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device)):
+        pseudo = apply_thresholds(probs[None].cpu(), *result.thresholds, generator=generator, ignore_index=classes.ignore_index)[0]
+        _write_png(pseudo_label_path(out_dir, name), pseudo)
+        if rule.soft:
+            _write_soft(pseudo_label_path(out_dir, name).with_suffix(".npy"), probs, rule.soft_stride)
+        if stats is None:
+            stats = PseudoLabelStats(classes.num_classes, classes.ignore_index)
+        stats.update(pseudo, label)
+        if (index + 1) % 100 == 0:
+            log(f"pseudo-label pass 2/2: {index + 1}/{len(dataset)} images")
+    if stats is None:
+        raise ConfigError(f"{dataset!r} is empty: nothing to pseudo-label")
+    summary = summarize_pseudo_labels(cfg, classes, result, stats, len(dataset))
+    (out_dir / "summary.md").write_text(summary_markdown(summary))
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _finite_or_none(values: torch.Tensor) -> list[float | None]:
+    return [v if math.isfinite(v) else None for v in values.double().tolist()]
+
+
+def summarize_pseudo_labels(
+    cfg: RunConfig, classes: ClassInfo, result: RuleResult, stats: PseudoLabelStats, num_images: int
+) -> dict[str, Any]:
+    """JSON-ready summary: rule, thresholds, per-class counts, density, accuracy, KL divergences."""
+    rule = cfg.pseudo_label
+    summary: dict[str, Any] = {
+        "rule": rule.rule,
+        "ratio": rule.ratio if rule.rule != "st" else None,
+        "threshold": rule.threshold if rule.rule == "st" else None,
+        "distribution": rule.distribution if rule.rule == "dars" else None,
+        "num_images": num_images,
+        "classes": list(classes.names),
+        "thresholds": _finite_or_none(result.thresholds.thresholds),
+        "sampling_ratio": result.thresholds.sampling_ratio.double().tolist(),
+        "class_counts": stats.class_counts.tolist(),
+        "density": stats.density,
+    }
+    if stats.has_target:
+        summary["accuracy"] = stats.accuracy
+        summary["target_class_counts"] = stats.target_class_counts.tolist()
+        summary["kl_to_target"] = stats.kl_to() if int(stats.class_counts.sum()) else None
+        diagonal = stats.confusion.matrix.diagonal().double()
+        labelled = stats.confusion.matrix.sum(0).double()
+        summary["class_accuracy"] = _finite_or_none(diagonal / labelled)
+    if result.reference is not None:
+        summary["reference_distribution"] = result.reference.double().tolist()
+        if int(stats.class_counts.sum()):
+            summary["kl_to_reference"] = kl_divergence(stats.class_counts, result.reference)
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """``summary.md``: the headline numbers and a per-class table."""
+    head = [f"# Pseudo labels: {summary['rule']}", ""]
+    for key in ("ratio", "threshold", "distribution", "num_images", "density", "accuracy", "kl_to_target", "kl_to_reference"):
+        value = summary.get(key)
+        if value is not None:
+            head.append(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}")
+    total = max(sum(summary["class_counts"]), 1)
+    rows = ["", "| class | threshold | sampling | share of labels | label accuracy |", "|---|---:|---:|---:|---:|"]
+    accuracy = summary.get("class_accuracy") or [None] * len(summary["classes"])
+    for name, thr, ratio, count, acc in zip(summary["classes"], summary["thresholds"], summary["sampling_ratio"], summary["class_counts"], accuracy):
+        thr_text = "none" if thr is None else f"{thr:.4f}"
+        acc_text = "-" if acc is None else f"{100 * acc:.1f}"
+        rows.append(f"| {name} | {thr_text} | {ratio:.3f} | {100 * count / total:.2f} % | {acc_text} |")
+    return "\n".join(head + rows) + "\n"
+
+
+def dataset_to_label(cfg: RunConfig, log: Callable[[str], None] = print) -> Any:
+    """``data.target``, with its ground truth when the files have one (to measure, never to label)."""
+    assert cfg.data.target is not None
+    spec = cfg.data.target.model_copy(update={"pseudo_labels": None, "with_labels": True})
+    try:
+        return build_dataset_from_spec(spec, with_labels=True)
+    except DataError:
+        log("pseudo-label: data.target has no ground truth here; density is measured, accuracy and KL to the truth are not")
+        return build_dataset_from_spec(spec.model_copy(update={"with_labels": False}), with_labels=False)
+
+
+def pseudo_label_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, config: str | Path | None = None, overrides: Sequence[str] = (), log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """``segadapt pseudo-label``: label ``data.target`` of the checkpoint's (or the given) config."""
+    from .builders import resolve_device
+    from .loading import config_for_checkpoint, load_trained_model
+
+    cfg = config_for_checkpoint(checkpoint, config, overrides)
+    if cfg.data.target is None:
+        raise ConfigError("nothing to pseudo-label: set data.target.dataset and data.target.root")
+    dataset = dataset_to_label(cfg, log)
+    model, classes = load_trained_model(checkpoint, cfg)
+    if classes is not None and classes.num_classes != dataset.classes.num_classes:
+        raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but data.target has {dataset.classes.num_classes}")
+    return generate_pseudo_labels(model, dataset, cfg, out_dir, resolve_device(cfg.device), log)

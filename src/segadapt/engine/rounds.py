@@ -1,0 +1,103 @@
+"""Semi-supervised rounds (DARS, supplement S1.1): ``segadapt rounds CONFIG``.
+
+Round 0 trains ``source_only`` on the labelled data (``data.source``: the labelled split).
+Round ``k >= 1`` pseudo-labels ``data.target`` (the unlabelled split) with round ``k-1``'s
+final weights, ``pseudo_label.ratio = rounds.labeling_ratios[k-1]``, then trains
+``self_training`` on labelled + pseudo-labelled data starting from those weights, with the
+``random_scale`` range of the progressive schedule
+(:class:`~segadapt.methods.dars.ProgressiveSchedule`). The authors resume the previous round's
+optimiser and let the poly schedule continue (REFERENCE_NOTES 3.2); here each round restarts
+its schedule from ``optim.lr`` (the round's ``iters`` is its own), which keeps rounds
+independent runs that can be evaluated, resumed and compared one by one.
+
+Each round is a normal run directory, ``RUN_DIR/round_<k>``; running the command again skips
+finished rounds and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import RunConfig, save_config
+from ..errors import ConfigError
+from ..methods.dars import ProgressiveSchedule
+from .checkpoint import load_checkpoint
+from .trainer import Trainer
+
+
+def scale_range_of(transforms: list[dict[str, Any]]) -> tuple[float, float]:
+    """The ``random_scale`` range of a transform list (``(1, 1)`` without one)."""
+    for entry in transforms:
+        if entry.get("name") == "random_scale":
+            return float(entry.get("min", 1.0)), float(entry.get("max", 1.0))
+    return 1.0, 1.0
+
+
+def with_scale_range(transforms: list[dict[str, Any]], scale_range: tuple[float, float]) -> list[dict[str, Any]]:
+    """``transforms`` with the ``random_scale`` range replaced (unchanged without one)."""
+    return [
+        {**entry, "min": scale_range[0], "max": scale_range[1]} if entry.get("name") == "random_scale" else dict(entry)
+        for entry in transforms
+    ]
+
+
+def schedule_of(cfg: RunConfig) -> ProgressiveSchedule:
+    if not cfg.rounds.labeling_ratios:
+        raise ConfigError("segadapt rounds needs rounds.labeling_ratios, one per round after round 0 (e.g. [0.2, 0.5])")
+    return ProgressiveSchedule(tuple(cfg.rounds.labeling_ratios), scale_range_of(cfg.data.train_transforms), tuple(cfg.rounds.scale_growth))
+
+
+def round_config(cfg: RunConfig, index: int, previous: Path | None) -> RunConfig:
+    """The run config of round ``index`` (``previous``: the weights the round starts from)."""
+    plan = schedule_of(cfg).round(index)
+    if cfg.rounds.iters is not None and len(cfg.rounds.iters) != schedule_of(cfg).num_rounds:
+        raise ConfigError(
+            f"rounds.iters has {len(cfg.rounds.iters)} entries for {schedule_of(cfg).num_rounds} rounds (round 0 included)"
+        )
+    iters = cfg.rounds.iters[index] if cfg.rounds.iters is not None else cfg.train.iters
+    data = cfg.data.model_copy(update={"train_transforms": with_scale_range(cfg.data.train_transforms, plan.scale_range)})
+    update: dict[str, Any] = {
+        "name": f"{cfg.name}/round_{index}",
+        "train": cfg.train.model_copy(update={"iters": iters}),
+        "data": data,
+    }
+    if index == 0:
+        update["recipe"] = "source_only"
+    else:
+        assert previous is not None and plan.labeling_ratio is not None
+        target = data.target.model_copy(update={"pseudo_labels": None}) if data.target is not None else None
+        update["recipe"] = "self_training"
+        update["data"] = data.model_copy(update={"target": target})
+        update["model"] = cfg.model.model_copy(update={"checkpoint": str(previous), "pretrained": None})
+        update["pseudo_label"] = cfg.pseudo_label.model_copy(update={"ratio": plan.labeling_ratio})
+    return cfg.model_copy(update=update)
+
+
+def finished_iteration(run_dir: Path) -> int:
+    """The iteration of ``run_dir``'s ``last.pt`` (0 without one)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return 0
+    return int(load_checkpoint(last)["iteration"])
+
+
+def run_rounds(cfg: RunConfig, log: Callable[[str], None] = print) -> list[dict[str, Any] | None]:
+    """Train every round; returns each round's final evaluation (None for rounds already finished)."""
+    schedule = schedule_of(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    results: list[dict[str, Any] | None] = []
+    previous: Path | None = None
+    for index in range(schedule.num_rounds):
+        round_cfg = round_config(cfg, index, previous)
+        done = finished_iteration(round_cfg.run_dir)
+        if done >= round_cfg.train.iters:
+            log(f"round {index}: finished already ({round_cfg.run_dir})")
+            results.append(None)
+        else:
+            plan = schedule.round(index)
+            log(f"round {index}: labeling ratio {plan.labeling_ratio}, random scale {plan.scale_range}, {round_cfg.train.iters} iters")
+            results.append(Trainer(round_cfg, resume=done > 0, log=log).fit())
+        previous = round_cfg.run_dir / "checkpoints" / "last.pt"
+    return results

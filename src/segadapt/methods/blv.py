@@ -1,0 +1,296 @@
+"""BLV: balanced logit variation (Wang et al., "Balancing Logit Variation for Long-tailed Semantic Segmentation", CVPR 2023).
+
+During training, every logit of class ``c`` gets a positive random offset that grows with the
+rarity of ``c``::
+
+    z'_c = z_c + |clamp(v, -1, 1)| * f_c,    v ~ N(0, sigma^2) per logit element,
+    f_c  = (log N - log n_c) / max_j (log N - log n_j),    N = sum_j n_j,
+
+and the loss is the cross-entropy of ``z'`` (supplement Alg. 1; the authors' ``BlvLoss`` at
+HEAD e08cc6c, REFERENCE_NOTES.md 5.1). Inference uses the plain logits. Raising the tail
+classes' logits during training makes the network push their scores further from the other
+classes, which enlarges their margins (the "variation" covers a wider region in logit space).
+
+Where the sources disagree, this module follows the authors' fixed code:
+
+- **Offsets.** Alg. 1 prints ``torch.log(torch.sum(n) - torch.log(n))``, a misplaced
+  parenthesis (issue #4 reports Eq. 3 differs from the code); the code computes
+  ``log(sum n) - log(n_c)`` and divides by its maximum, so the rarest class gets 1. The
+  pre-fix code (494d428) used ``max_j log n_j - log n_c``, giving the most frequent class 0.
+- **Noise.** Alg. 1 writes ``clamp(0, 1)`` before ``abs()``, which would zero half the
+  samples; the code and the supplement's text ("the delta(sigma) term is clamped into
+  [0, 1]") take ``|clamp(v, -1, 1)|``. With sigma = 4-6 most samples saturate at 1 (80% for
+  sigma = 4), so the variation is close to a fixed offset ``f_c``.
+- **Sampling.** One independent draw per logit element (per image, class and pixel),
+  as ``sampler.sample(pred.shape)``, after the logits are resized to the label size.
+- **Reduction.** ``F.cross_entropy``'s mean over non-ignored pixels; mmseg's
+  ``weight_reduce_loss`` also counts ignored pixels (as zeros) in the mean, a constant
+  factor per batch.
+
+sigma: 6 in the supplement for every task except SYNTHIA -> Cityscapes (4); the code's
+default is 4. The temporal variant (supplement Sec. 3) is :func:`sigma_schedule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError
+
+
+def blv_offsets(class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Per-class variation scale ``f_c = (log N - log n_c) / max_j (log N - log n_j)``, in ``[0, 1]``.
+
+    Args:
+        class_counts: pixel counts ``n_c`` per class (or frequencies: ``f`` is scale-free).
+
+    Returns:
+        float32 ``[C]``; the rarest class gets 1.
+
+    A class with no pixels would get an infinite offset; its count is raised to that of the
+    rarest observed class, so it shares the largest offset (1) and the other classes keep
+    exactly the values their counts give. With a single class ``f = 0``.
+
+    Raises:
+        ValueError: counts that are not a 1-d list of finite, non-negative numbers with at
+            least one positive entry.
+
+    Examples:
+        >>> blv_offsets([1, 1, 2])  # log 4 - log n_c = [log 4, log 4, log 2], over log 4
+        tensor([1.0000, 1.0000, 0.5000])
+    """
+    if isinstance(class_counts, torch.Tensor):
+        counts = class_counts.detach().cpu().double()
+    else:
+        counts = torch.from_numpy(np.asarray(class_counts, dtype=np.float64))
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"class counts must be a non-empty 1-d list (one count per class), got shape {tuple(counts.shape)}")
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"class counts must be finite and non-negative, got {counts.tolist()}")
+    if not (counts > 0).any():
+        raise ValueError("class counts are all zero: count the labels of a labelled split first")
+    counts = counts.clamp_min(counts[counts > 0].min())
+    rarity = counts.sum().log() - counts.log()
+    largest = rarity.max()
+    if largest <= 0:
+        return torch.zeros_like(rarity, dtype=torch.float32)
+    return (rarity / largest).float()
+
+
+def blv_logits(
+    logits: torch.Tensor, offsets: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Add the balanced logit variation ``|clamp(N(0, sigma^2), -1, 1)| * f_c`` to every logit (Alg. 1).
+
+    Args:
+        logits: ``[N, C, ...]`` (any number of spatial dimensions).
+        offsets: ``f`` ``[C]`` from :func:`blv_offsets`.
+        sigma: standard deviation of the Gaussian; 0 returns ``logits`` unchanged.
+        generator: for reproducible noise; the noise is drawn on the generator's device and
+            moved to the logits'.
+
+    Returns:
+        ``logits + variation``, same shape and dtype; gradients pass through unchanged.
+
+    Shape:
+        The noise has the full shape of ``logits``: one draw per image, class and pixel.
+    """
+    if sigma < 0:
+        raise ValueError(f"BLV sigma must be >= 0, got {sigma}")
+    if logits.dim() < 2 or offsets.shape != (logits.shape[1],):
+        raise ValueError(
+            f"logits [N, C, ...] and offsets [C] must agree on C; got logits {tuple(logits.shape)}"
+            f" and offsets {tuple(offsets.shape)} (class counts for a different class list?)"
+        )
+    if sigma == 0:
+        return logits
+    device = generator.device if generator is not None else logits.device
+    noise = torch.randn(logits.shape, generator=generator, device=device).to(logits.device)
+    variation = (noise * sigma).clamp(-1.0, 1.0).abs()
+    scale = offsets.to(logits.device, torch.float32).view(1, -1, *([1] * (logits.dim() - 2)))
+    return logits + (variation * scale).to(logits.dtype)
+
+
+def sigma_schedule(iteration: int, total: int, sigma0: float, t_mid: int) -> float:
+    """The temporal sigma of the supplement (Sec. 3, Fig. 1): up to ``sigma0`` at ``t_mid``, then down to the end.
+
+    The supplement gives the shape only in a figure ("increase gradually before t_mid ...
+    after t_mid, let the variation decrease so that convergence is not affected"); this
+    takes the simplest curve with that shape, linear on both sides, from 0 at iteration 0 to
+    ``sigma0`` at ``t_mid`` and back to 0 at ``total``. The supplement's run: ``total = 40k``,
+    ``t_mid = 30k``, ``sigma0 = 6`` (GTA5 -> Cityscapes, DAFormer). As the noise saturates at
+    1 for large sigma, the ramps matter mostly where sigma is below about 2.
+
+    Args:
+        iteration: current iteration, ``>= 0``; past ``total`` the value stays 0.
+        total: ``t_end``, the number of training iterations.
+        sigma0: the peak value.
+        t_mid: the turning point, ``0 <= t_mid <= total``.
+
+    Examples:
+        >>> [sigma_schedule(t, 40_000, 6.0, 30_000) for t in (0, 15_000, 30_000, 35_000, 40_000)]
+        [0.0, 3.0, 6.0, 3.0, 0.0]
+    """
+    if total <= 0 or not 0 <= t_mid <= total or sigma0 < 0 or iteration < 0:
+        raise ValueError(
+            f"sigma_schedule needs total > 0, 0 <= t_mid <= total, sigma0 >= 0 and iteration >= 0;"
+            f" got iteration={iteration}, total={total}, sigma0={sigma0}, t_mid={t_mid}"
+        )
+    if iteration >= total:
+        return 0.0
+    if iteration <= t_mid:
+        return float(sigma0 * iteration / t_mid) if t_mid > 0 else float(sigma0)
+    return float(sigma0 * (total - iteration) / (total - t_mid))
+
+
+def class_counts_from_labels(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """Pixel counts per train id ``[C]`` (int64) of a label tensor of any shape; ``ignore_index`` pixels are skipped.
+
+    Raises:
+        DataError: labels holding ids other than ``0..C-1`` and ``ignore_index``.
+    """
+    labels = labels.reshape(-1)
+    labels = labels[labels != ignore_index].long()
+    unknown = labels[(labels < 0) | (labels >= num_classes)]
+    if unknown.numel():
+        ids = sorted(set(unknown.unique()[:10].tolist()))
+        raise DataError(
+            f"labels hold ids {ids} outside the train ids 0..{num_classes - 1} and the ignore index {ignore_index};"
+            " map raw label ids to train ids first (the dataset's label map), or fix num_classes"
+        )
+    return torch.bincount(labels, minlength=num_classes).cpu()
+
+
+class ClassCounter(nn.Module):
+    """Accumulates per-class pixel counts ``n_c`` for :func:`blv_offsets`.
+
+    It is a module with a ``counts`` buffer, so a recipe that counts online (e.g. pseudo
+    labels of the target) saves and resumes it with the run. Across DDP ranks, all-reduce
+    ``counts`` before using it.
+
+    Examples:
+        >>> counter = ClassCounter(num_classes=3)
+        >>> counter.update(torch.tensor([[0, 0, 255], [2, 0, 1]]))
+        >>> counter.counts
+        tensor([3, 1, 1])
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64))
+
+    def update(self, labels: torch.Tensor) -> None:
+        """Add the pixels of a label tensor (any shape, train ids and ``ignore_index``)."""
+        self.counts += class_counts_from_labels(labels, self.num_classes, self.ignore_index).to(self.counts.device)
+
+    def offsets(self) -> torch.Tensor:
+        """:func:`blv_offsets` of the counts so far."""
+        return blv_offsets(self.counts.cpu())
+
+
+def dataset_class_counts(dataset: Any, indices: Iterable[int] | None = None) -> torch.Tensor:
+    """Pixel counts per train id over the labels of a segadapt dataset, at the label files' resolution.
+
+    The reference counts the labels at full resolution without augmentation (the GTA5
+    counts of REFERENCE_NOTES.md 5.1); this reads ``dataset.load_label(i)`` (the train-id map
+    before any transform) for every item, or for ``indices``.
+
+    Args:
+        dataset: a :class:`~segadapt.data.base.SegDataset` (``classes``, ``load_label``, ``items``).
+        indices: the items to count; all by default.
+
+    Raises:
+        DataError: a dataset without labels (e.g. a target split), or labels with unknown ids
+            (the message names the item).
+    """
+    counter = ClassCounter(dataset.classes.num_classes, dataset.classes.ignore_index)
+    for index in range(len(dataset)) if indices is None else indices:
+        label = dataset.load_label(index)
+        if label is None:
+            raise DataError(
+                f"{getattr(dataset, 'description', 'dataset')} has no labels to count; BLV class counts come from a"
+                " labelled split (the source), or pass counts to blv_offsets directly"
+            )
+        try:
+            counter.update(torch.from_numpy(np.asarray(label)))
+        except DataError as err:
+            raise DataError(f"{dataset.items[index].label}: {err}") from None
+    return counter.counts
+
+
+class BalancedLogitVariationLoss(nn.Module):
+    """Cross-entropy on BLV-perturbed logits in training mode, plain cross-entropy in eval mode.
+
+    Args:
+        class_counts: pixel counts per class (list, array or tensor), e.g. the source
+            labels' counts from :func:`dataset_class_counts`; turned into ``offsets`` with
+            :func:`blv_offsets` (a buffer, saved with the module).
+        sigma: noise standard deviation; a plain attribute, so a recipe can follow
+            :func:`sigma_schedule` with ``loss.sigma = sigma_schedule(...)``. 0 gives plain CE.
+        ignore_index: label value excluded from the loss.
+        reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"`` (per pixel,
+            0 at ignored pixels), as :func:`torch.nn.functional.cross_entropy`.
+
+    Call:
+        ``loss(logits [N, C, h, w], labels [N, H, W], generator=None)``. The noise follows
+        the module's own ``training`` flag (a recipe's ``train()``/``eval()`` reaches it when
+        the loss is one of its submodules). Logits at a lower
+        resolution are upsampled bilinearly (``align_corners=False``) to the labels first, so
+        the noise is drawn per label pixel as in the reference. The loss is computed in
+        float32. A batch whose labels are all ``ignore_index`` gives a zero loss that is still
+        connected to the graph (``"mean"`` would otherwise be NaN).
+
+    Examples:
+        >>> loss_fn = BalancedLogitVariationLoss([100, 10, 1], sigma=6.0)
+        >>> logits, labels = torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+        >>> bool(loss_fn(logits, labels) > F.cross_entropy(logits, labels))  # tail logits raised
+        True
+        >>> bool(loss_fn.eval()(logits, labels) == F.cross_entropy(logits, labels))
+        True
+    """
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | torch.Tensor,
+        sigma: float = 6.0,
+        ignore_index: int = 255,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if sigma < 0:
+            raise ValueError(f"BLV sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.register_buffer("offsets", blv_offsets(class_counts))
+
+    def set_class_counts(self, class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> None:
+        """Replace the offsets, e.g. after re-estimating the class distribution."""
+        offsets = blv_offsets(class_counts)
+        if offsets.shape != self.offsets.shape:
+            raise ValueError(f"expected {self.offsets.numel()} class counts, got {offsets.numel()}")
+        self.offsets.copy_(offsets)
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = logits.float()
+        if self.training:
+            logits = blv_logits(logits, self.offsets, self.sigma, generator)
+        if self.reduction == "mean" and not (labels != self.ignore_index).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, classes={self.offsets.numel()}, ignore_index={self.ignore_index}"

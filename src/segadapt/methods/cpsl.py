@@ -1,0 +1,797 @@
+"""CPSL: class-balanced pixel-level self-labeling (Li et al., CVPR 2022; papers 001 and 000).
+
+The paper's algorithms as tensor functions and small ``nn.Module`` s, usable in any training loop:
+
+==============================  ==========================================================
+paper                           here
+==============================  ==========================================================
+Eq. 1 (rectified pseudo label)  :func:`rectify_pseudo_labels`
+Eq. 4, 5 (self-labeling loss)   :class:`SelfLabelingHead`, :func:`self_labeling_loss`,
+                                :func:`online_self_labeling_loss`
+Eq. 6, Alg. 1 l.11-13           :func:`sinkhorn` (log-domain Sinkhorn-Knopp, unequal marginals)
+Eq. 7 (prototype init)          :class:`PrototypeAccumulator`, :func:`class_prototypes`
+memory bank (Sec. 3.2)          :class:`MemoryBank`
+Eq. 8, 9 (balanced sampling)    :func:`sample_pixels`, :func:`gather_pixel_features`
+Eq. 10-12 (distribution align)  :class:`ClassDistribution`, :func:`class_pixel_counts`
+Eq. 13 (consistency)            :func:`symmetric_kl_consistency`
+Eq. 14 (total loss)             :func:`cpsl_total_loss`
+CPSL+distill (Sec. 4.2)         :func:`distillation_loss`
+==============================  ==========================================================
+
+Defaults are the paper's (Sec. 4.1): tau = 0.08, epsilon = 0.05, lambda1 = 0.1, lambda2 = 5, a bank of
+65,536 features, M = 512 pixels per image; 3 Sinkhorn iterations as in the authors' code (the paper
+gives no count). Where the authors' code departs from the paper (REFERENCE_NOTES.md 1.3, 1.4) the
+paper is followed and the departure is named in the docstring.
+
+One stage-1 step, in the order of Algorithm 1 (the engine's CPSL recipe does this)::
+
+    ema_out = ema_model(target_full)                                   # f'_SEG, no grad
+    labels = rectify_pseudo_labels(soft_pl, ema_head(ema_out.features), tau)          # Eq. 1
+    idx = sample_pixels(labels, 512, num_classes, generator=g)                          # Eq. 8-9
+    pixels = gather_pixel_features(ema_out.features, idx).flatten(0, 1)
+    loss_sl = online_self_labeling_loss(head, pixels, bank, estimate.distribution)      # Eq. 5-6
+    bank.enqueue(pixels)                                               # after the loss, as Alg. 1
+    estimate.update(class_pixel_counts(labels, num_classes))                            # Eq. 11
+    loss = cpsl_total_loss(loss_seg, loss_sl, symmetric_kl_consistency(weak, strong))   # Eq. 14
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segadapt.data.classes import IGNORE_INDEX
+from segadapt.errors import ConfigError, DataError
+
+__all__ = [
+    "ClassDistribution",
+    "DistillationLoss",
+    "MemoryBank",
+    "PrototypeAccumulator",
+    "SelfLabelingHead",
+    "class_marginal_error",
+    "class_pixel_counts",
+    "class_prototypes",
+    "cpsl_total_loss",
+    "distillation_loss",
+    "gather_pixel_features",
+    "online_self_labeling_loss",
+    "rectify_pseudo_labels",
+    "sample_pixels",
+    "self_labeling_loss",
+    "sinkhorn",
+    "symmetric_kl_consistency",
+]
+
+
+# --------------------------------------------------------------------------- Sinkhorn (Eq. 5, 6)
+
+
+def _normalized_marginal(class_marginal: torch.Tensor | None, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """``r / sum(r)`` as ``like``'s dtype and device; the uniform marginal (equipartition) for ``None``."""
+    if class_marginal is None:
+        return torch.full((num_classes,), 1.0 / num_classes, dtype=like.dtype, device=like.device)
+    marginal = torch.as_tensor(class_marginal).to(dtype=like.dtype, device=like.device)
+    if marginal.shape != (num_classes,):
+        raise DataError(f"class_marginal must have shape ({num_classes},) for {num_classes} classes, got {tuple(marginal.shape)}")
+    if not torch.isfinite(marginal).all() or (marginal < 0).any() or marginal.sum() <= 0:
+        raise DataError(f"class_marginal must be finite, non-negative and not all zero, got {marginal.tolist()}")
+    return marginal / marginal.sum()
+
+
+def class_marginal_error(assignments: torch.Tensor, class_marginal: torch.Tensor | None = None) -> float:
+    """``max_k | mean_b Q[b, k] - r_k / sum(r) |``: how far an assignment is from the class marginal of Eq. 5.
+
+    Shape:
+        - assignments: ``[B, K]``, rows summing to 1 (as :func:`sinkhorn` returns)
+        - class_marginal: ``[K]`` or ``None`` (uniform)
+
+    Examples:
+        >>> class_marginal_error(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        0.0
+    """
+    marginal = _normalized_marginal(class_marginal, assignments.shape[1], assignments)
+    return float((assignments.mean(dim=0) - marginal).abs().max())
+
+
+@torch.no_grad()
+def sinkhorn(
+    scores: torch.Tensor,
+    class_marginal: torch.Tensor | None = None,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    tolerance: float | None = None,
+) -> torch.Tensor:
+    """Soft cluster assignments by Sinkhorn-Knopp with unequal class marginals (paper 001, Eq. 5, 6; Alg. 1 l.11-13).
+
+    Solves Eq. 5's transport problem ``Q* = diag(alpha) exp(scores / epsilon) diag(beta)`` (Eq. 6) with the
+    class marginal ``r`` (Eq. 12: the estimated class distribution; ``None`` is the equipartition of
+    Asano et al., the paper's "w/o CB" variant) and the uniform sample marginal ``h = 1/B``, then
+    rescales so that each sample's assignment sums to 1. Each iteration first scales every class column
+    to mass ``r_k`` and then every sample row to 1, which is exactly what the authors' ``sinkhorn`` does
+    on ``Q^T`` (REFERENCE_NOTES.md 1.3 item 9; the parity fixture ``cpsl_sinkhorn.npz`` is matched to
+    1e-10 in float64). Only the ratios of ``r`` matter, so ``r`` need not sum to 1.
+
+    The work is done on ``log Q`` with ``logsumexp``, so float32 is safe for any finite scores,
+    65,536+ samples and classes whose mass shrinks to nothing; classes with ``r_k = 0`` get exactly
+    zero assignment; ``-inf`` scores forbid a sample-class pair. float16/bfloat16/float32 inputs are
+    computed and returned in float32, float64 stays float64. The assignment is a target, never
+    differentiated (runs under ``no_grad``).
+
+    Args:
+        scores: ``f_SL(Z)``, e.g. cosine scores of :class:`SelfLabelingHead` in ``[-1, 1]``.
+        class_marginal: ``r``, non-negative, ``None`` for the uniform marginal.
+        epsilon: the entropic temperature ``epsilon`` of Eq. 6 (0.05 in Sec. 4.1).
+        iterations: Sinkhorn iterations (3 in the authors' code; the paper gives none); with
+            ``tolerance`` the most iterations run (raise it, e.g. to 100, when converging).
+        tolerance: if set, stop as soon as :func:`class_marginal_error` is below it (checked after each
+            iteration). The rows always sum to 1; only the class marginal is approximate.
+
+    Returns:
+        ``Q`` ``[B, K]``, non-negative, each row summing to 1, column sums close to ``B * r_k / sum(r)``.
+
+    Shape:
+        - scores: ``[B, K]``; class_marginal: ``[K]``; output: ``[B, K]``
+
+    Examples:
+        >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+        >>> q = sinkhorn(scores, torch.tensor([0.5, 0.5]), iterations=50, tolerance=1e-6)
+        >>> q.sum(dim=1).round(decimals=6)
+        tensor([1., 1., 1., 1.])
+        >>> q.sum(dim=0).round(decimals=4)
+        tensor([2., 2.])
+    """
+    if scores.dim() != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise DataError(f"sinkhorn expects scores [B, K] with B, K > 0, got {tuple(scores.shape)}")
+    if epsilon <= 0:
+        raise ConfigError(f"sinkhorn epsilon must be > 0, got {epsilon}")
+    if iterations < 1:
+        raise ConfigError(f"sinkhorn iterations must be >= 1, got {iterations}")
+    if tolerance is not None and tolerance <= 0:
+        raise ConfigError(f"sinkhorn tolerance must be > 0 (or None for a fixed iteration count), got {tolerance}")
+    # Q^T [K, B] as the reference does: the class sums then run over contiguous memory (the [B, K]
+    # layout measured 1.5x slower on CPU); in-place updates because the matrix is 65,536+ x K per call
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    log_q = (scores.T.to(dtype) / epsilon).contiguous()
+    marginal = _normalized_marginal(class_marginal, scores.shape[1], log_q)
+    log_marginal = marginal.log().unsqueeze(1)
+    has_mass = marginal.unsqueeze(1) > 0
+    for _ in range(iterations):
+        class_log_mass = torch.logsumexp(log_q, dim=1, keepdim=True)
+        # where(): a zero-mass class is -inf everywhere, and -inf - (-inf) would be NaN
+        log_q.add_(torch.where(has_mass, log_marginal - class_log_mass, -math.inf))
+        log_q.sub_(torch.logsumexp(log_q, dim=0, keepdim=True))
+        if tolerance is not None and class_marginal_error(log_q.exp().T, marginal) < tolerance:
+            break
+    assignments = log_q.exp_().T.contiguous()
+    if not torch.isfinite(assignments.sum()):
+        raise DataError("sinkhorn produced NaN: the scores contain NaN or +inf, or a class with r_k > 0 is -inf for every sample")
+    return assignments
+
+
+# --------------------------------------------------------------------------- self-labeling head (Eq. 4-7)
+
+
+class SelfLabelingHead(nn.Module):
+    """``f_SL``: K prototypes scoring L2-normalised pixel features by cosine similarity (paper 001, Eq. 4-6).
+
+    ``forward`` returns ``cos(z, w_k)`` for every class ``k``: the scores that Sinkhorn turns into
+    cluster assignments (Eq. 6, divided by epsilon) and whose ``softmax(. / tau)`` is the class
+    probability ``p`` of Eq. 4 and the cluster assignment ``P_SL`` of Eq. 1. Both the features and the
+    prototypes are normalised, so only the prototype directions are learnt (the authors' code
+    normalises ``self.prototypes`` for the current batch but not for the memory bank, REFERENCE_NOTES.md
+    1.3 item 8 / 7.3; here both are normalised, as the paper's single ``f_SL``).
+
+    The prototypes start random (the "w/o Init" ablation, Tab. 3) until :meth:`init_from_prototypes`
+    copies Eq. 7's class prototypes in (Alg. 1 line 2), which makes cluster ``k`` mean class ``k``.
+    For the momentum head ``f'_SL`` wrap it in :class:`segadapt.methods.ema.ModelEMA`.
+
+    Shape:
+        - features: ``[M, D]`` pixels or ``[N, D, h, w]`` feature maps
+        - output: ``[M, K]`` or ``[N, K, h, w]``, in ``[-1, 1]``
+
+    Examples:
+        >>> head = SelfLabelingHead(num_classes=2, feature_dim=3)
+        >>> head.init_from_prototypes(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]]))
+        >>> head(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 5.0]])).detach().round(decimals=4)
+        tensor([[1.0000, 0.0000],
+                [0.0000, 0.7071]])
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int) -> None:
+        super().__init__()
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_classes, feature_dim), dim=1))
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @torch.no_grad()
+    def init_from_prototypes(self, prototypes: torch.Tensor) -> None:
+        """Copy class prototypes ``[K, D]`` (Eq. 7, e.g. from :func:`class_prototypes`) in, L2-normalised."""
+        if prototypes.shape != self.prototypes.shape:
+            raise DataError(
+                f"prototypes must have shape {tuple(self.prototypes.shape)} (classes x feature dim), got {tuple(prototypes.shape)}"
+            )
+        self.prototypes.copy_(F.normalize(prototypes.to(self.prototypes), dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        weights = F.normalize(self.prototypes, dim=1)
+        if features.dim() == 2:
+            return F.normalize(features, dim=1) @ weights.T
+        if features.dim() == 4:
+            return torch.einsum("ndhw,kd->nkhw", F.normalize(features, dim=1), weights)
+        raise DataError(f"SelfLabelingHead expects features [M, D] or [N, D, h, w], got {tuple(features.shape)}")
+
+
+def _validate_hard_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DataError(f"hard labels must be an integer tensor, got {labels.dtype}")
+    unknown = labels[(labels != ignore_index) & ((labels < 0) | (labels >= num_classes))]
+    if unknown.numel():
+        raise DataError(
+            f"labels contain ids {sorted(set(unknown.unique().tolist()))} outside 0..{num_classes - 1} "
+            f"and not the ignore index {ignore_index}; map them to train ids first"
+        )
+
+
+class PrototypeAccumulator:
+    """Running sums for Eq. 7's class prototypes ``z_c = 1/|Gamma_c| sum_{n,i} Y_ST^(c) z_{n,i}`` (paper 001).
+
+    Feed batches of feature maps with their pseudo labels (:meth:`update`), combine accumulators of
+    several workers (:meth:`merge`, or all-reduce :attr:`sums` and :attr:`counts`), then :meth:`compute`.
+    Features are L2-normalised per pixel before averaging, because Eq. 7 averages the normalised
+    ``z`` of Sec. 3.2. Hard labels (the paper's ``Y_ST``, the argmax of ``P_ST``) count each pixel once
+    for its class; soft labels ``[N, K, h, w]`` weight each pixel by its probability (a choice for
+    users without hard labels). Sums are kept in float64 so a whole dataset can be accumulated.
+
+    The authors' ``calc_prototype.py`` differs (REFERENCE_NOTES.md 1.1 step 2): unnormalised features,
+    per-image class means over classes with >= 10 pixels, and a running mean with the count capped at
+    3000. Both give directions, which is all the head keeps.
+
+    Labels must already be on the feature grid (resize hard labels with nearest neighbour).
+
+    Examples:
+        >>> acc = PrototypeAccumulator(num_classes=2, feature_dim=2)
+        >>> acc.update(torch.tensor([[[[3.0, 0.0]], [[0.0, 1.0]]]]), torch.tensor([[[0, 1]]]))
+        >>> acc.compute()
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.sums = torch.zeros(num_classes, feature_dim, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add ``features [N, D, h, w]`` with hard labels ``[N, h, w]`` (ignore = ``ignore_index``) or soft ``[N, K, h, w]``."""
+        if features.dim() != 4 or features.shape[1] != self.sums.shape[1]:
+            raise DataError(f"features must be [N, {self.sums.shape[1]}, h, w], got {tuple(features.shape)}")
+        grid = (features.shape[0], *features.shape[2:])
+        pixels = F.normalize(features.double(), dim=1).permute(0, 2, 3, 1)  # [N, h, w, D]
+        if labels.dim() == 3:
+            if tuple(labels.shape) != grid:
+                raise DataError(f"labels {tuple(labels.shape)} must be on the feature grid {grid}; resize them (nearest) first")
+            _validate_hard_labels(labels, self.num_classes, self.ignore_index)
+            valid = labels != self.ignore_index
+            batch_sums = torch.zeros_like(self.sums, device=features.device).index_add_(0, labels[valid], pixels[valid])
+            batch_counts = torch.bincount(labels[valid], minlength=self.num_classes).double()
+        elif labels.dim() == 4:
+            if tuple(labels.shape) != (grid[0], self.num_classes, *grid[1:]):
+                raise DataError(f"soft labels must be [N, {self.num_classes}, h, w] on the feature grid {grid}, got {tuple(labels.shape)}")
+            weights = labels.double()
+            batch_sums = torch.einsum("nkhw,nhwd->kd", weights, pixels)
+            batch_counts = weights.sum(dim=(0, 2, 3))
+        else:
+            raise DataError(f"labels must be hard [N, h, w] or soft [N, K, h, w], got {tuple(labels.shape)}")
+        self.sums += batch_sums.cpu()
+        self.counts += batch_counts.cpu()
+
+    def merge(self, other: "PrototypeAccumulator") -> "PrototypeAccumulator":
+        """Add another accumulator's sums and counts into this one (e.g. from another data shard)."""
+        if other.sums.shape != self.sums.shape:
+            raise DataError(f"cannot merge prototype accumulators of shapes {tuple(self.sums.shape)} and {tuple(other.sums.shape)}")
+        self.sums += other.sums
+        self.counts += other.counts
+        return self
+
+    def compute(self) -> torch.Tensor:
+        """Class prototypes ``[K, D]`` (float32); a class never seen gets the zero vector (see :attr:`counts`)."""
+        return (self.sums / self.counts.clamp_min(1e-12).unsqueeze(1)).float()
+
+
+def class_prototypes(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Eq. 7's class prototypes ``[K, D]`` of one batch; see :class:`PrototypeAccumulator` for datasets.
+
+    Shape:
+        - features: ``[N, D, h, w]``; labels: hard ``[N, h, w]`` or soft ``[N, K, h, w]`` on the same grid
+
+    Examples:
+        >>> feats = torch.tensor([[[[1.0, 0.0, 0.0]], [[0.0, 1.0, 1.0]]]])   # [1, 2, 1, 3]
+        >>> class_prototypes(feats, torch.tensor([[[0, 0, 255]]]), num_classes=2)
+        tensor([[0.5000, 0.5000],
+                [0.0000, 0.0000]])
+    """
+    accumulator = PrototypeAccumulator(num_classes, features.shape[1], ignore_index)
+    accumulator.update(features, labels)
+    return accumulator.compute()
+
+
+# --------------------------------------------------------------------------- memory bank (Sec. 3.2)
+
+
+class MemoryBank(nn.Module):
+    """FIFO queue of L2-normalised pixel features augmenting each batch's Sinkhorn (paper 001, Sec. 3.2; Alg. 1 l.10).
+
+    The queue, the write pointer and the fill count are registered buffers, so they are saved and
+    resumed with ``state_dict``. :meth:`enqueue` normalises and writes features, overwriting the oldest
+    ones once full. :meth:`with_batch` returns ``Z_aug`` = the queue followed by the current batch,
+    and where the batch sits in it: Sinkhorn runs on all of ``Z_aug`` but only the batch's rows
+    (``Q_cur``) enter the loss.
+
+    Before the queue is full (the paper is silent on this warm-up): with ``use_partial=True``
+    (default) the features stored so far augment the batch, never the empty slots, which is the
+    literal ``Z_aug = [Z; M]`` of Alg. 1 line 10. ``use_partial=False`` is the authors' code
+    (REFERENCE_NOTES.md 1.3 item 8): the queue joins only once full and until then Sinkhorn sees the
+    batch alone; with 65,536 slots and 512 pixels per image that is the first 128 target images.
+    Call :meth:`enqueue` after computing the loss, as Alg. 1 and the reference do, so a batch is
+    never its own context. The bank is per process (no all-gather under DDP, as the reference). The
+    same class holds other per-pixel vectors, e.g. the normalised EMA logits of the authors' second
+    self-labeling term (``feature_dim = K``).
+
+    Args:
+        feature_dim: ``D``, the length of the stored vectors.
+        capacity: queue length (65,536 in Sec. 4.1).
+        use_partial: use a partly filled queue (``True``) or only a full one (authors' code).
+
+    Shape:
+        - enqueue: ``[M, D]``; with_batch: ``[M, D] -> [Q + M, D]`` with ``Q`` the stored count
+
+    Examples:
+        >>> bank = MemoryBank(feature_dim=2, capacity=3)
+        >>> bank.enqueue(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+        >>> bank.is_full, int(bank.num_filled), int(bank.pointer)
+        (False, 2, 2)
+        >>> augmented, batch = bank.with_batch(torch.ones(1, 2)); augmented.tolist(), batch
+        ([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], slice(2, 3, None))
+        >>> bank.enqueue(torch.ones(2, 2)); bank.is_full, int(bank.pointer)
+        (True, 1)
+        >>> MemoryBank(feature_dim=2, capacity=3, use_partial=False).with_batch(torch.ones(1, 2))[1]
+        slice(0, 1, None)
+    """
+
+    features: torch.Tensor
+    pointer: torch.Tensor
+    num_filled: torch.Tensor
+
+    def __init__(self, feature_dim: int, capacity: int = 65536, use_partial: bool = True) -> None:
+        super().__init__()
+        if capacity < 1:
+            raise ConfigError(f"memory bank capacity must be >= 1, got {capacity}")
+        if feature_dim < 1:
+            raise ConfigError(f"memory bank feature_dim must be >= 1, got {feature_dim}")
+        self.use_partial = use_partial
+        self.register_buffer("features", torch.zeros(capacity, feature_dim))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def capacity(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def is_full(self) -> bool:
+        return int(self.num_filled) == self.capacity
+
+    def contents(self) -> torch.Tensor:
+        """The stored features ``[num_filled, D]`` in storage order (Sinkhorn does not depend on the order)."""
+        return self.features[: int(self.num_filled)]
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor) -> None:
+        """Append ``features [M, D]`` (L2-normalised here), dropping the oldest when full."""
+        if features.dim() != 2 or features.shape[1] != self.features.shape[1]:
+            raise DataError(f"memory bank expects features [M, {self.features.shape[1]}], got {tuple(features.shape)}")
+        features = F.normalize(features.detach().to(self.features), dim=1)[-self.capacity :]
+        slots = (int(self.pointer) + torch.arange(features.shape[0], device=self.features.device)) % self.capacity
+        self.features[slots] = features
+        self.pointer.fill_((int(self.pointer) + features.shape[0]) % self.capacity)
+        self.num_filled.fill_(min(self.capacity, int(self.num_filled) + features.shape[0]))
+
+    def with_batch(self, features: torch.Tensor) -> tuple[torch.Tensor, slice]:
+        """``(Z_aug [Q + M, D], batch rows)``: the stored queue (see ``use_partial``) then the batch ``[M, D]``.
+
+        The batch is returned as given (normalise it yourself if the scores need it; cosine heads do).
+        """
+        if features.dim() != 2 or features.shape[1] != self.features.shape[1]:
+            raise DataError(f"memory bank expects features [M, {self.features.shape[1]}], got {tuple(features.shape)}")
+        stored = self.contents() if (self.use_partial or self.is_full) else self.features[:0]
+        augmented = torch.cat([stored.to(device=features.device, dtype=features.dtype), features])
+        return augmented, slice(stored.shape[0], augmented.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"feature_dim={self.features.shape[1]}, capacity={self.capacity}, use_partial={self.use_partial}"
+
+
+# --------------------------------------------------------------------------- class-balanced sampling (Eq. 8, 9)
+
+
+def sample_pixels(
+    pseudo_labels: torch.Tensor,
+    num_samples: int,
+    num_classes: int,
+    *,
+    class_balanced: bool = True,
+    generator: torch.Generator | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Pick ``M`` pixels per image for the self-labeling head and the memory bank (paper 001, Eq. 8, 9).
+
+    Class-balanced (default): every class of image ``n`` gets the quota ``M_c = floor(M * delta_n^(c))``
+    of Eq. 9, drawn uniformly without replacement among that class's pixels, where ``delta_n`` is the
+    image's own class distribution (Eq. 8: class pixels over all ``H x W`` pixels, ignore included), so
+    every class is sampled at the same rate ``M / (H W)`` and the bank's class mix follows the data
+    (the author's explanation in lslrh/CPSL issue #5).
+
+    Shortfall rule (the paper's "randomly sample the rest pixels from other categories"): the
+    ``M - sum_c M_c`` places left by the floors and by ignored pixels are filled uniformly at random
+    from the labelled pixels not yet picked (so the extra picks follow the remaining class mix), and
+    only if the image has fewer than ``M`` labelled pixels, from its ignored pixels. The result always
+    has ``M`` distinct pixels. A class with fewer than ``H W / M`` pixels gets no quota (Eq. 9's floor)
+    and is picked only through the shortfall draw.
+
+    ``class_balanced=False`` samples ``M`` pixels uniformly (the "w/o CB"/PSL variant and the authors'
+    code, which draws one ``randperm`` for the whole batch; here each image has its own draw).
+
+    Args:
+        pseudo_labels: per-pixel pseudo labels on the feature grid (e.g. :func:`rectify_pseudo_labels`).
+        num_samples: ``M`` (512 in Sec. 4.1, 256 in the authors' code).
+        num_classes: ``K``; label ids must be in ``0..K-1`` or ``ignore_index``.
+        generator: makes the draw deterministic (its device is where the draw happens).
+
+    Returns:
+        Flat pixel indices ``[N, M]`` (int64) into ``h * w``; see :func:`gather_pixel_features`.
+
+    Examples:
+        >>> labels = torch.tensor([[[0, 0, 0, 0], [1, 1, 2, 2]]])
+        >>> idx = sample_pixels(labels, 4, 3, generator=torch.Generator().manual_seed(0))
+        >>> torch.bincount(labels.flatten()[idx[0]], minlength=3)   # floor(4 * [4, 2, 2] / 8)
+        tensor([2, 1, 1])
+    """
+    if pseudo_labels.dim() != 3:
+        raise DataError(f"pseudo_labels must be [N, h, w], got {tuple(pseudo_labels.shape)}")
+    num_pixels = pseudo_labels.shape[1] * pseudo_labels.shape[2]
+    if not 0 < num_samples <= num_pixels:
+        raise ConfigError(f"num_samples (pixels per image) must be in 1..{num_pixels} for a {tuple(pseudo_labels.shape[1:])} grid, got {num_samples}")
+    _validate_hard_labels(pseudo_labels, num_classes, ignore_index)
+    device = generator.device if generator is not None else pseudo_labels.device
+    labels = pseudo_labels.to(device).flatten(1)
+    picks = []
+    for image_labels in labels:
+        order = torch.randperm(num_pixels, generator=generator, device=device)
+        if not class_balanced:
+            picks.append(order[:num_samples])
+            continue
+        # classes 0..K-1, ignore becomes class K; ranks follow the random order within each class
+        shuffled = torch.where(image_labels[order] == ignore_index, num_classes, image_labels[order])
+        counts = torch.bincount(shuffled, minlength=num_classes + 1)
+        quota = num_samples * counts[:num_classes] // num_pixels  # Eq. 9 with Eq. 8's delta_n, exact integer floor
+        by_class = torch.argsort(shuffled, stable=True)
+        class_start = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(shuffled)
+        rank[by_class] = torch.arange(num_pixels, device=device) - class_start[shuffled[by_class]]
+        picked_by_quota = rank < torch.cat([quota, quota.new_zeros(1)])[shuffled]
+        # fill order: quota picks, then other labelled pixels, then ignored ones, each in random order
+        priority = torch.where(picked_by_quota, 0, torch.where(shuffled < num_classes, 1, 2))
+        picks.append(order[torch.argsort(priority, stable=True)[:num_samples]])
+    return torch.stack(picks).to(pseudo_labels.device)
+
+
+def gather_pixel_features(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The feature vectors at flat pixel ``indices`` (from :func:`sample_pixels`).
+
+    Shape:
+        - features: ``[N, D, h, w]``; indices: ``[N, M]`` into ``h * w``; output: ``[N, M, D]``
+
+    Examples:
+        >>> feats = torch.arange(8.0).view(1, 2, 2, 2)
+        >>> gather_pixel_features(feats, torch.tensor([[3, 0]]))
+        tensor([[[3., 7.],
+                 [0., 4.]]])
+    """
+    if features.dim() != 4 or indices.shape[0] != features.shape[0]:
+        raise DataError(f"expected features [N, D, h, w] and indices [N, M], got {tuple(features.shape)} and {tuple(indices.shape)}")
+    flat = features.flatten(2)
+    return flat.gather(2, indices.unsqueeze(1).expand(-1, flat.shape[1], -1)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- distribution alignment (Eq. 10-12)
+
+
+def class_pixel_counts(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pixels per class ``[K]`` (float64) of hard labels, ignore excluded: Eq. 8/10's histogram, unnormalised.
+
+    Examples:
+        >>> class_pixel_counts(torch.tensor([[0, 2, 2, 255]]), num_classes=3)
+        tensor([1., 0., 2.], dtype=torch.float64)
+    """
+    _validate_hard_labels(labels, num_classes, ignore_index)
+    return torch.bincount(labels[labels != ignore_index].flatten(), minlength=num_classes).double()
+
+
+class ClassDistribution(nn.Module):
+    """The running class-distribution estimate ``delta_pseudo`` used as Sinkhorn's ``r`` (paper 001, Eq. 10-12).
+
+    Start from the class histogram of the fixed pseudo labels ``Y_ST`` over the target set (Eq. 10;
+    accumulate :func:`class_pixel_counts`, any positive scale), then after every training iteration
+    ``delta <- alpha * delta + (1 - alpha) * delta_n`` (Eq. 11) with ``delta_n`` the class distribution of
+    the iteration's rectified pseudo labels (Eq. 8; :meth:`update` normalises what it is given, so pass
+    pooled pixel counts of the batch, or call it once per image to follow Eq. 11 literally).
+    ``distribution`` is a buffer, saved and resumed with ``state_dict``.
+
+    Modes:
+        - ``"momentum"`` (paper): Eq. 11. The paper gives no value for ``alpha``; the default 0.999 is
+          an assumption (the paper's only stated momentum, Sec. 4.1), i.e. an average over roughly the
+          last 1000 iterations (4000 images at batch 4, more than one Cityscapes epoch).
+        - ``"fixed"`` (authors' code, REFERENCE_NOTES.md 1.3 item 9 and 7.2): ``r`` stays the warm-up
+          histogram of Eq. 10; :meth:`update` changes nothing.
+
+    Examples:
+        >>> estimate = ClassDistribution(torch.tensor([3.0, 1.0]), momentum=0.5)
+        >>> estimate.update(torch.tensor([0.0, 2.0]))
+        tensor([0.3750, 0.6250])
+    """
+
+    distribution: torch.Tensor
+
+    def __init__(
+        self, initial: torch.Tensor, momentum: float = 0.999, mode: Literal["momentum", "fixed"] = "momentum"
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ConfigError(f"class-distribution momentum (alpha of Eq. 11) must be in [0, 1], got {momentum}")
+        if mode not in ("momentum", "fixed"):
+            raise ConfigError(f"class-distribution mode must be 'momentum' (paper, Eq. 11) or 'fixed' (authors' code), got {mode!r}")
+        initial = torch.as_tensor(initial, dtype=torch.float32)
+        self.momentum = momentum
+        self.mode = mode
+        self.register_buffer("distribution", _normalized_marginal(initial, initial.numel(), initial))
+
+    @torch.no_grad()
+    def update(self, batch_distribution: torch.Tensor) -> torch.Tensor:
+        """Apply Eq. 11 with ``batch_distribution`` (counts or probabilities ``[K]``); returns the estimate.
+
+        A batch without a single labelled pixel (all zeros) carries no information and is skipped.
+        """
+        if self.mode == "fixed" or float(batch_distribution.sum()) == 0.0:
+            return self.distribution
+        observed = _normalized_marginal(batch_distribution, self.distribution.numel(), self.distribution)
+        self.distribution.mul_(self.momentum).add_(observed, alpha=1.0 - self.momentum)
+        return self.distribution
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.distribution.numel()}, momentum={self.momentum}, mode={self.mode!r}"
+
+
+# --------------------------------------------------------------------------- losses (Eq. 1, 5, 13, 14; Sec. 4.2)
+
+
+def rectify_pseudo_labels(
+    soft_pseudo_labels: torch.Tensor,
+    cluster_scores: torch.Tensor,
+    temperature: float = 0.08,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Hard labels ``argmax_c P_SL^(c) * P_ST^(c)`` (paper 001, Eq. 1).
+
+    ``P_SL = softmax(cluster_scores / tau)`` over classes is the cluster assignment of the momentum
+    head ``f'_SL`` on the momentum network's features (Alg. 1 line 17; Eq. 4's form); ``P_ST`` is the
+    warm-up model's soft pseudo label. Small ``tau`` lets ``P_SL`` dominate (supplement Sec. 6.5).
+    Pixels whose soft label has no mass at all (padding added by geometric transforms) get
+    ``ignore_index``; every other pixel gets a label, as Eq. 1 (the authors' confidence threshold
+    ``train_thred`` is 0, a no-op).
+
+    Shape:
+        - soft_pseudo_labels, cluster_scores: ``[N, K, h, w]`` on the same grid; output ``[N, h, w]`` int64
+
+    Examples:
+        >>> soft = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
+        >>> rectify_pseudo_labels(soft, torch.tensor([0.0, 0.1]).view(1, 2, 1, 1), temperature=0.08)
+        tensor([[[1]]])
+    """
+    if soft_pseudo_labels.shape != cluster_scores.shape or soft_pseudo_labels.dim() != 4:
+        raise DataError(
+            f"soft pseudo labels {tuple(soft_pseudo_labels.shape)} and cluster scores {tuple(cluster_scores.shape)} "
+            "must both be [N, K, h, w] on the same grid; resize one of them first"
+        )
+    cluster_probabilities = torch.softmax(cluster_scores.float() / temperature, dim=1)
+    labels = (cluster_probabilities * soft_pseudo_labels.float()).argmax(dim=1)
+    return labels.masked_fill(soft_pseudo_labels.sum(dim=1) <= 0, ignore_index)
+
+
+def self_labeling_loss(scores: torch.Tensor, assignments: torch.Tensor, temperature: float = 0.08) -> torch.Tensor:
+    """``L_SL = -1/M sum_m sum_c q_m^(c) log p_m^(c)`` with ``p = softmax(scores / tau)`` (paper 001, Eq. 4, 5).
+
+    ``assignments`` are the Sinkhorn targets ``Q_cur`` (rows summing to 1), treated as constants.
+
+    Shape:
+        - scores, assignments: ``[M, K]``; output: scalar
+
+    Examples:
+        >>> loss = self_labeling_loss(torch.zeros(2, 4), torch.eye(4)[:2], temperature=0.1)
+        >>> round(float(loss), 4) == round(math.log(4), 4)
+        True
+    """
+    if scores.shape != assignments.shape:
+        raise DataError(f"scores {tuple(scores.shape)} and assignments {tuple(assignments.shape)} must match")
+    log_probabilities = F.log_softmax(scores.float() / temperature, dim=1)
+    return -(assignments.detach() * log_probabilities).sum(dim=1).mean()
+
+
+def online_self_labeling_loss(
+    head: nn.Module,
+    features: torch.Tensor,
+    memory_bank: MemoryBank,
+    class_marginal: torch.Tensor | None = None,
+    temperature: float = 0.08,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+) -> torch.Tensor:
+    """Eq. 5 on the current batch with assignments from the bank-augmented batch (paper 001, Alg. 1 l.10-14).
+
+    Scores ``Z_aug`` (:meth:`MemoryBank.with_batch`) with ``head`` without gradients, runs
+    :func:`sinkhorn` with the class marginal ``r``, keeps the batch's rows ``Q_cur`` and returns
+    :func:`self_labeling_loss` of the batch's scores (with gradients to ``head``, and to ``features``
+    if they carry any: in the authors' code they come from the momentum network, so only the head
+    learns). The bank is not modified: call ``memory_bank.enqueue(features)`` afterwards.
+
+    Alg. 1 runs this per target image; passing a whole batch's pixels at once solves one transport
+    problem over ``bank + batch`` instead (the same marginals, one Sinkhorn call).
+
+    The authors' code adds a second term whose Sinkhorn scores are the L2-normalised EMA logits of
+    the same pixels while the prediction stays ``head(features) / tau`` (REFERENCE_NOTES.md 1.3
+    item 8; not in the paper). A recipe that wants it composes it from a second :class:`MemoryBank`
+    of logits, :func:`sinkhorn` and :func:`self_labeling_loss`.
+
+    Shape:
+        - features: ``[M, D]`` (e.g. ``gather_pixel_features(...).flatten(0, 1)``); output: scalar
+
+    Examples:
+        >>> head, bank = SelfLabelingHead(num_classes=2, feature_dim=2), MemoryBank(feature_dim=2, capacity=8)
+        >>> head.init_from_prototypes(torch.eye(2))
+        >>> pixels = torch.tensor([[1.0, 0.1], [0.1, 1.0]])
+        >>> loss = online_self_labeling_loss(head, pixels, bank, torch.tensor([0.5, 0.5]))
+        >>> loss.backward(); head.prototypes.grad.shape, 0.0 < loss.item() < math.log(2)
+        (torch.Size([2, 2]), True)
+    """
+    with torch.no_grad():
+        augmented, batch_rows = memory_bank.with_batch(features)
+        assignments = sinkhorn(head(augmented), class_marginal, epsilon, iterations)[batch_rows]
+    return self_labeling_loss(head(features), assignments, temperature)
+
+
+def symmetric_kl_consistency(
+    weak_logits: torch.Tensor, strong_logits: torch.Tensor, valid_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels (paper 001, Eq. 13).
+
+    ``P = softmax(logits)`` over the class dimension, computed in float32. Eq. 13 sums over pixels and
+    images; the mean is used here (as the authors' code, which divides by the mask sum) so that
+    ``lambda2 = 5`` does not depend on the crop size. The weak view comes from the momentum network
+    and carries no gradient; detach it yourself if it does. The authors' code uses only
+    ``KL(teacher || student)`` on prototype-cosine probabilities (REFERENCE_NOTES.md 1.3 item 11);
+    pass ``cos / tau`` as logits for that probability model.
+
+    Shape:
+        - weak_logits, strong_logits: ``[N, K, h, w]``; valid_mask: ``[N, h, w]`` bool (``False`` for
+          padding/cut-out pixels); output: scalar
+
+    Examples:
+        >>> logits = torch.randn(1, 3, 2, 2)
+        >>> float(symmetric_kl_consistency(logits, logits))
+        0.0
+    """
+    if weak_logits.shape != strong_logits.shape:
+        raise DataError(f"weak {tuple(weak_logits.shape)} and strong {tuple(strong_logits.shape)} logits must match")
+    log_weak = F.log_softmax(weak_logits.float(), dim=1)
+    log_strong = F.log_softmax(strong_logits.float(), dim=1)
+    # KL(w||s) + KL(s||w) = sum_c (p_w - p_s)(log p_w - log p_s)
+    per_pixel = ((log_weak.exp() - log_strong.exp()) * (log_weak - log_strong)).sum(dim=1)
+    if valid_mask is None:
+        return per_pixel.mean()
+    if valid_mask.shape != per_pixel.shape or valid_mask.dtype != torch.bool:
+        raise DataError(f"valid_mask must be a bool [N, h, w] tensor of shape {tuple(per_pixel.shape)}, got {valid_mask.dtype} {tuple(valid_mask.shape)}")
+    if not valid_mask.any():
+        return per_pixel.sum() * 0.0  # keeps the graph connected for DDP
+    return per_pixel[valid_mask].mean()
+
+
+def cpsl_total_loss(
+    segmentation_loss: torch.Tensor,
+    self_labeling_loss: torch.Tensor,
+    consistency_loss: torch.Tensor,
+    self_labeling_weight: float = 0.1,
+    consistency_weight: float = 5.0,
+) -> torch.Tensor:
+    """``L_TOTAL = L_SEG + lambda1 L_SL + lambda2 L_REG`` (paper 001, Eq. 14; lambda1 = 0.1, lambda2 = 5, Sec. 4.1).
+
+    ``L_SEG = L^t_SEG + L^s_SEG`` (Eq. 2, 3) is the caller's cross-entropy on source labels and
+    rectified target pseudo labels. The authors' code adds a supervised-contrastive term (weight
+    0.001) and uses symmetric CE for ``L^t_SEG`` (REFERENCE_NOTES.md 1.3 items 7, 10, 12); neither is
+    in the paper, so neither is here.
+
+    Examples:
+        >>> cpsl_total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.1))
+        tensor(1.7000)
+    """
+    return segmentation_loss + self_labeling_weight * self_labeling_loss + consistency_weight * consistency_loss
+
+
+class DistillationLoss(NamedTuple):
+    """The parts of :func:`distillation_loss`: ``total = cross_entropy + kl_weight * kl_divergence``."""
+
+    total: torch.Tensor
+    cross_entropy: torch.Tensor
+    kl_divergence: torch.Tensor
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    pseudo_confidence: torch.Tensor | None = None,
+    confidence_threshold: float = 0.95,
+    kl_weight: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> DistillationLoss:
+    """The knowledge-distillation loss of "CPSL+distill" (paper 001, Sec. 4.2, following ProDA).
+
+    ``CE(student, hard pseudo labels) + kl_weight * KL(teacher || student)``, where the hard pseudo
+    labels come from the previous stage's model and keep only pixels whose confidence is strictly
+    above ``confidence_threshold`` (0.95 in the authors' stage-2/3 commands; ``pseudo_confidence=None``
+    uses the labels as given, e.g. already thresholded offline). The KL is
+    ``sum_c p_t (log p_t - log p_s)`` per pixel, averaged over all pixels; the teacher is a constant.
+
+    The authors' code (ProDA issues #20, #43; REFERENCE_NOTES.md 1.4) calls
+    ``F.kl_div(softmax(student), softmax(teacher))``: the student should be a *log*-probability, so
+    its "KL" is not a divergence and goes negative. That bug is not reproduced: the student's
+    ``log_softmax`` is used. Its default ``'mean'`` reduction also divided by the number of classes,
+    so its scale is ``1/K`` of this per-pixel KL (``kl_weight = 1/K`` reproduces that scale).
+
+    Shape:
+        - student_logits, teacher_logits: ``[N, K, h, w]``; pseudo_labels, pseudo_confidence:
+          ``[N, h, w]`` on the same grid
+
+    Examples:
+        >>> logits = torch.zeros(1, 2, 1, 2)
+        >>> parts = distillation_loss(logits, logits, torch.tensor([[[0, 1]]]), torch.tensor([[[0.99, 0.5]]]))
+        >>> round(float(parts.cross_entropy), 4), float(parts.kl_divergence)
+        (0.6931, 0.0)
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 4:
+        raise DataError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must both be [N, K, h, w]")
+    grid = (student_logits.shape[0], *student_logits.shape[2:])
+    if tuple(pseudo_labels.shape) != grid:
+        raise DataError(f"pseudo labels {tuple(pseudo_labels.shape)} must be on the logits' grid {grid}; resize them (nearest) first")
+    if pseudo_confidence is not None:
+        if pseudo_confidence.shape != pseudo_labels.shape:
+            raise DataError(f"pseudo_confidence {tuple(pseudo_confidence.shape)} must match pseudo_labels {tuple(pseudo_labels.shape)}")
+        pseudo_labels = pseudo_labels.masked_fill(pseudo_confidence <= confidence_threshold, ignore_index)
+    student_logits = student_logits.float()
+    if (pseudo_labels != ignore_index).any():
+        cross_entropy = F.cross_entropy(student_logits, pseudo_labels, ignore_index=ignore_index)
+    else:
+        cross_entropy = student_logits.sum() * 0.0  # no confident pixel: keep the graph for DDP
+    log_student = F.log_softmax(student_logits, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    kl_divergence = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
+    return DistillationLoss(cross_entropy + kl_weight * kl_divergence, cross_entropy, kl_divergence)

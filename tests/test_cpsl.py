@@ -1,0 +1,433 @@
+"""CPSL's algorithms (paper 001): Sinkhorn marginals and parity, memory bank, sampling, losses."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segadapt.errors import ConfigError, DataError
+from segadapt.methods.cpsl import (
+    ClassDistribution,
+    MemoryBank,
+    PrototypeAccumulator,
+    SelfLabelingHead,
+    class_marginal_error,
+    class_pixel_counts,
+    class_prototypes,
+    cpsl_total_loss,
+    distillation_loss,
+    gather_pixel_features,
+    online_self_labeling_loss,
+    rectify_pseudo_labels,
+    sample_pixels,
+    self_labeling_loss,
+    sinkhorn,
+    symmetric_kl_consistency,
+)
+
+PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity" / "cpsl_sinkhorn.npz"
+# CPSL's shipped warm-up class distribution (REFERENCE_NOTES.md 1.1 step 3): road 38%, motorbike 0.12%
+CITYSCAPES_R = torch.tensor(
+    [0.37922, 0.049299, 0.226651, 0.015507, 0.017205, 0.014027, 0.002186, 0.002213, 0.133376, 0.024243,
+     0.043411, 0.013146, 0.001615, 0.066048, 0.004075, 0.002789, 0.001847, 0.001229, 0.001912]
+)  # fmt: skip
+
+
+def plain_sinkhorn(scores: torch.Tensor, r: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """The authors' formulation (REFERENCE_NOTES.md 1.3 item 9), in the linear domain."""
+    q = torch.exp(scores / epsilon).T
+    q = q / q.sum()
+    num_samples = q.shape[1]
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) * (r / r.sum())[:, None]
+        q = q / q.sum(dim=0, keepdim=True) / num_samples
+    return (q * num_samples).T
+
+
+# --------------------------------------------------------------------------- Sinkhorn
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-6)])
+def test_sinkhorn_converged_marginals_hold_for_random_scores(dtype: torch.dtype, tolerance: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.rand(1000, 7, generator=generator) * 2 - 1).to(dtype)
+    r = (torch.rand(7, generator=generator) * 5).to(dtype)  # unnormalised on purpose: only ratios matter
+    q = sinkhorn(scores, r, epsilon=0.05, iterations=500, tolerance=tolerance)
+    assert q.dtype == dtype and (q >= 0).all()
+    row_tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(1000, dtype=dtype), atol=row_tol, rtol=0)
+    # column sums B * r_k / sum(r), to B * tolerance (class_marginal_error is per-sample mass)
+    expected_columns = 1000 * r / r.sum()
+    assert (q.sum(dim=0) - expected_columns).abs().max() <= 1000 * tolerance * 1.01
+    assert class_marginal_error(q, r) < tolerance
+
+
+def test_sinkhorn_uniform_marginal_is_equipartition() -> None:
+    scores = torch.rand(600, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    q = sinkhorn(scores, None, iterations=1000, tolerance=1e-10)
+    assert class_marginal_error(q) < 1e-10
+    torch.testing.assert_close(q.sum(dim=0), torch.full((4,), 150.0, dtype=torch.float64), atol=600 * 1e-10, rtol=0)
+    # None and an explicit uniform r are the same problem
+    torch.testing.assert_close(q, sinkhorn(scores, torch.ones(4), iterations=1000, tolerance=1e-10))
+
+
+def test_sinkhorn_extreme_scores_with_65536_plus_rows_stay_finite_in_float32() -> None:
+    # scores at the cosine bounds +-1 with epsilon 0.05: exp(+-20) in the linear domain
+    num_rows = 65536 + 2048
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.where(torch.rand(num_rows, 19, generator=generator) < 0.5, -1.0, 1.0)
+    scores[:100] = 1.0  # rows without any preference
+    scores[100:200] = -1.0
+    q = sinkhorn(scores, CITYSCAPES_R, epsilon=0.05, iterations=200, tolerance=1e-5)
+    assert q.dtype == torch.float32 and torch.isfinite(q).all() and (q >= 0).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(num_rows), atol=2e-6, rtol=0)
+    assert class_marginal_error(q, CITYSCAPES_R) < 1e-5  # column sums within num_rows * 1e-5 of B * r_k
+    # a row's assignment does not change when a constant is added to its scores: +1 and -1 rows agree
+    torch.testing.assert_close(q[:200], q[:1].expand(200, -1), atol=1e-6, rtol=0)
+
+
+def test_sinkhorn_log_domain_survives_where_the_linear_domain_overflows() -> None:
+    # epsilon 0.01: exp(100) is inf in float32, so the reference formulation yields NaN
+    scores = torch.rand(4096, 19, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert not torch.isfinite(plain_sinkhorn(scores, CITYSCAPES_R, 0.01, 3)).all()
+    q32 = sinkhorn(scores, CITYSCAPES_R, epsilon=0.01, iterations=3)
+    q64 = sinkhorn(scores.double(), CITYSCAPES_R, epsilon=0.01, iterations=3)
+    torch.testing.assert_close(q32.double(), q64, atol=1e-5, rtol=0)
+
+
+def test_sinkhorn_matches_the_linear_formulation_where_it_is_finite() -> None:
+    scores = torch.rand(500, 19, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    for iterations in (1, 3, 7):
+        torch.testing.assert_close(
+            sinkhorn(scores, CITYSCAPES_R, 0.05, iterations), plain_sinkhorn(scores, CITYSCAPES_R.double(), 0.05, iterations),
+            atol=1e-12, rtol=0,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["cb", "equal"])
+def test_sinkhorn_parity_with_authors_code(case: str) -> None:
+    if not PARITY.is_file():
+        pytest.skip(f"parity fixture {PARITY} not found: the shared/parity folder is not next to the project root")
+    fixture = np.load(PARITY)
+    scores, r, expected = (torch.from_numpy(fixture[f"{case}_{name}"]) for name in ("scores", "r", "Q"))
+    epsilon, iterations = float(fixture["epsilon"]), int(fixture["iterations"])
+    torch.testing.assert_close(sinkhorn(scores, r, epsilon, iterations), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(sinkhorn(scores.float(), r, epsilon, iterations).double(), expected, atol=5e-6, rtol=0)
+    if case == "equal":
+        torch.testing.assert_close(sinkhorn(scores, None, epsilon, iterations), expected, atol=1e-12, rtol=0)
+
+
+def test_sinkhorn_tolerance_stops_early_and_zero_mass_classes_get_nothing() -> None:
+    scores = torch.rand(200, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = torch.tensor([0.4, 0.3, 0.0, 0.2, 0.1])
+    # a loose tolerance is met after the first iteration, so the result is the 1-iteration one
+    torch.testing.assert_close(sinkhorn(scores, r, iterations=50, tolerance=10.0), sinkhorn(scores, r, iterations=1))
+    q = sinkhorn(scores, r, iterations=50)
+    assert (q[:, 2] == 0).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(200, dtype=torch.float64))
+
+
+def test_sinkhorn_rejects_bad_inputs_with_messages() -> None:
+    with pytest.raises(DataError, match=r"scores \[B, K\].*\(5,\)"):
+        sinkhorn(torch.zeros(5))
+    with pytest.raises(DataError, match=r"class_marginal must have shape \(3,\) for 3 classes, got \(4,\)"):
+        sinkhorn(torch.zeros(5, 3), torch.ones(4))
+    with pytest.raises(DataError, match="non-negative"):
+        sinkhorn(torch.zeros(5, 3), torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ConfigError, match="epsilon must be > 0"):
+        sinkhorn(torch.zeros(5, 3), epsilon=0.0)
+    with pytest.raises(ConfigError, match="tolerance must be > 0"):
+        sinkhorn(torch.zeros(5, 3), tolerance=0.0)
+    with pytest.raises(DataError, match="NaN"):
+        sinkhorn(torch.tensor([[0.0, math.nan], [0.0, 0.0]]))
+
+
+# --------------------------------------------------------------------------- head and prototypes (Eq. 4-7)
+
+
+def test_self_labeling_head_scores_are_cosines_with_normalised_prototypes() -> None:
+    generator = torch.Generator().manual_seed(6)
+    prototypes = torch.randn(4, 8, generator=generator) * 3
+    head = SelfLabelingHead(num_classes=4, feature_dim=8)
+    head.init_from_prototypes(prototypes)
+    torch.testing.assert_close(head.prototypes.norm(dim=1), torch.ones(4))
+    pixels = torch.randn(10, 8, generator=generator)
+    expected = F.cosine_similarity(pixels[:, None, :], prototypes[None, :, :], dim=2)
+    torch.testing.assert_close(head(pixels), expected, atol=1e-6, rtol=0)
+    # feature maps give the same per-pixel scores
+    maps = torch.randn(2, 8, 3, 5, generator=generator)
+    flat = head(maps.permute(0, 2, 3, 1).reshape(-1, 8)).reshape(2, 3, 5, 4).permute(0, 3, 1, 2)
+    torch.testing.assert_close(head(maps), flat, atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match=r"prototypes must have shape \(4, 8\).*got \(4, 7\)"):
+        head.init_from_prototypes(torch.zeros(4, 7))
+    with pytest.raises(DataError, match=r"features \[M, D\] or \[N, D, h, w\]"):
+        head(torch.zeros(2, 8, 3))
+
+
+def test_class_prototypes_average_normalised_features_per_class_eq7() -> None:
+    # 1 image, D=2, 1x4 grid: pixels (3,4) (0,2) (5,0) (1,1); labels 0 0 1 255
+    features = torch.tensor([[[[3.0, 0.0, 5.0, 1.0]], [[4.0, 2.0, 0.0, 1.0]]]])
+    labels = torch.tensor([[[0, 0, 1, 255]]])
+    prototypes = class_prototypes(features, labels, num_classes=3)
+    expected = torch.tensor([[(0.6 + 0.0) / 2, (0.8 + 1.0) / 2], [1.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(prototypes, expected)
+    # accumulating two shards and merging equals one pass over everything
+    more = torch.randn(2, 2, 1, 4, generator=torch.Generator().manual_seed(7))
+    more_labels = torch.tensor([[[2, 1, 1, 0]], [[255, 2, 0, 0]]])
+    first, second = PrototypeAccumulator(3, 2), PrototypeAccumulator(3, 2)
+    first.update(features, labels)
+    second.update(more, more_labels)
+    whole = PrototypeAccumulator(3, 2)
+    whole.update(torch.cat([features, more]), torch.cat([labels, more_labels]))
+    torch.testing.assert_close(first.merge(second).compute(), whole.compute())
+    torch.testing.assert_close(whole.counts, torch.tensor([5.0, 3.0, 2.0], dtype=torch.float64))
+    with pytest.raises(DataError, match=r"ids \[7\] outside 0..2"):
+        class_prototypes(features, torch.tensor([[[0, 7, 1, 1]]]), num_classes=3)
+    with pytest.raises(DataError, match="must be on the feature grid"):
+        class_prototypes(features, torch.zeros(1, 2, 4, dtype=torch.long), num_classes=3)
+
+
+# --------------------------------------------------------------------------- memory bank
+
+
+def test_memory_bank_is_a_fifo_that_wraps_around_and_normalises() -> None:
+    bank = MemoryBank(feature_dim=2, capacity=5)
+    first = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 4.0]])
+    bank.enqueue(first)
+    assert (int(bank.pointer), int(bank.num_filled), bank.is_full) == (3, 3, False)
+    second = torch.tensor([[0.0, 1.0], [0.0, 2.0], [5.0, 12.0], [-1.0, 0.0]])
+    bank.enqueue(second)
+    assert (int(bank.pointer), int(bank.num_filled), bank.is_full) == (2, 5, True)
+    # the two oldest (slots 0, 1) were overwritten by the last two of the second batch
+    expected = F.normalize(torch.stack([second[2], second[3], first[2], second[0], second[1]]), dim=1)
+    torch.testing.assert_close(bank.features, expected)
+    # a batch larger than the queue keeps its newest rows only
+    bank.enqueue(torch.arange(1.0, 15.0).view(7, 2))
+    torch.testing.assert_close(bank.contents(), F.normalize(torch.arange(5.0, 15.0).view(5, 2), dim=1).roll(2, dims=0))
+    assert int(bank.pointer) == 2
+
+
+def test_memory_bank_with_batch_uses_stored_rows_then_batch() -> None:
+    batch = torch.tensor([[7.0, 7.0], [8.0, 9.0]])
+    for use_partial in (True, False):
+        bank = MemoryBank(feature_dim=2, capacity=4, use_partial=use_partial)
+        augmented, rows = bank.with_batch(batch)
+        assert rows == slice(0, 2) and torch.equal(augmented, batch)
+        bank.enqueue(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        augmented, rows = bank.with_batch(batch)
+        if use_partial:
+            assert rows == slice(3, 5) and torch.equal(augmented[:3], bank.contents())
+        else:  # authors' code: the queue joins only once full
+            assert rows == slice(0, 2) and augmented.shape == (2, 2)
+        assert torch.equal(augmented[rows], batch)
+        bank.enqueue(torch.ones(1, 2))
+        augmented, rows = bank.with_batch(batch)
+        assert rows == slice(4, 6) and torch.equal(augmented[:4], bank.features)
+    with pytest.raises(DataError, match=r"memory bank expects features \[M, 2\], got \(3, 3\)"):
+        bank.with_batch(torch.zeros(3, 3))
+    with pytest.raises(DataError, match=r"memory bank expects features \[M, 2\]"):
+        bank.enqueue(torch.zeros(3))
+
+
+def test_memory_bank_state_dict_round_trip_resumes_the_queue() -> None:
+    generator = torch.Generator().manual_seed(8)
+    bank = MemoryBank(feature_dim=3, capacity=6)
+    bank.enqueue(torch.randn(4, 3, generator=generator))
+    bank.enqueue(torch.randn(4, 3, generator=generator))
+    resumed = MemoryBank(feature_dim=3, capacity=6)
+    resumed.load_state_dict(bank.state_dict())
+    assert set(bank.state_dict()) == {"features", "pointer", "num_filled"}
+    assert int(resumed.pointer) == 2 and int(resumed.num_filled) == 6
+    new = torch.randn(3, 3, generator=generator)
+    bank.enqueue(new)
+    resumed.enqueue(new)
+    assert torch.equal(bank.features, resumed.features) and int(resumed.pointer) == 5
+
+
+# --------------------------------------------------------------------------- class-balanced sampling (Eq. 8, 9)
+
+
+def _class_counts(labels: torch.Tensor, indices: torch.Tensor, num_classes: int) -> list[list[int]]:
+    picked = labels.flatten(1).gather(1, indices)
+    return [torch.bincount(row, minlength=num_classes + 1).tolist() for row in torch.where(picked == 255, num_classes, picked)]
+
+
+def test_sampling_quotas_follow_eq9_and_the_shortfall_is_filled_from_labelled_pixels() -> None:
+    # 4x4 image: class 0 x9, class 1 x4, class 2 x3; M = 8 -> floor(8*9/16)=4, floor(8*4/16)=2, floor(8*3/16)=1
+    labels = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1], [1, 2, 2, 2]]).unsqueeze(0)
+    extra_pick = [0, 0, 0]
+    for seed in range(30):
+        indices = sample_pixels(labels, 8, 3, generator=torch.Generator().manual_seed(seed))
+        assert indices.shape == (1, 8) and indices.unique().numel() == 8
+        counts = _class_counts(labels, indices, 3)[0]
+        excess = [c - q for c, q in zip(counts, [4, 2, 1])]
+        assert sum(counts) == 8 and min(excess) >= 0 and sum(excess) == 1  # the one place left by the floors
+        extra_pick[excess.index(1)] += 1
+    assert all(extra_pick)  # the shortfall pixel is drawn at random, from any class
+
+
+def test_sampling_counts_exact_with_ignored_and_absent_classes() -> None:
+    # 16 pixels: 8 ignored, class 0 x6, class 1 x2, class 2 absent; M = 8 -> quotas 3, 1, 0, and the
+    # 4-pixel shortfall is filled from the 4 labelled pixels left, so every labelled pixel is taken
+    labels = torch.tensor([[255] * 8 + [0] * 6 + [1] * 2]).view(1, 4, 4)
+    indices = sample_pixels(labels, 8, 3, generator=torch.Generator().manual_seed(0))
+    assert sorted(indices[0].tolist()) == list(range(8, 16))
+    # fewer labelled pixels than M: all of them, then ignored ones
+    sparse = torch.full((1, 4, 4), 255)
+    sparse[0, 0, :3] = torch.tensor([2, 1, 2])
+    indices = sample_pixels(sparse, 8, 3, generator=torch.Generator().manual_seed(0))
+    assert {0, 1, 2} <= set(indices[0].tolist()) and _class_counts(sparse, indices, 3)[0] == [0, 1, 2, 5]
+    # a class below H*W/M pixels gets no quota: a single class-2 pixel with M = 4 of 16 is taken only by chance
+    rare = torch.zeros(1, 4, 4, dtype=torch.long)
+    rare[0, 0, 0] = 2
+    taken = sum(_class_counts(rare, sample_pixels(rare, 4, 3, generator=torch.Generator().manual_seed(s)), 3)[0][2] for s in range(40))
+    assert 0 < taken < 40
+
+
+def test_sampling_per_image_is_deterministic_with_a_generator_and_uniform_option() -> None:
+    labels = torch.randint(0, 5, (3, 12, 10), generator=torch.Generator().manual_seed(9))
+
+    def draw(seed: int, **options: bool) -> torch.Tensor:
+        return sample_pixels(labels, 20, 5, generator=torch.Generator().manual_seed(seed), **options)
+
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+    counts = torch.stack([torch.bincount(labels[n].flatten(), minlength=5) for n in range(3)])
+    quotas = 20 * counts // 120
+    for n, row in enumerate(_class_counts(labels, draw(1), 5)):
+        assert all(row[c] >= int(quotas[n, c]) for c in range(5)) and sum(row) == 20
+    uniform = draw(1, class_balanced=False)
+    assert torch.equal(uniform, draw(1, class_balanced=False)) and all(row.unique().numel() == 20 for row in uniform)
+    features = torch.arange(2 * 120.0).view(1, 2, 12, 10).expand(3, -1, -1, -1)
+    gathered = gather_pixel_features(features, uniform)
+    torch.testing.assert_close(gathered[..., 0], uniform.float())
+    with pytest.raises(ConfigError, match=r"must be in 1..120"):
+        sample_pixels(labels, 121, 5)
+    with pytest.raises(DataError, match=r"pseudo_labels must be \[N, h, w\]"):
+        sample_pixels(labels[0], 10, 5)
+    with pytest.raises(DataError, match=r"ids \[5\] outside 0..4"):
+        sample_pixels(labels + 1, 10, 5)
+
+
+# --------------------------------------------------------------------------- distribution alignment (Eq. 10-12)
+
+
+def test_class_distribution_momentum_arithmetic_eq11() -> None:
+    initial = class_pixel_counts(torch.tensor([[0, 0, 0, 1, 255]]), num_classes=2)  # Eq. 10: [3, 1]
+    estimate = ClassDistribution(initial, momentum=0.9)
+    torch.testing.assert_close(estimate.distribution, torch.tensor([0.75, 0.25]))
+    estimate.update(torch.tensor([0.0, 10.0]))  # counts are normalised: delta_n = [0, 1]
+    torch.testing.assert_close(estimate.distribution, torch.tensor([0.675, 0.325]))
+    estimate.update(torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(estimate.distribution, torch.tensor([0.9 * 0.675 + 0.05, 0.9 * 0.325 + 0.05]))
+    before = estimate.distribution.clone()
+    estimate.update(torch.zeros(2))  # no labelled pixel: nothing to learn
+    assert torch.equal(estimate.distribution, before)
+    resumed = ClassDistribution(torch.ones(2), momentum=0.9)
+    resumed.load_state_dict(estimate.state_dict())
+    assert torch.equal(resumed.distribution, before)
+    fixed = ClassDistribution(initial, mode="fixed")  # authors' code: r stays the warm-up histogram
+    fixed.update(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(fixed.distribution, torch.tensor([0.75, 0.25]))
+    with pytest.raises(ConfigError, match=r"momentum \(alpha of Eq. 11\) must be in \[0, 1\]"):
+        ClassDistribution(initial, momentum=1.5)
+    with pytest.raises(ConfigError, match="'momentum' .* or 'fixed'"):
+        ClassDistribution(initial, mode="ema")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"shape \(2,\)"):
+        estimate.update(torch.ones(3))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_rectification_follows_eq1_on_hand_computed_values() -> None:
+    soft = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.0, 0.0]]).T.reshape(1, 2, 1, 3)
+    scores = torch.tensor([[0.0, 0.1], [0.3, 0.2], [0.2, 0.9]]).T.reshape(1, 2, 1, 3)
+    # pixel 0, tau 0.08: P_SL = softmax([0, 1.25]) -> 0.6 * 0.2227 < 0.4 * 0.7773: class 1
+    # pixel 0, tau 1:    P_SL = softmax([0, 0.1])  -> 0.6 * 0.4750 > 0.4 * 0.5250: class 0
+    # pixel 1: P_ST ties, P_SL decides: class 0; pixel 2: no soft-label mass (padding): ignore
+    assert rectify_pseudo_labels(soft, scores, temperature=0.08).tolist() == [[[1, 0, 255]]]
+    assert rectify_pseudo_labels(soft, scores, temperature=1.0).tolist() == [[[0, 0, 255]]]
+    p_sl = torch.softmax(torch.tensor([0.0, 0.1]) / 1.0, dim=0)
+    assert 0.6 * p_sl[0] > 0.4 * p_sl[1]  # the hand computation above
+    with pytest.raises(DataError, match="same grid"):
+        rectify_pseudo_labels(soft, scores[..., :2])
+
+
+def test_self_labeling_loss_is_soft_target_cross_entropy_and_online_variant_uses_bank_rows() -> None:
+    generator = torch.Generator().manual_seed(10)
+    scores, targets = torch.rand(6, 4, generator=generator), torch.softmax(torch.randn(6, 4, generator=generator), 1)
+    torch.testing.assert_close(self_labeling_loss(scores, targets, 0.08), F.cross_entropy(scores / 0.08, targets))
+    head, bank = SelfLabelingHead(4, 3), MemoryBank(3, capacity=10)
+    bank.enqueue(torch.randn(10, 3, generator=generator))
+    pixels = torch.randn(5, 3, generator=generator)
+    stored = bank.features.clone()
+    loss = online_self_labeling_loss(head, pixels, bank, CITYSCAPES_R[:4], temperature=0.08, epsilon=0.05, iterations=3)
+    with torch.no_grad():
+        q = sinkhorn(head(torch.cat([bank.features, pixels])), CITYSCAPES_R[:4], 0.05, 3)[10:]
+    torch.testing.assert_close(loss, self_labeling_loss(head(pixels), q, 0.08))
+    assert torch.equal(bank.features, stored)  # the caller enqueues after the loss
+    loss.backward()
+    assert head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0
+    with pytest.raises(DataError, match=r"scores \(6, 4\) and assignments \(6, 3\) must match"):
+        self_labeling_loss(scores, targets[:, :3])
+
+
+def test_symmetric_kl_consistency_eq13() -> None:
+    generator = torch.Generator().manual_seed(11)
+    weak, strong = torch.randn(2, 5, 3, 4, generator=generator), torch.randn(2, 5, 3, 4, generator=generator)
+    assert float(symmetric_kl_consistency(weak, weak)) == 0.0
+    value = symmetric_kl_consistency(weak, strong)
+    torch.testing.assert_close(value, symmetric_kl_consistency(strong, weak))
+    log_w, log_s = F.log_softmax(weak, 1), F.log_softmax(strong, 1)
+    reference = (
+        F.kl_div(log_s, log_w, reduction="none", log_target=True) + F.kl_div(log_w, log_s, reduction="none", log_target=True)
+    ).sum(1)
+    torch.testing.assert_close(value, reference.mean())
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[0, 1, 2] = mask[1, 0, 0] = True
+    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, mask), reference[mask].mean())
+    assert float(symmetric_kl_consistency(weak, strong, torch.zeros_like(mask))) == 0.0
+    with pytest.raises(DataError, match=r"weak \(2, 5, 3, 4\) and strong \(2, 5, 3, 3\) logits must match"):
+        symmetric_kl_consistency(weak, strong[..., :3])
+    with pytest.raises(DataError, match="valid_mask must be a bool"):
+        symmetric_kl_consistency(weak, strong, mask.float())
+
+
+def test_total_loss_eq14_defaults() -> None:
+    total = cpsl_total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.3))
+    torch.testing.assert_close(total, torch.tensor(1.0 + 0.1 * 2.0 + 5.0 * 0.3))
+    torch.testing.assert_close(
+        cpsl_total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.3), 0.5, 2.0), torch.tensor(2.6)
+    )
+
+
+def test_distillation_kl_matches_torch_reference_and_ce_uses_confident_labels() -> None:
+    generator = torch.Generator().manual_seed(12)
+    student = torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True)
+    teacher = torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3, 3), generator=generator)
+    confidence = torch.rand(2, 3, 3, generator=generator)
+    confidence[0, 0, 0] = 0.95  # exactly at the threshold: dropped (the reference keeps conf > 0.95 only)
+    parts = distillation_loss(student, teacher, labels, confidence, confidence_threshold=0.5, kl_weight=0.25)
+    kl_reference = F.kl_div(F.log_softmax(student, 1), F.softmax(teacher, 1), reduction="none").sum(1).mean()
+    torch.testing.assert_close(parts.kl_divergence, kl_reference)
+    assert parts.kl_divergence.item() > 0
+    # the authors' call (softmax student as input) is not a divergence; ours differs from it
+    buggy = F.kl_div(F.softmax(student, 1), F.softmax(teacher, 1), reduction="none").mean()  # its default 'mean'
+    assert buggy.item() < 0 and not torch.isclose(parts.kl_divergence, buggy)
+    kept = labels.masked_fill(confidence <= 0.5, 255)
+    torch.testing.assert_close(parts.cross_entropy, F.cross_entropy(student, kept, ignore_index=255))
+    torch.testing.assert_close(parts.total, parts.cross_entropy + 0.25 * parts.kl_divergence)
+    parts.total.backward()
+    assert student.grad is not None and teacher.grad is None  # the teacher is a constant
+    at_threshold = distillation_loss(student, teacher, labels, torch.full((2, 3, 3), 0.95))
+    assert at_threshold.cross_entropy.item() == 0.0  # nothing strictly above 0.95
+    with pytest.raises(DataError, match=r"pseudo labels \(2, 3\) must be on the logits' grid \(2, 3, 3\)"):
+        distillation_loss(student, teacher, labels[:, 0])
+    with pytest.raises(DataError, match=r"student \(2, 4, 3, 3\) and teacher \(2, 3, 3, 3\)"):
+        distillation_loss(student, teacher[:, :3], labels)

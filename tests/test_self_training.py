@@ -1,0 +1,177 @@
+"""Offline pseudo labels end to end: generation, the pseudo-labelled dataset, self-training, rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from segadapt.cli import main
+from segadapt.config import load_config
+from segadapt.data.pseudo_labeled import PseudoLabeledDataset
+from segadapt.engine.builders import build_dataset_from_spec
+from segadapt.engine.checkpoint import load_checkpoint
+from segadapt.engine.logging import read_metrics
+from segadapt.engine.pseudo_label import generate_pseudo_labels
+from segadapt.engine.rounds import round_config
+from segadapt.engine.trainer import Trainer
+from segadapt.errors import ConfigError, DataError
+from segadapt.methods.pseudo_labels import apply_thresholds, cbst_thresholds_exact
+from segadapt.models.base import SegOutput
+
+TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
+FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
+
+
+@pytest.fixture(autouse=True)
+def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.getbasetemp() / "segadapt_home"
+    monkeypatch.setenv("SEGADAPT_HOME", str(home))
+    return home
+
+
+class PixelwiseModel(nn.Module):
+    """A fixed 1x1 convolution: flip-equivariant, so flip averaging leaves its probabilities unchanged."""
+
+    def __init__(self, num_classes: int = 19) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator) * 4)
+            self.conv.bias.copy_(torch.randn(num_classes, generator=generator))
+
+    def forward(self, images: torch.Tensor) -> SegOutput:
+        logits = self.conv(images)
+        return SegOutput(logits, logits)
+
+
+def target_set(tmp_path: Path, *extra: str):
+    cfg = load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}", *extra])
+    spec = cfg.data.target.model_copy(update={"with_labels": True})
+    return cfg, build_dataset_from_spec(spec, with_labels=True)
+
+
+def read_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path)).astype(np.int64))
+
+
+def test_cbst_labels_match_the_exact_thresholds_on_every_image(tmp_path: Path) -> None:
+    cfg, dataset = target_set(tmp_path, "pseudo_label.ratio=0.3", "pseudo_label.soft=true", "pseudo_label.soft_stride=2")
+    model = PixelwiseModel()
+    summary = generate_pseudo_labels(model, dataset, cfg, tmp_path / "labels", torch.device("cpu"), log=lambda _: None)
+
+    with torch.no_grad():
+        probs = [model(dataset[i]["image"][None]).logits.softmax(1) for i in range(len(dataset))]
+    confidence_per_class = [[] for _ in range(19)]
+    for p in probs:
+        conf, pred = p.max(1)
+        for j in range(19):
+            confidence_per_class[j].append(conf[pred == j])
+    exact = cbst_thresholds_exact([torch.cat(c) for c in confidence_per_class], 0.3)
+    for index, p in enumerate(probs):
+        written = read_png(tmp_path / "labels" / f"{dataset.names[index]}.png")
+        expected = apply_thresholds(p, *exact)[0]
+        # the histogram threshold is the lower edge of the exact one's bin: it may keep a few more
+        disagree = written != expected
+        assert bool((expected[disagree] == 255).all())
+        assert disagree.float().mean() < 0.02
+        soft = np.load(tmp_path / "labels" / f"{dataset.names[index]}.npy")
+        assert soft.dtype == np.float16 and soft.shape == (19, 16, 32)
+        np.testing.assert_allclose(soft.astype(np.float32).sum(0), 1.0, atol=3e-3)
+
+    labels = torch.stack([read_png(tmp_path / "labels" / f"{n}.png") for n in dataset.names])
+    truth = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
+    valid = truth != 255
+    assert summary["density"] == pytest.approx(float((labels[valid] != 255).float().mean()))
+    labelled = valid & (labels != 255)
+    assert summary["accuracy"] == pytest.approx(float((labels[labelled] == truth[labelled]).float().mean()))
+    assert summary["class_counts"] == torch.bincount(labels[labels != 255], minlength=19).tolist()
+    saved = json.loads((tmp_path / "labels" / "summary.json").read_text())
+    assert saved["rule"] == "cbst" and saved["ratio"] == 0.3 and len(saved["thresholds"]) == 19
+    assert "| class | threshold |" in (tmp_path / "labels" / "summary.md").read_text()
+
+
+def test_st_threshold_bounds_and_dars_labels_the_requested_fraction(tmp_path: Path) -> None:
+    model = PixelwiseModel()
+    cfg, dataset = target_set(tmp_path, "pseudo_label.rule=st", "pseudo_label.threshold=0.0")
+    everything = generate_pseudo_labels(model, dataset, cfg, tmp_path / "st0", torch.device("cpu"), log=lambda _: None)
+    assert everything["density"] == pytest.approx(1.0)
+
+    cfg, dataset = target_set(tmp_path, "pseudo_label.rule=dars", "pseudo_label.ratio=0.4", "pseudo_label.distribution=predicted")
+    dars = generate_pseudo_labels(model, dataset, cfg, tmp_path / "dars", torch.device("cpu"), log=lambda _: None)
+    total = sum(dataset[i]["image"][0].numel() for i in range(len(dataset)))
+    # per class int(quota) and per image int(n - n * sp) round down: at most a few pixels per class and image over
+    assert 0.4 * total - 19 <= sum(dars["class_counts"]) <= 0.4 * total + 19 * len(dataset)
+    assert dars["distribution"] == "predicted" and dars["kl_to_reference"] >= 0
+
+
+def test_pseudo_labelled_dataset_reports_missing_and_foreign_files(tmp_path: Path) -> None:
+    _, dataset = target_set(tmp_path)
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"4 of 4 items have no pseudo label .* regenerate it"):
+        PseudoLabeledDataset(dataset, folder)
+    for name in dataset.names:
+        Image.fromarray(np.full((32, 64), 3, np.uint8)).save(folder / f"{name}.png")
+    Image.fromarray(np.full((16, 32), 40, np.uint8)).save(folder / f"{dataset.names[1]}.png")
+    wrapped = PseudoLabeledDataset(dataset, folder)
+    assert wrapped[0]["label"].unique().tolist() == [3] and wrapped[0]["image"].shape == (3, 32, 64)
+    with pytest.raises(DataError, match=rf"{dataset.names[1]}.png: pseudo label holds ids \[40\]"):
+        wrapped[1]
+
+
+def test_self_training_generates_its_labels_once_and_trains_on_them(tmp_path: Path) -> None:
+    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=warmup", "train.iters=2"]) == 0
+    warmup = tmp_path / "warmup" / "checkpoints" / "last.pt"
+    assert main(["pseudo-label", str(warmup), str(tmp_path / "st"), "pseudo_label.rule=st", "pseudo_label.threshold=0"]) == 0
+    st = json.loads((tmp_path / "st" / "summary.json").read_text())
+    assert st["rule"] == "st" and st["density"] == 1.0 and st["num_images"] == 4 and 0 <= st["accuracy"] <= 1
+    args = ["train", "benchmark/dars_sd", *TINY, *FAST, f"output_dir={tmp_path}", "name=dars", f"model.checkpoint={warmup}"]
+    assert main([*args, "train.iters=2"]) == 0
+    run = tmp_path / "dars"
+    summary = json.loads((run / "pseudo_labels" / "summary.json").read_text())
+    assert summary["rule"] == "dars" and summary["distribution"] == "source" and 0 < summary["density"] <= 0.5 + 1e-3
+    saved = load_config(run / "config.yaml")
+    assert saved.data.target.pseudo_labels == str(run / "pseudo_labels")
+    assert all("loss_target" in r for r in read_metrics(run) if "loss" in r)
+    stamp = (run / "pseudo_labels" / "summary.json").stat().st_mtime_ns
+    assert main([*args, "train.iters=3", "resume=true"]) == 0  # resumed: the labels are reused
+    assert (run / "pseudo_labels" / "summary.json").stat().st_mtime_ns == stamp
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 3
+
+
+def test_self_training_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"set model.checkpoint=runs/<warm-up run>/checkpoints/best.pt"):
+        Trainer(load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"unknown key 'method.target_wieght'; did you mean 'method.target_weight'"):
+        Trainer(load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}", "method.target_wieght=2", "name=b"]))
+    with pytest.raises(ConfigError, match=r"given_distribution: one value per class"):
+        cfg, dataset = target_set(tmp_path, "pseudo_label.rule=dars", "pseudo_label.distribution=given")
+        generate_pseudo_labels(PixelwiseModel(), dataset, cfg, tmp_path / "x", torch.device("cpu"), log=lambda _: None)
+
+
+def test_rounds_follow_the_progressive_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [
+        "rounds", "benchmark/semi_supervised", *TINY, *FAST, f"output_dir={tmp_path}", "name=ssl",
+        "rounds.labeling_ratios=[0.2,0.5]", "rounds.scale_growth=[0.2,0.5]", "rounds.iters=[2,1,1]",
+    ]  # fmt: skip
+    assert main(args) == 0
+    cfg = load_config(tmp_path / "ssl" / "config.yaml")
+    first, second = round_config(cfg, 1, Path("prev.pt")), round_config(cfg, 2, Path("prev.pt"))
+    assert first.recipe == second.recipe == "self_training" and first.model.checkpoint == "prev.pt"
+    scale = {t["name"]: t for t in second.data.train_transforms}["random_scale"]
+    base = {t["name"]: t for t in cfg.data.train_transforms}["random_scale"]
+    assert (scale["min"], scale["max"]) == pytest.approx((base["min"] * 0.8, base["max"] * 1.5))
+    for index, ratio in ((1, 0.2), (2, 0.5)):
+        summary = json.loads((tmp_path / "ssl" / f"round_{index}" / "pseudo_labels" / "summary.json").read_text())
+        assert summary["rule"] == "dars" and summary["ratio"] == ratio
+        assert load_checkpoint(tmp_path / "ssl" / f"round_{index}" / "checkpoints" / "last.pt")["iteration"] == 1
+    capsys.readouterr()
+    assert main(args) == 0  # everything finished: nothing retrained
+    assert capsys.readouterr().err.count("finished already") == 3
