@@ -311,7 +311,7 @@ def test_param_groups_reject_models_with_incomplete_or_missing_groups():
 
 
 def test_registry_names_and_small_model():
-    assert available_models() == ["deeplabv2_r101", "deeplabv2_r101_proda", "small"]
+    assert available_models() == ["deeplabv2_r101", "deeplabv2_r101_proda", "pspnet50", "small"]
     model = create_model("small", 5, feature_dim=16)
     assert isinstance(model, SmallSegNet)
     out = model.eval()(torch.rand(1, 3, 32, 32))
@@ -320,7 +320,7 @@ def test_registry_names_and_small_model():
 
 def test_registry_errors_name_the_key_and_the_choices():
     with pytest.raises(ConfigError, match=(
-        r"unknown model.name 'deeplabv2_r10'.*deeplabv2_r101, deeplabv2_r101_proda, small"
+        r"unknown model.name 'deeplabv2_r10'.*deeplabv2_r101, deeplabv2_r101_proda, pspnet50, small"
         r".*did you mean 'deeplabv2_r101'"
     )):
         create_model("deeplabv2_r10", 19)

@@ -29,14 +29,16 @@ DEMO_RECIPES = (("source-only", "benchmark/source_only.yaml"), ("oracle", "bench
 QUICK_OVERRIDES = ["train.iters=6", "train.log_every=2", "data.batch_size=2", "data.num_workers=0"]
 
 
-def _train_or_reuse(cfg: RunConfig) -> Path:
+def _train_or_reuse(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
+    """The run's last checkpoint and its evaluation on ``data.val``, training it first if unfinished."""
     last = cfg.run_dir / "checkpoints" / "last.pt"
     resume = last.exists()
     if resume and torch.load(last, map_location="cpu", weights_only=False)["iteration"] >= cfg.train.iters:
         print(f"reusing the finished run {cfg.run_dir}", file=sys.stderr)
-        return last
-    Trainer(cfg, resume=resume).fit()
-    return last
+        return last, evaluate_checkpoint(last, cfg.run_dir / "config.yaml")
+    final = Trainer(cfg, resume=resume).fit()
+    assert final is not None  # the demo configs evaluate on target/val at the last iteration
+    return last, final
 
 
 def _prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> Any:
@@ -65,8 +67,7 @@ def run_demo(output: Path, seed: int = 0, quick: bool = False, benchmark_size: s
         overrides += [f"data.{part}.benchmark_size={benchmark_size}" for part in ("source", "target")]
         cfg = load_config(packaged_config(config), overrides + (QUICK_OVERRIDES if quick else []))
         print(f"== {name}: training {cfg.recipe} for {cfg.train.iters} iterations in {cfg.run_dir}", file=sys.stderr)
-        checkpoint = _train_or_reuse(cfg)
-        results[name] = evaluate_checkpoint(checkpoint, cfg.run_dir / "config.yaml")
+        checkpoint, results[name] = _train_or_reuse(cfg)
         runs[name] = (checkpoint, cfg)
 
     report_dir = output / "report"

@@ -29,6 +29,14 @@ Where the sources disagree, this module follows the authors' fixed code:
 
 sigma: 6 in the supplement for every task except SYNTHIA -> Cityscapes (4); the code's
 default is 4. The temporal variant (supplement Sec. 3) is :func:`sigma_schedule`.
+
+Use: :class:`BalancedLogitVariationLoss` replaces the main head's cross-entropy; auxiliary
+heads (e.g. PSPNet's, weight 0.4) keep plain CE, as in the reference configs. Which CE terms
+of a UDA or semi-supervised recipe get the variation (source only, or pseudo labels too) is
+not in the released code; it is the recipe's choice. The counts come from labelled data
+(:func:`dataset_class_counts`) or accumulate online, e.g. over pseudo labels
+(:class:`ClassCounter`); the supplement (Tab. 5) reports that counts from the few labelled
+images of a semi-supervised split help little.
 """
 
 from __future__ import annotations
@@ -52,9 +60,13 @@ def blv_offsets(class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> to
     Returns:
         float32 ``[C]``; the rarest class gets 1.
 
-    A class with no pixels would get an infinite offset; its count is raised to that of the
-    rarest observed class, so it shares the largest offset (1) and the other classes keep
-    exactly the values their counts give. With a single class ``f = 0``.
+    Zero counts: ``log 0`` would make ``f`` infinite for a class absent from the counted
+    labels (and ``inf / inf = NaN`` after the normalisation). Such a class is treated as
+    rare as the rarest observed one: its ``log n_c`` uses the smallest positive count, while
+    ``N`` stays the true total, so it shares the largest offset (1) and the observed classes
+    keep exactly the values their own counts give. Equal counts give ``f = 1`` for every
+    class, as in the reference (independent noise on every logit, nothing class-specific);
+    a single class gives ``f = 0``.
 
     Raises:
         ValueError: counts that are not a 1-d list of finite, non-negative numbers with at
@@ -63,6 +75,8 @@ def blv_offsets(class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> to
     Examples:
         >>> blv_offsets([1, 1, 2])  # log 4 - log n_c = [log 4, log 4, log 2], over log 4
         tensor([1.0000, 1.0000, 0.5000])
+        >>> blv_offsets([0, 1, 3])  # the absent class counts as 1: [log 4, log 4, log 4/3] / log 4
+        tensor([1.0000, 1.0000, 0.2075])
     """
     if isinstance(class_counts, torch.Tensor):
         counts = class_counts.detach().cpu().double()
@@ -74,8 +88,7 @@ def blv_offsets(class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> to
         raise ValueError(f"class counts must be finite and non-negative, got {counts.tolist()}")
     if not (counts > 0).any():
         raise ValueError("class counts are all zero: count the labels of a labelled split first")
-    counts = counts.clamp_min(counts[counts > 0].min())
-    rarity = counts.sum().log() - counts.log()
+    rarity = counts.sum().log() - counts.clamp_min(counts[counts > 0].min()).log()
     largest = rarity.max()
     if largest <= 0:
         return torch.zeros_like(rarity, dtype=torch.float32)
@@ -127,7 +140,7 @@ def sigma_schedule(iteration: int, total: int, sigma0: float, t_mid: int) -> flo
     1 for large sigma, the ramps matter mostly where sigma is below about 2.
 
     Args:
-        iteration: current iteration, ``>= 0``; past ``total`` the value stays 0.
+        iteration: current iteration, ``>= 0``; past ``total`` the value is 0.
         total: ``t_end``, the number of training iterations.
         sigma0: the peak value.
         t_mid: the turning point, ``0 <= t_mid <= total``.
@@ -141,7 +154,7 @@ def sigma_schedule(iteration: int, total: int, sigma0: float, t_mid: int) -> flo
             f"sigma_schedule needs total > 0, 0 <= t_mid <= total, sigma0 >= 0 and iteration >= 0;"
             f" got iteration={iteration}, total={total}, sigma0={sigma0}, t_mid={t_mid}"
         )
-    if iteration >= total:
+    if iteration > total:
         return 0.0
     if iteration <= t_mid:
         return float(sigma0 * iteration / t_mid) if t_mid > 0 else float(sigma0)
@@ -283,6 +296,11 @@ class BalancedLogitVariationLoss(nn.Module):
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        if logits.dim() != 4 or labels.dim() != 3 or logits.shape[1] != self.offsets.numel():
+            raise ValueError(
+                f"BLV loss expects logits [N, {self.offsets.numel()}, h, w] (one channel per counted class) and"
+                f" labels [N, H, W]; got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+            )
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         logits = logits.float()

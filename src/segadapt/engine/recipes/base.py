@@ -72,6 +72,19 @@ class Recipe(nn.Module, abc.ABC):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         """Losses of one iteration; ``batches[stream]`` holds collated samples on the device."""
 
+    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``seg_loss(logits, labels)``, plus the auxiliary head's loss of the last training forward.
+
+        PSPNet-50 keeps its layer-3 head's logits in ``model.aux_logits`` during training; its
+        loss counts ``model.aux_weight`` (0.4, DARS/semseg) times the same segmentation loss.
+        ``labels`` must cover the whole batch of that forward.
+        """
+        loss = self.seg_loss(logits, labels)
+        aux_logits = getattr(self.model, "aux_logits", None)
+        if aux_logits is not None and aux_logits.shape[0] == labels.shape[0]:
+            loss = loss + self.model.aux_weight * self.seg_loss(aux_logits, labels)
+        return loss
+
     def after_optimizer_step(self, iteration: int) -> None:
         """Hook for EMA updates and queue maintenance after each optimiser step."""
 

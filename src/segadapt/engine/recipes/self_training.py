@@ -67,6 +67,13 @@ class SelfTraining(Recipe):
         loss_source = self.seg_loss(source_logits, source["label"])
         loss_target = self.seg_loss(target_logits, target["label"])
         loss = self.options.source_weight * loss_source + self.options.target_weight * loss_target
+        aux_logits = getattr(self.model, "aux_logits", None)
+        if aux_logits is not None:  # PSPNet's auxiliary head, weighted per stream like the main loss
+            aux_source, aux_target = aux_logits.split([len(source["image"]), len(target["image"])])
+            loss = loss + self.model.aux_weight * (
+                self.options.source_weight * self.seg_loss(aux_source, source["label"])
+                + self.options.target_weight * self.seg_loss(aux_target, target["label"])
+            )
         return {"loss": loss, "loss_source": loss_source.detach(), "loss_target": loss_target.detach()}
 
 

@@ -1,0 +1,1 @@
+"""The papers' algorithms as functions on tensors, one file per paper (see each module)."""
