@@ -6,6 +6,7 @@
     segadapt predict CHECKPOINT INPUT_DIR OUTPUT_DIR   colour / train-id / labelId PNGs
     segadapt pseudo-label CHECKPOINT OUT_DIR [key=value ...]   ST / CBST / DARS pseudo labels
     segadapt rounds CONFIG [key=value ...]          semi-supervised rounds (DARS)
+    segadapt report RUN_DIR [RUN_DIR ...] --out DIR  figures and a markdown page
     segadapt make-benchmark [--root DIR]            generate the embedded benchmark
     segadapt check-data PATH | --dataset NAME --root PATH   validate a dataset
 """
@@ -73,6 +74,14 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         if scores is not None:
             print(f"round {index}: val mIoU {100 * scores['flat']['miou']:.2f}")
     print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .viz.report import write_report
+
+    out = args.out or str(Path(args.runs[0]) / "report")
+    print(f"report: {write_report(args.runs, out, images=args.images)}")
     return 0
 
 
@@ -180,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("config")
     rd.add_argument("overrides", nargs="*", help="e.g. rounds.labeling_ratios=[0.2,0.5] train.iters=500")
     rd.set_defaults(func=cmd_rounds)
+
+    rp = sub.add_parser("report", help="figures of runs: curves, per-class IoU, class distributions, predictions, features")
+    rp.add_argument("runs", nargs="+", help="run directories (the first one's config gives the validation data)")
+    rp.add_argument("--out", help="output folder (default: FIRST_RUN/report)")
+    rp.add_argument("--images", type=int, default=4, help="validation images in the prediction grid")
+    rp.set_defaults(func=cmd_report)
 
     mb = sub.add_parser("make-benchmark", help="generate the embedded benchmark (cached)")
     mb.add_argument("--root", help="output folder (default: the cache, $SEGADAPT_HOME/benchmark/...)")

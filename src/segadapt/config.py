@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -127,10 +127,44 @@ class EvalConfig(_Strict):
         return value
 
 
-class LossConfig(_Strict):
-    """The supervised segmentation loss every recipe uses for labelled pixels."""
+class BLVConfig(_Strict):
+    """``loss.blv``: balanced logit variation (paper 004, docs/blv.md); used when ``loss.name`` is ``blv``.
 
-    name: Literal["ce"] = "ce"
+    ``class_counts`` says where the per-class pixel counts ``n_c`` come from: ``source`` (the labels
+    of ``data.source``, the UDA setting), ``labeled`` (the same data, checked to be the labelled part
+    of a ratio split: semi-supervised, BLV supplement Tab. 5 "estimation from the labeled data"),
+    ``pseudo`` (the pseudo-label folder ``data.target.pseudo_labels``) or ``given`` (``given_counts``).
+    """
+
+    sigma: float = Field(6.0, ge=0, description="noise std; 6 in the supplement, 4 for SYNTHIA -> Cityscapes")
+    schedule: Literal["constant", "temporal"] = Field(
+        "constant", description="temporal: sigma rises linearly to sigma at t_mid, then falls to 0 at train.iters"
+    )
+    t_mid: int | None = Field(None, ge=0, description="temporal schedule: the iteration of the peak sigma")
+    class_counts: Literal["source", "labeled", "pseudo", "given"] = "source"
+    given_counts: list[float] | None = Field(None, description="class_counts=given: one pixel count per class")
+
+    @model_validator(mode="after")
+    def _needed_keys(self) -> "BLVConfig":
+        if self.schedule == "temporal" and self.t_mid is None:
+            raise ValueError("loss.blv.schedule=temporal needs loss.blv.t_mid (e.g. 3/4 of train.iters)")
+        if self.schedule == "constant" and self.t_mid is not None:
+            raise ValueError("loss.blv.t_mid is only used by loss.blv.schedule=temporal; remove it or set the schedule")
+        if self.class_counts == "given" and not self.given_counts:
+            raise ValueError("loss.blv.class_counts=given needs loss.blv.given_counts: one pixel count per class")
+        if self.class_counts != "given" and self.given_counts is not None:
+            raise ValueError(
+                f"loss.blv.given_counts is only used with loss.blv.class_counts=given (now {self.class_counts!r})"
+            )
+        return self
+
+
+class LossConfig(_Strict):
+    """The supervised segmentation loss every recipe uses for labelled pixels: ``ce``, or ``blv`` (CE plus
+    balanced logit variation in training, plain CE in evaluation)."""
+
+    name: Literal["ce", "blv"] = "ce"
+    blv: BLVConfig = Field(default_factory=BLVConfig)
 
 
 class PseudoLabelConfig(_Strict):

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..config import DatasetSpec, ModelConfig, OptimConfig, RunConfig
 from ..errors import ConfigError
@@ -62,9 +62,18 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_train_loader(
-    dataset: Any, transform: Any, batch_size: int, num_workers: int, seed: int, start: int, rank: int = 0, world_size: int = 1
+    dataset: Any,
+    transform: Any,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    start: int,
+    rank: int = 0,
+    world_size: int = 1,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    sampler = ResumableStreamSampler(len(dataset), seed=seed, start=start, rank=rank, world_size=world_size)
+    """An endless loader of ``dataset`` from sample ``start`` on; ``sampler`` replaces the default shuffling stream."""
+    sampler = sampler or ResumableStreamSampler(len(dataset), seed=seed, start=start, rank=rank, world_size=world_size)
     return DataLoader(
         SeededTransformDataset(dataset, transform),
         batch_size=batch_size,

@@ -41,7 +41,7 @@ def _train_or_reuse(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     return last, final
 
 
-def _prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> Any:
+def prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> Any:
     first_cfg = next(iter(runs.values()))[1]
     dataset = build_dataset_from_spec(first_cfg.data.val, with_labels=True)
     device = resolve_device(first_cfg.device)
@@ -74,7 +74,7 @@ def run_demo(output: Path, seed: int = 0, quick: bool = False, benchmark_size: s
     report_dir.mkdir(parents=True, exist_ok=True)
     scores = {name: result["scores"] for name, result in results.items()}
     print(format_table(scores, style="terminal"))
-    _prediction_grid(runs).save(report_dir / "predictions.png")
+    prediction_grid(runs).save(report_dir / "predictions.png")
     lines = [
         "# segadapt demo: embedded benchmark, target validation split",
         "",

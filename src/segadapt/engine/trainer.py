@@ -80,7 +80,7 @@ class Trainer:
         model = build_model(cfg.model, self.num_classes).to(self.device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index)
+        loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
         self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(self.recipe.trainable_model(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
@@ -124,13 +124,15 @@ class Trainer:
             spec = getattr(cfg.data, stream.transforms)
             if stream.spec == "target" and stream.transforms == "train_transforms" and cfg.data.target_transforms is not None:
                 spec = cfg.data.target_transforms
+            seed = cfg.seed * 1000 + index
             loader = build_train_loader(
                 self.train_sets[name],
                 _build_transform(spec),
                 cfg.data.batch_size,
                 cfg.data.num_workers,
-                seed=cfg.seed * 1000 + index,
+                seed=seed,
                 start=self.consumed[name],
+                sampler=self.recipe.train_sampler(name, self.train_sets[name], seed, self.consumed[name]),
             )
             loaders[name] = iter(loader)
         return loaders
@@ -189,6 +191,7 @@ class Trainer:
         self.recipe.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        self.recipe.seg_loss.set_iteration(self.iteration)  # BLV's temporal sigma schedule
         for _ in range(cfg.grad_accum):
             batches = {}
             for name, loader in loaders.items():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from ...errors import ConfigError
+from .adversarial import AdversarialWarmup
 from .base import Recipe, Stream
+from .bicl import BiCL
+from .cpsl import CPSL
+from .dacs import DACS
+from .distill import CPSLDistill
 from .self_training import SelfTraining
 from .source_only import Oracle, SourceOnly
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining)}
+RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, BiCL)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -10,6 +10,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
+from torch.utils.data import Sampler
 
 from ...config import RunConfig, validate
 from ..losses import SegLoss
@@ -84,6 +85,14 @@ class Recipe(nn.Module, abc.ABC):
         if aux_logits is not None and aux_logits.shape[0] == labels.shape[0]:
             loss = loss + self.model.aux_weight * self.seg_loss(aux_logits, labels)
         return loss
+
+    def train_sampler(self, stream: str, dataset: Any, seed: int, start: int) -> Sampler | None:
+        """A sampler for ``stream`` instead of the default shuffled stream (e.g. BiCL's weighted source sampling).
+
+        It must be a pure function of ``seed`` and ``start`` (the samples already consumed) so
+        that a resumed run draws the same samples; None keeps the default.
+        """
+        return None
 
     def after_optimizer_step(self, iteration: int) -> None:
         """Hook for EMA updates and queue maintenance after each optimiser step."""

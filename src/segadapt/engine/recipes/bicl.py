@@ -1,0 +1,309 @@
+"""BiCL: bi-directional pixel-prototype contrastive learning (Lee et al., ECCV 2022; paper 003).
+
+The recipe composes :mod:`segadapt.methods.bicl`. One iteration, for a source crop (labels ``y_S``)
+and a target crop, one forward of both through the network (logits and features ``f``):
+
+=====================================================  ==================================================
+paper                                                  here
+=====================================================  ==================================================
+source prototypes ``m_S`` (momentum 0.999)             ``source_memory.update(f_S, y_S)``
+target labels ``y_T``: static / dynamic / hybrid        ``method.labels``: the offline CBST labels
+                                                       (``data.target.pseudo_labels``, made in
+                                                       :meth:`BiCL.prepare`), :func:`dynamic_pseudo_labels`
+                                                       with calibration and T, :func:`hybrid_pseudo_labels`
+target prototypes ``m_T``                              ``target_memory.update(f_T, y_T)``
+``L_FC`` (target pixels vs ``m_S``), weight 0.5        :func:`pixel_prototype_contrastive_loss`
+``L_BC`` (source pixels vs ``m_T``), weight 0.5        the same, other direction
+baseline (CCM [3]): ``L_seg^S + L_seg^T`` (weights 1)  ``seg_loss`` (CE, or BLV with ``loss.name=blv``)
+and ``0.4 (L_ent^S + L_ent^T)``                        :func:`entropy_loss`
+weighted source sampling (supplement Eq. 1)            :meth:`BiCL.train_sampler` 
+self-distillation (supplement Eq. 2)                   :func:`segadapt.methods.bicl.self_distillation_loss`
+                                                       (a separate stage, not part of this recipe)
+=====================================================  ==================================================
+
+Choices where the supplement is silent (docs/bicl.md lists them all): features are the model's
+``features`` at its output stride, L2-normalised; labels are resized to that grid (nearest) for the
+prototypes and contrastive losses and kept at crop resolution for the target CE (dynamic labels
+are upsampled, nearest). Within an iteration the source memory is updated first, then the target
+labels are made, then the target memory is updated, then the losses use the updated prototypes,
+so every class present in the batch has a prototype from iteration 0 on. When the target split
+has ground truth on disk (the benchmark, Cityscapes), the density and accuracy of the labels used
+for the target CE are logged every iteration (``label_density``, ``label_accuracy``; supplement
+Tab. 1); the ground truth is read only for that measurement, never for training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import Sampler
+
+from ...config import RunConfig
+from ...data.classes import IGNORE_INDEX
+from ...data.transforms import replay_geometric, resize
+from ...errors import ConfigError, DataError
+from ...methods.bicl import (
+    PrototypeMemory,
+    domain_biases,
+    dynamic_pseudo_labels,
+    entropy_loss,
+    hybrid_pseudo_labels,
+    occurrence_table,
+    pixel_prototype_contrastive_loss,
+    sample_source_indices,
+)
+from ...metrics.pseudo_label_quality import pseudo_label_stats
+from .base import Recipe, Stream, parse_options
+from .dacs import image_content_mask
+
+OCCURRENCE_FILE = "bicl_source_occurrence.pt"
+"""The source class-occurrence table of weighted sampling, cached in the run directory."""
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest (pixel-centre) resize of label maps ``[N, H, W]`` or ``[H, W]`` to ``size``."""
+    batched = labels.dim() == 3
+    maps = labels if batched else labels.unsqueeze(0)
+    out = resize(maps.unsqueeze(1), size, "label").squeeze(1)
+    return out if batched else out[0]
+
+
+class BiCLOptions(BaseModel):
+    """``method.*`` of recipe ``bicl``; defaults are the supplement's (Sec. 1) unless noted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: Literal["static", "dynamic", "hybrid"] = Field("hybrid", description="target labels (supplement Tab. 1)")
+    lambda_fc: float = Field(0.5, ge=0, description="weight of the forward contrastive loss L_FC")
+    lambda_bc: float = Field(0.5, ge=0, description="weight of the backward contrastive loss L_BC")
+    momentum: float = Field(0.999, ge=0, lt=1, description="prototype memory momentum lambda")
+    threshold: float = Field(0.7, ge=0, le=1, description="T: dynamic labels need this label-transfer probability")
+    temperature: float = Field(0.1, gt=0, description="tau of the contrastive losses and label transfer (DASS code: 0.1)")
+    calibration: bool = Field(True, description="subtract the class-wise domain biases before label transfer")
+    hybrid_conflict: Literal["ignore", "static", "dynamic"] = Field(
+        "ignore", description="hybrid labels where static and dynamic disagree (not in the paper)"
+    )
+    lambda_seg_source: float = Field(1.0, ge=0, description="lambda_seg^S (CCM baseline)")
+    lambda_seg_target: float = Field(1.0, ge=0, description="lambda_seg^T (CCM baseline)")
+    lambda_ent_source: float = Field(0.4, ge=0, description="lambda_ent^S (CCM baseline)")
+    lambda_ent_target: float = Field(0.4, ge=0, description="lambda_ent^T (CCM baseline)")
+    weighted_sampling: bool = Field(
+        False, description="draw source images by supplement Eq. 1 (needs the trainer's sampler hook)"
+    )
+
+
+class InverseOccurrenceSampler(Sampler):
+    """Endless, resumable stream of ``(index, sample_seed)`` pairs drawn by BiCL's weighted sampling.
+
+    Position ``k`` of the stream draws from ``torch.Generator().manual_seed(seed + k)`` only
+    (:func:`sample_source_indices` with one sample), so a stream restarted at ``start`` continues
+    exactly; the pairs are what the engine's ``SeededTransformDataset`` reads.
+    """
+
+    def __init__(self, occurrence: torch.Tensor, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.occurrence, self.seed, self.start, self.rank, self.world_size = occurrence, seed, start, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + self.rank
+        while True:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (1 << 63))
+            index = int(sample_source_indices(self.occurrence, 1, generator)[0])
+            yield index, int(torch.randint(0, 1 << 62, (1,), generator=generator))
+            position += self.world_size
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+
+class BiCL(Recipe):
+    """Bi-directional pixel-prototype contrastive adaptation (paper 003), on top of the CCM-style baseline.
+
+    Starts from a source-only network (``model.checkpoint``), which also makes the static CBST
+    labels. Buffers saved and resumed: ``source_memory`` and ``target_memory`` (prototypes and which
+    classes have one).
+    """
+
+    name = "bicl"
+    streams = {"source": Stream("source"), "target": Stream("target")}
+    Options = BiCLOptions
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+        """Static labels (``labels: static|hybrid``) and the occurrence table (``weighted_sampling``), reused when present."""
+        from ..checkpoint import atomic_save
+        from .self_training import generate_for_run
+
+        options = parse_options(cls.Options, cfg.method, cls.name)
+        if cfg.data.target is None:
+            raise ConfigError("recipe bicl needs data.target (the unlabelled target images)")
+        if cfg.data.source is None:
+            raise ConfigError("recipe bicl needs data.source (the labelled source images)")
+        target = cfg.data.target
+        if options.labels == "dynamic":
+            # dynamic labels come from the prototypes alone: the target's own labels must never reach training
+            target = target.model_copy(update={"with_labels": False, "pseudo_labels": None})
+        elif target.pseudo_labels is None:
+            if cfg.model.checkpoint is None:
+                raise ConfigError(
+                    f"method.labels={options.labels} uses static (CBST) pseudo labels made by the source-only model: set "
+                    "model.checkpoint=runs/<source-only run>/checkpoints/last.pt, or give ready labels with "
+                    "data.target.pseudo_labels=DIR, or use method.labels=dynamic"
+                )
+            out_dir = run_dir / "pseudo_labels"
+            generate_for_run(cfg, cfg.model.checkpoint, out_dir, log)
+            target = target.model_copy(update={"pseudo_labels": str(out_dir)})
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
+        if options.weighted_sampling:
+            path = run_dir / OCCURRENCE_FILE
+            if not path.is_file():
+                from ..builders import build_dataset_from_spec
+
+                dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
+                log(f"bicl: class occurrence of {len(dataset)} source label maps (weighted sampling)")
+                table = occurrence_table(
+                    (dataset.load_label(i) for i in range(len(dataset))), dataset.classes.num_classes, dataset.classes.ignore_index
+                )
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_save({"occurrence": table, "names": list(dataset.names)}, path)
+        return cfg
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
+        super().__init__(cfg, model, seg_loss, num_classes)
+        dim = getattr(model, "feature_dim", None)
+        if dim is None:
+            raise ConfigError(f"recipe bicl needs a model with a feature map (feature_dim); {cfg.model.name} has none")
+        options = self.options
+        self.source_memory = PrototypeMemory(num_classes, dim, options.momentum)
+        self.target_memory = PrototypeMemory(num_classes, dim, options.momentum)
+        self._truth, self._truth_index = self._ground_truth(cfg)
+
+    @staticmethod
+    def _ground_truth(cfg: RunConfig) -> tuple[Any, dict[str, int]]:
+        """The target split with its own labels, for measuring label quality only; None without labels on disk."""
+        from ..builders import build_dataset_from_spec
+
+        if cfg.data.target is None:
+            return None, {}
+        spec = cfg.data.target.model_copy(update={"pseudo_labels": None, "with_labels": True})
+        try:
+            dataset = build_dataset_from_spec(spec, with_labels=True)
+        except (ConfigError, DataError):
+            return None, {}  # no ground truth on disk: nothing to measure
+        if not dataset.has_labels:
+            return None, {}
+        return dataset, {name: index for index, name in enumerate(dataset.names)}
+
+    def train_sampler(self, stream: str, dataset: Any, seed: int, start: int) -> Sampler | None:
+        """The source stream's sampler under ``method.weighted_sampling`` (supplement Eq. 1); None otherwise."""
+        if stream != "source" or not self.options.weighted_sampling:
+            return None
+        saved = torch.load(self.cfg.run_dir / OCCURRENCE_FILE, map_location="cpu", weights_only=True)
+        if saved["names"] != list(dataset.names):
+            raise DataError(
+                f"{self.cfg.run_dir / OCCURRENCE_FILE} was made for another source split; delete it to recount"
+            )
+        return InverseOccurrenceSampler(saved["occurrence"], seed, start)
+
+    # ------------------------------------------------------------------ one iteration
+
+    def target_labels(self, target: dict[str, Any], features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The target labels ``[N, H, W]`` at crop resolution: static, dynamic or hybrid (``method.labels``)."""
+        options = self.options
+        if options.labels == "static":
+            return target["label"]
+        available = self.source_memory.initialized
+        biases = None
+        if options.calibration:
+            both = available & self.target_memory.initialized
+            biases = domain_biases(self.source_memory.prototypes, self.target_memory.prototypes, both)
+        dynamic, _ = dynamic_pseudo_labels(
+            features, self.source_memory.prototypes, options.temperature, options.threshold, biases, available
+        )
+        dynamic = resize_labels(dynamic, size)
+        inside = image_content_mask(target.get("replay", []), dynamic.shape[0], size, dynamic.device)
+        dynamic = dynamic.masked_fill(~inside, IGNORE_INDEX)
+        if options.labels == "dynamic":
+            return dynamic
+        return hybrid_pseudo_labels(target["label"], dynamic, options.hybrid_conflict)
+
+    def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
+        self.seg_loss.set_iteration(iteration)
+        options = self.options
+        source, target = batches["source"], batches["target"]
+        batch = len(source["image"])
+        output = self.model(torch.cat([source["image"], target["image"]]))
+        source_logits, target_logits = output.logits.split([batch, len(target["image"])])
+        source_features, target_features = output.features.split([batch, len(target["image"])])
+        grid = tuple(output.features.shape[-2:])
+        size = tuple(target["image"].shape[-2:])
+
+        source_grid = resize_labels(source["label"], grid)
+        self.source_memory.update(source_features, source_grid)
+        labels = self.target_labels(target, target_features.detach(), size)
+        target_grid = resize_labels(labels, grid)
+        self.target_memory.update(target_features, target_grid)
+
+        loss_seg_source = self.seg_loss(source_logits, source["label"])
+        loss_seg_target = self.seg_loss(target_logits, labels)
+        loss_ent_source = entropy_loss(source_logits)
+        loss_ent_target = entropy_loss(target_logits)
+        loss_fc = pixel_prototype_contrastive_loss(
+            target_features, target_grid, self.source_memory.prototypes, options.temperature, self.source_memory.initialized
+        )
+        loss_bc = pixel_prototype_contrastive_loss(
+            source_features, source_grid, self.target_memory.prototypes, options.temperature, self.target_memory.initialized
+        )
+        loss = (
+            options.lambda_seg_source * loss_seg_source
+            + options.lambda_seg_target * loss_seg_target
+            + options.lambda_ent_source * loss_ent_source
+            + options.lambda_ent_target * loss_ent_target
+            + options.lambda_fc * loss_fc
+            + options.lambda_bc * loss_bc
+        )
+        losses = {
+            "loss": loss,
+            "loss_seg_source": loss_seg_source.detach(),
+            "loss_seg_target": loss_seg_target.detach(),
+            "loss_ent_source": loss_ent_source.detach(),
+            "loss_ent_target": loss_ent_target.detach(),
+            "loss_fc": loss_fc.detach(),
+            "loss_bc": loss_bc.detach(),
+        }
+        losses.update(self.label_quality(target, labels))
+        return losses
+
+    @torch.no_grad()
+    def label_quality(self, target: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Density and accuracy of this batch's target labels against the ground truth, when it exists."""
+        if self._truth is None:
+            return {}
+        truths = []
+        replays = target.get("replay") or [[] for _ in target["name"]]
+        for name, records in zip(target["name"], replays):
+            index = self._truth_index.get(name)
+            if index is None:
+                return {}
+            truth = torch.from_numpy(np.asarray(self._truth.load_label(index)).astype(np.int64))
+            start = next((r.input_size for r in records if hasattr(r, "input_size")), None)
+            if start is not None and tuple(truth.shape) != tuple(start):
+                truth = resize_labels(truth, tuple(start))
+            truths.append(replay_geometric(records, truth, "label") if records else truth)
+        truth = torch.stack(truths).to(labels.device)
+        if truth.shape != labels.shape:
+            raise DataError(
+                f"target ground truth {tuple(truth.shape)} does not match the crop {tuple(labels.shape)}; "
+                "the target split's labels and images differ in size"
+            )
+        stats = pseudo_label_stats(labels, truth, self.num_classes)
+        if np.isnan(stats.density):  # no pixel with ground truth in this batch
+            return {}
+        out = {"label_density": torch.tensor(stats.density)}
+        if not np.isnan(stats.accuracy):
+            out["label_accuracy"] = torch.tensor(stats.accuracy)
+        return out

@@ -1,0 +1,385 @@
+"""CPSL stage 1: class-balanced pixel-level self-labeling (Li et al., CVPR 2022; paper 001, Algorithm 1).
+
+The recipe composes :mod:`segadapt.methods.cpsl`; it re-implements none of it. One iteration:
+
+==========================================  ===============================================================
+Algorithm 1 / equation                      here
+==========================================  ===============================================================
+l.1 soft pseudo labels ``P_ST``             ``softmax`` of a frozen copy of the warm-up network on the
+                                            weak target view (online, see below)
+l.2, Eq. 7 prototype init of f_SL, f'_SL    :meth:`CPSL.prepare` (one pass of the warm-up over the target)
+Eq. 10 initial class distribution ``r``     :meth:`CPSL.prepare` (the warm-up's predicted class histogram)
+l.5-6, Eq. 3 source loss                    cross-entropy on the source crop (``loss_source``)
+l.17 ``P_SL``                               ``f'_SL`` (EMA head) on ``f'_SEG`` (EMA network) features of the
+                                            weak view
+l.18, Eq. 1 rectified labels (tau)          :func:`rectify_pseudo_labels`
+l.19, Eq. 2 target loss                     cross-entropy of the student on the strong view (``loss_target``)
+Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectified labels
+l.8-14, Eq. 4-6, 12 self-labeling loss      :func:`online_self_labeling_loss` over ``[bank; batch]`` with
+                                            Sinkhorn marginal ``r`` (``loss_sl``), then the bank is updated
+Eq. 11 distribution alignment               :meth:`ClassDistribution.update` with the rectified labels
+Eq. 13 consistency                          :func:`symmetric_kl_consistency` of EMA(weak) and student(strong)
+Eq. 14 total                                ``loss_source +`` :func:`cpsl_total_loss`
+l.16, l.20 momentum updates (0.999)         :meth:`CPSL.after_optimizer_step`
+==========================================  ===============================================================
+
+Choices where the paper is silent (docs/cpsl.md lists them all):
+
+- ``P_ST`` is computed online by a frozen copy of the warm-up network on the weak view, instead of
+  being stored offline as ProDA/CPSL do (``generate_pseudo_label.py --soft``). Both are the fixed
+  warm-up's prediction of the same pixels; the online one sees the crop rather than the whole image
+  (less context) but needs no disk and is aligned with the view by construction. The copy is not
+  saved in checkpoints: it is rebuilt from ``model.checkpoint`` on every start.
+- The momentum network and head predict on the weak view (the authors run ``f'_SEG`` on the whole
+  un-augmented image and crop its output, ``full2weak``) and run in eval mode (running BatchNorm
+  statistics copied from the student; the authors leave them in train mode).
+- Algorithm 1 updates ``f_SL`` and ``f'_SL`` before rectifying (l.14-18); here everything is one
+  optimiser step, so ``P_SL`` comes from the momentum head of the previous iteration.
+- Labels, sampling and losses live on the network's output grid (stride 4 for ``small``, 8 for
+  DeepLab-V2); pixels outside the image (crop padding) are ignored.
+- The strong view is the weak view with colour jitter (0.4, p = 0.5) and Gaussian blur (sigma 1,
+  p = 0.5), the photometric part of the authors' ``RandAugmentMC``; geometry is unchanged, so no
+  replay between views is needed.
+- ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
+  ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
+  authors' code does. A class the warm-up never predicts starts with ``r_k = 0``.
+- L_SL features come from the student (paper: Eq. 14 is minimised over the whole model), so L_SL
+  also trains the network; ``method.sl_through_ema_features_only=true`` uses the momentum network's
+  features instead, as the authors' code does (then L_SL trains only the head, REFERENCE_NOTES 7.1).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ...config import RunConfig
+from ...data.classes import IGNORE_INDEX
+from ...data.transforms import resize, strong_augment, valid_mask
+from ...errors import ConfigError, DataError
+from ...methods.cpsl import (
+    ClassDistribution,
+    MemoryBank,
+    PrototypeAccumulator,
+    SelfLabelingHead,
+    class_pixel_counts,
+    cpsl_total_loss,
+    gather_pixel_features,
+    online_self_labeling_loss,
+    rectify_pseudo_labels,
+    sample_pixels,
+    symmetric_kl_consistency,
+)
+from ...methods.ema import ModelEMA
+from ...models.base import SegOutput
+from .base import Recipe, Stream, parse_options
+
+INIT_FILE = "cpsl_init.pt"
+"""What :meth:`CPSL.prepare` writes into the run directory: Eq. 7 prototypes and Eq. 10 class counts."""
+
+# The photometric part of the authors' strong augmentation (RandAugmentMC: ColorJitter(0.4, 0.4, 0.4,
+# 0.4) with p = 0.5, PIL GaussianBlur(radius 1) with p = 0.5; REFERENCE_NOTES 1.5).
+STRONG_JITTER, STRONG_JITTER_P, STRONG_BLUR_SIGMA, STRONG_BLUR_P = 0.4, 0.5, (1.0, 1.0), 0.5
+
+
+class CPSLOptions(BaseModel):
+    """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lambda1: float = Field(0.1, ge=0, description="weight of the self-labeling loss L_SL (Eq. 14)")
+    lambda2: float = Field(5.0, ge=0, description="weight of the consistency loss L_REG (Eq. 14)")
+    tau: float = Field(0.08, gt=0, description="temperature of P_SL in Eq. 1 and of p in Eq. 4")
+    epsilon: float = Field(0.05, gt=0, description="Sinkhorn temperature (Eq. 6)")
+    sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (authors' code: 3)")
+    pixels_per_image: int = Field(512, ge=1, description="M of Eq. 9 (paper 512, authors' code 256)")
+    queue_size: int = Field(65536, ge=1, description="memory bank length in pixel features")
+    momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of f'_SEG and f'_SL")
+    distribution: Literal["momentum", "fixed"] = Field(
+        "momentum", description="r follows Eq. 11 (paper) or stays the warm-up histogram (authors' code)"
+    )
+    distribution_momentum: float = Field(0.999, ge=0, le=1, description="alpha of Eq. 11 (the paper gives none)")
+    self_labeling: bool = Field(True, description="false = 'w/o SL': no head, no L_SL, labels argmax P_ST")
+    self_training: bool = Field(True, description="false = 'w/o ST': labels argmax P_SL, no warm-up soft labels")
+    class_balanced: bool = Field(True, description="false = 'w/o CB' (PSL): equipartition + uniform sampling")
+    init_from_prototypes: bool = Field(True, description="false = 'w/o Init': random self-labeling head")
+    strong_augmentation: bool = Field(True, description="false = 'w/o Aug': the student sees the weak view")
+    momentum_network: bool = Field(True, description="false = 'w/o Mom': targets from the current networks")
+    sl_through_ema_features_only: bool = Field(
+        False, description="authors' code: L_SL on momentum-network features, so it trains only the head"
+    )
+
+
+def _check_switches(options: CPSLOptions) -> None:
+    if not (options.self_labeling or options.self_training):
+        raise ConfigError(
+            "method.self_labeling=false and method.self_training=false leave CPSL without pseudo labels; "
+            "keep at least one of them true"
+        )
+
+
+class _SegmentationWithHead(nn.Module):
+    """What the optimiser trains: the network, and the self-labeling head in the ``head`` group.
+
+    The head group gets ``optim.head_lr_mult`` (5 in the GTA5 config: 1e-4 network, 5e-4 head, Sec. 4.1;
+    the authors' code also gives the classifier 5x).
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.model.backbone_parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.model.head_parameters()
+        if self.head is not None:
+            yield from self.head.parameters()
+
+
+def _padding_free(replay: list[Any], batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``[N, h, w]`` True where the view shows image content (not crop padding or cut-out boxes)."""
+    masks = []
+    for records in replay if replay else [[]] * batch:
+        start = next((r.input_size for r in records if hasattr(r, "input_size")), None)
+        if start is None:
+            masks.append(torch.ones(grid, dtype=torch.bool))
+        else:
+            masks.append(valid_mask(records, start, output_size=grid))
+    return torch.stack(masks).to(device)
+
+
+@torch.no_grad()
+def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Eq. 7 prototypes and Eq. 10 class counts of ``data.target`` under the warm-up ``model.checkpoint``.
+
+    One pass in eval mode, without augmentation, at ``pseudo_label.size`` when set (the resolution the
+    warm-up would label the target at). ``Y_ST`` is the argmax of the warm-up's logits on its output grid;
+    the features are L2-normalised per pixel before the class means (:class:`PrototypeAccumulator`).
+    The authors' ``calc_prototype.py`` differs in details (REFERENCE_NOTES 1.1 step 2) that leave the
+    prototype directions, all the head keeps, nearly unchanged.
+    """
+    from ..builders import build_dataset_from_spec, build_eval_loader, build_model, resolve_device
+
+    assert cfg.data.target is not None and cfg.model.checkpoint is not None
+    spec = cfg.data.target.model_copy(update={"pseudo_labels": None})
+    dataset = build_dataset_from_spec(spec, with_labels=False)
+    num_classes = dataset.classes.num_classes
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, num_classes).to(device).eval()
+    loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers)
+    log(f"cpsl: prototypes and class distribution of {len(dataset)} target images from {cfg.model.checkpoint}")
+    accumulator: PrototypeAccumulator | None = None
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for batch in loader:
+        images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
+        for image in images:  # one at a time: the target images may differ in size
+            image = image[None].to(device)
+            if cfg.pseudo_label.size is not None:
+                image = resize(image, tuple(cfg.pseudo_label.size), "image")
+            output = model(image)
+            hard = output.logits.argmax(dim=1)
+            if accumulator is None:
+                accumulator = PrototypeAccumulator(num_classes, output.features.shape[1])
+            accumulator.update(output.features.float(), hard)
+            counts += class_pixel_counts(hard, num_classes).cpu()
+    if accumulator is None:
+        raise DataError(f"data.target ({spec.dataset}, split {spec.split}) has no images to compute the CPSL prototypes from")
+    unseen = [dataset.classes.names[k] for k in range(num_classes) if counts[k] == 0]
+    if unseen:
+        log(f"cpsl: the warm-up predicts no pixel of {', '.join(unseen)}: their prototypes are zero and r starts at 0 for them")
+    return {
+        "prototypes": accumulator.compute(),
+        "class_counts": counts,
+        "checkpoint": str(cfg.model.checkpoint),
+        "num_images": len(dataset),
+    }
+
+
+class CPSL(Recipe):
+    """Class-balanced pixel-level self-labeling, stage 1 of CPSL (paper 001, Algorithm 1, Eq. 1-14).
+
+    Starts from the warm-up network ``model.checkpoint`` (source-only or ``adversarial_warmup``).
+    Submodules and buffers, all saved and resumed: the student ``model``, the momentum network
+    ``ema_model`` (``f'_SEG``), the self-labeling head ``head`` (``f_SL``) and its momentum copy
+    ``ema_head`` (``f'_SL``), the memory bank ``bank`` and the class distribution ``class_distribution``
+    (``r``). The ablation switches of Tab. 3/5 are ``method.*`` booleans (:class:`CPSLOptions`).
+    """
+
+    name = "cpsl"
+    streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
+    Options = CPSLOptions
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+        """Eq. 7 prototypes and Eq. 10 class counts into ``RUN_DIR/cpsl_init.pt`` (reused when already there)."""
+        from ..checkpoint import atomic_save
+
+        options = parse_options(cls.Options, cfg.method, cls.name)
+        _check_switches(options)
+        if cfg.data.target is None:
+            raise ConfigError("recipe cpsl needs data.target (the unlabelled target images to self-label)")
+        if cfg.model.checkpoint is None:
+            raise ConfigError(
+                "recipe cpsl starts from the warm-up network, whose predictions give the soft pseudo labels, "
+                "prototypes and class distribution: set model.checkpoint=runs/<warm-up run>/checkpoints/last.pt "
+                "(segadapt train benchmark/source_only, or .../adversarial_warmup as in the paper)"
+            )
+        path = run_dir / INIT_FILE
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("checkpoint") == str(cfg.model.checkpoint):
+                log(f"cpsl: reusing the warm-up statistics in {path}")
+                return cfg
+            log(f"cpsl: {path} was made from {saved.get('checkpoint')}, not {cfg.model.checkpoint}: recomputing")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(warmup_statistics(cfg, log), path)
+        return cfg
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
+        super().__init__(cfg, model, seg_loss, num_classes)
+        options = self.options
+        _check_switches(options)
+        path = cfg.run_dir / INIT_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: recipe cpsl runs through the Trainer, whose prepare step writes it")
+        init = torch.load(path, map_location="cpu", weights_only=True)
+        prototypes, counts = init["prototypes"], init["class_counts"]
+        if prototypes.shape[0] != num_classes:
+            raise DataError(f"{path} holds {prototypes.shape[0]} class prototypes but the data has {num_classes} classes; delete it to recompute")
+        # Not a submodule: the fixed warm-up is rebuilt from model.checkpoint on every start instead of
+        # filling every checkpoint with a fourth copy of the network; moved to the data's device lazily.
+        warmup = copy.deepcopy(model).eval().requires_grad_(False) if options.self_training else None
+        object.__setattr__(self, "_warmup", warmup)
+        self.ema_model = ModelEMA(model, options.momentum) if options.momentum_network else None
+        self.head: SelfLabelingHead | None = None
+        self.ema_head: ModelEMA | None = None
+        if options.self_labeling:
+            self.head = SelfLabelingHead(num_classes, prototypes.shape[1])
+            if options.init_from_prototypes:
+                self.head.init_from_prototypes(prototypes)
+            if options.momentum_network:
+                self.ema_head = ModelEMA(self.head, options.momentum)
+            self.bank = MemoryBank(prototypes.shape[1], options.queue_size)
+            self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
+        # a plain attribute, so the network and head are not saved a second time under another name
+        object.__setattr__(self, "_trainable", _SegmentationWithHead(model, self.head))
+
+    # ------------------------------------------------------------------ engine hooks
+
+    def trainable_model(self) -> nn.Module:
+        return self._trainable
+
+    def train(self, mode: bool = True) -> "CPSL":
+        super().train(mode)
+        # the momentum networks only predict targets: running BatchNorm statistics, no dropout
+        for module in (self.ema_model, self.ema_head):
+            if module is not None:
+                module.eval()
+        return self
+
+    @torch.no_grad()
+    def after_optimizer_step(self, iteration: int) -> None:
+        """Momentum updates of ``f'_SEG`` and ``f'_SL`` (Alg. 1 l.16, l.20)."""
+        if self.ema_model is not None:
+            self.ema_model.update(self.model)
+        if self.ema_head is not None and self.head is not None:
+            self.ema_head.update(self.head)
+
+    # ------------------------------------------------------------------ one iteration
+
+    @torch.no_grad()
+    def _momentum_outputs(self, weak: torch.Tensor) -> SegOutput:
+        """``f'_SEG`` on the weak view; without momentum networks ('w/o Mom'), the student itself in eval mode."""
+        if self.ema_model is not None:
+            return self.ema_model(weak)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(weak)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def _warmup_probabilities(self, weak: torch.Tensor) -> torch.Tensor:
+        """``P_ST``: the fixed warm-up network's softmax on the weak view (Eq. 1)."""
+        assert self._warmup is not None
+        parameter = next(self._warmup.parameters(), None)
+        if parameter is not None and parameter.device != weak.device:
+            self._warmup.to(weak.device)
+        return torch.softmax(self._warmup(weak).logits.float(), dim=1)
+
+    def _strong_view(self, weak: torch.Tensor) -> torch.Tensor:
+        if not self.options.strong_augmentation:
+            return weak
+        strong, _ = strong_augment(
+            weak, jitter_strength=STRONG_JITTER, jitter_p=STRONG_JITTER_P, blur_sigma=STRONG_BLUR_SIGMA, blur_p=STRONG_BLUR_P
+        )
+        return strong
+
+    def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
+        options = self.options
+        source, target = batches["source"], batches["target"]
+        loss_source = self.seg_loss(self.model(source["image"]).logits, source["label"])
+
+        weak = target["image"]
+        teacher = self._momentum_outputs(weak)
+        student = self.model(self._strong_view(weak))
+        grid = tuple(teacher.logits.shape[-2:])
+        inside = _padding_free(target.get("replay", []), weak.shape[0], grid, weak.device)
+
+        if options.self_training:
+            soft = self._warmup_probabilities(weak) * inside.unsqueeze(1)
+        else:  # 'w/o ST': a flat P_ST leaves the argmax to P_SL alone
+            soft = inside.unsqueeze(1).float().expand(-1, self.num_classes, -1, -1)
+        losses: dict[str, torch.Tensor] = {}
+        if self.head is not None:
+            momentum_head = self.ema_head.module if self.ema_head is not None else self.head
+            with torch.no_grad():
+                labels = rectify_pseudo_labels(soft, momentum_head(teacher.features), options.tau)  # Eq. 1
+            loss_sl = self._self_labeling_loss(labels, teacher.features, student.features)
+            if options.self_training:
+                changed = (labels != soft.argmax(dim=1)) & inside
+                losses["rectified_fraction"] = changed.sum() / inside.sum().clamp_min(1)
+        else:  # 'w/o SL': plain self-training on the warm-up's soft labels
+            labels = soft.argmax(dim=1).masked_fill(~inside, IGNORE_INDEX)
+            loss_sl = student.logits.new_zeros(())
+        loss_target = self.seg_loss(student.logits, labels)  # Eq. 2
+        loss_reg = symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
+        loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
+        losses.update(
+            loss=loss,
+            loss_source=loss_source.detach(),
+            loss_target=loss_target.detach(),
+            loss_sl=loss_sl.detach(),
+            loss_reg=loss_reg.detach(),
+        )
+        return losses
+
+    def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
+        """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
+        options = self.options
+        assert self.head is not None
+        pixels_on_grid = labels.shape[1] * labels.shape[2]
+        if options.pixels_per_image > pixels_on_grid:
+            raise ConfigError(
+                f"method.pixels_per_image={options.pixels_per_image} exceeds the {pixels_on_grid} pixels of the network's "
+                f"{tuple(labels.shape[1:])} output grid for these crops; lower it or use larger crops"
+            )
+        indices = sample_pixels(labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced)
+        features = momentum_features if options.sl_through_ema_features_only else student_features
+        pixels = gather_pixel_features(features, indices).flatten(0, 1).float()
+        marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
+        loss = online_self_labeling_loss(
+            self.head, pixels, self.bank, marginal, options.tau, options.epsilon, options.sinkhorn_iterations
+        )
+        self.bank.enqueue(pixels)  # after the loss (Alg. 1): a batch is never its own context
+        self.class_distribution.update(class_pixel_counts(labels, self.num_classes))
+        return loss

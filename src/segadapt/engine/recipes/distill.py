@@ -1,0 +1,114 @@
+"""CPSL+distill: knowledge distillation of the adapted model into a fresh student (paper 001, Sec. 4.2; ProDA stage 2/3).
+
+"After the training converges, we also conduct two more knowledge distillation rounds to transfer the
+knowledge to a student model pre-trained in a self-supervised manner" (Sec. 4.2, following ProDA).
+Each round is one run of this recipe: the teacher is the previous stage's model (``method.teacher``,
+a checkpoint loaded frozen, in eval mode, with :func:`~segadapt.engine.loading.load_trained_model`),
+the student is what ``model`` builds (``model.pretrained``: ImageNet or a converted SimCLRv2 backbone
+as the authors use; or ``model.checkpoint``; stage 3 is the same recipe with stage 2 as the teacher).
+
+Loss per iteration (``step_distillation``, REFERENCE_NOTES 1.4)::
+
+    CE(student(source), source labels)
+      + distillation_loss(student(target), teacher(target), teacher's hard labels, their confidence)
+
+where :func:`~segadapt.methods.cpsl.distillation_loss` is the cross-entropy on the teacher's labels
+whose confidence is above ``method.confidence_threshold`` (0.95) plus ``method.kl_weight`` times
+``KL(teacher || student)`` with the student's *log*-softmax. The authors' code (ProDA issues #20/#43)
+passes ``softmax(student)`` to ``F.kl_div``, which is not a divergence and goes negative in their logs;
+that bug is not reproduced (``kl_weight = 1/C`` reproduces the scale of their ``'mean'`` reduction).
+
+Where the paper is silent / departs from the authors' code: the teacher labels the weak target view
+online (the authors store flip-averaged labels offline; both are the fixed teacher's labels of those
+pixels, without flip here). With ``method.strong_augmentation`` (default, as the authors' ``--S_pseudo 1``)
+the student and the KL teacher see the strong view (colour jitter and blur of the weak view, so the
+labels need no replay); labels, confidence and losses are on the network's output grid; crop padding
+is ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ...config import RunConfig
+from ...data.classes import IGNORE_INDEX
+from ...data.transforms import strong_augment
+from ...errors import ConfigError
+from ...methods.cpsl import distillation_loss
+from ..losses import upsample_logits
+from .base import Recipe, Stream
+from .cpsl import STRONG_BLUR_P, STRONG_BLUR_SIGMA, STRONG_JITTER, STRONG_JITTER_P, _padding_free
+
+
+class DistillOptions(BaseModel):
+    """``method.*`` of recipe ``cpsl_distill``; defaults are the authors' stage-2/3 commands."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(None, description="checkpoint of the adapted model to distil (CPSL stage 1, or stage 2)")
+    confidence_threshold: float = Field(0.95, ge=0, le=1, description="teacher labels kept where confidence > this")
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) (--distillation)")
+    source_weight: float = Field(1.0, ge=0, description="weight of the source cross-entropy")
+    strong_augmentation: bool = Field(True, description="student and KL teacher see the strong view (--S_pseudo 1)")
+
+
+class CPSLDistill(Recipe):
+    """Source CE + teacher-label CE + KL(teacher || student) on the target (Sec. 4.2, "CPSL+distill")."""
+
+    name = "cpsl_distill"
+    streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
+    Options = DistillOptions
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
+        super().__init__(cfg, model, seg_loss, num_classes)
+        from ..loading import load_trained_model
+
+        if self.options.teacher is None:
+            raise ConfigError(
+                "recipe cpsl_distill distils an adapted model: set method.teacher=runs/<cpsl run>/checkpoints/last.pt "
+                "(stage 3: the stage-2 distillation run's checkpoint)"
+            )
+        teacher, classes = load_trained_model(self.options.teacher, cfg)
+        if classes is not None and classes.num_classes != num_classes:
+            raise ConfigError(f"method.teacher {self.options.teacher} predicts {classes.num_classes} classes but the data has {num_classes}")
+        # Not a submodule: the frozen teacher is reloaded from method.teacher on every start, stays in
+        # eval mode when the trainer switches the recipe to train mode, and is kept out of checkpoints.
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+
+    @torch.no_grad()
+    def _teacher_logits(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The teacher's logits on ``grid`` (the student's output grid; the two networks may differ in stride)."""
+        parameter = next(self.teacher.parameters(), None)
+        if parameter is not None and parameter.device != images.device:
+            self.teacher.to(images.device)
+        return upsample_logits(self.teacher(images).logits.float(), grid)
+
+    def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
+        options = self.options
+        source, target = batches["source"], batches["target"]
+        loss_source = self.seg_loss(self.model(source["image"]).logits, source["label"])
+
+        weak = target["image"]
+        view = weak
+        if options.strong_augmentation:
+            view, _ = strong_augment(weak, jitter_strength=STRONG_JITTER, jitter_p=STRONG_JITTER_P,
+                                     blur_sigma=STRONG_BLUR_SIGMA, blur_p=STRONG_BLUR_P)
+        student_logits = self.model(view).logits
+        grid = tuple(student_logits.shape[-2:])
+        weak_teacher = self._teacher_logits(weak, grid)
+        view_teacher = self._teacher_logits(view, grid) if options.strong_augmentation else weak_teacher
+        confidence, labels = torch.softmax(weak_teacher, dim=1).max(dim=1)
+        inside = _padding_free(target.get("replay", []), weak.shape[0], grid, weak.device)
+        labels = labels.masked_fill(~inside, IGNORE_INDEX)
+        parts = distillation_loss(student_logits, view_teacher, labels, confidence, options.confidence_threshold, options.kl_weight)
+        return {
+            "loss": options.source_weight * loss_source + parts.total,
+            "loss_source": loss_source.detach(),
+            "loss_target": parts.cross_entropy.detach(),
+            "loss_kd": parts.kl_divergence.detach(),
+            "label_density": ((labels != IGNORE_INDEX) & (confidence > options.confidence_threshold)).float().mean(),
+        }

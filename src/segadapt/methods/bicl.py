@@ -1,0 +1,342 @@
+"""BiCL: bi-directional pixel-prototype contrastive learning (Lee, Eom, Lee, Park, Ham, ECCV 2022; paper 003).
+
+Plain functions and one small module on tensors, usable in any training loop:
+
+=========================================================  =========================================
+paper                                                      here
+=========================================================  =========================================
+memory prototypes per class and domain, momentum lambda    :class:`PrototypeMemory` (0.999, supp. Sec. 1)
+forward contrastive loss: target pixels vs source protos   :func:`pixel_prototype_contrastive_loss`
+backward contrastive loss: source pixels vs target protos  the same function, the other way round
+static pseudo labels (CBST [8] class-balanced thresholds)  :func:`cbst_static_labels`
+class-wise domain biases                                   :func:`domain_biases`
+dynamic pseudo labels (label transfer, threshold T = 0.7)  :func:`dynamic_pseudo_labels`
+hybrid labels                                              :func:`hybrid_pseudo_labels`
+baseline entropy terms (CCM [3], lambda_ent = 0.4)         :func:`entropy_loss`
+weighted source sampling (supplement Eq. 1)                :func:`occurrence_table`,
+                                                           :func:`class_sampling_probabilities`,
+                                                           :func:`sample_source_indices`
+self-distillation KL(q_t || q_s) (supplement Eq. 2)        :func:`self_distillation_loss`
+=========================================================  =========================================
+
+Only the supplement is available (REFERENCE_NOTES.md 4: the public DASS code implements none of
+these parts), so the forms below are assumptions where the supplement gives no formula; each
+function says which. The common ones:
+
+- Features are L2-normalised per pixel and compared with prototypes by cosine similarity over a
+  temperature ``tau`` (the DASS code's ``cos * 10``, i.e. ``tau = 0.1``, is the default of the
+  recipe). Prototypes are momentum averages of the per-class mean of normalised features.
+- The contrastive losses are InfoNCE over the ``C`` class prototypes of the other domain: the
+  positive is the prototype of the pixel's (pseudo) label, the negatives the other classes'.
+- The class-wise domain bias is ``b_c = m_T^c - m_S^c``, the gap between the target and the source
+  prototype of ``c``; calibration subtracts it from a target feature before comparing it with the
+  source prototype of ``c`` (supplement Fig. 3 plots its magnitude shrinking during training).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.classes import IGNORE_INDEX
+from ..errors import DataError
+from .cpsl import distillation_loss
+from .pseudo_labels import ConfidenceHistogram, apply_thresholds, cbst_thresholds
+
+
+def _flatten_pixels(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, D, h, w]`` features and ``[N, h, w]`` labels -> ``[P, D]`` and ``[P]`` (or pass ``[P, D]``, ``[P]``)."""
+    if features.dim() == 4:
+        if labels.shape != (features.shape[0], *features.shape[2:]):
+            raise DataError(
+                f"labels {tuple(labels.shape)} must be on the features' grid {(features.shape[0], *features.shape[2:])}; "
+                "resize them (nearest) first"
+            )
+        return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), labels.reshape(-1)
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        raise DataError(f"expected features [N, D, h, w] or [P, D] with matching labels, got {tuple(features.shape)} and {tuple(labels.shape)}")
+    return features, labels
+
+
+def class_means(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean of the L2-normalised pixel features, and the pixel count per class.
+
+    Returns:
+        ``means`` float32 ``[C, D]`` (zero for absent classes) and ``counts`` int64 ``[C]``.
+    """
+    pixels, labels = _flatten_pixels(features, labels)
+    keep = labels != ignore_index
+    pixels, labels = F.normalize(pixels[keep].float(), dim=1), labels[keep].long()
+    counts = torch.bincount(labels, minlength=num_classes)
+    sums = torch.zeros(num_classes, pixels.shape[1], device=pixels.device).index_add_(0, labels, pixels)
+    return sums / counts.clamp_min(1).unsqueeze(1).float(), counts
+
+
+class PrototypeMemory(nn.Module):
+    """Class prototypes of one domain, updated with momentum (BiCL's memory; lambda = 0.999, supplement Sec. 1).
+
+    ``m_c <- lambda * m_c + (1 - lambda) * mean_c`` for every class ``c`` present in the update, where
+    ``mean_c`` is the batch mean of the L2-normalised features labelled ``c``. A class seen for the
+    first time starts at its batch mean (the supplement gives no initialisation; starting from zero
+    would leave the prototype near the origin for ~1/(1-lambda) updates). Classes never seen stay
+    ``initialized = False`` and are left out of losses and label transfer. Buffers, so they are saved
+    and resumed with the recipe.
+
+    Examples:
+        >>> memory = PrototypeMemory(num_classes=2, dim=2, momentum=0.5)
+        >>> memory.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+        >>> memory.update(torch.tensor([[0.0, 1.0]]), torch.tensor([0]))
+        >>> memory.prototypes[0].tolist(), memory.initialized.tolist()
+        ([0.5, 0.5], [True, False])
+    """
+
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.999, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"prototype momentum must be in [0, 1), got {momentum}")
+        self.num_classes, self.dim, self.momentum, self.ignore_index = num_classes, dim, momentum, ignore_index
+        self.register_buffer("prototypes", torch.zeros(num_classes, dim))
+        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fold one batch in: features ``[N, D, h, w]`` (or ``[P, D]``) with labels on the same grid."""
+        if features.shape[1] != self.dim:
+            raise DataError(f"features have {features.shape[1]} channels, the prototypes {self.dim}")
+        means, counts = class_means(features.detach(), labels, self.num_classes, self.ignore_index)
+        present = counts > 0
+        means = means.to(self.prototypes)
+        blended = self.momentum * self.prototypes + (1.0 - self.momentum) * means
+        fresh = present & ~self.initialized
+        updated = torch.where(fresh.unsqueeze(1), means, torch.where(present.unsqueeze(1), blended, self.prototypes))
+        self.prototypes.copy_(updated)
+        self.initialized |= present
+
+
+def pixel_prototype_contrastive_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: float,
+    available: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """InfoNCE between pixels and the class prototypes of the *other* domain (BiCL L_FC and L_BC).
+
+    ``L = mean_p -log( exp(cos(f_p, m_{y_p}) / tau) / sum_c exp(cos(f_p, m_c) / tau) )`` over the
+    labelled pixels ``p`` whose class has a prototype. Forward (L_FC): target features with their
+    pseudo labels against the source prototypes; backward (L_BC): source features with their ground
+    truth against the target prototypes. The prototypes are constants (memory); gradients reach the
+    features only. The sum runs over the classes in ``available`` (default: all).
+
+    Shape:
+        features ``[N, D, h, w]`` or ``[P, D]``; labels ``[N, h, w]`` or ``[P]``; prototypes ``[C, D]``.
+
+    Examples:
+        >>> protos = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> loss = pixel_prototype_contrastive_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), protos, 1.0)
+        >>> round(float(loss), 4)  # -log(e / (e + 1))
+        0.3133
+    """
+    if temperature <= 0:
+        raise ValueError(f"the contrastive temperature must be positive, got {temperature}")
+    pixels, labels = _flatten_pixels(features, labels)
+    num_classes = prototypes.shape[0]
+    available = torch.ones(num_classes, dtype=torch.bool, device=prototypes.device) if available is None else available.to(prototypes.device)
+    keep = labels != ignore_index
+    keep &= available[labels.clamp(0, num_classes - 1)] & (labels < num_classes)
+    if not keep.any():
+        return features.sum() * 0.0  # nothing to contrast: keeps the graph connected for DDP
+    pixels = F.normalize(pixels[keep].float(), dim=1)
+    logits = pixels @ F.normalize(prototypes.detach().float(), dim=1).t() / temperature
+    logits = logits.masked_fill(~available.unsqueeze(0), float("-inf"))
+    return F.cross_entropy(logits, labels[keep].long())
+
+
+def domain_biases(source_prototypes: torch.Tensor, target_prototypes: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-wise domain biases ``b_c = m_T^c - m_S^c`` ``[C, D]``; zero where ``available`` is False.
+
+    BiCL compensates "class-wise domain biases of prototypes" (abstract; supplement Fig. 3 shows
+    their magnitude ``||b_c||`` decreasing); the difference of the two memories is the assumed form.
+    """
+    bias = target_prototypes - source_prototypes
+    if available is not None:
+        bias = bias * available.unsqueeze(1).to(bias)
+    return bias
+
+
+@torch.no_grad()
+def dynamic_pseudo_labels(
+    target_features: torch.Tensor,
+    source_prototypes: torch.Tensor,
+    temperature: float,
+    threshold: float = 0.7,
+    biases: torch.Tensor | None = None,
+    available: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic pseudo labels by non-parametric label transfer from the source prototypes (BiCL).
+
+    For a target feature ``f`` (L2-normalised) the score of class ``c`` is
+    ``s_c = cos(f - b_c, m_S^c) / tau`` with the class-wise domain bias ``b_c`` (calibration;
+    ``biases=None`` gives "Dyn. (w/o cal.)" of supplement Tab. 1, ``b_c = 0``). The pixel takes
+    ``argmax_c softmax(s)_c`` when that probability reaches ``threshold`` (T = 0.7, supplement
+    Sec. 1), else ``ignore_index``. The supplement does not say whether T bounds a probability or a
+    similarity; the grid {0.5, ..., 0.9} fits both, and a softmax probability is assumed here.
+    Classes without a source prototype (``available`` False) are never assigned.
+
+    Returns:
+        labels int64 ``[N, h, w]`` and the winning probability float32 ``[N, h, w]``.
+    """
+    if target_features.dim() != 4:
+        raise DataError(f"target features must be [N, D, h, w], got {tuple(target_features.shape)}")
+    n, d, h, w = target_features.shape
+    num_classes = source_prototypes.shape[0]
+    available = (
+        torch.ones(num_classes, dtype=torch.bool, device=source_prototypes.device) if available is None else available
+    ).to(target_features.device)
+    if not available.any():
+        empty = torch.full((n, h, w), ignore_index, dtype=torch.long, device=target_features.device)
+        return empty, torch.zeros(n, h, w, device=target_features.device)
+    pixels = F.normalize(target_features.float().permute(0, 2, 3, 1).reshape(-1, d), dim=1)  # [P, D]
+    prototypes = F.normalize(source_prototypes.float().to(pixels.device), dim=1)  # [C, D]
+    if biases is None:
+        scores = pixels @ prototypes.t()
+    else:
+        calibrated = F.normalize(pixels.unsqueeze(1) - biases.float().to(pixels.device).unsqueeze(0), dim=2)  # [P, C, D]
+        scores = (calibrated * prototypes.unsqueeze(0)).sum(dim=2)
+    scores = (scores / temperature).masked_fill(~available.unsqueeze(0), float("-inf"))
+    confidence, labels = scores.softmax(dim=1).max(dim=1)
+    labels = labels.masked_fill(confidence < threshold, ignore_index)
+    return labels.view(n, h, w), confidence.view(n, h, w)
+
+
+def hybrid_pseudo_labels(
+    static: torch.Tensor, dynamic: torch.Tensor, conflict: str = "ignore", ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Hybrid labels: the union of static and dynamic labels (BiCL supplement Tab. 1, "Hybrid").
+
+    A pixel labelled by one kind only takes that label. Where both label it and disagree,
+    ``conflict`` decides: ``ignore`` (default) drops the pixel, ``static`` or ``dynamic`` keeps that
+    kind's label. The supplement gives no rule; the union matches its densities (hybrid 42.3% >
+    dynamic 34.3% > static 20.1%) and dropping disagreements its higher accuracy (98.8% vs 98.5/98.6%).
+
+    Examples:
+        >>> hybrid_pseudo_labels(torch.tensor([0, 255, 1, 2]), torch.tensor([255, 3, 1, 0])).tolist()
+        [0, 3, 1, 255]
+    """
+    if static.shape != dynamic.shape:
+        raise DataError(f"static {tuple(static.shape)} and dynamic {tuple(dynamic.shape)} labels must have one shape")
+    if conflict not in ("ignore", "static", "dynamic"):
+        raise ValueError(f"conflict must be 'ignore', 'static' or 'dynamic', got {conflict!r}")
+    has_static, has_dynamic = static != ignore_index, dynamic != ignore_index
+    labels = torch.where(has_static, static, dynamic)
+    disagree = has_static & has_dynamic & (static != dynamic)
+    if conflict == "ignore":
+        labels = labels.masked_fill(disagree, ignore_index)
+    elif conflict == "dynamic":
+        labels = torch.where(disagree, dynamic, labels)
+    return labels
+
+
+@torch.no_grad()
+def cbst_static_labels(probs: torch.Tensor, ratio: float, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Static pseudo labels of BiCL: CBST [8] class-balanced thresholds over ``probs`` ``[N, C, H, W]``.
+
+    Each predicted class keeps (about) its ``ratio`` most confident pixels (:func:`cbst_thresholds`,
+    streamed histogram). Over a whole target set this is what ``segadapt pseudo-label`` with
+    ``pseudo_label.rule=cbst`` writes offline, which the ``bicl`` recipe uses.
+    """
+    histogram = ConfidenceHistogram(probs.shape[1], device=probs.device)
+    histogram.update(probs)
+    return apply_thresholds(probs, cbst_thresholds(histogram, ratio).thresholds, ignore_index=ignore_index)
+
+
+def entropy_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean normalised Shannon entropy ``-sum_c p_c log p_c / log C`` of the per-pixel predictions.
+
+    The entropy terms of BiCL's baseline (CCM [3]; lambda_ent^S = lambda_ent^T = 0.4, supplement
+    Sec. 1). Normalised by ``log C`` as ADVENT does, so it lies in [0, 1]. The DASS code computes
+    ``log_softmax(softmax(x))`` (REFERENCE_NOTES.md 4), which is not an entropy; not reproduced.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1) / float(np.log(logits.shape[1]))
+    if valid is None:
+        return entropy.mean()
+    if not valid.any():
+        return entropy.sum() * 0.0
+    return entropy[valid].mean()
+
+
+def occurrence_table(label_maps: Iterable[torch.Tensor | np.ndarray], num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """bool ``[I, C]``: whether image ``i``'s ground truth contains class ``c`` (supplement Eq. 1's input)."""
+    rows = []
+    for label in label_maps:
+        label = torch.as_tensor(np.asarray(label)).reshape(-1).long()
+        label = label[(label != ignore_index) & (label >= 0) & (label < num_classes)]
+        row = torch.zeros(num_classes, dtype=torch.bool)
+        row[label.unique()] = True
+        rows.append(row)
+    if not rows:
+        raise DataError("no source label maps to build the class occurrence table from")
+    return torch.stack(rows)
+
+
+def class_sampling_probabilities(occurrence: torch.Tensor) -> torch.Tensor:
+    """Supplement Eq. 1: ``P(c) = p(c)^-1 / sum_c' p(c')^-1``, ``p(c)`` = fraction of images containing ``c``.
+
+    A class in no image has no image to draw, so it gets ``P(c) = 0`` and the sum runs over the
+    classes that occur.
+
+    Examples:
+        >>> occ = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 0]], dtype=torch.bool)  # p = [1, 1/4]
+        >>> class_sampling_probabilities(occ).tolist()  # [1, 4] / 5
+        [0.2, 0.8]
+    """
+    ratio = occurrence.double().mean(dim=0)
+    inverse = torch.where(ratio > 0, 1.0 / ratio.clamp_min(1e-300), torch.zeros_like(ratio))
+    if inverse.sum() <= 0:
+        raise DataError("no class occurs in any source label map: weighted sampling has nothing to draw")
+    return inverse / inverse.sum()
+
+
+def sample_source_indices(occurrence: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Source image indices by BiCL's weighted sampling (supplement Sec. 1, Eq. 1).
+
+    Each draw picks a class ``c ~ P`` (:func:`class_sampling_probabilities`), then an image uniformly
+    among those whose ground truth contains ``c``. Depends only on ``generator``.
+
+    Returns:
+        int64 ``[num_samples]``.
+    """
+    probabilities = class_sampling_probabilities(occurrence)
+    classes = torch.multinomial(probabilities, num_samples, replacement=True, generator=generator)
+    picks = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+    indices = torch.empty(num_samples, dtype=torch.long)
+    members = {int(c): occurrence[:, c].nonzero().squeeze(1) for c in classes.unique()}
+    for i, (c, u) in enumerate(zip(classes.tolist(), picks.tolist())):
+        images = members[c]
+        indices[i] = images[min(int(u * images.numel()), images.numel() - 1)]
+    return indices
+
+
+def self_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, base_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supplement Eq. 2: ``L_KD = L_base + KL(q_t || q_s)``; returns ``(L_KD, KL)``.
+
+    ``q_t``/``q_s`` are the teacher's (the final BiCL model, a constant) and the student's per-pixel
+    softmax; the KL is summed over classes and averaged over pixels, with the student's
+    ``log_softmax`` (:func:`segadapt.methods.cpsl.distillation_loss`, which fixes the ProDA
+    ``kl_div(softmax, softmax)`` bug). ``L_base`` is the caller's baseline loss.
+    """
+    grid = (student_logits.shape[0], *student_logits.shape[2:])
+    no_labels = torch.full(grid, IGNORE_INDEX, dtype=torch.long, device=student_logits.device)
+    kl = distillation_loss(student_logits, teacher_logits, no_labels).kl_divergence
+    return base_loss + kl, kl

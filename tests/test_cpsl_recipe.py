@@ -1,0 +1,334 @@
+"""The CPSL recipes end to end on the tiny benchmark: stage 1 (cpsl), its ablation switches, the
+adversarial warm-up and the distillation stage; exact resume of everything they keep."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segadapt.cli import main
+from segadapt.config import load_config
+from segadapt.engine.checkpoint import load_checkpoint
+from segadapt.engine.logging import read_metrics
+from segadapt.engine.recipes import cpsl as cpsl_recipe
+from segadapt.engine.recipes.adversarial import FCDiscriminator
+from segadapt.engine.trainer import Trainer
+from segadapt.errors import ConfigError
+from segadapt.methods.cpsl import class_pixel_counts
+
+TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
+FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
+# crops inside the 32x64 tiny images: the small network's 8x16 output grid has 128 pixels
+CROP = ["data.train_transforms=[{name: random_crop, size: [32, 64]}, {name: random_horizontal_flip}]"]
+
+
+@pytest.fixture(autouse=True)
+def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.getbasetemp() / "segadapt_home"
+    monkeypatch.setenv("SEGADAPT_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def warmup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A source-only warm-up checkpoint (a few iterations: only its role matters here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGADAPT_HOME", str(tmp_path_factory.getbasetemp() / "segadapt_home"))
+        out = tmp_path_factory.mktemp("warmup")
+        assert main(["train", "benchmark/source_only", *TINY, *FAST, *CROP, f"output_dir={out}", "name=w", "train.iters=3"]) == 0
+    return out / "w" / "checkpoints" / "last.pt"
+
+
+def cpsl_config(tmp_path: Path, warmup: Path, *extra: str, config: str = "benchmark/cpsl"):
+    return load_config(config, TINY + FAST + CROP + [f"output_dir={tmp_path}", f"model.checkpoint={warmup}", "method.pixels_per_image=16", "method.queue_size=64", *extra])
+
+
+# ---------------------------------------------------------------------------------------------- cpsl
+
+
+def stop_after(cfg, iterations: int) -> None:
+    """Train ``iterations`` steps of a run and write its checkpoint, as a run killed right after saving."""
+    trainer = Trainer(cfg)
+    loaders = trainer._loaders()
+    for _ in range(iterations):
+        trainer._step(loaders)
+    trainer.save("last.pt")
+
+
+def test_cpsl_resumes_bitwise_and_reuses_its_warmup_statistics(tmp_path: Path, warmup: Path) -> None:
+    common = TINY + FAST + CROP + [f"output_dir={tmp_path}", f"model.checkpoint={warmup}", "method.pixels_per_image=16",
+                                   "method.queue_size=40", "train.iters=3"]
+    stop_after(load_config("benchmark/cpsl", common + ["name=a"]), 2)
+    stamp = (tmp_path / "a" / "cpsl_init.pt").stat().st_mtime_ns
+    assert main(["train", str(tmp_path / "a")]) == 0  # a run directory resumes
+    assert (tmp_path / "a" / "cpsl_init.pt").stat().st_mtime_ns == stamp  # prepare reused its work
+    assert main(["train", "benchmark/cpsl", *common, "name=b"]) == 0
+
+    resumed, straight = (load_checkpoint(tmp_path / n / "checkpoints" / "last.pt") for n in "ab")
+    assert resumed["iteration"] == straight["iteration"] == 3
+    keys = set(straight["recipe"])
+    assert {"head.prototypes", "ema_head.module.prototypes", "bank.features", "bank.pointer", "class_distribution.distribution"} <= keys
+    assert any(k.startswith("ema_model.module.") for k in keys) and not any(k.startswith("_warmup") for k in keys)
+    for key, value in straight["recipe"].items():
+        assert torch.equal(resumed["recipe"][key], value), key
+    for index, state in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["exp_avg"], state["exp_avg"]), index
+    # 3 iterations x 2 images x 16 pixels = 96 features went through a 40-slot FIFO
+    assert int(straight["recipe"]["bank.num_filled"]) == 40 and int(straight["recipe"]["bank.pointer"]) == 96 % 40
+    r = straight["recipe"]["class_distribution.distribution"]
+    initial = torch.load(tmp_path / "b" / "cpsl_init.pt")["class_counts"].float()
+    assert r.sum().item() == pytest.approx(1.0) and not torch.allclose(r, initial / initial.sum())  # Eq. 11 moved r
+    rows = [row for row in read_metrics(tmp_path / "a") if "loss" in row]
+    assert [row["iter"] for row in rows] == [3]  # the stopped run logged nothing before its checkpoint
+    assert all(math.isfinite(row[k]) for row in rows for k in ("loss_source", "loss_target", "loss_sl", "loss_reg"))
+
+
+def test_cpsl_warmup_statistics_are_eq7_and_eq10_of_the_warmup(tmp_path: Path, warmup: Path) -> None:
+    cfg = cpsl_config(tmp_path, warmup, "name=s")
+    trainer = Trainer(cfg)
+    init = torch.load(tmp_path / "s" / "cpsl_init.pt")
+    from segadapt.engine.builders import build_dataset_from_spec, build_model
+
+    dataset = build_dataset_from_spec(cfg.data.target, with_labels=False)
+    net = build_model(cfg.model, 19).eval()
+    counts, sums = torch.zeros(19, dtype=torch.float64), torch.zeros(19, init["prototypes"].shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            out = net(dataset[index]["image"][None])
+            hard = out.logits.argmax(1).flatten()
+            feats = F.normalize(out.features.double(), dim=1).flatten(2)[0].T
+            counts += torch.bincount(hard, minlength=19).double()
+            sums.index_add_(0, hard, feats)
+    assert torch.equal(init["class_counts"], counts) and init["num_images"] == len(dataset) == 4
+    seen = counts > 0
+    expected = (sums[seen] / counts[seen].unsqueeze(1)).float()
+    assert torch.allclose(init["prototypes"][seen], expected, atol=1e-6)
+    recipe = trainer.recipe
+    assert torch.allclose(recipe.head.prototypes[seen], F.normalize(expected, dim=1), atol=1e-6)  # Alg. 1 line 2
+    assert torch.equal(recipe.ema_head.module.prototypes, recipe.head.prototypes)
+    assert torch.allclose(recipe.class_distribution.distribution, (counts / counts.sum()).float())  # Eq. 10
+
+
+class Spy:
+    """Records the calls of the method functions the recipe composes, and passes them through."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: dict[str, list[dict[str, Any]]] = {}
+        for name, params in (
+            ("rectify_pseudo_labels", ("soft", "scores", "tau")),
+            ("sample_pixels", ("labels", "m", "k")),
+            ("online_self_labeling_loss", ("head", "features", "bank", "marginal")),
+            ("symmetric_kl_consistency", ("weak", "strong", "mask")),
+        ):
+            self._wrap(monkeypatch, name, params)
+
+    def _wrap(self, monkeypatch: pytest.MonkeyPatch, name: str, params: tuple[str, ...]) -> None:
+        original = getattr(cpsl_recipe, name)
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            record = dict(zip(params, args), **kwargs)
+            record = {k: v.detach().clone() if isinstance(v, torch.Tensor) and k != "features" else v for k, v in record.items()}
+            result = original(*args, **kwargs)
+            record["result"] = result.detach().clone() if isinstance(result, torch.Tensor) else result
+            self.calls.setdefault(name, []).append(record)
+            return result
+
+        monkeypatch.setattr(cpsl_recipe, name, spy)
+
+    def one(self, name: str) -> dict[str, Any]:
+        assert len(self.calls.get(name, [])) == 1, f"{name} called {len(self.calls.get(name, []))} times"
+        return self.calls[name][0]
+
+
+def one_step(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, name: str, *extra: str):
+    """One CPSL training step on the run's first batches, with the method calls and network calls recorded."""
+    trainer = Trainer(cpsl_config(tmp_path, warmup, f"name={name}", *extra))
+    recipe = trainer.recipe
+    batches = {k: next(loader) for k, loader in trainer._loaders().items()}
+    spy = Spy(monkeypatch)
+    forwards: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
+    recipe.model.register_forward_hook(lambda m, args, out: forwards.append((m.training, args[0].clone(), out.logits.detach().clone())))
+    r_before = recipe.class_distribution.distribution.clone() if hasattr(recipe, "class_distribution") else None
+    recipe.train()
+    torch.manual_seed(0)
+    losses = recipe.training_step(batches, 0)
+    return trainer, recipe, batches, spy, forwards, losses, r_before
+
+
+def warmup_probs(warmup: Path, images: torch.Tensor) -> torch.Tensor:
+    from segadapt.engine.builders import build_model
+
+    cfg = load_config("benchmark/cpsl", [f"model.checkpoint={warmup}"])
+    with torch.no_grad():
+        return build_model(cfg.model, 19).eval()(images).logits.softmax(1)
+
+
+def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, "full")
+    weak = batches["target"]["image"]
+    rectify = spy.one("rectify_pseudo_labels")
+    assert torch.allclose(rectify["soft"], warmup_probs(warmup, weak), atol=1e-6)  # P_ST: the fixed warm-up
+    assert rectify["tau"] == 0.08
+    labels = rectify["result"]
+    sampling = spy.one("sample_pixels")
+    assert sampling["m"] == 16 and sampling["class_balanced"] is True and torch.equal(sampling["labels"], labels)
+    sl = spy.one("online_self_labeling_loss")
+    assert sl["features"].requires_grad and sl["features"].shape == (2 * 16, 64)  # student features (paper)
+    assert torch.equal(sl["marginal"], r0)  # Eq. 12: r before this iteration's update
+    counts = class_pixel_counts(labels, 19).float()
+    assert torch.allclose(recipe.class_distribution.distribution, 0.99 * r0 + 0.01 * counts / counts.sum(), atol=1e-7)  # Eq. 11
+    assert int(recipe.bank.num_filled) == 32
+    # the student's target view is the strong one: same geometry, other colours
+    student_input = forwards[-1][1]
+    assert [f[0] for f in forwards] == [True, True] and student_input.shape == weak.shape and not torch.equal(student_input, weak)
+    kl = spy.one("symmetric_kl_consistency")
+    assert torch.equal(kl["strong"], forwards[-1][2])
+    total = losses["loss_source"] + losses["loss_target"] + 0.1 * losses["loss_sl"] + 5.0 * losses["loss_reg"]
+    assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-5)  # Eq. 14
+    # the self-labeling head is trained at the head learning rate (5x)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert any(p is recipe.head.prototypes for p in groups["head"]["params"])
+    assert groups["head"]["lr"] == pytest.approx(5 * groups["backbone"]["lr"])
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["self_labeling", "self_training", "class_balanced", "init_from_prototypes", "strong_augmentation", "momentum_network",
+     "sl_through_ema_features_only", "distribution"],
+)
+def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
+    override = {"sl_through_ema_features_only": "true", "distribution": "fixed"}.get(switch, "false")
+    trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, switch, f"method.{switch}={override}")
+    weak = batches["target"]["image"]
+    inside = torch.ones(weak.shape[0], 8, 16, dtype=torch.bool)
+    if switch == "self_labeling":  # w/o SL: no head, labels are argmax P_ST, no L_SL
+        assert recipe.head is None and "rectify_pseudo_labels" not in spy.calls and losses["loss_sl"] == 0
+        assert not any(k.startswith(("head.", "bank.")) for k in recipe.state_dict())
+        assert torch.equal(spy.one("symmetric_kl_consistency")["mask"], inside)
+        expected = warmup_probs(warmup, weak).argmax(1)
+        captured = []
+        recipe.seg_loss = lambda logits, labels, _loss=recipe.seg_loss: captured.append(labels) or _loss(logits, labels)
+        torch.manual_seed(0)
+        recipe.training_step(batches, 0)
+        assert torch.equal(captured[-1], expected)
+    elif switch == "self_training":  # w/o ST: a flat P_ST, the labels are argmax P_SL
+        rectify = spy.one("rectify_pseudo_labels")
+        assert recipe._warmup is None and torch.equal(rectify["soft"], torch.ones_like(rectify["soft"]))
+        assert torch.equal(rectify["result"], rectify["scores"].argmax(1)) and "rectified_fraction" not in losses
+    elif switch == "class_balanced":  # w/o CB: uniform sampling and equipartition
+        assert spy.one("sample_pixels")["class_balanced"] is False and spy.one("online_self_labeling_loss")["marginal"] is None
+    elif switch == "init_from_prototypes":  # w/o Init: the head does not start at the class prototypes
+        prototypes = F.normalize(torch.load(tmp_path / switch / "cpsl_init.pt")["prototypes"], dim=1)
+        assert not torch.allclose(recipe.head.prototypes, prototypes, atol=1e-2)
+        assert torch.allclose(recipe.head.prototypes.norm(dim=1), torch.ones(19))
+    elif switch == "strong_augmentation":  # w/o Aug: the student sees the weak view itself
+        assert torch.equal(forwards[-1][1], weak)
+    elif switch == "momentum_network":  # w/o Mom: the targets come from the student itself, in eval mode
+        assert recipe.ema_model is None and recipe.ema_head is None
+        assert not any(k.startswith("ema_") for k in recipe.state_dict())
+        training, seen, logits = forwards[1]
+        assert not training and torch.equal(seen, weak) and torch.equal(spy.one("symmetric_kl_consistency")["weak"], logits)
+        assert spy.one("online_self_labeling_loss")["head"] is recipe.head
+    elif switch == "sl_through_ema_features_only":  # authors' code: L_SL cannot reach the network
+        assert not spy.one("online_self_labeling_loss")["features"].requires_grad
+    elif switch == "distribution":  # authors' code: r stays the warm-up histogram
+        assert torch.equal(recipe.class_distribution.distribution, r0)
+
+
+def test_cpsl_errors_name_the_key_and_the_fix(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"set model.checkpoint=runs/<warm-up run>/checkpoints/last.pt"):
+        Trainer(load_config("benchmark/cpsl", TINY + FAST + [f"output_dir={tmp_path}", "name=e1"]))
+    with pytest.raises(ConfigError, match=r"unknown key 'method.lamda1'; did you mean 'method.lambda1'"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=e2", "method.lamda1=0.2"))
+    with pytest.raises(ConfigError, match=r"keep at least one of them true"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=e3", "method.self_labeling=false", "method.self_training=false"))
+    with pytest.raises(ConfigError, match=r"method.pixels_per_image=129 exceeds the 128 pixels"):
+        one_step(tmp_path, warmup, monkeypatch, "e4", "method.pixels_per_image=129")
+
+
+# ---------------------------------------------------------------------------------------------- adversarial warm-up
+
+
+def adversarial_config(tmp_path: Path, *extra: str):
+    return load_config("benchmark/adversarial_warmup", TINY + FAST + CROP + [f"output_dir={tmp_path}", *extra])
+
+
+@pytest.mark.parametrize("gan", ["ls", "bce"])
+def test_adversarial_step_trains_each_player_only_on_its_own_loss(tmp_path: Path, gan: str) -> None:
+    trainer = Trainer(adversarial_config(tmp_path, f"name={gan}", f"method.gan={gan}", "method.disc_channels=8"))
+    recipe = trainer.recipe
+    assert isinstance(recipe.discriminator, FCDiscriminator) and recipe.discriminator(torch.rand(2, 19, 32, 64)).shape == (2, 1, 1, 2)
+    batches = {k: next(loader) for k, loader in trainer._loaders().items()}
+    outputs: list[torch.Tensor] = []
+    recipe.model.register_forward_hook(lambda m, args, out: outputs.append(out.logits.detach()))
+    recipe.train()
+    losses = recipe.training_step(batches, 0)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in recipe.discriminator.parameters())  # the generator loss never trains D
+    assert all(p.grad is not None for p in recipe.model.parameters() if p.requires_grad)
+
+    disc = recipe.discriminator
+    with torch.no_grad():
+        d_source, d_target = disc(outputs[0].softmax(1)), disc(outputs[1].softmax(1))
+    if gan == "ls":
+        expected = 0.5 * (d_source**2).mean() + 0.5 * ((d_target - 1) ** 2).mean()
+        expected_adv = (d_target**2).mean()
+    else:
+        expected = 0.5 * F.softplus(d_source).mean() + 0.5 * F.softplus(-d_target).mean()
+        expected_adv = F.softplus(d_target).mean()
+    assert losses["loss_disc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["loss_adv"].item() == pytest.approx(expected_adv.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx((losses["loss_source"] + 0.01 * losses["loss_adv"]).item(), rel=1e-6)
+
+    before = [p.detach().clone() for p in disc.parameters()]
+    recipe.after_optimizer_step(1)
+    assert all(not torch.equal(a, p) for a, p in zip(before, disc.parameters()))
+    state = recipe.disc_optimizer.state_dict()
+    assert state["param_groups"][0]["betas"] == (0.9, 0.99) and state["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert all(int(s["step"]) == 1 for s in state["state"].values())
+
+
+def test_adversarial_warmup_resumes_the_discriminator_and_its_optimizer(tmp_path: Path) -> None:
+    common = TINY + FAST + CROP + [f"output_dir={tmp_path}", "method.disc_channels=8", "train.iters=3"]
+    stop_after(load_config("benchmark/adversarial_warmup", common + ["name=a"]), 2)
+    assert main(["train", str(tmp_path / "a")]) == 0
+    assert main(["train", "benchmark/adversarial_warmup", *common, "name=b"]) == 0
+    resumed, straight = (load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")["recipe"] for n in "ab")
+    for key, value in straight.items():
+        if key != "_extra_state":
+            assert torch.equal(resumed[key], value), key
+    adam_resumed, adam_straight = (s["_extra_state"]["disc_optimizer"] for s in (resumed, straight))
+    assert adam_straight["param_groups"][0]["lr"] == pytest.approx(1e-4 * (1 - 2 / 3) ** 0.9)  # poly, as the network
+    for index, state in adam_straight["state"].items():
+        assert int(state["step"]) == 3
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(adam_resumed["state"][index][name], state[name]), (index, name)
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+def test_cpsl_distill_keeps_the_teacher_frozen_and_out_of_checkpoints(tmp_path: Path, warmup: Path) -> None:
+    base = TINY + FAST + CROP + [f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"set method.teacher=runs/<cpsl run>/checkpoints/last.pt"):
+        Trainer(load_config("benchmark/cpsl_distill", base + ["name=e"]))
+    teacher_before = load_checkpoint(warmup)["model"]
+    assert main(["train", "benchmark/cpsl_distill", *base, "name=d", f"method.teacher={warmup}", "train.iters=2"]) == 0
+    saved = load_checkpoint(tmp_path / "d" / "checkpoints" / "last.pt")
+    assert not any(k.startswith("teacher") for k in saved["recipe"])
+    assert all(torch.equal(v, load_checkpoint(warmup)["model"][k]) for k, v in teacher_before.items())
+    rows = [row for row in read_metrics(tmp_path / "d") if "loss" in row]
+    assert all(row["loss_kd"] >= 0 for row in rows)  # a true KL divergence (the authors' version goes negative)
+
+    trainer = Trainer(load_config("benchmark/cpsl_distill", base + ["name=t", f"method.teacher={warmup}", "method.confidence_threshold=1.0"]))
+    batches = {k: next(loader) for k, loader in trainer._loaders().items()}
+    trainer.recipe.train()
+    losses = trainer.recipe.training_step(batches, 0)
+    assert losses["label_density"] == 0 and losses["loss_target"] == 0  # nothing is more confident than 1
+    assert trainer.recipe.teacher.training is False
+    assert losses["loss"].item() == pytest.approx((losses["loss_source"] + losses["loss_kd"]).item(), rel=1e-5)
