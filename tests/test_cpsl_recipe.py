@@ -211,11 +211,21 @@ def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Pa
         assert not any(k.startswith(("head.", "bank.")) for k in recipe.state_dict())
         assert torch.equal(spy.one("symmetric_kl_consistency")["mask"], inside)
         expected = warmup_probs(warmup, weak).argmax(1)
-        captured = []
-        recipe.seg_loss = lambda logits, labels, _loss=recipe.seg_loss: captured.append(labels) or _loss(logits, labels)
+        captured: list[torch.Tensor] = []
+
+        class Recording(torch.nn.Module):
+            def __init__(self, loss: Any) -> None:
+                super().__init__()
+                self.loss = loss
+
+            def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                captured.append(labels)
+                return self.loss(logits, labels)
+
+        recipe.seg_loss = Recording(recipe.seg_loss)
         torch.manual_seed(0)
         recipe.training_step(batches, 0)
-        assert torch.equal(captured[-1], expected)
+        assert torch.equal(captured[-1], expected)  # the target labels (the source ones come first)
     elif switch == "self_training":  # w/o ST: a flat P_ST, the labels are argmax P_SL
         rectify = spy.one("rectify_pseudo_labels")
         assert recipe._warmup is None and torch.equal(rectify["soft"], torch.ones_like(rectify["soft"]))
@@ -274,7 +284,9 @@ def test_adversarial_step_trains_each_player_only_on_its_own_loss(tmp_path: Path
 
     disc = recipe.discriminator
     with torch.no_grad():
-        d_source, d_target = disc(outputs[0].softmax(1)), disc(outputs[1].softmax(1))
+        source_probs = F.interpolate(outputs[0], size=(32, 64), mode="bilinear", align_corners=False).softmax(1)
+        target_probs = F.interpolate(outputs[1], size=(32, 64), mode="bilinear", align_corners=False).softmax(1)
+        d_source, d_target = disc(source_probs), disc(target_probs)
     if gan == "ls":
         expected = 0.5 * (d_source**2).mean() + 0.5 * ((d_target - 1) ** 2).mean()
         expected_adv = (d_target**2).mean()

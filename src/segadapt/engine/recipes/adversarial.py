@@ -21,9 +21,10 @@ How this fits the engine, whose optimiser only steps :meth:`trainable_model` (th
   and resume restores it; its learning rate follows the run's ``schedule`` (poly in every config), computed from the
   iteration, as AdaptSegNet's ``adjust_learning_rate_D``.
 
-Assumed where the references differ or are silent: the discriminator sees the softmax at the network's
-output stride (ProDA; AdaptSegNet upsamples to the input first); with gradient accumulation the
-discriminator loss is the mean over the accumulated micro-batches.
+Assumed where the references differ or are silent: the discriminator sees the softmax of the logits
+upsampled to the input crop, as AdaptSegNet (ProDA feeds the stride-8 map; five stride-2 layers need
+crops of at least 32 pixels a side, which the small network's stride-4 map of a benchmark crop is
+not); with gradient accumulation the discriminator loss is the mean over the accumulated micro-batches.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ...config import RunConfig
+from ...errors import DataError
+from ..losses import upsample_logits
 from ..schedule import lr_factor
 from .base import Recipe, Stream
 
@@ -74,6 +77,11 @@ class FCDiscriminator(nn.Module):
         self.classifier = nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=2, padding=1)
 
     def forward(self, probabilities: torch.Tensor) -> torch.Tensor:
+        if min(probabilities.shape[-2:]) < 32:
+            raise DataError(
+                f"the discriminator's five stride-2 layers need maps of at least 32x32, got {tuple(probabilities.shape[-2:])}; "
+                "use larger crops (data.train_transforms / data.target_transforms)"
+            )
         x = probabilities
         for conv in self.convs:
             x = F.leaky_relu(conv(x), negative_slope=0.2)
@@ -112,6 +120,8 @@ class AdversarialWarmup(Recipe):
         source_logits = self.model(source["image"]).logits
         target_logits = self.model(target["image"]).logits
         loss_source = self.seg_loss(source_logits, source["label"])
+        source_logits = upsample_logits(source_logits, tuple(source["image"].shape[-2:]))
+        target_logits = upsample_logits(target_logits, tuple(target["image"].shape[-2:]))
 
         self.discriminator.requires_grad_(False)  # the generator term must not train the discriminator
         try:
