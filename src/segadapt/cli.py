@@ -49,9 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(path, overrides)
     scores = Trainer(cfg, resume=resume).fit()
-    print(f"run directory: {cfg.run_dir}")
-    if scores is not None:
-        print(scores["table"])
+    from .engine.distributed import is_main_process
+
+    if is_main_process():  # under torchrun every process returns here: one table
+        print(f"run directory: {cfg.run_dir}")
+        if scores is not None:
+            print(scores["table"])
     return 0
 
 
@@ -70,10 +73,13 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     results = run_rounds(cfg, log=lambda text: print(text, file=sys.stderr, flush=True))
-    for index, scores in enumerate(results):
-        if scores is not None:
-            print(f"round {index}: val mIoU {100 * scores['flat']['miou']:.2f}")
-    print(f"run directory: {cfg.run_dir}")
+    from .engine.distributed import is_main_process
+
+    if is_main_process():
+        for index, scores in enumerate(results):
+            if scores is not None:
+                print(f"round {index}: val mIoU {100 * scores['flat']['miou']:.2f}")
+        print(f"run directory: {cfg.run_dir}")
     return 0
 
 
@@ -88,7 +94,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluation import evaluate_checkpoint
 
+    from .engine.distributed import is_main_process
+
     scores = evaluate_checkpoint(args.checkpoint, args.config, args.overrides)
+    if not is_main_process():
+        return 0
     print(scores["table"])
     if args.json:
         import json

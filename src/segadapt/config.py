@@ -109,6 +109,9 @@ class TrainConfig(_Strict):
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
     grad_accum: int = Field(1, ge=1)
+    sync_bn: bool = Field(
+        False, description="under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)"
+    )
 
 
 class EvalConfig(_Strict):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -61,6 +62,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class RankShard(Sampler):
+    """Every ``world_size``-th element of ``sampler``, from element ``rank`` on: one rank's share of a stream."""
+
+    def __init__(self, sampler: Sampler, rank: int, world_size: int) -> None:
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.sampler), self.rank, None, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.world_size  # type: ignore[arg-type]
+
+
 def build_train_loader(
     dataset: Any,
     transform: Any,
@@ -72,8 +86,17 @@ def build_train_loader(
     world_size: int = 1,
     sampler: Sampler | None = None,
 ) -> DataLoader:
-    """An endless loader of ``dataset`` from sample ``start`` on; ``sampler`` replaces the default shuffling stream."""
-    sampler = sampler or ResumableStreamSampler(len(dataset), seed=seed, start=start, rank=rank, world_size=world_size)
+    """An endless loader of ``dataset`` from sample ``start`` on; ``sampler`` replaces the default shuffling stream.
+
+    ``start`` counts the samples consumed by all ranks together; rank ``rank`` of ``world_size``
+    draws every ``world_size``-th element of the stream, so the ranks share one stream and a
+    resume with another process count continues it. A given ``sampler`` must describe the whole
+    stream from ``start`` (as :meth:`Recipe.train_sampler` does); it is sharded the same way.
+    """
+    if sampler is None:
+        sampler = ResumableStreamSampler(len(dataset), seed=seed, start=start, rank=rank, world_size=world_size)
+    elif world_size > 1:
+        sampler = RankShard(sampler, rank, world_size)
     return DataLoader(
         SeededTransformDataset(dataset, transform),
         batch_size=batch_size,
@@ -87,11 +110,16 @@ def build_train_loader(
     )
 
 
-def build_eval_loader(dataset: Any, transform: Any, batch_size: int, num_workers: int) -> DataLoader:
+def build_eval_loader(dataset: Any, transform: Any, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Items ``rank::world_size`` of ``dataset`` in order (all of them single-process).
+
+    Each item's transform seed depends on its index only, so a sharded evaluation sees exactly
+    the inputs of a single-process one.
+    """
     return DataLoader(
         SeededTransformDataset(dataset, transform),
         batch_size=batch_size,
-        shuffle=False,
+        sampler=range(rank, len(dataset), world_size),
         num_workers=num_workers,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(0),
@@ -127,11 +155,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``device=``; under torchrun a CUDA device is this process's GPU, ``LOCAL_RANK``."""
+    from .distributed import env_info
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    info = env_info()
+    if device.type == "cuda" and info.enabled:
+        if device.index not in (None, info.local_rank):
+            raise ConfigError(
+                f"device={name} under torchrun: each process uses GPU LOCAL_RANK={info.local_rank}; "
+                "use device=cuda or device=auto (select GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        device = torch.device("cuda", info.local_rank)
     return device
 
 

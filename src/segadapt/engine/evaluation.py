@@ -50,6 +50,9 @@ def summarize(matrix: ConfusionMatrix, classes: ClassInfo, protocols: Sequence[i
 
 
 def evaluate(model: nn.Module, loader: DataLoader, classes: ClassInfo, cfg: EvalConfig, device: torch.device, run_name: str = "model") -> dict[str, Any]:
+    """Scores of ``model`` on ``loader``; under torchrun ``loader`` holds this rank's share and the
+    confusion matrices of all ranks are summed first (a collective: every rank must call it), so
+    every rank returns the scores of the whole dataset."""
     matrix = confusion_over(model, loader, classes.num_classes, cfg, device, classes.ignore_index)
     return summarize(matrix.all_reduce(), classes, cfg.protocols, run_name)
 
@@ -58,6 +61,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     """``segadapt eval``: the checkpoint's network on ``data.val`` of its (or the given) config."""
     from ..errors import ConfigError
     from .builders import build_dataset_from_spec, build_eval_loader, resolve_device
+    from .distributed import init_distributed
     from .loading import config_for_checkpoint, load_trained_model
     from .trainer import _build_transform
 
@@ -70,5 +74,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     classes = classes or dataset.classes
     if classes.num_classes != dataset.classes.num_classes:
         raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but {cfg.data.val.dataset} has {dataset.classes.num_classes}")
-    loader = build_eval_loader(dataset, _build_transform(cfg.data.val_transforms), cfg.data.val_batch_size, cfg.data.num_workers)
+    info = init_distributed()  # under torchrun each rank evaluates its share; the matrices are summed
+    loader = build_eval_loader(
+        dataset, _build_transform(cfg.data.val_transforms), cfg.data.val_batch_size, cfg.data.num_workers, info.rank, info.world_size
+    )
     return evaluate(model.to(device), loader, classes, cfg.eval, device, run_name=Path(checkpoint).stem)

@@ -23,6 +23,7 @@ from ..config import RunConfig, save_config
 from ..errors import ConfigError
 from ..methods.dars import ProgressiveSchedule
 from .checkpoint import load_checkpoint
+from .distributed import is_main_process
 from .trainer import Trainer
 
 
@@ -85,8 +86,9 @@ def finished_iteration(run_dir: Path) -> int:
 def run_rounds(cfg: RunConfig, log: Callable[[str], None] = print) -> list[dict[str, Any] | None]:
     """Train every round; returns each round's final evaluation (None for rounds already finished)."""
     schedule = schedule_of(cfg)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    if is_main_process():
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
     results: list[dict[str, Any] | None] = []
     previous: Path | None = None
     for index in range(schedule.num_rounds):

@@ -4,6 +4,10 @@ The trainer owns what is common to all methods: data streams, optimiser and sche
 AMP, gradient accumulation and clipping, the optional EMA copy, periodic evaluation,
 ``metrics.jsonl``, atomic ``last.pt``/``best.pt`` and exact resume. A recipe
 (:mod:`segadapt.engine.recipes`) only maps batches to losses.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this loop on its share of each data
+stream; gradients are averaged over ranks before each optimiser step, and only rank 0 writes
+files and logs (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from ..config import RunConfig, save_config
 from ..errors import CheckpointError, ConfigError
 from ..methods.ema import ModelEMA
+from . import distributed
 from .builders import (
     build_dataset_from_spec,
     build_eval_loader,
@@ -59,7 +64,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.dist = distributed.init_distributed()
+        self.is_main = self.dist.is_main
+        log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.log = log if self.is_main else (lambda text: None)
         self.run_dir = cfg.run_dir
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self._prepare_run_dir(resume)
@@ -67,7 +75,14 @@ class Trainer:
         self.device = resolve_device(cfg.device)
 
         self.recipe_class = recipe_class(cfg.recipe)
-        cfg = self.cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
+        # rank 0 does a recipe's preparation (pseudo labels, prototypes) alone; the others then
+        # find it done in the run directory and reuse it, instead of racing to write the same files
+        if self.is_main:
+            cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
+        distributed.barrier()
+        if not self.is_main:
+            cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
+        self.cfg = cfg
         self.train_sets = {
             name: build_dataset_from_spec(self._spec(stream.spec, name), with_labels=stream.labels)
             for name, stream in self.recipe_class.streams.items()
@@ -78,6 +93,10 @@ class Trainer:
         self.classes = next(iter(sets.values())).classes
 
         model = build_model(cfg.model, self.num_classes).to(self.device)
+        if cfg.train.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ConfigError("train.sync_bn=true needs GPUs (SyncBatchNorm has no CPU kernel); set train.sync_bn=false on CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
@@ -89,11 +108,19 @@ class Trainer:
         self.iteration = 0
         self.consumed = {name: 0 for name in self.train_sets}
         self.best_score = float("-inf")
-        self.metrics_log = MetricsLog(self.run_dir)
+        self.metrics_log = MetricsLog(self.run_dir) if self.is_main else None
         if resume:
             self._load(self.checkpoint_dir / "last.pt")
-        else:
+        elif self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
+        if self.dist.enabled:
+            # every rank starts from rank 0's networks, whatever its own initialisation drew ...
+            distributed.broadcast_module(self.recipe)
+            if self.ema is not None:
+                distributed.broadcast_module(self.ema)
+            if not resume and self.dist.rank > 0:
+                # ... but draws its own random numbers (dropout, pixel sampling) from here on
+                seed_everything(distributed.rank_seed(cfg.seed, self.dist.rank), cfg.deterministic)
 
     # ---------------------------------------------------------------- setup
 
@@ -132,6 +159,8 @@ class Trainer:
                 cfg.data.num_workers,
                 seed=seed,
                 start=self.consumed[name],
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
                 sampler=self.recipe.train_sampler(name, self.train_sets[name], seed, self.consumed[name]),
             )
             loaders[name] = iter(loader)
@@ -140,6 +169,9 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs; a collective under torchrun (every rank must call it)."""
+        rng = rng_state()
+        rng_ranks = distributed.all_gather_object(rng) if self.dist.enabled else None
         return {
             "model": self.recipe.model.state_dict(),
             "recipe": self.recipe.state_dict(),
@@ -150,7 +182,8 @@ class Trainer:
             "iteration": self.iteration,
             "consumed": dict(self.consumed),
             "best_score": self.best_score,
-            "rng": rng_state(),
+            "rng": rng,
+            "rng_ranks": rng_ranks,  # each rank's generators, for an exact resume with the same process count
             "eval_model": self.eval_model().state_dict() if self.eval_model() is not self.recipe.model else None,
             "classes": dataclasses.asdict(self.classes),
             "model_name": self.cfg.model.name,
@@ -168,12 +201,23 @@ class Trainer:
         self.iteration = state["iteration"]
         self.consumed = dict(state["consumed"])
         self.best_score = state["best_score"]
-        set_rng_state(state["rng"])
-        self.metrics_log.truncate_after(self.iteration)
+        rng_ranks = state.get("rng_ranks")
+        if rng_ranks is not None and len(rng_ranks) == self.dist.world_size:
+            set_rng_state(rng_ranks[self.dist.rank])
+        else:
+            set_rng_state(state["rng"])
+            if self.dist.rank > 0:  # another process count than the saved run: fresh, distinct draws
+                seed_everything(distributed.rank_seed(self.cfg.seed + self.iteration, self.dist.rank), self.cfg.deterministic)
+        if self.metrics_log is not None:
+            self.metrics_log.truncate_after(self.iteration)
         self.log(f"resumed {self.run_dir} at iteration {self.iteration}")
 
     def save(self, name: str) -> None:
-        atomic_save(self.state_dict(), self.checkpoint_dir / name)
+        """Rank 0 writes ``checkpoints/name`` atomically; the other ranks wait until it is on disk."""
+        state = self.state_dict()
+        if self.is_main:
+            atomic_save(state, self.checkpoint_dir / name)
+        distributed.barrier()
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.recipe.eval_model()
@@ -196,7 +240,7 @@ class Trainer:
             batches = {}
             for name, loader in loaders.items():
                 batches[name] = _to_device(next(loader), self.device)
-                self.consumed[name] += self.cfg.data.batch_size
+                self.consumed[name] += self.cfg.data.batch_size * self.dist.world_size  # positions of the shared stream
             with self._autocast():
                 losses = self.recipe.training_step(batches, self.iteration)
             if not torch.isfinite(losses["loss"]):
@@ -207,6 +251,8 @@ class Trainer:
             self.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+        # once per step, after all accumulated backward passes: the gradient of the global batch
+        distributed.all_reduce_gradients(self.recipe.trainable_model().parameters())
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.recipe.trainable_model().parameters(), self.cfg.optim.grad_clip)
@@ -216,6 +262,7 @@ class Trainer:
             totals[f"lr_{group.get('name', index)}"] = group["lr"]
         self.scheduler.step()
         self.iteration += 1
+        distributed.average_buffers(self.recipe.trainable_model())  # BatchNorm statistics saw only this rank's batch
         if self.ema is not None:
             self.ema.update(self.recipe.model)
         self.recipe.after_optimizer_step(self.iteration)
@@ -225,9 +272,14 @@ class Trainer:
         if self.val_set is None:
             return None
         loader = build_eval_loader(
-            self.val_set, _build_transform(self.cfg.data.val_transforms), self.cfg.data.val_batch_size, self.cfg.data.num_workers
+            self.val_set,
+            _build_transform(self.cfg.data.val_transforms),
+            self.cfg.data.val_batch_size,
+            self.cfg.data.num_workers,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        return evaluate(self.eval_model(), loader, self.classes, self.cfg.eval, self.device)
+        return evaluate(self.eval_model(), loader, self.classes, self.cfg.eval, self.device)  # confusion summed over ranks
 
     def fit(self) -> dict[str, Any] | None:
         """Train to ``train.iters``; returns the final evaluation (None without a validation set)."""
@@ -239,21 +291,33 @@ class Trainer:
             losses = self._step(loaders)
             it = self.iteration
             if it % cfg.log_every == 0 or it == cfg.iters:
-                self.metrics_log.write({"iter": it, **losses})
-                progress.show(it, {k: v for k, v in losses.items() if not k.startswith("lr_")})
+                losses = self._mean_over_ranks(losses)
+                if self.metrics_log is not None:
+                    self.metrics_log.write({"iter": it, **losses})
+                    progress.show(it, {k: v for k, v in losses.items() if not k.startswith("lr_")})
             evaluate_now = it == cfg.iters or (cfg.eval_every and it % cfg.eval_every == 0)
             if evaluate_now:
                 final = self._evaluate_and_log(it)
             if evaluate_now or it == cfg.iters or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
                 self.save("last.pt")
-        self.metrics_log.close()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
         return final
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """The logged losses: means over all ranks' batches (the same keys on every rank)."""
+        if not self.dist.enabled:
+            return values
+        keys = sorted(values)  # one order on every rank, whatever order the recipe returned them in
+        means = dict(zip(keys, distributed.all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64)).tolist()))
+        return {key: means[key] for key in values}
 
     def _evaluate_and_log(self, iteration: int) -> dict[str, Any] | None:
         scores = self.evaluate()
         if scores is None:
             return None
-        self.metrics_log.write({"iter": iteration, **{f"val/{k}": v for k, v in scores["flat"].items()}})
+        if self.metrics_log is not None:
+            self.metrics_log.write({"iter": iteration, **{f"val/{k}": v for k, v in scores["flat"].items()}})
         self.log(f"[{self.cfg.name}] it {iteration}: val mIoU {100 * scores['flat']['miou']:.2f}")
         if scores["flat"]["miou"] > self.best_score:
             self.best_score = scores["flat"]["miou"]

@@ -58,6 +58,7 @@ from ...methods.bicl import (
     sample_source_indices,
 )
 from ...metrics.pseudo_label_quality import pseudo_label_stats
+from ..distributed import all_gather_cat
 from .base import Recipe, Stream, parse_options
 from .dacs import image_content_mask
 
@@ -243,10 +244,11 @@ class BiCL(Recipe):
         size = tuple(target["image"].shape[-2:])
 
         source_grid = resize_labels(source["label"], grid)
-        self.source_memory.update(source_features, source_grid)
+        # every rank's pixels update the prototypes, so the ranks keep identical memories
+        self.source_memory.update(all_gather_cat(source_features.detach()), all_gather_cat(source_grid))
         labels = self.target_labels(target, target_features.detach(), size)
         target_grid = resize_labels(labels, grid)
-        self.target_memory.update(target_features, target_grid)
+        self.target_memory.update(all_gather_cat(target_features.detach()), all_gather_cat(target_grid))
 
         loss_seg_source = self.seg_loss(source_logits, source["label"])
         loss_seg_target = self.seg_loss(target_logits, labels)

@@ -77,6 +77,7 @@ from ...methods.cpsl import (
 )
 from ...methods.ema import ModelEMA
 from ...models.base import SegOutput
+from ..distributed import all_gather_cat
 from .base import Recipe, Stream, parse_options
 
 INIT_FILE = "cpsl_init.pt"
@@ -380,6 +381,7 @@ class CPSL(Recipe):
         loss = online_self_labeling_loss(
             self.head, pixels, self.bank, marginal, options.tau, options.epsilon, options.sinkhorn_iterations
         )
-        self.bank.enqueue(pixels)  # after the loss (Alg. 1): a batch is never its own context
-        self.class_distribution.update(class_pixel_counts(labels, self.num_classes))
+        # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
+        self.bank.enqueue(all_gather_cat(pixels.detach()))
+        self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes)[None]).sum(0))
         return loss
