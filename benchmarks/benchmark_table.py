@@ -90,11 +90,11 @@ def main() -> None:
                 labels.setdefault(method, []).append(json.loads(summary.read_text()))
 
     print(f"<!-- {platform.node()} {os.cpu_count()} CPUs, {datetime.date.today()}, seeds {args.seeds} -->")
-    print("| method | mIoU | " + " | ".join(TAIL) + " |")
-    print("|---|---:|" + "---:|" * len(TAIL))
+    print("| method | mIoU | MPA | " + " | ".join(TAIL) + " |")
+    print("|---|---:|---:|" + "---:|" * len(TAIL))
     for method, runs in results.items():
         tail = [mean_std([r[f"iou/{c}"] for r in runs]) for c in TAIL]
-        print(f"| {method} | {mean_std([r['miou'] for r in runs])} | " + " | ".join(tail) + " |")
+        print(f"| {method} | {mean_std([r['miou'] for r in runs])} | {mean_std([r['mpa'] for r in runs])} | " + " | ".join(tail) + " |")
     print()
     print("| class | " + " | ".join(results) + " |")
     print("|---|" + "---:|" * len(results))

@@ -1,8 +1,19 @@
-"""Shared test settings: one intra-op thread (stable timings on small CI machines, same numerics in subprocesses)."""
+"""Shared test settings.
+
+One intra-op thread: stable on small CI machines, and the same numerics in subprocesses.
+
+The suite specifies CPU behaviour (bit-exact resume, ranks that hold identical weights under
+gloo, recipes stepped by hand on CPU batches), so GPUs are hidden from it and from the
+processes it starts. The tests that are about CUDA run with them visible::
+
+    SEGADAPT_TEST_CUDA=1 python -m pytest tests/test_metrics.py tests/test_pseudo_labels.py -k gpu
+"""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("SEGADAPT_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA initialises, which nothing has done yet
 
 import torch  # noqa: E402
 

@@ -25,6 +25,15 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
         parse_override("optim.lr")
 
 
+def test_amp_off_survives_yaml_reading_off_as_false(tmp_path: Path) -> None:
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    (tmp_path / "run.yaml").write_text("train: {amp: off}\n")
+    assert load_config(tmp_path / "run.yaml").train.amp == "off"
+    assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=true"])
+
+
 def test_base_chain_merges_nested_sections_and_file_wins(tmp_path: Path) -> None:
     write(tmp_path / "base.yaml", {"optim": {"lr": 0.1, "momentum": 0.5}, "train": {"iters": 7}})
     child = write(tmp_path / "child.yaml", {"base": "base.yaml", "optim": {"lr": 0.2}})

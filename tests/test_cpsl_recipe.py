@@ -3,6 +3,7 @@ adversarial warm-up and the distillation stage; exact resume of everything they 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from segadapt.engine.recipes.adversarial import FCDiscriminator
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 from segadapt.methods.cpsl import class_pixel_counts
+from segadapt.methods.ema import batch_norm_as
 
 TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
 FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
@@ -238,16 +240,50 @@ def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Pa
         assert torch.allclose(recipe.head.prototypes.norm(dim=1), torch.ones(19))
     elif switch == "strong_augmentation":  # w/o Aug: the student sees the weak view itself
         assert torch.equal(forwards[-1][1], weak)
-    elif switch == "momentum_network":  # w/o Mom: the targets come from the student itself, in eval mode
+    elif switch == "momentum_network":  # w/o Mom: the targets come from the student itself, normalising like it
         assert recipe.ema_model is None and recipe.ema_head is None
         assert not any(k.startswith("ema_") for k in recipe.state_dict())
         training, seen, logits = forwards[1]
-        assert not training and torch.equal(seen, weak) and torch.equal(spy.one("symmetric_kl_consistency")["weak"], logits)
+        assert training and torch.equal(seen, weak) and torch.equal(spy.one("symmetric_kl_consistency")["weak"], logits)
         assert spy.one("online_self_labeling_loss")["head"] is recipe.head
     elif switch == "sl_through_ema_features_only":  # authors' code: L_SL cannot reach the network
         assert not spy.one("online_self_labeling_loss")["features"].requires_grad
     elif switch == "distribution":  # authors' code: r stays the warm-up histogram
         assert torch.equal(recipe.class_distribution.distribution, r0)
+
+
+def test_momentum_network_normalises_like_the_student_unless_told_running(
+    tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def batch_norms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+        return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    _, recipe, batches, spy, _, _, _ = one_step(tmp_path, warmup, monkeypatch, "as_student")
+    weak = batches["target"]["image"]
+    teacher = recipe.ema_model.module
+    # batch statistics of the weak batch, as the student's train-mode forward uses (the authors' train-mode teacher)
+    expected = copy.deepcopy(teacher).train()(weak).logits
+    assert torch.allclose(spy.one("symmetric_kl_consistency")["weak"], expected, atol=1e-5)
+    # ... while its running statistics stay those it was given (the warm-up's) and eval mode is restored
+    for norm, original in zip(batch_norms(teacher), batch_norms(recipe._warmup)):
+        assert torch.equal(norm.running_mean, original.running_mean) and torch.equal(norm.running_var, original.running_var)
+        assert not norm.training and norm.momentum == original.momentum
+
+    _, recipe, batches, spy, _, _, _ = one_step(tmp_path, warmup, monkeypatch, "running", "method.momentum_batch_norm=running")
+    expected = copy.deepcopy(recipe.ema_model.module).eval()(batches["target"]["image"]).logits
+    assert torch.allclose(spy.one("symmetric_kl_consistency")["weak"], expected, atol=1e-5)
+
+
+def test_batch_norm_as_keeps_frozen_layers_frozen() -> None:
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)).train()
+    student[2].eval()  # a frozen layer, as DeepLab-V2's freeze_bn=all keeps them
+    teacher = copy.deepcopy(student).eval()
+    with batch_norm_as(teacher, student):
+        assert [teacher[1].training, teacher[2].training] == [True, False]
+    assert not teacher[1].training and teacher[1].momentum == 0.1
+    with pytest.raises(ValueError, match="2 BatchNorm layers against 1"):
+        with batch_norm_as(teacher, torch.nn.BatchNorm2d(4)):
+            pass
 
 
 def test_cpsl_errors_name_the_key_and_the_fix(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -221,3 +222,68 @@ def test_inconsistent_environment_is_a_config_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ConfigError, match="RANK=2 and WORLD_SIZE=2"):
         distributed.env_info()
+
+
+# Runs on each rank: ``segadapt pseudo-label`` sharded over the two processes, then a
+# self-training run whose preparation (its pseudo labels) the two processes also share.
+PSEUDO_LABEL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from segadapt.cli import main
+    from segadapt.engine import distributed, pseudo_label
+
+    checkpoint, out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    predictions = pseudo_label._predictions
+
+    def recorded(*a, **k):  # which images this process predicts
+        for name, probs, label in predictions(*a, **k):
+            with open(f"{out}/seen{distributed.get_rank()}.txt", "a") as seen:
+                seen.write(name + "\\n")
+            yield name, probs, label
+
+    pseudo_label._predictions = recorded
+    assert main(["pseudo-label", checkpoint, out + "/sharded", "pseudo_label.rule=dars", "pseudo_label.ratio=0.5"]) == 0
+    assert main(["train", "benchmark/st", f"model.checkpoint={checkpoint}", f"output_dir={out}", "name=st",
+                 "train.iters=2", *args]) == 0
+    """
+)
+
+
+def test_two_processes_share_pseudo_labelling_and_write_what_one_process_writes(tmp_path: Path) -> None:
+    from segadapt.engine.pseudo_label import SUMMARY, pseudo_label_checkpoint
+
+    ensure_benchmark(seed=0, size="tiny")
+    warmup = Trainer(load_config("benchmark/source_only", TINY + FAST + [f"output_dir={tmp_path}", "name=warmup", "train.iters=2"]))
+    warmup.fit()
+    checkpoint = tmp_path / "warmup" / "checkpoints" / "last.pt"
+    script = tmp_path / "pseudo_label_script.py"
+    script.write_text(PSEUDO_LABEL_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(checkpoint), str(tmp_path), *TINY, *FAST]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    single = pseudo_label_checkpoint(checkpoint, tmp_path / "single", overrides=["pseudo_label.rule=dars", "pseudo_label.ratio=0.5"], log=lambda _: None)
+    sharded = tmp_path / "sharded"
+    assert json.loads((sharded / SUMMARY).read_text()) == single  # thresholds, counts, accuracy, KL: summed over both
+    names = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*.png"))
+    assert len(names) == single["num_images"] > 2
+    assert sorted(p.relative_to(sharded) for p in sharded.rglob("*.png")) == names
+    for name in names:  # DARS's random subsampling included
+        assert (sharded / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+    # each process predicted its own half of the images, twice (one pass for the histogram, one to label),
+    # in the command and again in the self-training run's preparation
+    seen = [(tmp_path / f"seen{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == single["num_images"]
+    assert sorted(seen[0] + seen[1]) == sorted(4 * (list(set(seen[0])) + list(set(seen[1]))))
+
+    # the self-training run's labels were made by both processes together, then trained on
+    labels = tmp_path / "st" / "pseudo_labels"
+    assert json.loads((labels / SUMMARY).read_text())["num_images"] == single["num_images"]
+    assert len(list(labels.rglob("*.png"))) == single["num_images"]
+    assert load_checkpoint(tmp_path / "st" / "checkpoints" / "last.pt")["iteration"] == 2

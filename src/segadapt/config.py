@@ -113,6 +113,11 @@ class TrainConfig(_Strict):
         False, description="under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)"
     )
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` (train.amp=off) as false
+
 
 class EvalConfig(_Strict):
     size: tuple[int, int] | None = Field(None, description="resize images to (h, w) before the network")

@@ -11,7 +11,10 @@ without its 200 GB of saved logits and its in-RAM lists of every pixel's confide
    probabilities at ``1/soft_stride`` resolution), while accumulating the quality statistics.
 
 Predicting twice costs a second inference pass but keeps memory and disk independent of the
-dataset size. ``summary.json`` (written last, so its presence marks a complete folder) and
+dataset size. Under torchrun with ``shard=True`` each process predicts every ``world_size``-th
+image in both passes; the histograms and statistics are summed over the processes, so the
+thresholds, the files and the summary are those of a single-process run (DARS's random
+subsampling draws from a generator seeded by ``pseudo_label.seed`` and the image name). ``summary.json`` (written last, so its presence marks a complete folder) and
 ``summary.md`` hold the thresholds, sampling ratios, per-class counts, density, accuracy
 against ground truth when there is some, and the KL divergence of the pseudo-label class
 distribution to the ground truth's and to the rule's reference distribution (DARS Tab. S7).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,6 +42,7 @@ from ..errors import ConfigError, DataError
 from ..methods.dars import dars_thresholds, given_distribution, label_distribution, predicted_distribution
 from ..methods.pseudo_labels import ConfidenceHistogram, Thresholds, apply_thresholds, cbst_thresholds, st_thresholds
 from ..metrics.pseudo_label_quality import PseudoLabelStats, kl_divergence
+from . import distributed
 from .builders import build_dataset_from_spec, build_eval_loader
 from .inference import predict_probs
 
@@ -132,6 +137,11 @@ def _write_soft(path: Path, probs: torch.Tensor, stride: int) -> None:
     np.save(path, small.to(torch.float16).cpu().numpy())
 
 
+def image_generator(seed: int, name: str) -> torch.Generator:
+    """The random stream of one image's DARS subsampling: the same whichever process labels it, in any order."""
+    return torch.Generator(device="cpu").manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+
+
 def generate_pseudo_labels(
     model: nn.Module,
     dataset: Any,
@@ -139,45 +149,56 @@ def generate_pseudo_labels(
     out_dir: str | Path,
     device: torch.device,
     log: Callable[[str], None] = print,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Label ``dataset`` with ``model`` by ``cfg.pseudo_label`` into ``out_dir``; returns the summary.
 
     ``dataset`` yields labels when ground truth exists (only to measure accuracy, density and
-    KL divergence; never to make the labels).
+    KL divergence; never to make the labels). ``shard=True`` splits the images over the
+    torchrun processes, every one of which must call this (module docstring); rank 0 writes the
+    summary. Without it the calling process labels everything alone.
     """
     rule = cfg.pseudo_label
     out_dir = Path(out_dir)
+    if len(dataset) == 0:
+        raise ConfigError(f"{dataset!r} is empty: nothing to pseudo-label")
+    rank, world_size = (distributed.get_rank(), distributed.get_world_size()) if shard else (0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SUMMARY).unlink(missing_ok=True)
+    if rank == 0:
+        (out_dir / SUMMARY).unlink(missing_ok=True)
     classes: ClassInfo = dataset.classes
     infer = inference_config(rule)
-    loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers)
+    loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers, rank=rank, world_size=world_size)
     model = model.to(device).eval()
 
     histogram = ConfidenceHistogram(classes.num_classes, device=device)
     for index, (_, probs, _) in enumerate(_predictions(model, loader, infer, device)):
         histogram.update(probs[None])
         if (index + 1) % 100 == 0:
-            log(f"pseudo-label pass 1/2: {index + 1}/{len(dataset)} images")
+            log(f"pseudo-label pass 1/2: {(index + 1) * world_size}/{len(dataset)} images")
+    if world_size > 1:
+        histogram.all_reduce()
     result = thresholds_for(cfg, histogram)
 
-    generator = torch.Generator(device="cpu").manual_seed(rule.seed)
-    stats: PseudoLabelStats | None = None
+    stats = PseudoLabelStats(classes.num_classes, classes.ignore_index)
     for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device)):
-        pseudo = apply_thresholds(probs[None].cpu(), *result.thresholds, generator=generator, ignore_index=classes.ignore_index)[0]
+        pseudo = apply_thresholds(
+            probs[None].cpu(), *result.thresholds, generator=image_generator(rule.seed, name), ignore_index=classes.ignore_index
+        )[0]
         _write_png(pseudo_label_path(out_dir, name), pseudo)
         if rule.soft:
             _write_soft(pseudo_label_path(out_dir, name).with_suffix(".npy"), probs, rule.soft_stride)
-        if stats is None:
-            stats = PseudoLabelStats(classes.num_classes, classes.ignore_index)
         stats.update(pseudo, label)
         if (index + 1) % 100 == 0:
-            log(f"pseudo-label pass 2/2: {index + 1}/{len(dataset)} images")
-    if stats is None:
-        raise ConfigError(f"{dataset!r} is empty: nothing to pseudo-label")
+            log(f"pseudo-label pass 2/2: {(index + 1) * world_size}/{len(dataset)} images")
+    if world_size > 1:
+        stats.all_reduce()
     summary = summarize_pseudo_labels(cfg, classes, result, stats, len(dataset))
-    (out_dir / "summary.md").write_text(summary_markdown(summary))
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if rank == 0:
+        (out_dir / "summary.md").write_text(summary_markdown(summary))
+        (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if world_size > 1:
+        distributed.barrier()  # every file is on disk before any process reads the folder
     return summary
 
 
@@ -251,6 +272,7 @@ def pseudo_label_checkpoint(
     from .builders import resolve_device
     from .loading import config_for_checkpoint, load_trained_model
 
+    distributed.init_distributed()  # under torchrun the processes share the images
     cfg = config_for_checkpoint(checkpoint, config, overrides)
     if cfg.data.target is None:
         raise ConfigError("nothing to pseudo-label: set data.target.dataset and data.target.root")
@@ -258,4 +280,4 @@ def pseudo_label_checkpoint(
     model, classes = load_trained_model(checkpoint, cfg)
     if classes is not None and classes.num_classes != dataset.classes.num_classes:
         raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but data.target has {dataset.classes.num_classes}")
-    return generate_pseudo_labels(model, dataset, cfg, out_dir, resolve_device(cfg.device), log)
+    return generate_pseudo_labels(model, dataset, cfg, out_dir, resolve_device(cfg.device), log, shard=True)

@@ -77,11 +77,14 @@ class Trainer:
         self.recipe_class = recipe_class(cfg.recipe)
         # rank 0 does a recipe's preparation (pseudo labels, prototypes) alone; the others then
         # find it done in the run directory and reuse it, instead of racing to write the same files
-        if self.is_main:
+        if self.recipe_class.collective_prepare:
             cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
-        distributed.barrier()
-        if not self.is_main:
-            cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
+        else:
+            if self.is_main:
+                cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
+            distributed.barrier()
+            if not self.is_main:
+                cfg = self.recipe_class.prepare(cfg, self.run_dir, self.log)
         self.cfg = cfg
         self.train_sets = {
             name: build_dataset_from_spec(self._spec(stream.spec, name), with_labels=stream.labels)

@@ -6,7 +6,9 @@ EMA self-labeling head. Buffers (BatchNorm statistics) are copied, parameters av
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -46,3 +48,41 @@ class ModelEMA(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def batch_norm_as(module: nn.Module, reference: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module``'s BatchNorm layers in the mode of ``reference``'s, leaving their running statistics alone.
+
+    A momentum network in eval mode normalises a target batch with running statistics that the
+    student gathered on source and target batches alike, while the student in train mode uses the
+    batch's own; a consistency loss between the two then teaches the student to undo the
+    difference, which it cannot do at evaluation. The authors' CPSL code runs its momentum network
+    in train mode, i.e. exactly like the student. Layers the student keeps in eval mode (frozen
+    BatchNorm) stay in eval mode here too. The layers are paired in ``modules()`` order, so
+    ``module`` must be a copy of ``reference``'s architecture.
+
+    Examples:
+        >>> student = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+        >>> teacher = ModelEMA(student).module.eval()
+        >>> with batch_norm_as(teacher, student):
+        ...     _ = teacher(torch.randn(2, 3, 4, 4))
+        ...     teacher[1].training
+        True
+        >>> teacher[1].training, bool(teacher[1].running_mean.eq(0).all())
+        (False, True)
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    references = [m for m in reference.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if len(norms) != len(references):
+        raise ValueError(f"batch_norm_as: {len(norms)} BatchNorm layers against {len(references)} in the reference")
+    saved = [(m.training, m.momentum) for m in norms]
+    try:
+        for norm, ref in zip(norms, references):
+            norm.training = ref.training
+            if ref.training:
+                norm.momentum = 0.0  # batch statistics for the forward, running statistics unchanged
+        yield module
+    finally:
+        for norm, (training, momentum) in zip(norms, saved):
+            norm.training, norm.momentum = training, momentum

@@ -51,6 +51,9 @@ class Recipe(nn.Module, abc.ABC):
     streams: ClassVar[dict[str, Stream]]
     Options: ClassVar[type[BaseModel]] = NoOptions
     """The schema of ``cfg.method`` for this recipe (docs/recipes.md lists each recipe's keys)."""
+    collective_prepare: ClassVar[bool] = False
+    """True: under torchrun every process runs :meth:`prepare` at once and shares its work (pseudo
+    labels); False: rank 0 prepares alone and the others then reuse what it wrote."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: SegLoss, num_classes: int) -> None:
         super().__init__()

@@ -75,7 +75,7 @@ from ...methods.cpsl import (
     sample_pixels,
     symmetric_kl_consistency,
 )
-from ...methods.ema import ModelEMA
+from ...methods.ema import ModelEMA, batch_norm_as
 from ...models.base import SegOutput
 from ..distributed import all_gather_cat
 from .base import Recipe, Stream, parse_options
@@ -111,6 +111,11 @@ class CPSLOptions(BaseModel):
     init_from_prototypes: bool = Field(True, description="false = 'w/o Init': random self-labeling head")
     strong_augmentation: bool = Field(True, description="false = 'w/o Aug': the student sees the weak view")
     momentum_network: bool = Field(True, description="false = 'w/o Mom': targets from the current networks")
+    momentum_batch_norm: Literal["as_student", "running"] = Field(
+        "as_student",
+        description="BatchNorm of the momentum network: batch statistics wherever the student uses them (authors' "
+        "train-mode teacher) or its running statistics (eval mode)",
+    )
     sl_through_ema_features_only: bool = Field(
         False, description="authors' code: L_SL on momentum-network features, so it trains only the head"
     )
@@ -298,9 +303,21 @@ class CPSL(Recipe):
 
     @torch.no_grad()
     def _momentum_outputs(self, weak: torch.Tensor) -> SegOutput:
-        """``f'_SEG`` on the weak view; without momentum networks ('w/o Mom'), the student itself in eval mode."""
+        """``f'_SEG`` on the weak view; without momentum networks ('w/o Mom'), the student itself.
+
+        BatchNorm follows ``method.momentum_batch_norm``: ``as_student`` normalises like the student's
+        training forward (batch statistics unless the student's BatchNorm is frozen), ``running`` uses
+        the running statistics (eval mode).
+        """
+        as_student = self.options.momentum_batch_norm == "as_student"
         if self.ema_model is not None:
+            if as_student:
+                with batch_norm_as(self.ema_model.module, self.model):
+                    return self.ema_model(weak)
             return self.ema_model(weak)
+        if as_student:
+            with batch_norm_as(self.model, self.model):
+                return self.model(weak)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -40,6 +40,7 @@ class SelfTraining(Recipe):
     name = "self_training"
     streams = {"source": Stream("source"), "target": Stream("target")}
     Options = SelfTrainingOptions
+    collective_prepare = True  # under torchrun the processes share the pseudo-labelling
 
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
@@ -55,7 +56,7 @@ class SelfTraining(Recipe):
                 "data.target.pseudo_labels=DIR (segadapt pseudo-label)"
             )
         out_dir = run_dir / "pseudo_labels"
-        generate_for_run(cfg, cfg.model.checkpoint, out_dir, log)
+        generate_for_run(cfg, cfg.model.checkpoint, out_dir, log, shard=True)
         target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
 
@@ -77,8 +78,13 @@ class SelfTraining(Recipe):
         return {"loss": loss, "loss_source": loss_source.detach(), "loss_target": loss_target.detach()}
 
 
-def generate_for_run(cfg: RunConfig, checkpoint: str | Path, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Pseudo labels of ``data.target`` by ``checkpoint`` into ``out_dir``, unless a complete set is there."""
+def generate_for_run(
+    cfg: RunConfig, checkpoint: str | Path, out_dir: Path, log: Callable[[str], None], shard: bool = False
+) -> dict[str, Any] | None:
+    """Pseudo labels of ``data.target`` by ``checkpoint`` into ``out_dir``, unless a complete set is there.
+
+    ``shard=True``: every torchrun process calls this and labels its share of the images.
+    """
     import json
 
     from ..builders import resolve_device
@@ -90,7 +96,7 @@ def generate_for_run(cfg: RunConfig, checkpoint: str | Path, out_dir: Path, log:
         return json.loads((out_dir / SUMMARY).read_text())
     log(f"pseudo labels: {cfg.pseudo_label.rule} from {checkpoint} into {out_dir}")
     model, _ = load_trained_model(checkpoint, cfg)
-    summary = generate_pseudo_labels(model, dataset_to_label(cfg, log), cfg, out_dir, resolve_device(cfg.device), log)
+    summary = generate_pseudo_labels(model, dataset_to_label(cfg, log), cfg, out_dir, resolve_device(cfg.device), log, shard=shard)
     accuracy = summary.get("accuracy")
     log(f"pseudo labels: density {summary['density']:.3f}" + (f", accuracy {accuracy:.3f}" if accuracy is not None else ""))
     return summary
