@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from segadapt.cli import main
@@ -19,6 +20,7 @@ from segadapt.config import load_config
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
 from segadapt.engine.trainer import Trainer
+from segadapt.errors import ConfigError
 
 TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
 FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=2", "schedule.warmup_iters=0", "optim.lr=0.01"]
@@ -155,12 +157,18 @@ def test_folder_datasets_by_override(tmp_path: Path) -> None:
 def test_demo_quick_writes_report(tmp_path: Path) -> None:
     from segadapt.engine.demo import run_demo
 
-    results = run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny")
-    assert set(results) == {"source-only", "oracle"}
+    with pytest.raises(ConfigError, match=r"'oracle' is not an adaptation config of the benchmark; choose from .*cpsl"):
+        run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny", methods=["oracle"])
+    results = run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny", methods=["cpsl"])
+    assert list(results) == ["source-only", "cpsl", "oracle"]
+    cpsl_config = yaml.safe_load((tmp_path / "demo" / "benchmark_cpsl" / "config.yaml").read_text())
+    assert cpsl_config["model"]["checkpoint"] == str(tmp_path / "demo" / "benchmark_source_only" / "checkpoints" / "last.pt")
     report = (tmp_path / "demo" / "report" / "report.md").read_text()
-    assert "| source-only |" in report and "| oracle |" in report and "| bicycle |" in report.replace(" mIoU |", "")
+    assert "| source-only |" in report and "| cpsl |" in report and "| oracle |" in report
+    assert "| bicycle |" in report.replace(" mIoU |", "")
     grid = Image.open(tmp_path / "demo" / "report" / "predictions.png")
-    assert grid.width > 4 * 64  # image, ground truth and two predictions side by side
+    assert grid.width > 5 * 64  # image, ground truth and three predictions side by side
     # a second demo reuses the finished runs instead of failing on existing checkpoints
-    again = run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny")
+    again = run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny", methods=["cpsl"])
     assert again["oracle"]["flat"]["miou"] == results["oracle"]["flat"]["miou"]
+    assert again["cpsl"]["flat"]["miou"] == results["cpsl"]["flat"]["miou"]

@@ -118,7 +118,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .engine.demo import run_demo
 
-    run_demo(Path(args.output), seed=args.seed, quick=args.quick)
+    run_demo(Path(args.output), seed=args.seed, quick=args.quick, methods=args.methods)
     return 0
 
 
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test, not the calibration)")
+    demo.add_argument("--methods", nargs="*", default=[], metavar="METHOD",
+                      help="adaptation methods to add from the source-only model, e.g. cpsl dars_td (benchmark/<METHOD>.yaml; about 4 min each)")
     demo.set_defaults(func=cmd_demo)
 
     pl = sub.add_parser("pseudo-label", help="pseudo-label data.target with a checkpoint (ST, CBST, DARS)")

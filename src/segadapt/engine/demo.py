@@ -3,20 +3,23 @@
 Generates the benchmark if absent, trains the two recipes of the packaged configs
 ``benchmark/source_only.yaml`` and ``benchmark/oracle.yaml``, evaluates both on the target
 validation split, prints the per-class IoU table and writes ``report/report.md`` and
-``report/predictions.png`` (image, ground truth, predictions). A finished run found in the
-output folder is reused; an interrupted one is resumed.
+``report/predictions.png`` (image, ground truth, predictions). ``methods`` adds adaptation
+methods (packaged ``benchmark/<method>.yaml`` configs, e.g. ``cpsl``, ``dars_td``), each
+started from the demo's source-only model and compared in the same table and figure. A
+finished run found in the output folder is reused; an interrupted one is resumed.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..config import RunConfig, load_config, packaged_config
+from ..errors import ConfigError
 from ..metrics import format_table
 from ..viz import colorize, image_grid
 from .builders import build_dataset_from_spec, resolve_device
@@ -27,6 +30,8 @@ from .trainer import Trainer
 
 DEMO_RECIPES = (("source-only", "benchmark/source_only.yaml"), ("oracle", "benchmark/oracle.yaml"))
 QUICK_OVERRIDES = ["train.iters=6", "train.log_every=2", "data.batch_size=2", "data.num_workers=0"]
+QUICK_METHOD_OVERRIDES = {"cpsl": ["method.pixels_per_image=8", "method.queue_size=64"]}
+"""What the smoke-test schedule also changes for a method: CPSL's sampling must fit tiny crops."""
 
 
 def _train_or_reuse(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
@@ -58,14 +63,25 @@ def prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> 
     return image_grid(rows, ["image", "ground truth", *models])
 
 
-def run_demo(output: Path, seed: int = 0, quick: bool = False, benchmark_size: str = "default") -> dict[str, Any]:
+def run_demo(
+    output: Path, seed: int = 0, quick: bool = False, benchmark_size: str = "default", methods: Sequence[str] = ()
+) -> dict[str, Any]:
     """Train and compare; returns ``{run name: evaluation}``. ``quick`` is a smoke-test schedule."""
+    for method in methods:
+        packaged = packaged_config(f"benchmark/{method}")
+        if method in ("source_only", "oracle") or method.startswith("_") or not packaged.exists():
+            choices = sorted(p.stem for p in packaged.parent.glob("*.yaml") if not p.stem.startswith("_") and p.stem not in ("source_only", "oracle"))
+            raise ConfigError(f"demo --methods: {method!r} is not an adaptation config of the benchmark; choose from {', '.join(choices)}")
+    common = [f"output_dir={output}", f"seed={seed}"]
+    common += [f"data.{part}.benchmark_size={benchmark_size}" for part in ("source", "target", "val")]
+    plan = [(DEMO_RECIPES[0][0], DEMO_RECIPES[0][1], [])]
+    warmup = output / load_config(packaged_config(DEMO_RECIPES[0][1]), common).name / "checkpoints" / "last.pt"
+    plan += [(method, f"benchmark/{method}.yaml", [f"model.checkpoint={warmup}", *(QUICK_METHOD_OVERRIDES.get(method, []) if quick else [])]) for method in methods]
+    plan += [(DEMO_RECIPES[1][0], DEMO_RECIPES[1][1], [])]
     runs: dict[str, tuple[Path, RunConfig]] = {}
     results: dict[str, Any] = {}
-    for name, config in DEMO_RECIPES:
-        overrides = [f"output_dir={output}", f"seed={seed}", f"data.val.benchmark_size={benchmark_size}"]
-        overrides += [f"data.{part}.benchmark_size={benchmark_size}" for part in ("source", "target")]
-        cfg = load_config(packaged_config(config), overrides + (QUICK_OVERRIDES if quick else []))
+    for name, config, extra in plan:
+        cfg = load_config(packaged_config(config), common + extra + (QUICK_OVERRIDES if quick else []))
         print(f"== {name}: training {cfg.recipe} for {cfg.train.iters} iterations in {cfg.run_dir}", file=sys.stderr)
         checkpoint, results[name] = _train_or_reuse(cfg)
         runs[name] = (checkpoint, cfg)
