@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from segadapt.data.transforms import build_transforms
 from segadapt.config import PACKAGED_CONFIGS, RunConfig, deep_merge, load_config, parse_override, resolved_yaml, save_config
 from segadapt.errors import ConfigError
 
@@ -98,4 +99,8 @@ def test_every_shipped_config_validates() -> None:
     for path in configs:
         if path.name.startswith("_"):
             continue  # partial bases are validated through the files that use them
-        assert isinstance(load_config(path), RunConfig), path
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig), path
+        for transforms in (cfg.data.train_transforms, cfg.data.val_transforms):
+            if transforms:
+                build_transforms(transforms)  # a misspelt transform or key in a shipped config fails here

@@ -19,8 +19,10 @@ from segadapt.data.transforms import (
     JitterRecord,
     RandomCrop,
     RandomHorizontalFlip,
+    RandomRotate,
     RandomScale,
     Resize,
+    RotateRecord,
     ScaleRecord,
     apply_color_jitter,
     build_transforms,
@@ -41,6 +43,7 @@ from segadapt.errors import ConfigError, DataError
 GEOMETRY = [
     {"name": "resize", "long_side": 60},
     {"name": "random_scale", "min": 0.5, "max": 1.5},
+    {"name": "random_rotate", "min": -10, "max": 10, "p": 0.5},
     {"name": "random_crop", "size": [32, 40], "pad_value": 0.25},
     {"name": "random_horizontal_flip", "p": 0.5},
 ]
@@ -161,6 +164,47 @@ def test_replay_refuses_a_tensor_off_the_records_grid() -> None:
     records = [CropRecord((30, 50), 0, 0, 10, 10)]
     with pytest.raises(ValueError, match="to_augmented_view"):
         replay_geometric(records, torch.zeros(15, 25, dtype=torch.long), "label")
+
+
+def test_rotation_is_counter_clockwise_about_the_centre_and_a_quarter_turn_is_rot90() -> None:
+    label = torch.randint(0, 19, (9, 9), generator=seeded(0))
+    view = RandomRotate(90, 90, p=1.0)({"image": torch.rand(3, 9, 9), "label": label}, seeded(0))
+    (record,) = view["replay"]
+    assert record == RotateRecord((9, 9), 90.0)
+    assert torch.equal(view["label"], torch.rot90(label, 1))  # numpy/torch rot90 k=1 is counter-clockwise on screen
+    image = torch.zeros(1, 9, 15)
+    image[0, 4, 10] = 1.0  # 3 pixels right of the centre (4, 7)
+    turned = replay_geometric([RotateRecord((9, 15), 90.0)], image, "image")
+    assert turned[0].argmax().item() == 1 * 15 + 7  # 3 pixels above it
+    assert torch.equal(replay_geometric([RotateRecord((9, 15), 0.0)], image, "image"), image)
+
+
+def test_rotated_in_corners_are_ignore_in_labels_and_pad_value_in_the_image() -> None:
+    sample = {"image": torch.full((3, 40, 60), 0.8), "label": torch.full((40, 60), 3), "soft_label": torch.ones(2, 40, 60)}
+    view = RandomRotate(30, 30, p=1.0, pad_value=0.25)(sample, seeded(0))
+    assert view["label"][0, 0] == 255 and view["label"][-1, -1] == 255 and view["label"][20, 30] == 3
+    assert set(view["label"].unique().tolist()) == {3, 255}
+    assert view["image"][0, 0, 0] == pytest.approx(0.25) and view["image"][0, 20, 30] == pytest.approx(0.8)
+    assert view["soft_label"][0, 0, 0] == 0 and view["soft_label"][0, 20, 30] == pytest.approx(1.0)
+    # the valid mask agrees with the ignored corners
+    assert torch.equal(valid_mask(view["replay"], (40, 60)), view["label"] != 255)
+
+
+def test_rotation_without_its_coin_is_an_identity_record() -> None:
+    sample = make_sample()
+    view = RandomRotate(-10, 10, p=0.0)(sample, seeded(0))
+    assert view["replay"][0].angle == 0.0 and torch.equal(view["label"], sample["label"])
+
+
+def test_rotation_replayed_on_a_coarse_grid_matches_the_full_resolution_view() -> None:
+    blocks = torch.randint(0, 19, (4, 6), generator=seeded(1)).repeat_interleave(4, 0).repeat_interleave(4, 1)  # 16x24
+    full = blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)  # 64x96, a class per 16x16 square
+    records = [RotateRecord((64, 96), 8.0)]
+    coarse = to_augmented_view(records, blocks, "label")
+    cells = replay_geometric(records, full, "label").reshape(16, 4, 24, 4).permute(0, 2, 1, 3).reshape(16, 24, 16)
+    uniform = (cells == cells[..., :1]).all(dim=-1)  # 4x4 cells of the full view that lie inside one rotated block
+    assert coarse.shape == (16, 24) and uniform.float().mean() > 0.5
+    assert torch.equal(coarse[uniform], cells[..., 0][uniform])
 
 
 # ---------------------------------------------------------------- mapping the un-augmented view into the view
@@ -318,9 +362,10 @@ def test_factory_builds_the_configured_transforms() -> None:
     pipeline = build_transforms(GEOMETRY + PHOTOMETRY)
     assert isinstance(pipeline, Compose)
     assert [type(t).__name__ for t in pipeline.transforms] == [
-        "Resize", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "ColorJitter", "GaussianBlur", "Cutout",
+        "Resize", "RandomScale", "RandomRotate", "RandomCrop", "RandomHorizontalFlip", "ColorJitter", "GaussianBlur",
+        "Cutout",
     ]
-    assert pipeline.transforms[2].size == (32, 40) and pipeline.transforms[4].brightness == (0.6, 1.4)
+    assert pipeline.transforms[3].size == (32, 40) and pipeline.transforms[5].brightness == (0.6, 1.4)
 
 
 @pytest.mark.parametrize(
@@ -338,6 +383,7 @@ def test_factory_builds_the_configured_transforms() -> None:
         ([{"name": "random_horizontal_flip", "p": 1.5}], r"\(random_horizontal_flip\): p must be a probability"),
         ([{"name": "resize"}], r"\(resize\): give exactly one of size or long_side"),
         ([{"name": "color_jitter", "hue": 0.7}], r"\(color_jitter\): hue must be"),
+        ([{"name": "random_rotate", "min": 10, "max": -10}], r"\(random_rotate\): \[min, max\] must be \[min, max\] with -180"),
         ([{"size": 8}], r"transforms\[0\]: expected a mapping with a 'name' key"),
         ({"name": "resize"}, r"transforms must be a list"),
     ],

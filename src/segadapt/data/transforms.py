@@ -116,9 +116,25 @@ class CutoutRecord:
     name: str = "cutout"
 
 
-Record = Union[ScaleRecord, CropRecord, FlipRecord, JitterRecord, BlurRecord, CutoutRecord]
-GeometricRecord = Union[ScaleRecord, CropRecord, FlipRecord]
-_GEOMETRIC = (ScaleRecord, CropRecord, FlipRecord)
+@dataclass(frozen=True)
+class RotateRecord:
+    """A rotation of the view (of ``input_size``) by ``angle`` degrees, counter-clockwise, about its centre.
+
+    The size is kept; corners rotated in from outside are filled with ``pad_value`` (image), the
+    ignore index (labels), False (masks) or 0 (soft maps), as the semseg code DARS uses does
+    (``RandRotate``: cv2 ``warpAffine`` with a constant border).
+    """
+
+    input_size: tuple[int, int]
+    angle: float
+    pad_value: float = 0.0
+    ignore_index: int = IGNORE_INDEX
+    name: str = "random_rotate"
+
+
+Record = Union[ScaleRecord, CropRecord, FlipRecord, RotateRecord, JitterRecord, BlurRecord, CutoutRecord]
+GeometricRecord = Union[ScaleRecord, CropRecord, FlipRecord, RotateRecord]
+_GEOMETRIC = (ScaleRecord, CropRecord, FlipRecord, RotateRecord)
 
 
 # --------------------------------------------------------------------------- random draws
@@ -182,7 +198,7 @@ def resize(tensor: torch.Tensor, size: tuple[int, int], kind: Kind) -> torch.Ten
     return resized.to(tensor.dtype)
 
 
-def _pad_value(record: CropRecord, kind: Kind, dtype: torch.dtype) -> float | int | bool:
+def _pad_value(record: CropRecord | RotateRecord, kind: Kind, dtype: torch.dtype) -> float | int | bool:
     if kind == "image":
         return record.pad_value
     if kind == "soft":
@@ -190,10 +206,40 @@ def _pad_value(record: CropRecord, kind: Kind, dtype: torch.dtype) -> float | in
     return False if dtype == torch.bool else record.ignore_index
 
 
+def rotate(x: torch.Tensor, angle: float, kind: Kind, pad: float | int | bool) -> torch.Tensor:
+    """Rotate ``[N, C, H, W]`` by ``angle`` degrees counter-clockwise about the centre, keeping the size.
+
+    The rotation is in pixel coordinates, so the same angle gives the same picture at any resolution
+    of the map (a replay on a stride-8 feature grid rotates like the image). Images and soft maps are
+    resampled bilinearly, labels and masks take the nearest value; outside the source the result is
+    ``pad``.
+    """
+    if angle == 0:
+        return x
+    height, width = x.shape[-2:]
+    radians = math.radians(angle)
+    cos, sin = math.cos(radians), math.sin(radians)
+    # affine_grid maps output to input in coordinates normalised by each side's half length, so the
+    # pixel-space inverse rotation picks up the aspect ratio; y points down, hence the signs.
+    theta = torch.tensor(
+        [[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]], dtype=torch.float32, device=x.device
+    )
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    if kind == "label":
+        inside = F.grid_sample(torch.ones_like(x[:, :1], dtype=torch.float32), grid, mode="nearest", align_corners=False) > 0.5
+        moved = F.grid_sample(x.float(), grid, mode="nearest", align_corners=False).to(x.dtype)
+        return torch.where(inside, moved, torch.as_tensor(pad, dtype=x.dtype, device=x.device))
+    # zero padding of (x - pad) + pad pads with ``pad`` and blends it smoothly at the border
+    moved = F.grid_sample(x.float() - float(pad), grid, mode="bilinear", align_corners=False) + float(pad)
+    return moved.to(x.dtype)
+
+
 def _apply_geometry(record: GeometricRecord, x: torch.Tensor, kind: Kind, ratio: tuple[float, float]) -> torch.Tensor:
     """Apply one geometric record to ``[N, C, H, W]`` living on a grid ``ratio`` times the record's grid."""
     if isinstance(record, FlipRecord):
         return x.flip(-1) if record.flipped else x
+    if isinstance(record, RotateRecord):
+        return rotate(x, record.angle, kind, _pad_value(record, kind, x.dtype))
     if isinstance(record, ScaleRecord):
         height, width = record.output_size
         return resize(x, (max(1, _round(height * ratio[0])), max(1, _round(width * ratio[1]))), kind)
@@ -506,6 +552,31 @@ class RandomHorizontalFlip:
         return _apply_geometric_record(sample, FlipRecord(size, _coin(self.p, generator)))
 
 
+@dataclass
+class RandomRotate:
+    """Rotate by an angle drawn uniformly from ``[min, max]`` degrees with probability ``p``.
+
+    DARS trains with ``rotate: [-10, 10]`` at ``p = 0.5`` (the semseg ``RandRotate`` of its
+    configs, REFERENCE_NOTES.md 3.2). The image's new corners get ``pad_value``, labels
+    ``ignore_index``, so they are never learnt from.
+    """
+
+    min: float = -10.0
+    max: float = 10.0
+    p: float = 0.5
+    ignore_index: int = IGNORE_INDEX
+    pad_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.min, self.max = _interval([self.min, self.max], "[min, max]", -180.0, 180.0)
+        self.p = _probability(self.p)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        size = tuple(_image_of(sample).shape[-2:])
+        angle = _uniform(self.min, self.max, generator) if _coin(self.p, generator) else 0.0
+        return _apply_geometric_record(sample, RotateRecord(size, angle, self.pad_value, self.ignore_index))
+
+
 # --------------------------------------------------------------------------- photometric transforms
 
 
@@ -795,6 +866,7 @@ TRANSFORMS: dict[str, type] = {
     "random_scale": RandomScale,
     "random_crop": RandomCrop,
     "random_horizontal_flip": RandomHorizontalFlip,
+    "random_rotate": RandomRotate,
     "color_jitter": ColorJitter,
     "gaussian_blur": GaussianBlur,
     "cutout": Cutout,
@@ -837,7 +909,7 @@ def _build_one(index: int, entry: Any) -> Transform:
 def build_transforms(spec: Sequence[Mapping[str, Any]]) -> Compose:
     """Build a :class:`Compose` from config entries like ``{"name": "random_crop", "size": [512, 1024]}``.
 
-    Names: ``resize``, ``random_scale``, ``random_crop``, ``random_horizontal_flip``, ``color_jitter``,
+    Names: ``resize``, ``random_scale``, ``random_crop``, ``random_horizontal_flip``, ``random_rotate``, ``color_jitter``,
     ``gaussian_blur``, ``cutout``; the other keys are the constructor arguments. A bad name, key or value
     raises :class:`ConfigError` naming the entry and listing the valid choices.
     """
