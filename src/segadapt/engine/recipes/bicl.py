@@ -94,7 +94,7 @@ class BiCLOptions(BaseModel):
     lambda_ent_source: float = Field(0.4, ge=0, description="lambda_ent^S (CCM baseline)")
     lambda_ent_target: float = Field(0.4, ge=0, description="lambda_ent^T (CCM baseline)")
     weighted_sampling: bool = Field(
-        False, description="draw source images by supplement Eq. 1 (needs the trainer's sampler hook)"
+        True, description="draw source images by supplement Eq. 1 (class ~ inverse image occurrence, then an image of it)"
     )
 
 
