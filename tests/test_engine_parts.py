@@ -84,6 +84,19 @@ def test_scheduler_keeps_group_ratios_and_resumes() -> None:
     assert [g["lr"] for g in other.param_groups] == pytest.approx([0.5, 5.0])
 
 
+def test_scheduler_with_an_offset_is_the_tail_of_the_longer_schedule() -> None:
+    parameter = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    # 200 iterations already done by an earlier stage, 200 in this run: starts at (1 - 200/400)^0.9
+    scheduler = build_scheduler(optimizer, 200, ScheduleConfig(power=0.9, warmup_iters=50, offset=200))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5**0.9)  # no warm-up: it was the first stage's
+    for _ in range(100):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_factor(300, 400, ScheduleConfig(power=0.9)))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25**0.9)
+
+
 def test_atomic_save_never_leaves_a_torn_file(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     atomic_save({"model": {"w": torch.ones(2)}, "iteration": 1}, path)

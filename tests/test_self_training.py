@@ -175,3 +175,13 @@ def test_rounds_follow_the_progressive_schedule(tmp_path: Path, capsys: pytest.C
     capsys.readouterr()
     assert main(args) == 0  # everything finished: nothing retrained
     assert capsys.readouterr().err.count("finished already") == 3
+    assert [round_config(cfg, k, Path("prev.pt")).schedule.offset for k in range(3)] == [0, 0, 0]  # restart
+
+
+def test_rounds_can_continue_one_poly_schedule_as_the_reference_does() -> None:
+    cfg = load_config("benchmark/semi_supervised", ["rounds.iters=[200,300,300]", "rounds.schedule=continue"])
+    rounds = [round_config(cfg, k, Path("prev.pt") if k else None) for k in range(3)]
+    # equally many epochs per round: round k resumes epoch 200k of 200(k+1) in the reference
+    assert [(r.schedule.offset, r.train.iters) for r in rounds] == [(0, 200), (300, 300), (600, 300)]
+    with pytest.raises(ConfigError, match=r"rounds.schedule.*'restart' or 'continue'"):
+        load_config("benchmark/semi_supervised", ["rounds.schedule=resume"])

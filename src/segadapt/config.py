@@ -98,6 +98,9 @@ class ScheduleConfig(_Strict):
     power: float = 0.9
     warmup_iters: int = Field(0, ge=0)
     warmup_start_factor: float = Field(1e-3, gt=0, le=1)
+    offset: int = Field(
+        0, ge=0, description="iterations an earlier stage already ran: the schedule spans offset + train.iters and starts at offset"
+    )
 
 
 class TrainConfig(_Strict):
@@ -212,6 +215,11 @@ class RoundsConfig(_Strict):
     labeling_ratios: list[float] = Field(default_factory=list, description="alpha of rounds 1, 2, ...")
     scale_growth: tuple[float, float] = (0.0, 0.0)
     iters: list[int] | None = Field(None, description="training iterations of rounds 0, 1, ...; default train.iters")
+    schedule: Literal["restart", "continue"] = Field(
+        "restart",
+        description="restart: every round's schedule starts at optim.lr; continue: round k runs the last 1/(k+1) of a "
+        "schedule (k+1) times its length, as the DARS code resuming epoch 200k of 200(k+1) does",
+    )
 
 
 class RunConfig(_Strict):

@@ -6,9 +6,14 @@ final weights, ``pseudo_label.ratio = rounds.labeling_ratios[k-1]``, then trains
 ``self_training`` on labelled + pseudo-labelled data starting from those weights, with the
 ``random_scale`` range of the progressive schedule
 (:class:`~segadapt.methods.dars.ProgressiveSchedule`). The authors resume the previous round's
-optimiser and let the poly schedule continue (REFERENCE_NOTES 3.2); here each round restarts
-its schedule from ``optim.lr`` (the round's ``iters`` is its own), which keeps rounds
-independent runs that can be evaluated, resumed and compared one by one.
+optimiser and let the poly schedule continue (REFERENCE_NOTES 3.2). ``rounds.schedule:
+restart`` (default) restarts each round's schedule from ``optim.lr``, which keeps rounds
+independent runs that can be evaluated, resumed and compared one by one; ``continue`` gives
+round ``k`` the stretch of the poly schedule the reference gives it: its rounds are equally many
+epochs (200) and round ``k`` resumes epoch ``200k`` of ``200(k+1)``, so here round ``k`` runs
+iterations ``k * iters_k .. (k+1) * iters_k`` of a ``(k+1) * iters_k`` schedule
+(``schedule.offset = k * iters_k``; round 1 starts at ``0.5 ** 0.9`` of ``optim.lr``). The
+optimiser's momentum buffers start afresh in every round either way.
 
 Each round is a normal run directory, ``RUN_DIR/round_<k>``; running the command again skips
 finished rounds and resumes an interrupted one.
@@ -63,6 +68,8 @@ def round_config(cfg: RunConfig, index: int, previous: Path | None) -> RunConfig
         "train": cfg.train.model_copy(update={"iters": iters}),
         "data": data,
     }
+    if cfg.rounds.schedule == "continue":
+        update["schedule"] = cfg.schedule.model_copy(update={"offset": cfg.schedule.offset + index * iters})
     if index == 0:
         update["recipe"] = "source_only"
     else:

@@ -34,5 +34,10 @@ def lr_factor(iteration: int, total: int, cfg: ScheduleConfig) -> float:
 
 
 def build_scheduler(optimizer: Optimizer, total_iters: int, cfg: ScheduleConfig) -> LambdaLR:
-    """A scheduler stepped once per iteration; its state_dict resumes it exactly."""
-    return LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg))
+    """A scheduler stepped once per iteration; its state_dict resumes it exactly.
+
+    With ``cfg.offset = k`` the run is the tail of a longer schedule: iteration ``i`` gets the factor
+    of iteration ``k + i`` of ``k + total_iters`` (the warm-up, counted from the start of the whole
+    schedule, is over when ``k >= warmup_iters``).
+    """
+    return LambdaLR(optimizer, lambda it: lr_factor(it + cfg.offset, total_iters + cfg.offset, cfg))
