@@ -163,6 +163,8 @@ def test_bicl_dynamic_trains_and_resumes_exactly(tmp_path: Path) -> None:
         assert 0.0 <= record["label_density"] <= 1.0 and {"loss_fc", "loss_bc", "loss_ent_target"} <= record.keys()
     saved = load_config(tmp_path / "resumed" / "config.yaml")
     assert saved.data.target.with_labels is False and saved.data.target.pseudo_labels is None
+    # every recipe option is written out, defaults included, so a later default change cannot alter the run
+    assert saved.method["labels"] == "dynamic" and saved.method["momentum"] == 0.999 and saved.method["weighted_sampling"] is True
 
 
 def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:

@@ -104,6 +104,10 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
         self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.num_classes).to(self.device)
+        # the saved config spells out every recipe option, defaults included: a run keeps its behaviour
+        # (and its config.yaml says what it did) when a later version changes a default
+        cfg = cfg.model_copy(update={"method": self.recipe.options.model_dump(mode="json")})
+        self.cfg = cfg
         self.optimizer = build_optimizer(self.recipe.trainable_model(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
         self.ema = ModelEMA(model, cfg.train.ema_momentum) if cfg.train.ema_momentum is not None else None
