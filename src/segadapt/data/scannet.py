@@ -60,7 +60,7 @@ class ScanNet2D(SegDataset):
     Both are mapped to the 20 benchmark classes (train ids 0..19, 255 = ignore).
 
     Args:
-        root: the folder holding the ``sceneXXXX_XX`` folders.
+        root: the folder holding the ``scene<NNNN>_<NN>`` folders.
         split: ``train``, ``val`` or ``test``: the scenes listed in ``ROOT/scannetv2_<split>.txt``
             (ScanNet ``Tasks/Benchmark``), or ``all`` for every scene folder.
         label_dir: the label folder inside each scene; ``label`` (nyu40) or ``label-filt`` (raw) by default.
@@ -133,7 +133,7 @@ class ScanNet2D(SegDataset):
         if split == "all":
             scenes = sorted(path.name for path in root.iterdir() if path.is_dir() and _SCENE.match(path.name))
             if not scenes:
-                raise DataError(f"no sceneXXXX_XX folders in {root} (docs/datasets/scannet.md)")
+                raise DataError(f"no scene<NNNN>_<NN> folders in {root} (docs/datasets/scannet.md)")
             return scenes, []
         scene_list = root / f"scannetv2_{split}.txt"
         if not scene_list.is_file():
