@@ -43,7 +43,7 @@ def features_and_labels(model: torch.nn.Module, dataset, count: int) -> tuple[to
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
 
 
-def quality(labels: torch.Tensor, truth: torch.Tensor, ignore_index: int = 255) -> tuple[float, float]:
+def quality(labels: torch.Tensor, truth: torch.Tensor, ignore_index: int) -> tuple[float, float]:
     """(density, accuracy) of ``labels`` over the pixels with ground truth."""
     valid = truth != ignore_index
     labelled = (labels != ignore_index) & valid
@@ -63,7 +63,7 @@ def main() -> None:
     model, _ = load_trained_model(args.checkpoint, cfg)
     source = build_dataset_from_spec(cfg.data.source, with_labels=True)
     target = build_dataset_from_spec(cfg.data.target.model_copy(update={"with_labels": True, "pseudo_labels": None}), with_labels=True)
-    names, num_classes = source.classes.names, source.classes.num_classes
+    names, num_classes, ignore = source.classes.names, source.classes.num_classes, source.classes.ignore_index
     source_features, _, source_truth = features_and_labels(model, source, args.images)
     target_features, target_logits, target_truth = features_and_labels(model, target, args.images)
 
@@ -71,7 +71,7 @@ def main() -> None:
     available = source_counts > 0
     argmax = target_logits.argmax(1)
     print(f"<!-- {platform.node()}, {datetime.date.today()}, {args.checkpoint}, {args.images} images per domain -->")
-    print(f"classifier argmax: density 1.000, accuracy {quality(argmax, target_truth)[1]:.3f}")
+    print(f"classifier argmax: density 1.000, accuracy {quality(argmax, target_truth, ignore)[1]:.3f}")
     print()
     print("| target prototypes for the calibration | T | density | accuracy |")
     print("|---|---:|---:|---:|")
@@ -83,11 +83,11 @@ def main() -> None:
             biases = domain_biases(source_prototypes, target_prototypes, available & (target_counts > 0))
         for threshold in args.thresholds:
             dynamic, _ = dynamic_pseudo_labels(target_features, source_prototypes, args.temperature, threshold, biases, available)
-            density, accuracy = quality(dynamic, target_truth)
+            density, accuracy = quality(dynamic, target_truth, ignore)
             print(f"| {name} | {threshold} | {density:.3f} | {accuracy:.3f} |")
 
     dynamic, _ = dynamic_pseudo_labels(target_features, source_prototypes, args.temperature, 0.7, None, available)
-    keep = (dynamic != 255) & (target_truth != 255)
+    keep = (dynamic != ignore) & (target_truth != ignore)
     confusion = torch.bincount(target_truth[keep] * num_classes + dynamic[keep], minlength=num_classes**2).view(num_classes, num_classes)
     wrong = confusion.clone().fill_diagonal_(0)
     print()
