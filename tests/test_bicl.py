@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -182,3 +183,57 @@ def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:
     assert all(r["label_density"] > 0.5 and 0.0 <= r["label_accuracy"] <= 1.0 for r in records)
     with pytest.raises(ConfigError, match=r"unknown key 'method.lambda_cf'; did you mean 'method.lambda_fc'"):
         Trainer(load_config("benchmark/bicl_dynamic", TINY + FAST + [f"output_dir={tmp_path}", "name=y", "method.lambda_cf=1"]))
+
+
+def test_self_distillation_kl_averages_over_valid_pixels_only() -> None:
+    teacher = torch.zeros(1, 2, 1, 2)
+    teacher[0, 0, 0, 0] = math.log(3.0)  # pixel 0: q_t = [3/4, 1/4]; pixel 1: uniform
+    student = torch.zeros(1, 2, 1, 2)
+    student[0, 1, 0, 1] = 5.0  # pixel 1 disagrees strongly but is padding
+    valid = torch.tensor([[[True, False]]])
+    _, kl = self_distillation_loss(student, teacher, torch.tensor(0.0), valid=valid)
+    assert float(kl) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-5)
+    with pytest.raises(Exception, match=r"valid \(1, 2\) must be \[N, h, w\]"):
+        self_distillation_loss(student, teacher, torch.tensor(0.0), valid=torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_bicl_distill_minimises_eq2_with_the_teachers_cbst_labels(tmp_path: Path) -> None:
+    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=teacher", "train.iters=2"]) == 0
+    teacher = tmp_path / "teacher" / "checkpoints" / "last.pt"
+    teacher_state = {k: v.clone() for k, v in load_checkpoint(teacher)["model"].items()}
+    with pytest.raises(ConfigError, match=r"set method.teacher=runs/<bicl run>/checkpoints/last.pt"):
+        Trainer(load_config("benchmark/bicl_distill", TINY + FAST + [f"output_dir={tmp_path}", "name=x"]))
+    assert main(run_args(tmp_path, "kd", "benchmark/bicl_distill", "train.iters=2", f"method.teacher={teacher}")) == 0
+    run = tmp_path / "kd"
+    summary = json.loads((run / "pseudo_labels" / "summary.json").read_text())
+    assert summary["rule"] == "cbst" and summary["ratio"] == 0.5  # the teacher's static labels, made before training
+    assert load_config(run / "config.yaml").data.target.pseudo_labels == str(run / "pseudo_labels")
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert not any(k.startswith("teacher") for k in saved["recipe"])  # the teacher stays out of checkpoints
+    assert all(torch.equal(v, load_checkpoint(teacher)["model"][k]) for k, v in teacher_state.items())
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert len(rows) == 2 and all(r["loss_kd"] >= 0 for r in rows)
+
+    # one step by hand: L_KD = CE_S + CE_T(teacher's labels) + 0.4 (H_S + H_T) + KL(q_t || q_s) over image pixels
+    config = load_config(run / "config.yaml", ["name=kd2", "method.kl_weight=2.0"])
+    trainer = Trainer(config)
+    batches = {k: next(loader) for k, loader in trainer._loaders().items()}
+    recipe = trainer.recipe.train()
+    assert recipe.teacher.training is False
+    losses = recipe.training_step(batches, 0)
+    source, target = batches["source"], batches["target"]
+    with torch.no_grad():
+        student = recipe.model(torch.cat([source["image"], target["image"]])).logits
+        s_source, s_target = student.split([len(source["image"]), len(target["image"])])
+        t_target = recipe.teacher(target["image"]).logits
+    ce = torch.nn.functional.cross_entropy
+    expected_base = (
+        ce(F.interpolate(s_source, source["label"].shape[-2:], mode="bilinear", align_corners=False), source["label"], ignore_index=255)
+        + ce(F.interpolate(s_target, target["label"].shape[-2:], mode="bilinear", align_corners=False), target["label"], ignore_index=255)
+        + 0.4 * (entropy_loss(s_source) + entropy_loss(s_target))
+    )
+    log_t = F.log_softmax(t_target, 1)
+    kl_map = (log_t.exp() * (log_t - F.log_softmax(s_target, 1))).sum(1)
+    assert losses["loss_kd"].item() == pytest.approx(kl_map.mean().item(), rel=1e-4)  # random crops inside the image: no padding
+    assert losses["loss"].item() == pytest.approx((expected_base + 2.0 * kl_map.mean()).item(), rel=1e-4)
+    assert (target["label"] != 255).any() and (target["label"] == 255).any()  # CBST keeps part of each class

@@ -44,7 +44,6 @@ from torch import nn
 
 from ..data.classes import IGNORE_INDEX
 from ..errors import DataError
-from .cpsl import distillation_loss
 from .pseudo_labels import ConfidenceHistogram, apply_thresholds, cbst_thresholds
 
 
@@ -327,16 +326,32 @@ def sample_source_indices(occurrence: torch.Tensor, num_samples: int, generator:
 
 
 def self_distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, base_loss: torch.Tensor
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, base_loss: torch.Tensor, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Supplement Eq. 2: ``L_KD = L_base + KL(q_t || q_s)``; returns ``(L_KD, KL)``.
 
     ``q_t``/``q_s`` are the teacher's (the final BiCL model, a constant) and the student's per-pixel
-    softmax; the KL is summed over classes and averaged over pixels, with the student's
-    ``log_softmax`` (:func:`segadapt.methods.cpsl.distillation_loss`, which fixes the ProDA
-    ``kl_div(softmax, softmax)`` bug). ``L_base`` is the caller's baseline loss.
+    softmax; the KL ``sum_c q_t (log q_t - log q_s)`` is summed over classes and averaged over the
+    pixels where ``valid`` is True (all pixels when None), with the student's ``log_softmax`` (the
+    ProDA ``kl_div(softmax, softmax)`` bug, REFERENCE_NOTES 1.4, is not reproduced). ``L_base`` is
+    the caller's baseline loss (recipe ``bicl_distill``).
+
+    Shape:
+        - student_logits, teacher_logits: ``[N, K, h, w]``; valid: ``[N, h, w]`` bool; outputs scalars
+
+    Examples:
+        >>> total, kl = self_distillation_loss(torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1), torch.tensor(0.5))
+        >>> float(total), float(kl)
+        (0.5, 0.0)
     """
-    grid = (student_logits.shape[0], *student_logits.shape[2:])
-    no_labels = torch.full(grid, IGNORE_INDEX, dtype=torch.long, device=student_logits.device)
-    kl = distillation_loss(student_logits, teacher_logits, no_labels).kl_divergence
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 4:
+        raise DataError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must both be [N, K, h, w]")
+    teacher_log = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    per_pixel = (teacher_log.exp() * (teacher_log - F.log_softmax(student_logits.float(), dim=1))).sum(dim=1)
+    if valid is None:
+        kl = per_pixel.mean()
+    else:
+        if tuple(valid.shape) != tuple(per_pixel.shape):
+            raise DataError(f"valid {tuple(valid.shape)} must be [N, h, w] on the logits' grid {tuple(per_pixel.shape)}")
+        kl = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
     return base_loss + kl, kl

@@ -8,11 +8,11 @@ from .base import Recipe, Stream
 from .bicl import BiCL
 from .cpsl import CPSL
 from .dacs import DACS
-from .distill import CPSLDistill
+from .distill import BiCLDistill, CPSLDistill
 from .self_training import SelfTraining
 from .source_only import Oracle, SourceOnly
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, BiCL)}
+RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, BiCL, BiCLDistill)}
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -18,7 +18,7 @@ baseline (CCM [3]): ``L_seg^S + L_seg^T`` (weights 1)  ``seg_loss`` (CE, or BLV 
 and ``0.4 (L_ent^S + L_ent^T)``                        :func:`entropy_loss`
 weighted source sampling (supplement Eq. 1)            :meth:`BiCL.train_sampler` 
 self-distillation (supplement Eq. 2)                   :func:`segadapt.methods.bicl.self_distillation_loss`
-                                                       (a separate stage, not part of this recipe)
+                                                       in recipe ``bicl_distill`` (a separate stage)
 =====================================================  ==================================================
 
 Choices where the supplement is silent (docs/bicl.md lists them all): features are the model's

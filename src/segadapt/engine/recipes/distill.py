@@ -1,4 +1,12 @@
-"""CPSL+distill: knowledge distillation of the adapted model into a fresh student (paper 001, Sec. 4.2; ProDA stage 2/3).
+"""Distillation stages: an adapted model (the teacher) into a fresh student.
+
+Two recipes, one per paper: ``cpsl_distill`` (CPSL+distill, paper 001 Sec. 4.2; ProDA stage 2/3)
+and ``bicl_distill`` (BiCL's self-distillation, paper 003 supplement Eq. 2). Both load the teacher
+frozen from ``method.teacher``, keep it out of checkpoints, and train the network ``model`` builds
+(the student, from ``model.pretrained``: the papers use a self-supervised SimCLR backbone).
+
+CPSL+distill
+------------
 
 "After the training converges, we also conduct two more knowledge distillation rounds to transfer the
 knowledge to a student model pre-trained in a self-supervised manner" (Sec. 4.2, following ProDA).
@@ -28,7 +36,8 @@ is ignored.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,10 +47,37 @@ from ...config import RunConfig
 from ...data.classes import IGNORE_INDEX
 from ...data.transforms import strong_augment
 from ...errors import ConfigError
+from ...methods.bicl import entropy_loss, self_distillation_loss
 from ...methods.cpsl import distillation_loss
 from ..losses import upsample_logits
-from .base import Recipe, Stream
+from .base import Recipe, Stream, parse_options
 from .cpsl import STRONG_BLUR_P, STRONG_BLUR_SIGMA, STRONG_JITTER, STRONG_JITTER_P, _padding_free
+
+
+def attach_teacher(recipe: Recipe, cfg: RunConfig, num_classes: int, hint: str) -> None:
+    """Load ``method.teacher`` frozen, in eval mode, as ``recipe.teacher`` (not a submodule).
+
+    Not a submodule: the frozen teacher is reloaded from ``method.teacher`` on every start, stays
+    in eval mode when the trainer switches the recipe to train mode, and is kept out of checkpoints.
+    """
+    from ..loading import load_trained_model
+
+    path = recipe.options.teacher
+    if path is None:
+        raise ConfigError(f"recipe {recipe.name} distils an adapted model: set method.teacher={hint}")
+    teacher, classes = load_trained_model(path, cfg)
+    if classes is not None and classes.num_classes != num_classes:
+        raise ConfigError(f"method.teacher {path} predicts {classes.num_classes} classes but the data has {num_classes}")
+    object.__setattr__(recipe, "teacher", teacher.eval().requires_grad_(False))
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The teacher's logits on ``grid`` (the student's output grid; the two networks may differ in stride)."""
+    parameter = next(teacher.parameters(), None)
+    if parameter is not None and parameter.device != images.device:
+        teacher.to(images.device)
+    return upsample_logits(teacher(images).logits.float(), grid)
 
 
 class DistillOptions(BaseModel):
@@ -65,27 +101,10 @@ class CPSLDistill(Recipe):
 
     def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
         super().__init__(cfg, model, seg_loss, num_classes)
-        from ..loading import load_trained_model
+        attach_teacher(self, cfg, num_classes, "runs/<cpsl run>/checkpoints/last.pt (stage 3: the stage-2 distillation run's checkpoint)")
 
-        if self.options.teacher is None:
-            raise ConfigError(
-                "recipe cpsl_distill distils an adapted model: set method.teacher=runs/<cpsl run>/checkpoints/last.pt "
-                "(stage 3: the stage-2 distillation run's checkpoint)"
-            )
-        teacher, classes = load_trained_model(self.options.teacher, cfg)
-        if classes is not None and classes.num_classes != num_classes:
-            raise ConfigError(f"method.teacher {self.options.teacher} predicts {classes.num_classes} classes but the data has {num_classes}")
-        # Not a submodule: the frozen teacher is reloaded from method.teacher on every start, stays in
-        # eval mode when the trainer switches the recipe to train mode, and is kept out of checkpoints.
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
-
-    @torch.no_grad()
     def _teacher_logits(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The teacher's logits on ``grid`` (the student's output grid; the two networks may differ in stride)."""
-        parameter = next(self.teacher.parameters(), None)
-        if parameter is not None and parameter.device != images.device:
-            self.teacher.to(images.device)
-        return upsample_logits(self.teacher(images).logits.float(), grid)
+        return teacher_logits(self.teacher, images, grid)
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
@@ -111,4 +130,93 @@ class CPSLDistill(Recipe):
             "loss_target": parts.cross_entropy.detach(),
             "loss_kd": parts.kl_divergence.detach(),
             "label_density": ((labels != IGNORE_INDEX) & (confidence > options.confidence_threshold)).float().mean(),
+        }
+
+
+class BiCLDistillOptions(BaseModel):
+    """``method.*`` of recipe ``bicl_distill``; the baseline weights are recipe ``bicl``'s (CCM)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(None, description="checkpoint of the final BiCL model to distil")
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(q_t || q_s) (supplement Eq. 2: 1)")
+    lambda_seg_source: float = Field(1.0, ge=0, description="lambda_seg^S of L_base")
+    lambda_seg_target: float = Field(1.0, ge=0, description="lambda_seg^T of L_base (on the teacher's CBST labels)")
+    lambda_ent_source: float = Field(0.4, ge=0, description="lambda_ent^S of L_base")
+    lambda_ent_target: float = Field(0.4, ge=0, description="lambda_ent^T of L_base")
+
+
+class BiCLDistill(Recipe):
+    """BiCL's self-distillation stage (paper 003, supplement Eq. 2): ``L_KD = L_base + KL(q_t || q_s)``.
+
+    "We train the model using the method of [1] (SimCLR), and use it as an initial model for the
+    student. We then apply a knowledge distillation, transferring the knowledge of our final model
+    to the student." Per iteration, on a source crop and a target crop::
+
+        L_base = lambda_seg^S CE(s(x_S), y_S) + lambda_seg^T CE(s(x_T), y_T)
+                 + lambda_ent^S H(s(x_S)) + lambda_ent^T H(s(x_T))          (recipe bicl's baseline)
+        L_KD   = L_base + kl_weight * KL(q_t(x_T) || q_s(x_T))
+
+    Where the supplement is silent: ``L_base`` keeps the BiCL baseline's terms and weights (1, 1,
+    0.4, 0.4) without the contrastive losses (the student has no prototypes); its target labels
+    ``y_T`` are the *teacher's* static CBST labels (``pseudo_label`` rule, made once before training
+    into ``RUN_DIR/pseudo_labels`` as recipe ``bicl`` makes its static labels, or given with
+    ``data.target.pseudo_labels``); the KL is on the target crop the student sees, summed over
+    classes and averaged over pixels (:func:`~segadapt.methods.bicl.self_distillation_loss`), with
+    the crop's padding left out. ``loss.name: blv`` replaces both cross-entropies.
+    """
+
+    name = "bicl_distill"
+    streams = {"source": Stream("source"), "target": Stream("target")}
+    Options = BiCLDistillOptions
+    collective_prepare = True  # under torchrun the processes share the pseudo-labelling
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+        """The teacher's CBST labels of the target split, unless ``data.target.pseudo_labels`` gives them."""
+        from .self_training import generate_for_run
+
+        options = parse_options(cls.Options, cfg.method, cls.name)
+        if cfg.data.source is None or cfg.data.target is None:
+            raise ConfigError("recipe bicl_distill needs data.source and data.target (the student is trained on both)")
+        if cfg.data.target.pseudo_labels is not None:
+            return cfg
+        if options.teacher is None:
+            raise ConfigError(f"recipe {cls.name} distils an adapted model: set method.teacher=runs/<bicl run>/checkpoints/last.pt")
+        out_dir = run_dir / "pseudo_labels"
+        generate_for_run(cfg, options.teacher, out_dir, log, shard=True)
+        target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
+        super().__init__(cfg, model, seg_loss, num_classes)
+        attach_teacher(self, cfg, num_classes, "runs/<bicl run>/checkpoints/last.pt")
+
+    def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
+        options = self.options
+        source, target = batches["source"], batches["target"]
+        batch = len(source["image"])
+        logits = self.model(torch.cat([source["image"], target["image"]])).logits
+        source_logits, target_logits = logits.split([batch, len(target["image"])])
+        loss_seg_source = self.seg_loss(source_logits, source["label"])
+        loss_seg_target = self.seg_loss(target_logits, target["label"])
+        loss_ent_source = entropy_loss(source_logits)
+        loss_ent_target = entropy_loss(target_logits)
+        base = (
+            options.lambda_seg_source * loss_seg_source
+            + options.lambda_seg_target * loss_seg_target
+            + options.lambda_ent_source * loss_ent_source
+            + options.lambda_ent_target * loss_ent_target
+        )
+        grid = tuple(target_logits.shape[-2:])
+        teacher = teacher_logits(self.teacher, target["image"], grid)
+        inside = _padding_free(target.get("replay", []), len(target["image"]), grid, target_logits.device)
+        _, kl = self_distillation_loss(target_logits, teacher, base, valid=inside)
+        return {
+            "loss": base + options.kl_weight * kl,
+            "loss_seg_source": loss_seg_source.detach(),
+            "loss_seg_target": loss_seg_target.detach(),
+            "loss_ent_source": loss_ent_source.detach(),
+            "loss_ent_target": loss_ent_target.detach(),
+            "loss_kd": kl.detach(),
         }
