@@ -74,6 +74,30 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out if batched else out[0]
 
 
+def baseline_losses(
+    options: Any, seg_loss: Any, source_logits: torch.Tensor, source_labels: torch.Tensor,
+    target_logits: torch.Tensor, target_labels: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BiCL's baseline (CCM [3]): ``lambda_seg^S L_seg^S + lambda_seg^T L_seg^T + lambda_ent^S L_ent^S + lambda_ent^T L_ent^T``.
+
+    ``options`` carries the four weights (recipes ``bicl`` and ``bicl_distill``); returns the
+    weighted sum and its detached terms for the log.
+    """
+    terms = {
+        "loss_seg_source": seg_loss(source_logits, source_labels),
+        "loss_seg_target": seg_loss(target_logits, target_labels),
+        "loss_ent_source": entropy_loss(source_logits),
+        "loss_ent_target": entropy_loss(target_logits),
+    }
+    total = (
+        options.lambda_seg_source * terms["loss_seg_source"]
+        + options.lambda_seg_target * terms["loss_seg_target"]
+        + options.lambda_ent_source * terms["loss_ent_source"]
+        + options.lambda_ent_target * terms["loss_ent_target"]
+    )
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
 class BiCLOptions(BaseModel):
     """``method.*`` of recipe ``bicl``; defaults are the supplement's (Sec. 1) unless noted."""
 
@@ -250,33 +274,18 @@ class BiCL(Recipe):
         target_grid = resize_labels(labels, grid)
         self.target_memory.update(all_gather_cat(target_features.detach()), all_gather_cat(target_grid))
 
-        loss_seg_source = self.seg_loss(source_logits, source["label"])
-        loss_seg_target = self.seg_loss(target_logits, labels)
-        loss_ent_source = entropy_loss(source_logits)
-        loss_ent_target = entropy_loss(target_logits)
+        base, losses = baseline_losses(options, self.seg_loss, source_logits, source["label"], target_logits, labels)
         loss_fc = pixel_prototype_contrastive_loss(
             target_features, target_grid, self.source_memory.prototypes, options.temperature, self.source_memory.initialized
         )
         loss_bc = pixel_prototype_contrastive_loss(
             source_features, source_grid, self.target_memory.prototypes, options.temperature, self.target_memory.initialized
         )
-        loss = (
-            options.lambda_seg_source * loss_seg_source
-            + options.lambda_seg_target * loss_seg_target
-            + options.lambda_ent_source * loss_ent_source
-            + options.lambda_ent_target * loss_ent_target
-            + options.lambda_fc * loss_fc
-            + options.lambda_bc * loss_bc
+        losses.update(
+            loss=base + options.lambda_fc * loss_fc + options.lambda_bc * loss_bc,
+            loss_fc=loss_fc.detach(),
+            loss_bc=loss_bc.detach(),
         )
-        losses = {
-            "loss": loss,
-            "loss_seg_source": loss_seg_source.detach(),
-            "loss_seg_target": loss_seg_target.detach(),
-            "loss_ent_source": loss_ent_source.detach(),
-            "loss_ent_target": loss_ent_target.detach(),
-            "loss_fc": loss_fc.detach(),
-            "loss_bc": loss_bc.detach(),
-        }
         losses.update(self.label_quality(target, labels))
         return losses
 

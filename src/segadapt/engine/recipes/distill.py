@@ -47,10 +47,11 @@ from ...config import RunConfig
 from ...data.classes import IGNORE_INDEX
 from ...data.transforms import strong_augment
 from ...errors import ConfigError
-from ...methods.bicl import entropy_loss, self_distillation_loss
+from ...methods.bicl import self_distillation_loss
 from ...methods.cpsl import distillation_loss
 from ..losses import upsample_logits
 from .base import Recipe, Stream, parse_options
+from .bicl import baseline_losses
 from .cpsl import STRONG_BLUR_P, STRONG_BLUR_SIGMA, STRONG_JITTER, STRONG_JITTER_P, _padding_free
 
 
@@ -198,25 +199,10 @@ class BiCLDistill(Recipe):
         batch = len(source["image"])
         logits = self.model(torch.cat([source["image"], target["image"]])).logits
         source_logits, target_logits = logits.split([batch, len(target["image"])])
-        loss_seg_source = self.seg_loss(source_logits, source["label"])
-        loss_seg_target = self.seg_loss(target_logits, target["label"])
-        loss_ent_source = entropy_loss(source_logits)
-        loss_ent_target = entropy_loss(target_logits)
-        base = (
-            options.lambda_seg_source * loss_seg_source
-            + options.lambda_seg_target * loss_seg_target
-            + options.lambda_ent_source * loss_ent_source
-            + options.lambda_ent_target * loss_ent_target
-        )
+        base, losses = baseline_losses(options, self.seg_loss, source_logits, source["label"], target_logits, target["label"])
         grid = tuple(target_logits.shape[-2:])
         teacher = teacher_logits(self.teacher, target["image"], grid)
         inside = _padding_free(target.get("replay", []), len(target["image"]), grid, target_logits.device)
         _, kl = self_distillation_loss(target_logits, teacher, base, valid=inside)
-        return {
-            "loss": base + options.kl_weight * kl,
-            "loss_seg_source": loss_seg_source.detach(),
-            "loss_seg_target": loss_seg_target.detach(),
-            "loss_ent_source": loss_ent_source.detach(),
-            "loss_ent_target": loss_ent_target.detach(),
-            "loss_kd": kl.detach(),
-        }
+        losses.update(loss=base + options.kl_weight * kl, loss_kd=kl.detach())
+        return losses
