@@ -175,7 +175,7 @@ class BiCLDistill(Recipe):
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
         """The teacher's CBST labels of the target split, unless ``data.target.pseudo_labels`` gives them."""
-        from .self_training import generate_for_run
+        from .self_training import with_generated_labels
 
         options = parse_options(cls.Options, cfg.method, cls.name)
         if cfg.data.source is None or cfg.data.target is None:
@@ -184,10 +184,7 @@ class BiCLDistill(Recipe):
             return cfg
         if options.teacher is None:
             raise ConfigError(f"recipe {cls.name} distils an adapted model: set method.teacher=runs/<bicl run>/checkpoints/last.pt")
-        out_dir = run_dir / "pseudo_labels"
-        generate_for_run(cfg, options.teacher, out_dir, log, shard=True)
-        target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
-        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
+        return with_generated_labels(cfg, options.teacher, run_dir, log)
 
     def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
         super().__init__(cfg, model, seg_loss, num_classes)

@@ -55,10 +55,7 @@ class SelfTraining(Recipe):
                 "model.checkpoint=runs/<warm-up run>/checkpoints/best.pt, or give ready labels with "
                 "data.target.pseudo_labels=DIR (segadapt pseudo-label)"
             )
-        out_dir = run_dir / "pseudo_labels"
-        generate_for_run(cfg, cfg.model.checkpoint, out_dir, log, shard=True)
-        target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
-        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
+        return with_generated_labels(cfg, cfg.model.checkpoint, run_dir, log)
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         source, target = batches["source"], batches["target"]
@@ -76,6 +73,17 @@ class SelfTraining(Recipe):
                 + self.options.target_weight * self.seg_loss(aux_target, target["label"])
             )
         return {"loss": loss, "loss_source": loss_source.detach(), "loss_target": loss_target.detach()}
+
+
+def with_generated_labels(cfg: RunConfig, checkpoint: str | Path, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+    """``cfg`` training on pseudo labels of ``data.target`` made by ``checkpoint`` into ``RUN_DIR/pseudo_labels``.
+
+    Every torchrun process calls this (the recipe's ``collective_prepare``) and labels its share.
+    """
+    out_dir = run_dir / "pseudo_labels"
+    generate_for_run(cfg, checkpoint, out_dir, log, shard=True)
+    target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
 
 
 def generate_for_run(
