@@ -44,6 +44,7 @@ from torch import nn
 
 from ..data.classes import IGNORE_INDEX
 from ..errors import DataError
+from .cpsl import pixel_kl_divergence
 from .pseudo_labels import ConfidenceHistogram, apply_thresholds, cbst_thresholds
 
 
@@ -326,9 +327,15 @@ def sample_source_indices(occurrence: torch.Tensor, num_samples: int, generator:
 
 
 def self_distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, base_loss: torch.Tensor, valid: torch.Tensor | None = None
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    base_loss: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    kl_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Supplement Eq. 2: ``L_KD = L_base + KL(q_t || q_s)``; returns ``(L_KD, KL)``.
+
+    ``kl_weight`` scales the KL in ``L_KD`` (1 in Eq. 2).
 
     ``q_t``/``q_s`` are the teacher's (the final BiCL model, a constant) and the student's per-pixel
     softmax; the KL ``sum_c q_t (log q_t - log q_s)`` is summed over classes and averaged over the
@@ -346,12 +353,11 @@ def self_distillation_loss(
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 4:
         raise DataError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must both be [N, K, h, w]")
-    teacher_log = F.log_softmax(teacher_logits.detach().float(), dim=1)
-    per_pixel = (teacher_log.exp() * (teacher_log - F.log_softmax(student_logits.float(), dim=1))).sum(dim=1)
+    per_pixel = pixel_kl_divergence(student_logits, teacher_logits)
     if valid is None:
         kl = per_pixel.mean()
     else:
         if tuple(valid.shape) != tuple(per_pixel.shape):
             raise DataError(f"valid {tuple(valid.shape)} must be [N, h, w] on the logits' grid {tuple(per_pixel.shape)}")
         kl = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
-    return base_loss + kl, kl
+    return base_loss + kl_weight * kl, kl

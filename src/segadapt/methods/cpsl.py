@@ -744,6 +744,19 @@ class DistillationLoss(NamedTuple):
     kl_divergence: torch.Tensor
 
 
+def pixel_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel ``KL(p_t || p_s) = sum_c p_t (log p_t - log p_s)`` of two logit maps; the teacher is a constant.
+
+    The student enters as ``log_softmax`` (not ``softmax``: REFERENCE_NOTES.md 1.4).
+
+    Shape:
+        - student_logits, teacher_logits: ``[N, K, h, w]``; output ``[N, h, w]``
+    """
+    log_student = F.log_softmax(student_logits.float(), dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -791,7 +804,5 @@ def distillation_loss(
         cross_entropy = F.cross_entropy(student_logits, pseudo_labels, ignore_index=ignore_index)
     else:
         cross_entropy = student_logits.sum() * 0.0  # no confident pixel: keep the graph for DDP
-    log_student = F.log_softmax(student_logits, dim=1)
-    log_teacher = F.log_softmax(teacher_logits.detach().float(), dim=1)
-    kl_divergence = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
+    kl_divergence = pixel_kl_divergence(student_logits, teacher_logits).mean()
     return DistillationLoss(cross_entropy + kl_weight * kl_divergence, cross_entropy, kl_divergence)

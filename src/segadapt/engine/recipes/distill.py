@@ -200,6 +200,6 @@ class BiCLDistill(Recipe):
         grid = tuple(target_logits.shape[-2:])
         teacher = teacher_logits(self.teacher, target["image"], grid)
         inside = _padding_free(target.get("replay", []), len(target["image"]), grid, target_logits.device)
-        _, kl = self_distillation_loss(target_logits, teacher, base, valid=inside)
-        losses.update(loss=base + options.kl_weight * kl, loss_kd=kl.detach())
+        total, kl = self_distillation_loss(target_logits, teacher, base, valid=inside, kl_weight=options.kl_weight)
+        losses.update(loss=total, loss_kd=kl.detach())
         return losses
