@@ -18,3 +18,14 @@ if os.environ.get("SEGADAPT_TEST_CUDA") != "1":
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+from data_fixtures import make_toy  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory):
+    """The 5-class, ignore-7 folder dataset of :func:`data_fixtures.make_toy` (read-only: shared by the session)."""
+    return make_toy(tmp_path_factory.mktemp("toy5"))

@@ -52,7 +52,7 @@ def test_blv_with_sigma_zero_is_cross_entropy_in_a_training_step(tmp_path: Path,
 
 def test_noise_is_drawn_in_training_only_and_follows_the_offsets() -> None:
     counts = [1000.0, 100.0, 10.0]
-    loss = BLVSegLoss(counts, sigma=4.0)
+    loss = BLVSegLoss(counts, sigma=4.0, ignore_index=255)
     logits = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 3, (2, 8, 10), generator=torch.Generator().manual_seed(2))
     labels[0, 0] = 255
@@ -72,7 +72,7 @@ def test_noise_is_drawn_in_training_only_and_follows_the_offsets() -> None:
 
 
 def test_temporal_sigma_rises_to_t_mid_then_falls_and_the_trainer_loss_follows_train_eval() -> None:
-    loss = BLVSegLoss([3.0, 1.0], sigma=6.0, t_mid=30, total_iters=40)
+    loss = BLVSegLoss([3.0, 1.0], sigma=6.0, ignore_index=255, t_mid=30, total_iters=40)
     sigmas = []
     for iteration in (0, 15, 30, 35, 40):
         loss.set_iteration(iteration)
@@ -82,14 +82,14 @@ def test_temporal_sigma_rises_to_t_mid_then_falls_and_the_trainer_loss_follows_t
     logits, labels = torch.randn(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.long)
     assert loss.train()(logits, labels) == F.cross_entropy(logits, labels)  # sigma(0) = 0
     with pytest.raises(ConfigError, match=r"loss.blv.t_mid=50 must lie in \[0, train.iters=40\]"):
-        BLVSegLoss([1.0, 1.0], sigma=6.0, t_mid=50, total_iters=40)
+        BLVSegLoss([1.0, 1.0], sigma=6.0, ignore_index=255, t_mid=50, total_iters=40)
 
 
 def test_weighted_loss_is_the_dacs_mean_over_all_pixels() -> None:
     logits, labels = torch.randn(1, 3, 2, 2), torch.tensor([[[0, 1], [2, 255]]])
     weight = torch.tensor([[[1.0, 0.5, 0.0, 1.0]]]).view(1, 2, 2)
     pixelwise = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
-    assert torch.allclose(CrossEntropySegLoss()(logits, labels, weight=weight), (weight * pixelwise).sum() / 4)
+    assert torch.allclose(CrossEntropySegLoss(255)(logits, labels, weight=weight), (weight * pixelwise).sum() / 4)
 
 
 def test_class_counts_from_source_labeled_pseudo_and_given(tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ def test_class_counts_from_source_labeled_pseudo_and_given(tmp_path: Path) -> No
     assert blv_class_counts(given, 19).tolist() == list(map(float, range(1, 20)))
     with pytest.raises(ConfigError, match=r"given_counts has 19 values but the data has 3 classes"):
         blv_class_counts(given, 3)
-    loss = build_seg_loss(given.loss, run=given, num_classes=19)
+    loss = build_seg_loss(given.loss, 255, run=given, num_classes=19)
     assert torch.allclose(loss.offsets, blv_offsets(list(range(1, 20))))
 
 
@@ -145,7 +145,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'loss.blv.sigam'; did you mean 'loss.blv.sigma'"):
         config(tmp_path, "x", "loss.blv.sigam=4")
     with pytest.raises(ConfigError, match=r"needs the run config"):
-        build_seg_loss(config(tmp_path, "x", "loss.name=blv").loss)
+        build_seg_loss(config(tmp_path, "x", "loss.name=blv").loss, 255)
 
 
 def test_dacs_blv_trains_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

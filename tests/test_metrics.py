@@ -53,7 +53,7 @@ def random_batch(seed: int, num_classes: int = 7, shape=(3, 24, 32), ignore_frac
 def test_scores_match_torchmetrics_on_random_data_with_ignore():
     num_classes = 7
     pred, target = random_batch(0, num_classes)
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(num_classes, ignore_index=255)
     cm.update(pred, target)
     scores = compute_scores(cm)
 
@@ -72,9 +72,9 @@ def test_scores_match_torchmetrics_on_random_data_with_ignore():
 
 def test_merge_and_repeated_updates_equal_one_update_on_the_concatenation():
     (pred_a, target_a), (pred_b, target_b) = random_batch(1), random_batch(2)
-    whole = ConfusionMatrix(7)
+    whole = ConfusionMatrix(7, ignore_index=255)
     whole.update(torch.cat([pred_a, pred_b]), torch.cat([target_a, target_b]))
-    first, second, streamed = ConfusionMatrix(7), ConfusionMatrix(7), ConfusionMatrix(7)
+    first, second, streamed = ConfusionMatrix(7, ignore_index=255), ConfusionMatrix(7, ignore_index=255), ConfusionMatrix(7, ignore_index=255)
     first.update(pred_a, target_a)
     second.update(pred_b, target_b)
     for image_pred, image_target in zip(torch.cat([pred_a, pred_b]), torch.cat([target_a, target_b])):
@@ -86,7 +86,7 @@ def test_merge_and_repeated_updates_equal_one_update_on_the_concatenation():
 
 def test_perfect_prediction_scores_one_and_uint8_labels_are_accepted():
     target = torch.tensor([[0, 1, 2], [2, 255, 1]], dtype=torch.uint8)
-    cm = ConfusionMatrix(3)
+    cm = ConfusionMatrix(3, ignore_index=255)
     cm.update(target.clone().masked_fill(target == 255, 0), target)
     scores = compute_scores(cm, ("road", "car", "sky"))
     assert (scores.miou, scores.mpa, scores.pixel_accuracy) == (1.0, 1.0, 1.0)
@@ -112,7 +112,7 @@ def test_hand_made_matrix_iou_mpa_and_pixel_accuracy():
 
 
 def test_class_predicted_but_absent_from_ground_truth_has_iou_zero_and_undefined_accuracy():
-    cm = ConfusionMatrix(3)
+    cm = ConfusionMatrix(3, ignore_index=255)
     cm.update(torch.tensor([0, 0, 2, 1]), torch.tensor([0, 0, 0, 1]))
     scores = compute_scores(cm)
     assert scores.per_class_iou.tolist() == pytest.approx([2 / 3, 1.0, 0.0])
@@ -122,12 +122,12 @@ def test_class_predicted_but_absent_from_ground_truth_has_iou_zero_and_undefined
 
 
 def test_empty_matrix_scores_are_nan():
-    scores = compute_scores(ConfusionMatrix(4))
+    scores = compute_scores(ConfusionMatrix(4, ignore_index=255))
     assert math.isnan(scores.miou) and math.isnan(scores.mpa) and math.isnan(scores.pixel_accuracy)
 
 
 def test_to_dict_is_strict_json_with_null_for_undefined_classes():
-    cm = ConfusionMatrix(2)
+    cm = ConfusionMatrix(2, ignore_index=255)
     cm.update(torch.tensor([0, 0]), torch.tensor([0, 255]))
     record = compute_scores(cm, ("road", "car")).to_dict("val/")
     assert record == {
@@ -139,9 +139,9 @@ def test_to_dict_is_strict_json_with_null_for_undefined_classes():
 
 def test_state_dict_round_trip_and_reset():
     pred, target = random_batch(3)
-    cm = ConfusionMatrix(7)
+    cm = ConfusionMatrix(7, ignore_index=255)
     cm.update(pred, target)
-    restored = ConfusionMatrix(7)
+    restored = ConfusionMatrix(7, ignore_index=255)
     restored.load_state_dict(cm.state_dict())
     assert torch.equal(restored.matrix, cm.matrix)
     cm.reset()
@@ -150,7 +150,7 @@ def test_state_dict_round_trip_and_reset():
 
 def test_load_state_dict_for_another_class_count_names_both_sizes():
     with pytest.raises(CheckpointError, match=r"\(5, 5\), expected \(7, 7\)"):
-        ConfusionMatrix(7).load_state_dict(ConfusionMatrix(5).state_dict())
+        ConfusionMatrix(7, ignore_index=255).load_state_dict(ConfusionMatrix(5, ignore_index=255).state_dict())
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ def test_load_state_dict_for_another_class_count_names_both_sizes():
     ],
 )
 def test_update_rejects_bad_inputs_naming_the_problem(pred, target, message):
-    cm = ConfusionMatrix(7)
+    cm = ConfusionMatrix(7, ignore_index=255)
     with pytest.raises(ValueError, match=message):
         cm.update(pred, target)
     assert int(cm.matrix.sum()) == 0
@@ -175,11 +175,11 @@ def test_update_rejects_bad_inputs_naming_the_problem(pred, target, message):
 
 def test_merge_rejects_a_different_class_count():
     with pytest.raises(ValueError, match="cannot merge a 5-class matrix"):
-        ConfusionMatrix(7).merge(ConfusionMatrix(5))
+        ConfusionMatrix(7, ignore_index=255).merge(ConfusionMatrix(5, ignore_index=255))
 
 
 def test_all_reduce_without_distributed_is_a_no_op():
-    cm = ConfusionMatrix(3)
+    cm = ConfusionMatrix(3, ignore_index=255)
     cm.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
     assert cm.all_reduce().matrix.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
 
@@ -187,9 +187,9 @@ def test_all_reduce_without_distributed_is_a_no_op():
 def _all_reduce_worker(rank: int, world_size: int, init_file: str, result_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     pred, target = random_batch(10 + rank)
-    cm = ConfusionMatrix(7)
+    cm = ConfusionMatrix(7, ignore_index=255)
     cm.update(pred, target)
-    stats = pseudo_label_stats(target, target, 7)
+    stats = pseudo_label_stats(target, target, 7, ignore_index=255)
     cm.all_reduce()
     stats.all_reduce()
     torch.save((cm.matrix, stats.pixel_counts, stats.class_counts), f"{result_dir}/{rank}.pt")
@@ -198,8 +198,8 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str, result_dir: s
 
 def test_all_reduce_sums_over_two_gloo_ranks(tmp_path):
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    expected = ConfusionMatrix(7)
-    expected_stats = PseudoLabelStats(7)
+    expected = ConfusionMatrix(7, ignore_index=255)
+    expected_stats = PseudoLabelStats(7, ignore_index=255)
     for rank in range(2):
         pred, target = random_batch(10 + rank)
         expected.update(pred, target)
@@ -214,7 +214,7 @@ def test_all_reduce_sums_over_two_gloo_ranks(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_counting_on_gpu_matches_cpu_and_the_matrix_follows_the_inputs():
     pred, target = random_batch(4)
-    on_cpu, on_gpu = ConfusionMatrix(7), ConfusionMatrix(7)
+    on_cpu, on_gpu = ConfusionMatrix(7, ignore_index=255), ConfusionMatrix(7, ignore_index=255)
     on_cpu.update(pred, target)
     on_gpu.update(pred.cuda(), target.cuda())
     assert on_gpu.matrix.is_cuda
@@ -282,9 +282,9 @@ def test_compact_16_class_model_scores_and_mIoU13_from_its_16_ious():
     target19 = train_ids16[torch.randint(0, 16, (2, 20, 20), generator=generator)]
     guess19 = train_ids16[torch.randint(0, 16, (2, 20, 20), generator=generator)]
     pred19 = torch.where(torch.rand(2, 20, 20, generator=generator) < 0.7, target19, guess19)
-    full, compact = ConfusionMatrix(19), ConfusionMatrix(16)
+    full, compact = ConfusionMatrix(19, ignore_index=255), ConfusionMatrix(16, ignore_index=255)
     full.update(pred19, target19)
-    compact.update(PROTOCOLS[16].to_compact(pred19), PROTOCOLS[16].to_compact(target19))
+    compact.update(PROTOCOLS[16].to_compact(pred19, 255), PROTOCOLS[16].to_compact(target19, 255))
 
     # Without ground truth of the dropped classes the two spaces agree exactly.
     for protocol in (16, 13):
@@ -298,15 +298,15 @@ def test_compact_16_class_model_scores_and_mIoU13_from_its_16_ious():
 
 def test_to_compact_maps_dropped_classes_to_ignore():
     labels = torch.tensor([0, 3, 9, 10, 14, 16, 18, 255])
-    assert PROTOCOLS[16].to_compact(labels).tolist() == [0, 3, 255, 9, 255, 255, 15, 255]
-    assert PROTOCOLS[13].to_compact(labels).tolist() == [0, 255, 255, 6, 255, 255, 12, 255]
+    assert PROTOCOLS[16].to_compact(labels, 255).tolist() == [0, 3, 255, 9, 255, 255, 15, 255]
+    assert PROTOCOLS[13].to_compact(labels, 255).tolist() == [0, 255, 255, 6, 255, 255, 12, 255]
 
 
 def test_protocol_errors_name_the_label_space():
     with pytest.raises(ValueError, match=r"needs classes \['terrain', 'truck', 'train'\] that a 16-class model"):
-        scores_for_protocol(ConfusionMatrix(16), 19)
+        scores_for_protocol(ConfusionMatrix(16, ignore_index=255), 19)
     with pytest.raises(ValueError, match="a 7-class label space is neither"):
-        scores_for_protocol(ConfusionMatrix(7), 16)
+        scores_for_protocol(ConfusionMatrix(7, ignore_index=255), 16)
 
 
 # ---------------------------------------------------------------- tables
@@ -348,7 +348,7 @@ def test_table_rejects_percentages_and_mismatched_rows():
         format_table({"paper": [45.0, 30.0]}, class_names=("road", "car"))
     with pytest.raises(ValueError, match="row 'paper' has 3 per-class values for 2 classes"):
         format_table({"paper": [0.4, 0.3, 0.1]}, class_names=("road", "car"))
-    with pytest.raises(ValueError, match="protocol mIoU16 is over Cityscapes classes"):
+    with pytest.raises(ValueError, match="protocol mIoU16 needs Cityscapes classes that this 19-class label space lacks"):
         format_table({"paper": [0.5] * 19}, class_names=[f"c{i}" for i in range(19)], protocols=16)
 
 
@@ -358,7 +358,7 @@ def test_table_rejects_percentages_and_mismatched_rows():
 def test_pseudo_label_stats_hand_made():
     pseudo = torch.tensor([[0, 0, 255, 1], [1, 2, 255, 255]])
     target = torch.tensor([[0, 1, 0, 255], [1, 2, 2, 2]])
-    stats = pseudo_label_stats(pseudo, target, num_classes=3)
+    stats = pseudo_label_stats(pseudo, target, num_classes=3, ignore_index=255)
     # valid ground truth: 7 pixels; labelled among them: (0,0) (0,1) (1,0) (1,1) -> 4
     assert stats.density == pytest.approx(4 / 7)
     # right: (0,0), (1,0), (1,1); wrong: (0,1)
@@ -373,15 +373,15 @@ def test_pseudo_label_stats_hand_made():
 def test_pseudo_label_stats_merge_equals_update_on_the_concatenation():
     (pseudo_a, target_a), (pseudo_b, target_b) = random_batch(6), random_batch(7)
     pseudo_a[target_a == 1] = 255  # leave some pixels unlabelled
-    whole = pseudo_label_stats(torch.cat([pseudo_a, pseudo_b]), torch.cat([target_a, target_b]), 7)
-    merged = pseudo_label_stats(pseudo_a, target_a, 7).merge(pseudo_label_stats(pseudo_b, target_b, 7))
+    whole = pseudo_label_stats(torch.cat([pseudo_a, pseudo_b]), torch.cat([target_a, target_b]), 7, ignore_index=255)
+    merged = pseudo_label_stats(pseudo_a, target_a, 7, ignore_index=255).merge(pseudo_label_stats(pseudo_b, target_b, 7, ignore_index=255))
     assert torch.equal(merged.confusion.matrix, whole.confusion.matrix)
     assert torch.equal(merged.pixel_counts, whole.pixel_counts)
     assert (merged.density, merged.accuracy, merged.kl_to()) == (whole.density, whole.accuracy, whole.kl_to())
 
 
 def test_pseudo_label_stats_without_ground_truth():
-    stats = PseudoLabelStats(3)
+    stats = PseudoLabelStats(3, ignore_index=255)
     stats.update(torch.tensor([[0, 255], [2, 2]]))
     assert stats.density == 0.75
     assert stats.class_distribution().tolist() == pytest.approx([1 / 3, 0.0, 2 / 3])

@@ -1,4 +1,4 @@
-"""The ``segadapt`` command line.
+"""The segadapt command line.
 
     segadapt demo                                   the embedded benchmark, end to end
     segadapt train CONFIG|RUN_DIR [key=value ...]   train a recipe (resume=true continues a run)
@@ -20,6 +20,44 @@ from typing import Sequence
 
 from .errors import SegadaptError
 
+OVERRIDES_HELP = "dotted config overrides key=value, before or after the options"
+CHECKPOINT_HELP = "a checkpoint, RUN_DIR/checkpoints/best.pt or last.pt (its run's config.yaml is used), or raw weights with --config"
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that takes options and ``key=value`` overrides in any order.
+
+    Plain argparse ends a ``nargs="*"`` positional at the first option, so
+    ``eval CKPT --json F eval.flip=true`` left ``eval.flip=true`` unrecognised;
+    parse_known_intermixed_args reads the options first, then the positionals. It refuses a parser
+    that has subcommands, hence per subcommand parser instead of at the top level.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # the intermixed parse calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _packaged_configs_help() -> str:
+    from .config import PACKAGED_CONFIGS, packaged_config_names
+
+    folders = sorted({name.split("/")[0] for name in packaged_config_names()})
+    return (
+        "CONFIG may be a packaged config name instead of a file, with or without .yaml, e.g. benchmark/source_only "
+        f"or gta5_to_cityscapes/cpsl. The packaged configs are the YAML files in {PACKAGED_CONFIGS} (folders: "
+        f"{', '.join(folders)}; docs/recipes.md describes them). A config of your own can start from one with "
+        "'base: benchmark/source_only' and change only what differs."
+    )
+
 
 def _split_resume(overrides: Sequence[str]) -> tuple[list[str], bool]:
     """``resume=true`` is an action, not a config value: take it out of the overrides."""
@@ -34,18 +72,15 @@ def _split_resume(overrides: Sequence[str]) -> tuple[list[str], bool]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, load_run_directory_config
     from .engine.trainer import Trainer
 
     overrides, resume = _split_resume(args.overrides)
     resume = resume or args.resume
     path = Path(args.config)
-    if path.is_dir():  # a run directory: its saved config, resumed by default
-        config_path = path / "config.yaml"
-        if not config_path.exists():
-            raise SegadaptError(f"{path} is a directory without config.yaml; pass a config file or a run directory")
-        cfg = load_config(config_path, overrides)
-        resume = resume or (path / "checkpoints" / "last.pt").exists()
+    if path.is_dir():  # a run directory is the run: its saved config, written back there, resumed by default
+        cfg = load_run_directory_config(path, overrides)
+        resume = resume or (cfg.run_dir / "checkpoints" / "last.pt").exists()
     else:
         cfg = load_config(path, overrides)
     scores = Trainer(cfg, resume=resume).fit()
@@ -69,10 +104,12 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
 def cmd_rounds(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine.rounds import run_rounds
+    from .engine.rounds import check_rounds_config, run_rounds
+    from .progress import write
 
     cfg = load_config(args.config, args.overrides)
-    results = run_rounds(cfg, log=lambda text: print(text, file=sys.stderr, flush=True))
+    check_rounds_config(cfg, args.overrides)
+    results = run_rounds(cfg, log=write)  # drawn around a live progress bar in a terminal
     from .engine.distributed import is_main_process
 
     if is_main_process():
@@ -117,8 +154,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .engine.demo import run_demo
+    from .engine.trainer import TrainingInterrupted
 
-    run_demo(Path(args.output), seed=args.seed, quick=args.quick, methods=args.methods)
+    try:
+        run_demo(Path(args.output), seed=args.seed, quick=args.quick, methods=args.methods)
+    except TrainingInterrupted as err:
+        raise TrainingInterrupted(f"{err}, or run the same `segadapt demo` command again") from None
     return 0
 
 
@@ -158,26 +199,30 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segadapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
+    configs_help = _packaged_configs_help()
 
-    train = sub.add_parser("train", help="train a recipe from a config file (or continue a run directory)")
-    train.add_argument("config", help="YAML config file, or a run directory to continue")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.iters=100 resume=true")
+    train = sub.add_parser("train", help="train a recipe from a config file (or continue a run directory)", epilog=configs_help)
+    train.add_argument("config", help="YAML config file, packaged config name (e.g. benchmark/source_only), or a run directory to continue")
+    train.add_argument(
+        "overrides", nargs="*",
+        help=f"{OVERRIDES_HELP}, e.g. optim.lr=1e-3 train.iters=100 data.crop_size=[256,512] train.threads=2 (CPU threads) resume=true",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint (per-class IoU, mIoU, MPA)")
-    ev.add_argument("checkpoint")
-    ev.add_argument("overrides", nargs="*", help="e.g. eval.flip=true eval.protocols=[19,16,13] data.val.root=...")
+    ev.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    ev.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, e.g. eval.flip=true eval.protocols=[19,16,13] data.val.root=...")
     ev.add_argument("--config", help="config file (default: the run directory's config.yaml)")
     ev.add_argument("--json", help="also write the scores to this JSON file")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict a folder of images")
-    pr.add_argument("checkpoint")
-    pr.add_argument("input", help="folder of .png/.jpg images (searched recursively)")
-    pr.add_argument("output")
-    pr.add_argument("overrides", nargs="*")
+    pr.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    pr.add_argument("input", help="folder of .png/.jpg images (searched recursively, except OUTPUT inside it)")
+    pr.add_argument("output", help="output folder: one subfolder per format, keeping the images' relative paths")
+    pr.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, e.g. eval.flip=true eval.size=[512,1024]")
     pr.add_argument("--config", help="config file (default: the run directory's config.yaml)")
     pr.add_argument("--formats", default="color,trainid", help="comma list of color, trainid, labelid (Cityscapes ids)")
     pr.set_defaults(func=cmd_predict)
@@ -191,15 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     pl = sub.add_parser("pseudo-label", help="pseudo-label data.target with a checkpoint (ST, CBST, DARS)")
-    pl.add_argument("checkpoint")
+    pl.add_argument("checkpoint", help=CHECKPOINT_HELP)
     pl.add_argument("out", help="output folder: <name>.png labels, summary.json, summary.md")
-    pl.add_argument("overrides", nargs="*", help="e.g. pseudo_label.rule=dars pseudo_label.ratio=0.5 data.target.root=...")
+    pl.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, e.g. pseudo_label.rule=dars pseudo_label.ratio=0.5 data.target.root=...")
     pl.add_argument("--config", help="config file (default: the run directory's config.yaml)")
     pl.set_defaults(func=cmd_pseudo_label)
 
-    rd = sub.add_parser("rounds", help="semi-supervised rounds: train, pseudo-label, retrain (DARS)")
-    rd.add_argument("config")
-    rd.add_argument("overrides", nargs="*", help="e.g. rounds.labeling_ratios=[0.2,0.5] train.iters=500")
+    rd = sub.add_parser("rounds", help="semi-supervised rounds: train, pseudo-label, retrain (DARS)", epilog=configs_help)
+    rd.add_argument("config", help="YAML config file or packaged config name (e.g. benchmark/semi_supervised); run it again to resume")
+    rd.add_argument(
+        "overrides", nargs="*",
+        help=f"{OVERRIDES_HELP}, e.g. rounds.labeling_ratios=[0.2,0.5] rounds.iters=[500,300,300] (rounds.iters, when set, "
+        "gives every round's iterations: train.iters on the command line is then an error)",
+    )
     rd.set_defaults(func=cmd_rounds)
 
     rp = sub.add_parser("report", help="figures of runs: curves, per-class IoU, class distributions, predictions, features")
@@ -231,8 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegadaptError as err:
         print(f"segadapt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with resume=true)", file=sys.stderr)
+    except OSError as err:  # a file system error where segadapt does not name the file itself: still one line
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"segadapt {args.command}: error: {where}{err.strerror or err}; check that path (permissions, free space), "
+            "or choose another output folder",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt as err:
+        # a training run says what its last.pt holds; elsewhere nothing was half-written that matters
+        from .progress import is_main_rank
+
+        if is_main_rank():  # under torchrun every process is interrupted: one message
+            print(f"segadapt {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -15,20 +15,73 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PER_CLASS: dict[str, Any] = {"per_class": True}
+"""``json_schema_extra`` of a field holding one value per class: checked against the data's class count
+when a run starts (:func:`per_class_values`), so a 19-entry list on 11-class data fails at once, naming its key."""
+
+
+PATH: dict[str, Any] = {"path": True}
+"""``json_schema_extra`` of a field holding a file or folder path to read: made absolute when a run starts
+(:func:`with_absolute_paths`), so its run directory resumes from any working directory."""
+
+Config = typing.TypeVar("Config", bound=BaseModel)
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """``config`` with every relative path of a :data:`PATH` field made absolute against the working directory.
+
+    Examples:
+        >>> import os
+        >>> cfg = with_absolute_paths(load_config(None, ["model.checkpoint=runs/a/last.pt"]))
+        >>> cfg.model.checkpoint == os.path.join(os.getcwd(), "runs/a/last.pt")
+        True
+    """
+    update: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            absolute = with_absolute_paths(value)
+            if absolute is not value:
+                update[name] = absolute
+        elif isinstance(value, str) and isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("path"):
+            absolute_path = os.path.abspath(os.path.expanduser(value))
+            if absolute_path != value:
+                update[name] = absolute_path
+    return config.model_copy(update=update) if update else config
+
+
+def per_class_values(config: BaseModel, prefix: str = "") -> list[tuple[str, Sequence[Any]]]:
+    """``(dotted key, value)`` of every per-class list that is set in ``config`` (fields marked :data:`PER_CLASS`).
+
+    Examples:
+        >>> per_class_values(load_config(None, ["pseudo_label.given_distribution=[0.5,0.5]"]))
+        [('pseudo_label.given_distribution', [0.5, 0.5])]
+    """
+    found: list[tuple[str, Sequence[Any]]] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found += per_class_values(value, f"{key}.")
+        elif value is not None and isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("per_class"):
+            found.append((key, value))
+    return found
 
 
 class SubsetSpec(_Strict):
@@ -47,9 +100,9 @@ class DatasetSpec(_Strict):
     """
 
     dataset: str
-    root: str | None = None
+    root: str | None = Field(None, json_schema_extra=PATH)
     split: str = "train"
-    split_file: str | None = Field(None, description="restrict to the names listed in this file")
+    split_file: str | None = Field(None, description="restrict to the names listed in this file", json_schema_extra=PATH)
     with_labels: bool = True
     domain: Literal["source", "target"] | None = None
     benchmark_seed: int = 0
@@ -57,8 +110,17 @@ class DatasetSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="dataset-specific loader options")
     subset: SubsetSpec | None = Field(None, description="keep the labeled or unlabeled part of a ratio split")
     pseudo_labels: str | None = Field(
-        None, description="a folder of <name>.png train-id pseudo labels (segadapt pseudo-label) that replace the labels"
+        None,
+        json_schema_extra=PATH, description="a folder of <name>.png train-id pseudo labels (segadapt pseudo-label) that replace the labels"
     )
+    # Set by RunConfig to where the spec sits (data.val), kept by model_copy: errors about the
+    # spec's data then name the key to set, whichever part of the engine builds the dataset.
+    _key: str = PrivateAttr(default="data.<source|target|val>")
+
+    @property
+    def key(self) -> str:
+        """The spec's place in the run config, e.g. ``data.val``, for messages naming a key to set."""
+        return self._key
 
 
 class DataConfig(_Strict):
@@ -73,13 +135,41 @@ class DataConfig(_Strict):
         None, description="transforms of target images; defaults to train_transforms"
     )
     val_transforms: list[dict[str, Any]] = Field(default_factory=list)
+    crop_size: tuple[int, int] | None = Field(
+        None, description="(h, w) of every random_crop in train_transforms and target_transforms; none = as listed there"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_crop_size(cls, data: Any) -> Any:
+        """Write ``crop_size`` into the ``random_crop`` entries, so changing the crop is one key, not a whole list."""
+        if not isinstance(data, dict) or data.get("crop_size") is None:
+            return data
+        size = list(data["crop_size"]) if isinstance(data["crop_size"], (list, tuple)) else data["crop_size"]
+        data = dict(data)
+        found = False
+        for key in ("train_transforms", "target_transforms"):
+            entries = data.get(key)
+            if not isinstance(entries, list):
+                continue
+            replaced = []
+            for entry in entries:
+                if isinstance(entry, dict) and entry.get("name") == "random_crop":
+                    entry, found = {**entry, "size": size}, True
+                replaced.append(entry)
+            data[key] = replaced
+        if not found:
+            raise ValueError("data.crop_size needs a {name: random_crop} entry in data.train_transforms to resize; add one")
+        return data
 
 
 class ModelConfig(_Strict):
     name: str = "small"
     num_classes: int | None = Field(None, ge=1, description="defaults to the training dataset's class count")
-    pretrained: str | None = Field(None, description="torchvision-format ImageNet backbone weights file")
-    checkpoint: str | None = Field(None, description="full model weights (segadapt or the authors' format)")
+    pretrained: str | None = Field(None, description="torchvision-format ImageNet backbone weights file", json_schema_extra=PATH)
+    checkpoint: str | None = Field(
+        None, description="full model weights (segadapt or the authors' format)", json_schema_extra=PATH
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model constructor")
 
 
@@ -115,6 +205,9 @@ class TrainConfig(_Strict):
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)"
     )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of torch's kernels (torch.set_num_threads); none = torch's default (all cores)"
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -127,7 +220,11 @@ class EvalConfig(_Strict):
     flip: bool = False
     scales: list[float] = Field(default_factory=lambda: [1.0])
     sliding_window: tuple[int, int] | None = Field(None, description="(h, w) window; stride 2/3 of it")
-    protocols: list[int] = Field(default_factory=lambda: [19], description="19, 16 and/or 13")
+    protocols: list[int] = Field(
+        default_factory=list,
+        description="extra Cityscapes-class mIoUs (19, 16, 13) beside the dataset's own mIoU; the validation classes "
+        "must hold the protocol's classes (Cityscapes-labelled data)",
+    )
 
     @field_validator("protocols")
     @classmethod
@@ -153,7 +250,9 @@ class BLVConfig(_Strict):
     )
     t_mid: int | None = Field(None, ge=0, description="temporal schedule: the iteration of the peak sigma")
     class_counts: Literal["source", "labeled", "pseudo", "given"] = "source"
-    given_counts: list[float] | None = Field(None, description="class_counts=given: one pixel count per class")
+    given_counts: list[float] | None = Field(
+        None, description="class_counts=given: one pixel count per class", json_schema_extra=PER_CLASS
+    )
 
     @model_validator(mode="after")
     def _needed_keys(self) -> "BLVConfig":
@@ -194,7 +293,9 @@ class PseudoLabelConfig(_Strict):
         description="dars target class distribution: source labels (DARS-SD), given_distribution (DARS-TD), "
         "or the model's own predictions",
     )
-    given_distribution: list[float] | None = Field(None, description="dars with distribution=given: one value per class")
+    given_distribution: list[float] | None = Field(
+        None, description="dars with distribution=given: one value per class", json_schema_extra=PER_CLASS
+    )
     size: tuple[int, int] | None = Field(None, description="resize images to (h, w) before the network")
     flip: bool = True
     scales: list[float] = Field(default_factory=lambda: [1.0])
@@ -248,6 +349,14 @@ class RunConfig(_Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @model_validator(mode="after")
+    def _name_dataset_specs(self) -> "RunConfig":
+        for field in DataConfig.model_fields:
+            spec = getattr(self.data, field)
+            if isinstance(spec, DatasetSpec):
+                spec._key = f"data.{field}"
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # loading, merging, overriding
@@ -264,18 +373,43 @@ def packaged_config(name: str | Path) -> Path:
     return path
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """A file path as given, else a packaged config of that name (``segadapt train benchmark/source_only``)."""
-    given = Path(path)
-    if given.exists():
-        return given
-    shipped = packaged_config(path)
-    if shipped.exists():
+def packaged_config_names() -> list[str]:
+    """The packaged configs a user runs, e.g. ``benchmark/source_only.yaml`` (``_*.yaml`` are shared bases)."""
+    return sorted(p.relative_to(PACKAGED_CONFIGS).as_posix() for p in PACKAGED_CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def resolve_config_path(path: str | Path, beside: Path | None = None) -> Path:
+    """A file path, else a packaged config of that name (``benchmark/source_only``, with or without .yaml).
+
+    A relative file path is looked up in ``beside`` when given (the folder of a config naming it in
+    ``base:``), else in the working directory; an existing file always wins over a packaged name.
+    """
+    given = Path(path).expanduser()
+    local = given if beside is None or given.is_absolute() else beside / given
+    if local.exists():
+        return local
+    shipped = packaged_config(given) if not given.is_absolute() else None
+    if shipped is not None and shipped.is_file():
         return shipped
-    available = sorted(str(p.relative_to(PACKAGED_CONFIGS)) for p in PACKAGED_CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
-    close = difflib.get_close_matches(str(path), available, n=1, cutoff=0.4)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"config {path} is neither a file nor a packaged config{hint} (packaged: {', '.join(available)})")
+    names = packaged_config_names()
+    folders = sorted({name.split("/")[0] for name in names})
+    in_packaged_folder = len(given.parts) > 1 and given.parts[0] in folders and not given.is_absolute()
+    looks_like_file = given.suffix in (".yaml", ".yml") or len(given.parts) > 1
+    if looks_like_file and not in_packaged_folder:
+        # a mistyped file name: a packaged config that happens to be similar would mislead
+        raise ConfigError(
+            f"config file {local.absolute()} does not exist; check the path (packaged configs are named like "
+            "benchmark/source_only, see `segadapt train --help`)"
+        )
+    hint = did_you_mean(given.with_suffix(".yaml").as_posix(), names, cutoff=0.5)
+    if in_packaged_folder:
+        shown = [Path(name).stem for name in names if name.startswith(f"{given.parts[0]}/")]
+        listing = f"packaged in {given.parts[0]}/: {', '.join(shown)}"
+    else:
+        listing = f"packaged configs are in the folders {', '.join(folders)}"
+    raise ConfigError(
+        f"config {path} is neither a file ({local.absolute()} does not exist) nor a packaged config{hint} ({listing})"
+    )
 
 
 def load_config(
@@ -285,9 +419,34 @@ def load_config(
     raw: dict[str, Any] = _read_with_bases(resolve_config_path(path), ()) if path is not None else {}
     for override in overrides:
         key, value = parse_override(override)
-        _check_key_path(schema, key.split("."), source=f"override {override!r}")
+        parts = key.split(".")
+        _check_key_path(schema, parts, source=f"override {override!r}")
+        if _is_text_field(schema, parts):
+            value = _as_text(override.partition("=")[2].strip(), value)
         set_dotted(raw, key, value)
     return validate(raw, schema, source=str(path) if path else "overrides")
+
+
+def _is_text_field(schema: type[BaseModel], parts: Sequence[str]) -> bool:
+    """Whether the key ``parts`` is a ``str`` (or ``str | None``) field of the schema."""
+    parent, depth = _walk(schema, parts[:-1])
+    if parent is None or depth < len(parts) - 1 or parts[-1] not in parent.model_fields:
+        return False
+    annotation = parent.model_fields[parts[-1]].annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set(typing.get_args(annotation)) == {str, type(None)}
+    return annotation is str
+
+
+def _as_text(text: str, parsed: Any) -> Any:
+    """The value of a ``str`` field as typed: YAML reads ``name=001`` as the integer 1 and ``1e-3`` as a float.
+
+    Null stays None (``str | None`` fields), a quoted string loses its quotes, and a list or
+    mapping is kept for validation to reject.
+    """
+    if parsed is None or isinstance(parsed, (str, list, dict)):
+        return parsed
+    return text
 
 
 def validate(raw: dict[str, Any], schema: type[BaseModel] = RunConfig, source: str = "config") -> Any:
@@ -344,7 +503,8 @@ def save_config(config: BaseModel, path: str | Path) -> None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/benchmark/source_only.yaml")
+        what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; pass a YAML file, or a packaged config such as benchmark/source_only")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -362,9 +522,15 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: base: must be a config name or a list of them, got {bases!r}")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = deep_merge(merged, _read_with_bases((path.parent / base), seen + (path,)))
+        try:
+            base_path = resolve_config_path(base, beside=path.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: base: {err}") from None
+        merged = deep_merge(merged, _read_with_bases(base_path, seen + (path,)))
     return deep_merge(merged, data)
 
 
@@ -408,11 +574,8 @@ def _suggestion(schema: type[BaseModel], loc: Sequence[str]) -> str:
     if parent is None or depth < len(loc) - 1:
         return ""
     prefix = ".".join(loc[:-1])
-    close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1, cutoff=0.5)
-    valid = ", ".join(parent.model_fields)
-    if close:
-        return f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'? (valid keys here: {valid})"
-    return f" (valid keys here: {valid})"
+    hint = did_you_mean(loc[-1], parent.model_fields, prefix=f"{prefix}." if prefix else "", cutoff=0.5)
+    return f"{hint} (valid keys here: {', '.join(parent.model_fields)})"
 
 
 def _check_key_path(schema: type[BaseModel], parts: Sequence[str], source: str) -> None:
@@ -424,3 +587,19 @@ def _check_key_path(schema: type[BaseModel], parts: Sequence[str], source: str) 
         if part not in model.model_fields:
             raise ConfigError(f"{source}: unknown key '{'.'.join(parts[: depth + 1])}'{_suggestion(schema, parts[: depth + 1])}")
         model = _model_of(model.model_fields[part].annotation)
+
+
+def load_run_directory_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config of the run kept in ``run_dir``: its ``config.yaml``, placed where the folder is now.
+
+    A run directory is the run: wherever it lies (another working directory, moved, copied), the run
+    it holds writes there, unless ``name=`` or ``output_dir=`` is overridden to start a new run from it.
+    """
+    run_dir = Path(run_dir).absolute()
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is a directory without config.yaml; pass a config file or a run directory")
+    cfg = load_config(config_path, overrides)
+    if any(parse_override(item)[0] in ("name", "output_dir") for item in overrides):
+        return cfg
+    return cfg.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})

@@ -38,6 +38,10 @@ UnknownIds = Literal["ignore", "error"]
 SizeMismatch = Literal["error", "resize_label", "resize_image", "skip"]
 MissingFiles = Literal["error", "skip"]
 
+SPEC_KEY = "data.<source|target|val>"
+"""How hints name the config section of a dataset (``SPEC_KEY.options.missing_files=skip``, as the
+command line takes it) until :func:`segadapt.data.build_dataset` is told the real one (``data.val``)."""
+
 UNKNOWN_ID = -1
 """``label_map`` entry of a raw id that the dataset's label format does not define."""
 
@@ -212,6 +216,10 @@ class SegDataset(Dataset):
     default_splits: tuple[str, ...] = ()
     """The labelled splits ``segadapt check-data --dataset NAME`` checks when given no ``--split``."""
 
+    config_key: str = SPEC_KEY
+    """The config section this dataset was built from (``data.val``), named by the hints of its errors;
+    :func:`segadapt.data.build_dataset` sets it."""
+
     def __init__(
         self,
         items: Sequence[SampleFiles],
@@ -297,7 +305,8 @@ class SegDataset(Dataset):
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise DataError(
                 f"{self.description}: {len(problems)} missing file(s):\n  {shown}{more}\n"
-                "Restore the files, or pass missing_files='skip' to drop these items (counted and logged)"
+                f"Restore the files, or set {self.config_key}.options.missing_files=skip to drop these items "
+                "(counted and logged)"
             )
         self.skipped.extend(problems)
 
@@ -378,7 +387,8 @@ class SegDataset(Dataset):
             if (unknown_ids or self.unknown_ids) == "error":
                 raise UnknownLabelIdsError(
                     f"label {path} holds ids {self.unknown_ids_in(raw)[:20]} that {self.description} does not "
-                    f"define. {self.unknown_ids_hint()}Pass unknown_ids='ignore' to map them to {ignore}"
+                    f"define. {self.unknown_ids_hint()}Set {self.config_key}.options.unknown_ids=ignore to map "
+                    f"them to {ignore}"
                 )
             mapped = np.where(unknown_mask, ignore, mapped)
         return mapped.astype(np.uint8)
@@ -386,6 +396,10 @@ class SegDataset(Dataset):
     def unknown_ids_hint(self) -> str:
         """A dataset-specific sentence on the usual cause of unknown ids (ends with a space, or empty)."""
         return ""
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of item ``index``'s image as loaded, read from the file header only."""
+        return image_size(self.items[index].image)
 
     def load_image(self, index: int) -> np.ndarray:
         """The image of item ``index`` as ``uint8 [H, W, 3]`` RGB."""
@@ -419,8 +433,8 @@ class SegDataset(Dataset):
         # "skip" drops mismatched pairs at construction: getting here means a file changed since.
         if self.size_mismatch in ("error", "skip"):
             raise DataError(
-                f"{self.description}: {detail}. Pass size_mismatch='resize_label' (nearest), 'resize_image' "
-                "(bilinear) or 'skip' (drop such pairs, counted and logged)"
+                f"{self.description}: {detail}. Set {self.config_key}.options.size_mismatch=resize_label "
+                "(nearest), resize_image (bilinear) or skip (drop such pairs, counted and logged)"
             )
         if str(item.label) not in self._warned_resized:
             self._warned_resized.add(str(item.label))

@@ -47,6 +47,7 @@ import yaml
 from PIL import Image, ImageFilter
 
 from ..errors import DataError
+from ..progress import progress
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
 
 # Bump whenever the generated pixels change, so cached copies of older versions are not reused.
@@ -753,11 +754,13 @@ def _write_tree(root: Path, seed: int, size: str, num_workers: int) -> None:
         jobs += [(root, seed, domain, split, i, size) for i in range(shape.count(domain, split))]
     for domain in ("source", "target"):
         (root / domain / "dataset.yaml").write_text(_dataset_yaml(domain))
+    # a bar in a terminal, one "generated N images in MM:SS" line in a log file
+    shown = {"total": len(jobs), "desc": f"benchmark ({size})", "unit": "img", "done": f"benchmark ({size}): generated {{n}} images in {{elapsed}}"}
     if num_workers > 0:
         with get_context("spawn").Pool(num_workers) as pool:
-            histograms = pool.map(_write_sample, jobs, chunksize=8)
+            histograms = list(progress(pool.imap(_write_sample, jobs, chunksize=8), **shown))
     else:
-        histograms = [_write_sample(job) for job in jobs]
+        histograms = list(progress(map(_write_sample, jobs), **shown))
     summary = _summary(seed, size, shape, jobs, histograms)
     (root / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -15,7 +15,7 @@ from typing import Iterable, Literal, NamedTuple
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .base import MissingFiles, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .base import SPEC_KEY, MissingFiles, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
 
 
@@ -160,7 +160,7 @@ class Cityscapes(SegDataset):
         if with_labels and not label_dir.is_dir():
             raise DataError(
                 f"no Cityscapes labels in {label_dir}. Unpack gtFine_trainvaltest.zip into {root}, "
-                "or pass with_labels=False to use the images only"
+                f"or set {SPEC_KEY}.with_labels=false to use the images only"
             )
         items = []
         for image in images:

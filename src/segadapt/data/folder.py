@@ -13,13 +13,12 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from ..errors import DataError
+from ..errors import DataError, did_you_mean
 from .base import MissingFiles, SampleFiles, SegDataset, SizeMismatch, Transform
 from .classes import IGNORE_INDEX, ClassInfo
 
@@ -92,8 +91,7 @@ def _check_keys(path: Path, data: dict[str, Any], valid: tuple[str, ...], prefix
     required = [key for key in valid if key not in _OPTIONAL_KEYS]
     for key in data:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            hint = did_you_mean(str(key), valid, prefix=prefix) or f"; valid keys: {', '.join(valid)}"
             raise DataError(f"{path}: unknown key '{prefix}{key}'{hint}")
     for key in required:
         if key not in data:

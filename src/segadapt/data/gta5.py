@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import DataError
-from .base import MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
 from .cityscapes import LABEL_ID_TO_TRAIN_ID, LABEL_IDS
 from .classes import CITYSCAPES_CLASSES
 
@@ -64,8 +64,8 @@ class GTA5(SegDataset):
         root = Path(root)
         if split not in ("all", "train"):
             raise DataError(
-                f"GTA5 has no {split!r} split on disk; use split='all' (every frame, the UDA convention) and "
-                "restrict it with split_file=<a list of NNNNN.png names> (docs/datasets/gta5.md)"
+                f"GTA5 has no {split!r} split on disk; set {SPEC_KEY}.split=all (every frame, the UDA convention) "
+                f"and restrict it with {SPEC_KEY}.split_file=<a list of NNNNN.png names> (docs/datasets/gta5.md)"
             )
         images = {path.stem: path for path in (root / "images").glob("*.png") if _FRAME.match(path.name)}
         if not images:

@@ -69,6 +69,9 @@ class PseudoLabeledDataset(Dataset):
     def __repr__(self) -> str:
         return f"<PseudoLabeledDataset {self.dataset!r} labels from {self.label_dir}>"
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.dataset.image_size(index)
+
     def load_label(self, index: int) -> np.ndarray:
         path = pseudo_label_path(self.label_dir, self.dataset.names[index])
         label = read_label(path)

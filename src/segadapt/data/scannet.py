@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from ..errors import ConfigError, DataError
-from .base import MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
 from .classes import IGNORE_INDEX, SCANNET20_CLASSES
 
 SCANNET20_NYU40_IDS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
@@ -36,8 +36,8 @@ def read_label_tsv(path: str | Path) -> dict[int, int]:
             rows = list(csv.DictReader(handle, delimiter="\t"))
     except FileNotFoundError:
         raise DataError(
-            f"ScanNet label table not found: {path}. Copy {LABEL_TSV} from the ScanNet download there, or pass "
-            "label_tsv=PATH; it is needed to map raw label ids (label_type='raw') to NYU40"
+            f"ScanNet label table not found: {path}. Copy {LABEL_TSV} from the ScanNet download there, or set "
+            f"{SPEC_KEY}.options.label_tsv=PATH; it is needed to map raw label ids (options.label_type=raw) to NYU40"
         ) from None
     if not rows or not {"id", "nyu40id"} <= set(rows[0]):
         raise DataError(f"{path} is not a ScanNet label table: it needs the tab-separated columns 'id' and 'nyu40id'")
@@ -94,7 +94,7 @@ class ScanNet2D(SegDataset):
         missing_files: MissingFiles = "error",
     ) -> None:
         if label_type not in ("nyu40", "raw"):
-            raise ConfigError(f"label_type={label_type!r} is not valid; use 'nyu40' or 'raw'")
+            raise ConfigError(f"{SPEC_KEY}.options.label_type={label_type} is not valid; use nyu40 or raw")
         root = Path(root)
         self.label_type = label_type
         scenes, skipped = self._scenes(root, split, missing_files)
@@ -139,19 +139,20 @@ class ScanNet2D(SegDataset):
         if not scene_list.is_file():
             raise DataError(
                 f"ScanNet split {split!r} needs the scene list {scene_list}: copy scannetv2_{split}.txt from "
-                "ScanNet's Tasks/Benchmark folder there, or pass split='all' (optionally with split_file=...)"
+                f"ScanNet's Tasks/Benchmark folder there, or set {SPEC_KEY}.split=all (optionally with "
+                f"{SPEC_KEY}.split_file=...)"
             )
         listed = [line.strip() for line in scene_list.read_text().splitlines() if line.strip()]
         absent = [scene for scene in listed if not (root / scene / "color").is_dir()]
         if absent and missing_files == "error":
             raise DataError(
                 f"{len(absent)} scene(s) listed in {scene_list} have no color/ folder in {root}, e.g. {absent[:5]}. "
-                "Export or unpack them, or pass missing_files='skip' (counted and logged)"
+                f"Export or unpack them, or set {SPEC_KEY}.options.missing_files=skip (counted and logged)"
             )
         skipped = [Problem("missing_file", str(root / scene / "color"), f"listed in {scene_list}") for scene in absent]
         return [scene for scene in listed if scene not in absent], skipped
 
     def unknown_ids_hint(self) -> str:
         if self.label_type == "nyu40":
-            return "NYU40 ids are 0..40; raw ScanNet ids (label-filt, 16-bit) need label_type='raw'. "
+            return f"NYU40 ids are 0..40; raw ScanNet ids (label-filt, 16-bit) need {self.config_key}.options.label_type=raw. "
         return ""

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from .base import (
+    SPEC_KEY,
     MissingFiles,
     SampleFiles,
     SegDataset,
@@ -144,12 +145,12 @@ class Synthia(SegDataset):
         missing_files: MissingFiles = "error",
     ) -> None:
         if num_classes not in (19, 16):
-            raise ConfigError(f"num_classes={num_classes!r} is not valid for SYNTHIA; use 19 or 16")
+            raise ConfigError(f"{SPEC_KEY}.options.num_classes={num_classes} is not valid for SYNTHIA; use 19 or 16")
         root = Path(root)
         if split not in ("all", "train"):
             raise DataError(
-                f"SYNTHIA has no {split!r} split on disk; use split='all' (all frames, the UDA convention) "
-                "and restrict it with split_file=<a list of NNNNNNN.png names> (docs/datasets/synthia.md)"
+                f"SYNTHIA has no {split!r} split on disk; set {SPEC_KEY}.split=all (all frames, the UDA convention) "
+                f"and restrict it with {SPEC_KEY}.split_file=<a list of NNNNNNN.png names> (docs/datasets/synthia.md)"
             )
         images = {path.stem: path for path in (root / "RGB").glob("*.png") if _FRAME.match(path.name)}
         if not images:

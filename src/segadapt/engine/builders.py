@@ -10,22 +10,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ..config import DatasetSpec, ModelConfig, OptimConfig, RunConfig
-from ..errors import ConfigError
+from ..config import DatasetSpec, ModelConfig, OptimConfig
+from ..errors import ConfigError, did_you_mean
 from .sampling import ResumableStreamSampler, SeededTransformDataset
 
 
 def dataset_root(spec: DatasetSpec) -> tuple[str, Path]:
     """The loader name and root of a spec; the embedded benchmark resolves to its cached folder dataset."""
+    from ..data import DATASETS
+
     if spec.dataset == "benchmark":
         from ..data.benchmark import ensure_benchmark
 
         if spec.domain is None:
-            raise ConfigError("a benchmark dataset needs domain: source or target (e.g. data.val.domain=target)")
+            raise ConfigError(f"a benchmark dataset needs domain: source or target (e.g. {spec.key}.domain=target)")
         root = ensure_benchmark(spec.root, seed=spec.benchmark_seed, size=spec.benchmark_size)
         return "folder", Path(root) / spec.domain
+    if spec.dataset not in DATASETS:  # before the root: a mistyped name is the thing to fix
+        names = [*DATASETS, "benchmark"]
+        raise ConfigError(
+            f"{spec.key}.dataset: unknown dataset {spec.dataset!r}; valid names: {', '.join(names)}"
+            f"{did_you_mean(spec.dataset, names)}"
+        )
     if spec.root is None:
-        raise ConfigError(f"dataset {spec.dataset!r} needs a root: set data.<source|target|val>.root=/path/to/{spec.dataset}")
+        raise ConfigError(f"dataset {spec.dataset!r} needs a root: set {spec.key}.root=/path/to/{spec.dataset}")
     return spec.dataset, Path(spec.root).expanduser()
 
 
@@ -38,16 +46,20 @@ def build_dataset_from_spec(spec: DatasetSpec, with_labels: bool | None = None) 
     if spec.subset is not None:
         from ..data.splits import make_split
 
-        everything = build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=False, **options)
+        everything = build_dataset(
+            name, root, spec.split, config_key=spec.key, split_file=spec.split_file, with_labels=False, **options
+        )
         labeled, unlabeled = make_split(everything.names, ratio=spec.subset.ratio, seed=spec.subset.seed)
         options["names"] = labeled if spec.subset.part == "labeled" else unlabeled
     if spec.pseudo_labels is not None and with_labels is not False:
         from ..data.pseudo_labeled import PseudoLabeledDataset
 
-        images = build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=False, **options)
+        images = build_dataset(
+            name, root, spec.split, config_key=spec.key, split_file=spec.split_file, with_labels=False, **options
+        )
         return PseudoLabeledDataset(images, spec.pseudo_labels)
     labels = spec.with_labels if with_labels is None else (with_labels and spec.with_labels)
-    return build_dataset(name, root, spec.split, split_file=spec.split_file, with_labels=labels, **options)
+    return build_dataset(name, root, spec.split, config_key=spec.key, split_file=spec.split_file, with_labels=labels, **options)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,11 +186,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def num_classes_of(cfg: RunConfig, datasets: dict[str, Any]) -> int:
-    counts = {name: ds.classes.num_classes for name, ds in datasets.items()}
-    if len(set(counts.values())) > 1:
-        raise ConfigError(f"the datasets disagree on the number of classes: {counts}; use datasets with the same label space")
-    found = next(iter(counts.values()))
-    if cfg.model.num_classes is not None and cfg.model.num_classes != found:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the datasets have {found} classes")
-    return found
+def build_transform(spec: list[dict[str, Any]] | None, ignore_index: int) -> Any:
+    """The transform pipeline of a ``data.*_transforms`` list (None for an empty list).
+
+    ``ignore_index`` is the dataset's: crop padding, rotated-in corners and erased boxes get it.
+    """
+    from ..data.transforms import build_transforms
+
+    return build_transforms(spec, ignore_index=ignore_index) if spec else None

@@ -11,26 +11,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, writing
+
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A kill at any moment leaves either the previous file or the new one, never a torn file.
+    A kill at any moment leaves either the previous file or the new one, never a torn file (a
+    kill leaves the temporary ``.NAME.*.tmp`` behind: :func:`remove_partial_saves` clears it). A
+    full or read-only disk raises one :class:`~segadapt.errors.OutputError` line and leaves the
+    previous file as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, "checkpoint"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def remove_partial_saves(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a save killed mid-way left in ``folder``; returns what was removed."""
+    removed = sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

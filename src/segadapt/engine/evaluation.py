@@ -11,37 +11,60 @@ from torch.utils.data import DataLoader
 
 from ..config import EvalConfig
 from ..data.classes import ClassInfo
-from ..metrics import ConfusionMatrix, compute_scores, format_table, scores_for_protocol
+from ..errors import ConfigError
+from ..metrics import ConfusionMatrix, compute_scores, format_table, get_protocol, scores_for_protocol
+from ..progress import progress
+from . import distributed
 from .inference import predict_probs
+from .label_space import check_config_against_classes, check_protocols
 
 
 @torch.no_grad()
-def confusion_over(model: nn.Module, loader: DataLoader, num_classes: int, cfg: EvalConfig, device: torch.device, ignore_index: int = 255) -> ConfusionMatrix:
+def confusion_over(model: nn.Module, loader: DataLoader, num_classes: int, cfg: EvalConfig, device: torch.device, ignore_index: int) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``loader`` (labels at their own size)."""
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    for batch in loader:
-        images = batch["image"].to(device) if isinstance(batch["image"], torch.Tensor) else None
-        labels = batch["label"]
-        if images is None or not isinstance(labels, torch.Tensor):  # images of different sizes: one at a time
-            for image, label in zip(batch["image"], batch["label"]):
-                probs = predict_probs(model, image[None].to(device), label.shape[-2:], cfg)
-                matrix.update(probs.argmax(1), label[None].to(device))
-            continue
-        probs = predict_probs(model, images, labels.shape[-2:], cfg)
-        matrix.update(probs.argmax(1), labels.to(device))
+    shards = distributed.get_world_size()  # under torchrun rank 0 shows its share of the images
+    done = "evaluated {n} images in {elapsed}" if shards == 1 else f"evaluated {{n}} images (rank 0's share of {shards}) in {{elapsed}}"
+    with progress(total=_images_of(loader), desc="evaluate", unit="img", done=done) as bar:
+        for batch in loader:
+            images = batch["image"].to(device) if isinstance(batch["image"], torch.Tensor) else None
+            labels = batch["label"]
+            if images is None or not isinstance(labels, torch.Tensor):  # images of different sizes: one at a time
+                for image, label in zip(batch["image"], batch["label"]):
+                    probs = predict_probs(model, image[None].to(device), label.shape[-2:], cfg)
+                    matrix.update(probs.argmax(1), label[None].to(device))
+            else:
+                probs = predict_probs(model, images, labels.shape[-2:], cfg)
+                matrix.update(probs.argmax(1), labels.to(device))
+            bar.update(len(batch["label"]))
     model.train(was_training)
     return matrix
 
 
-def summarize(matrix: ConfusionMatrix, classes: ClassInfo, protocols: Sequence[int] = (19,), run_name: str = "model") -> dict[str, Any]:
-    """Scores of a confusion matrix: ``scores`` (SegScores), ``flat`` (JSON-ready, fractions), ``table``."""
+def _images_of(loader: DataLoader) -> int | None:
+    """How many images ``loader`` yields: its sampler's length (this rank's share), else its dataset's."""
+    for source in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        try:
+            return len(source)  # type: ignore[arg-type]
+        except TypeError:  # no sampler / an iterable dataset
+            continue
+    return None
+
+
+def summarize(matrix: ConfusionMatrix, classes: ClassInfo, protocols: Sequence[int] = (), run_name: str = "model") -> dict[str, Any]:
+    """Scores of a confusion matrix: ``scores`` (SegScores), ``flat`` (JSON-ready, fractions), ``table``.
+
+    ``flat["miou"]`` is the mean over the data's own classes; each protocol that selects other classes
+    than those adds ``flat["miou<K>"]`` (e.g. ``miou16`` for SYNTHIA -> Cityscapes).
+    """
+    check_protocols(classes, protocols)
     scores = compute_scores(matrix, classes.names)
     flat: dict[str, Any] = scores.to_dict()
-    extra = [p for p in protocols if p != classes.num_classes]
+    extra = [p for p in protocols if get_protocol(p).class_names != classes.names]
     for protocol in extra:
-        flat[f"miou{protocol}"] = scores_for_protocol(matrix, protocol).miou
+        flat[f"miou{protocol}"] = scores_for_protocol(matrix, protocol, class_names=classes.names).miou
     table = format_table({run_name: scores}, style="terminal", protocols=extra if extra else ())
     summary = f"{table}\nmIoU {100 * scores.miou:.2f} | pixel accuracy {100 * scores.pixel_accuracy:.2f} | MPA {100 * scores.mpa:.2f}"
     for protocol in extra:
@@ -59,23 +82,27 @@ def evaluate(model: nn.Module, loader: DataLoader, classes: ClassInfo, cfg: Eval
 
 def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``segadapt eval``: the checkpoint's network on ``data.val`` of its (or the given) config."""
-    from ..errors import ConfigError
-    from .builders import build_dataset_from_spec, build_eval_loader, resolve_device
+    from .builders import build_dataset_from_spec, build_eval_loader, build_transform, resolve_device
     from .distributed import init_distributed
     from .loading import config_for_checkpoint, load_trained_model
-    from .trainer import _build_transform
 
     cfg = config_for_checkpoint(checkpoint, config, overrides)
     if cfg.data.val is None:
         raise ConfigError("nothing to evaluate on: set data.val.dataset and data.val.root (or data.val.dataset=benchmark)")
     dataset = build_dataset_from_spec(cfg.data.val, with_labels=True)
     device = resolve_device(cfg.device)
-    model, classes = load_trained_model(checkpoint, cfg)
-    classes = classes or dataset.classes
-    if classes.num_classes != dataset.classes.num_classes:
-        raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but {cfg.data.val.dataset} has {dataset.classes.num_classes}")
+    model, predicted = load_trained_model(checkpoint, cfg)
+    classes = dataset.classes  # the labels on disk: their names, and their ignore value
+    if predicted is not None and predicted.num_classes != classes.num_classes:
+        raise ConfigError(f"{checkpoint} predicts {predicted.num_classes} classes but {cfg.data.val.dataset} has {classes.num_classes}")
+    check_config_against_classes(cfg, classes)
     info = init_distributed()  # under torchrun each rank evaluates its share; the matrices are summed
     loader = build_eval_loader(
-        dataset, _build_transform(cfg.data.val_transforms), cfg.data.val_batch_size, cfg.data.num_workers, info.rank, info.world_size
+        dataset,
+        build_transform(cfg.data.val_transforms, classes.ignore_index),
+        cfg.data.val_batch_size,
+        cfg.data.num_workers,
+        info.rank,
+        info.world_size,
     )
     return evaluate(model.to(device), loader, classes, cfg.eval, device, run_name=Path(checkpoint).stem)

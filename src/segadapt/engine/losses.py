@@ -58,7 +58,7 @@ class CrossEntropySegLoss(nn.Module):
       (``torch.mean(pixelWiseWeight * CE)`` in the DACS code).
     """
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, ignore_index: int) -> None:
         super().__init__()
         self.ignore_index = ignore_index
 
@@ -104,7 +104,7 @@ class BLVSegLoss(CrossEntropySegLoss):
         self,
         class_counts: Any,
         sigma: float,
-        ignore_index: int = 255,
+        ignore_index: int,
         t_mid: int | None = None,
         total_iters: int | None = None,
     ) -> None:
@@ -149,7 +149,7 @@ class BLVSegLoss(CrossEntropySegLoss):
 
 def build_seg_loss(
     cfg: LossConfig,
-    ignore_index: int = 255,
+    ignore_index: int,
     run: RunConfig | None = None,
     num_classes: int | None = None,
     log: Callable[[str], None] | None = None,

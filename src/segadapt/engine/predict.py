@@ -34,13 +34,20 @@ def predict_folder(
     """Predict every image under ``input_dir``; outputs keep the relative paths, one subfolder per format.
 
     ``labelid`` writes Cityscapes label ids (for the official test server), so it needs a
-    19-class Cityscapes-label-space model. Returns the number of images predicted.
+    19-class Cityscapes-label-space model. Predictions an earlier run wrote inside ``input_dir``
+    (``output_dir/<format>``) are not read as input. Returns the number of images predicted.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown prediction format(s) {unknown}; choose from {list(FORMATS)}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    images = sorted(p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # A second run into INPUT/out must not predict the first run's PNGs; only the format folders are
+    # skipped, so OUTPUT == INPUT still predicts the images themselves.
+    written = [(output_dir / fmt).resolve() for fmt in FORMATS]
+    images = sorted(
+        p for p in input_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not any(p.resolve().is_relative_to(folder) for folder in written)
+    )
     if not images:
         raise DataError(f"no .png/.jpg images under {input_dir}; point predict at a folder of images")
     cfg = config_for_checkpoint(checkpoint, config, overrides)

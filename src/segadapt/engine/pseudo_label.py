@@ -7,7 +7,7 @@ without its 200 GB of saved logits and its in-RAM lists of every pixel's confide
    max-softmax confidences into a :class:`~segadapt.methods.pseudo_labels.ConfidenceHistogram`
    (fixed size); the rule's per-class thresholds (ST, CBST, DARS) come from it;
 2. predict again, threshold (and, for DARS, randomly subsample) each image, and write
-   ``<name>.png`` (uint8 train ids, 255 = unlabeled), optionally ``<name>.npy`` (float16 class
+   ``<name>.png`` (uint8 train ids, the dataset's ignore index = unlabeled), optionally ``<name>.npy`` (float16 class
    probabilities at ``1/soft_stride`` resolution), while accumulating the quality statistics.
 
 Predicting twice costs a second inference pass but keeps memory and disk independent of the
@@ -42,6 +42,7 @@ from ..errors import ConfigError, DataError
 from ..methods.dars import dars_thresholds, given_distribution, label_distribution, predicted_distribution
 from ..methods.pseudo_labels import ConfidenceHistogram, Thresholds, apply_thresholds, cbst_thresholds, st_thresholds
 from ..metrics.pseudo_label_quality import PseudoLabelStats, kl_divergence
+from ..progress import bar_enabled, progress
 from . import distributed
 from .builders import build_dataset_from_spec, build_eval_loader
 from .inference import predict_probs
@@ -89,7 +90,7 @@ def source_class_counts(cfg: RunConfig, num_classes: int) -> torch.Tensor:
         )
     dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
     counts = torch.zeros(num_classes, dtype=torch.int64)
-    for index in range(len(dataset)):
+    for index in progress(range(len(dataset)), desc="source class counts", unit="label"):
         label = torch.from_numpy(np.asarray(dataset.load_label(index)).astype(np.int64))
         counts += torch.bincount(label[label < num_classes], minlength=num_classes)
     return counts
@@ -171,26 +172,32 @@ def generate_pseudo_labels(
     loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers, rank=rank, world_size=world_size)
     model = model.to(device).eval()
 
+    live = bar_enabled()  # in a terminal a bar replaces the every-100-images lines
+
     histogram = ConfidenceHistogram(classes.num_classes, device=device)
-    for index, (_, probs, _) in enumerate(_predictions(model, loader, infer, device)):
-        histogram.update(probs[None])
-        if (index + 1) % 100 == 0:
-            log(f"pseudo-label pass 1/2: {(index + 1) * world_size}/{len(dataset)} images")
+    with _pass_bar(1, len(dataset)) as bar:
+        for index, (_, probs, _) in enumerate(_predictions(model, loader, infer, device)):
+            histogram.update(probs[None])
+            bar.update(min(world_size, len(dataset) - bar.n))
+            if (index + 1) % 100 == 0 and not live:
+                log(f"pseudo-label pass 1/2: {(index + 1) * world_size}/{len(dataset)} images")
     if world_size > 1:
         histogram.all_reduce()
     result = thresholds_for(cfg, histogram)
 
     stats = PseudoLabelStats(classes.num_classes, classes.ignore_index)
-    for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device)):
-        pseudo = apply_thresholds(
-            probs[None].cpu(), *result.thresholds, generator=image_generator(rule.seed, name), ignore_index=classes.ignore_index
-        )[0]
-        _write_png(pseudo_label_path(out_dir, name), pseudo)
-        if rule.soft:
-            _write_soft(pseudo_label_path(out_dir, name).with_suffix(".npy"), probs, rule.soft_stride)
-        stats.update(pseudo, label)
-        if (index + 1) % 100 == 0:
-            log(f"pseudo-label pass 2/2: {(index + 1) * world_size}/{len(dataset)} images")
+    with _pass_bar(2, len(dataset)) as bar:
+        for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device)):
+            pseudo = apply_thresholds(
+                probs[None].cpu(), *result.thresholds, generator=image_generator(rule.seed, name), ignore_index=classes.ignore_index
+            )[0]
+            _write_png(pseudo_label_path(out_dir, name), pseudo)
+            if rule.soft:
+                _write_soft(pseudo_label_path(out_dir, name).with_suffix(".npy"), probs, rule.soft_stride)
+            stats.update(pseudo, label)
+            bar.update(min(world_size, len(dataset) - bar.n))
+            if (index + 1) % 100 == 0 and not live:
+                log(f"pseudo-label pass 2/2: {(index + 1) * world_size}/{len(dataset)} images")
     if world_size > 1:
         stats.all_reduce()
     summary = summarize_pseudo_labels(cfg, classes, result, stats, len(dataset))
@@ -200,6 +207,11 @@ def generate_pseudo_labels(
     if world_size > 1:
         distributed.barrier()  # every file is on disk before any process reads the folder
     return summary
+
+
+def _pass_bar(number: int, total: int) -> Any:
+    """The terminal bar of pass ``number`` of 2 (on rank 0, counting every process's images); no extra line in log files."""
+    return progress(total=total, desc=f"pseudo-label pass {number}/2", unit="img")
 
 
 def _finite_or_none(values: torch.Tensor) -> list[float | None]:
@@ -270,6 +282,7 @@ def pseudo_label_checkpoint(
 ) -> dict[str, Any]:
     """``segadapt pseudo-label``: label ``data.target`` of the checkpoint's (or the given) config."""
     from .builders import resolve_device
+    from .label_space import check_config_against_classes
     from .loading import config_for_checkpoint, load_trained_model
 
     distributed.init_distributed()  # under torchrun the processes share the images
@@ -280,4 +293,5 @@ def pseudo_label_checkpoint(
     model, classes = load_trained_model(checkpoint, cfg)
     if classes is not None and classes.num_classes != dataset.classes.num_classes:
         raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but data.target has {dataset.classes.num_classes}")
+    check_config_against_classes(cfg, dataset.classes)  # e.g. pseudo_label.given_distribution, before the pass
     return generate_pseudo_labels(model, dataset, cfg, out_dir, resolve_device(cfg.device), log, shard=True)

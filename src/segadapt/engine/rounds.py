@@ -22,13 +22,14 @@ finished rounds and resumes an interrupted one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from ..config import RunConfig, save_config
+from ..config import RunConfig, parse_override, save_config
 from ..errors import ConfigError
 from ..methods.dars import ProgressiveSchedule
 from .checkpoint import load_checkpoint
 from .distributed import is_main_process
+from .recipes import check_recipe_config
 from .trainer import Trainer
 
 
@@ -72,6 +73,7 @@ def round_config(cfg: RunConfig, index: int, previous: Path | None) -> RunConfig
         update["schedule"] = cfg.schedule.model_copy(update={"offset": cfg.schedule.offset + index * iters})
     if index == 0:
         update["recipe"] = "source_only"
+        update["method"] = {}  # the options are self_training's (rounds 1, ...); source_only has none
     else:
         assert previous is not None and plan.labeling_ratio is not None
         target = data.target.model_copy(update={"pseudo_labels": None}) if data.target is not None else None
@@ -80,6 +82,29 @@ def round_config(cfg: RunConfig, index: int, previous: Path | None) -> RunConfig
         update["model"] = cfg.model.model_copy(update={"checkpoint": str(previous), "pretrained": None})
         update["pseudo_label"] = cfg.pseudo_label.model_copy(update={"ratio": plan.labeling_ratio})
     return cfg.model_copy(update=update)
+
+
+def check_rounds_config(cfg: RunConfig, overrides: Sequence[str] = ()) -> None:
+    """Fail before any round starts on what would fail or be ignored later.
+
+    Checks the round plan (``rounds.labeling_ratios``, ``rounds.iters``), each round's recipe and
+    ``method`` options, and that a command-line ``train.iters`` is not silently overridden by
+    ``rounds.iters`` (which sets every round's iterations): that is an error naming both keys.
+    """
+    plan = schedule_of(cfg)
+    overridden = {parse_override(item)[0] for item in overrides}
+    if "train.iters" in overridden and cfg.rounds.iters is not None:
+        per_round = ",".join([str(cfg.train.iters)] * plan.num_rounds)
+        raise ConfigError(
+            f"train.iters={cfg.train.iters} would be ignored: rounds.iters={cfg.rounds.iters} sets the iterations of "
+            f"every round (round 0 included). Set rounds.iters=[{per_round}] instead, or rounds.iters=null to train "
+            "every round for train.iters"
+        )
+    previous: Path | None = None
+    for index in range(plan.num_rounds):
+        round_cfg = round_config(cfg, index, previous)
+        check_recipe_config(round_cfg)
+        previous = round_cfg.run_dir / "checkpoints" / "last.pt"
 
 
 def finished_iteration(run_dir: Path) -> int:
@@ -101,12 +126,13 @@ def run_rounds(cfg: RunConfig, log: Callable[[str], None] = print) -> list[dict[
     for index in range(schedule.num_rounds):
         round_cfg = round_config(cfg, index, previous)
         done = finished_iteration(round_cfg.run_dir)
+        count = f"round {index} ({index + 1} of {schedule.num_rounds})"  # rounds are numbered from 0, as their folders
         if done >= round_cfg.train.iters:
-            log(f"round {index}: finished already ({round_cfg.run_dir})")
+            log(f"{count}: finished already ({round_cfg.run_dir})")
             results.append(None)
         else:
             plan = schedule.round(index)
-            log(f"round {index}: labeling ratio {plan.labeling_ratio}, random scale {plan.scale_range}, {round_cfg.train.iters} iters")
+            log(f"{count}: labeling ratio {plan.labeling_ratio}, random scale {plan.scale_range}, {round_cfg.train.iters} iters")
             results.append(Trainer(round_cfg, resume=done > 0, log=log).fit())
         previous = round_cfg.run_dir / "checkpoints" / "last.pt"
     return results

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..config import RunConfig, save_config
-from ..errors import CheckpointError, ConfigError
+from ..config import RunConfig, save_config, with_absolute_paths
+from ..data.transforms import crop_and_largest_view
+from ..errors import CheckpointError, ConfigError, writing
 from ..methods.ema import ModelEMA
 from . import distributed
 from .builders import (
@@ -31,14 +32,17 @@ from .builders import (
     build_model,
     build_optimizer,
     build_train_loader,
-    num_classes_of,
+    build_transform,
     resolve_device,
 )
-from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import atomic_save, load_checkpoint, remove_partial_saves, rng_state, seed_everything, set_rng_state
+from .label_space import check_config_against_classes, run_classes
 from .evaluation import evaluate
-from .logging import MetricsLog, Progress
+from ..progress import write as write_line
+from .logging import MetricsLog, Progress, read_metrics
 from .losses import build_seg_loss
 from .recipes import Recipe, recipe_class
+from .recipes.base import Stream, parse_options
 from .schedule import build_scheduler
 
 
@@ -46,10 +50,15 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _build_transform(spec: list[dict[str, Any]] | None) -> Any:
-    from ..data.transforms import build_transforms
+def _transforms_key(cfg: RunConfig, stream: Stream) -> str:
+    """The ``data.*`` key of a stream's transforms: target streams take ``target_transforms`` when it is set."""
+    if stream.spec == "target" and stream.transforms == "train_transforms" and cfg.data.target_transforms is not None:
+        return "target_transforms"
+    return stream.transforms
 
-    return build_transforms(spec) if spec else None
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; its message says what was saved and how to continue."""
 
 
 class Trainer:
@@ -63,18 +72,32 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
-        self.cfg = cfg
         self.dist = distributed.init_distributed()
         self.is_main = self.dist.is_main
-        log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        log = log or write_line  # drawn around a live progress bar in a terminal
         self.log = log if self.is_main else (lambda text: None)
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
         self.run_dir = cfg.run_dir
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.recipe_class = recipe_class(cfg.recipe)
+        # paths made absolute once (method.teacher too), so the run directory resumes from any working directory
+        options = with_absolute_paths(parse_options(self.recipe_class.Options, cfg.method, cfg.recipe))
+        cfg = with_absolute_paths(cfg).model_copy(update={"method": {key: getattr(options, key) for key in cfg.method}})
+        self.cfg = cfg
+        given = cfg  # what config.yaml records: the run as asked, not the paths a recipe's preparation made
+
+        # the label space comes from the data, and every config value tied to it is checked before
+        # any work (a recipe's preparation may take minutes) and before the run directory exists
+        self.val_set = build_dataset_from_spec(cfg.data.val, with_labels=True) if cfg.data.val else None
+        unlabelled = {name: build_dataset_from_spec(self._spec(s.spec, name), with_labels=False) for name, s in self.recipe_class.streams.items()}
+        self.classes = run_classes(cfg, dict(unlabelled, **({"val": self.val_set} if self.val_set is not None else {})))
+        self.num_classes = self.classes.num_classes
+        check_config_against_classes(cfg, self.classes)
+
         self._prepare_run_dir(resume)
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = resolve_device(cfg.device)
-
-        self.recipe_class = recipe_class(cfg.recipe)
         # rank 0 does a recipe's preparation (pseudo labels, prototypes) alone; the others then
         # find it done in the run directory and reuse it, instead of racing to write the same files
         if self.recipe_class.collective_prepare:
@@ -90,10 +113,9 @@ class Trainer:
             name: build_dataset_from_spec(self._spec(stream.spec, name), with_labels=stream.labels)
             for name, stream in self.recipe_class.streams.items()
         }
-        self.val_set = build_dataset_from_spec(cfg.data.val, with_labels=True) if cfg.data.val else None
-        sets = dict(self.train_sets, **({"val": self.val_set} if self.val_set is not None else {}))
-        self.num_classes = num_classes_of(cfg, sets)
-        self.classes = next(iter(sets.values())).classes
+        run_classes(cfg, self.train_sets)  # pseudo labels a preparation made are in the same label space
+        if self.is_main:
+            self._warn_about_padded_crops()
 
         model = build_model(cfg.model, self.num_classes).to(self.device)
         if cfg.train.sync_bn and self.dist.enabled:
@@ -103,10 +125,11 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
-        self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.num_classes).to(self.device)
+        self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.classes).to(self.device)
         # the saved config spells out every recipe option, defaults included: a run keeps its behaviour
         # (and its config.yaml says what it did) when a later version changes a default
-        cfg = cfg.model_copy(update={"method": self.recipe.options.model_dump(mode="json")})
+        options = {"method": self.recipe.options.model_dump(mode="json")}
+        cfg = cfg.model_copy(update=options)
         self.cfg = cfg
         self.optimizer = build_optimizer(self.recipe.trainable_model(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
@@ -115,11 +138,13 @@ class Trainer:
         self.iteration = 0
         self.consumed = {name: 0 for name in self.train_sets}
         self.best_score = float("-inf")
+        self.saved_iteration: int | None = None  # the iteration last.pt holds
         self.metrics_log = MetricsLog(self.run_dir) if self.is_main else None
         if resume:
             self._load(self.checkpoint_dir / "last.pt")
         elif self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            with writing(self.run_dir / "config.yaml", "the run's config"):
+                save_config(given.model_copy(update=options), self.run_dir / "config.yaml")
         if self.dist.enabled:
             # every rank starts from rank 0's networks, whatever its own initialisation drew ...
             distributed.broadcast_module(self.recipe)
@@ -149,19 +174,58 @@ class Trainer:
                 f"run directory {self.run_dir} already holds checkpoints; pass resume=true to continue it, "
                 "or choose another name= or output_dir= (nothing was overwritten)"
             )
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if not self.is_main:
+            return
+        with writing(self.checkpoint_dir, "the run directory"):
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for partial in remove_partial_saves(self.checkpoint_dir):
+                self.log(f"removed {partial}, left by a save that was killed mid-way")
+            if not resume:
+                self._set_aside_logs_of_unfinished_run()
+
+    def _set_aside_logs_of_unfinished_run(self) -> None:
+        """A fresh run under the name of one killed before its first checkpoint starts a new log.
+
+        Its ``metrics.jsonl`` and TensorBoard events move to ``*.unfinished`` (replacing older ones),
+        so the two runs' records are never interleaved and nothing is deleted.
+        """
+        for name in ("metrics.jsonl", "tensorboard"):
+            old = self.run_dir / name
+            if old.exists():
+                aside = self.run_dir / f"{name}.unfinished"
+                if aside.is_dir():
+                    shutil.rmtree(aside)
+                elif aside.exists():
+                    aside.unlink()
+                old.rename(aside)
+                self.log(f"{old} belongs to an earlier run that saved no checkpoint: moved to {aside}")
+
+    def _warn_about_padded_crops(self) -> None:
+        """Say once when even the largest random scale leaves images smaller than the crop (all padding)."""
+        for name, stream in self.recipe_class.streams.items():
+            key = _transforms_key(self.cfg, stream)
+            dataset = self.train_sets[name]
+            if len(dataset) == 0:
+                continue
+            size = dataset.image_size(0)
+            crop, largest = crop_and_largest_view(getattr(self.cfg.data, key) or [], size)
+            if crop is not None and (largest[0] < crop[0] or largest[1] < crop[1]):
+                self.log(
+                    f"warning: data.{key} crops {crop[0]}x{crop[1]} but the {name} images "
+                    f"({size[0]}x{size[1]}) are at most {largest[0]}x{largest[1]} after scaling: every crop is mostly "
+                    f"padding, which costs time and teaches nothing; set data.crop_size=[h,w] to at most "
+                    f"[{largest[0]},{largest[1]}]"
+                )
 
     def _loaders(self) -> dict[str, Iterator[dict[str, Any]]]:
         cfg = self.cfg
         loaders = {}
         for index, (name, stream) in enumerate(self.recipe_class.streams.items()):
-            spec = getattr(cfg.data, stream.transforms)
-            if stream.spec == "target" and stream.transforms == "train_transforms" and cfg.data.target_transforms is not None:
-                spec = cfg.data.target_transforms
+            spec = getattr(cfg.data, _transforms_key(cfg, stream))
             seed = cfg.seed * 1000 + index
             loader = build_train_loader(
                 self.train_sets[name],
-                _build_transform(spec),
+                build_transform(spec, self.classes.ignore_index),
                 cfg.data.batch_size,
                 cfg.data.num_workers,
                 seed=seed,
@@ -208,6 +272,7 @@ class Trainer:
         self.iteration = state["iteration"]
         self.consumed = dict(state["consumed"])
         self.best_score = state["best_score"]
+        self.saved_iteration = self.iteration
         rng_ranks = state.get("rng_ranks")
         if rng_ranks is not None and len(rng_ranks) == self.dist.world_size:
             set_rng_state(rng_ranks[self.dist.rank])
@@ -225,6 +290,8 @@ class Trainer:
         if self.is_main:
             atomic_save(state, self.checkpoint_dir / name)
         distributed.barrier()
+        if name == "last.pt":
+            self.saved_iteration = self.iteration
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.recipe.eval_model()
@@ -280,7 +347,7 @@ class Trainer:
             return None
         loader = build_eval_loader(
             self.val_set,
-            _build_transform(self.cfg.data.val_transforms),
+            build_transform(self.cfg.data.val_transforms, self.classes.ignore_index),
             self.cfg.data.val_batch_size,
             self.cfg.data.num_workers,
             rank=self.dist.rank,
@@ -289,27 +356,65 @@ class Trainer:
         return evaluate(self.eval_model(), loader, self.classes, self.cfg.eval, self.device)  # confusion summed over ranks
 
     def fit(self) -> dict[str, Any] | None:
-        """Train to ``train.iters``; returns the final evaluation (None without a validation set)."""
+        """Train to ``train.iters``; returns the final evaluation (None without a validation set).
+
+        ``last.pt`` is written before each evaluation, so an evaluation that fails loses no training;
+        a finished run only reports its final evaluation. Ctrl-C raises :class:`TrainingInterrupted`,
+        whose message says which iteration ``last.pt`` holds, if any.
+        """
         cfg = self.cfg.train
+        if self.iteration >= cfg.iters:
+            return self._report_finished()
         progress = Progress(cfg.iters, start=self.iteration, prefix=f"[{self.cfg.name}] ")
-        loaders = self._loaders()
         final: dict[str, Any] | None = None
-        while self.iteration < cfg.iters:
-            losses = self._step(loaders)
-            it = self.iteration
-            if it % cfg.log_every == 0 or it == cfg.iters:
-                losses = self._mean_over_ranks(losses)
-                if self.metrics_log is not None:
-                    self.metrics_log.write({"iter": it, **losses})
-                    progress.show(it, {k: v for k, v in losses.items() if not k.startswith("lr_")})
-            evaluate_now = it == cfg.iters or (cfg.eval_every and it % cfg.eval_every == 0)
-            if evaluate_now:
-                final = self._evaluate_and_log(it)
-            if evaluate_now or it == cfg.iters or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-                self.save("last.pt")
+        try:
+            loaders = self._loaders()
+            while self.iteration < cfg.iters:
+                losses = self._step(loaders)
+                it = self.iteration
+                progress.advance(it)  # the terminal bar moves every iteration (no-op in log files)
+                if it % cfg.log_every == 0 or it == cfg.iters:
+                    losses = self._mean_over_ranks(losses)
+                    if self.metrics_log is not None:
+                        self.metrics_log.write({"iter": it, **losses})
+                        progress.show(it, {k: v for k, v in losses.items() if not k.startswith("lr_")})
+                evaluate_now = it == cfg.iters or (cfg.eval_every and it % cfg.eval_every == 0)
+                if evaluate_now or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
+                    self.save("last.pt")
+                if evaluate_now:
+                    final = self._evaluate_and_log(it)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted_message()) from None
+        finally:
+            progress.close()  # a message after the bar starts on a line of its own
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+        return final
+
+    def _interrupted_message(self) -> str:
+        where = f"interrupted at iteration {self.iteration} of {self.cfg.train.iters}"
+        if self.saved_iteration is None:
+            every = self.cfg.train.checkpoint_every
+            when = f"every {every} iterations" if every else "at evaluations and at the end (train.checkpoint_every=0)"
+            return (
+                f"{where}; no checkpoint was written yet (they are written {when}), so nothing can be resumed: "
+                "run the same command again to start over"
+            )
+        return (
+            f"{where}; {self.checkpoint_dir / 'last.pt'} holds iteration {self.saved_iteration}: "
+            f"continue with `segadapt train {self.run_dir}`"
+        )
+
+    def _report_finished(self) -> dict[str, Any] | None:
+        """A finished run: say so, and give its final evaluation (logged if the first attempt failed)."""
+        self.log(f"{self.run_dir} is finished (iteration {self.iteration} of {self.cfg.train.iters}); evaluating last.pt")
+        scores = self.evaluate()
+        logged = any(r.get("iter") == self.iteration and "val/miou" in r for r in read_metrics(self.run_dir))
+        if scores is not None and self.metrics_log is not None and not logged:
+            self.metrics_log.write({"iter": self.iteration, **{f"val/{k}": v for k, v in scores["flat"].items()}})
         if self.metrics_log is not None:
             self.metrics_log.close()
-        return final
+        return scores
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """The logged losses: means over all ranks' batches (the same keys on every rank)."""
@@ -329,4 +434,5 @@ class Trainer:
         if scores["flat"]["miou"] > self.best_score:
             self.best_score = scores["flat"]["miou"]
             self.save("best.pt")  # best-on-validation: reported beside the last iteration, labelled as such
+            self.save("last.pt")  # again, so that a resumed run knows the best score it has to beat
         return scores

@@ -3,7 +3,7 @@ tables and pseudo-label quality. See each module's docstring for the definitions
 
 Examples:
     >>> import torch
-    >>> cm = ConfusionMatrix(19)
+    >>> cm = ConfusionMatrix(19, ignore_index=255)
     >>> cm.update(torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, 4, 4, dtype=torch.long))
     >>> compute_scores(cm).miou, scores_for_protocol(cm, 16).miou
     (1.0, 1.0)

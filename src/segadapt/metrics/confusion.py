@@ -13,7 +13,7 @@ is undefined (NaN) for every class without ground-truth pixels, even when it was
 that torchmetrics' macro accuracy scores such a class as 0 instead.
 
 Examples:
-    >>> cm = ConfusionMatrix(num_classes=3)
+    >>> cm = ConfusionMatrix(num_classes=3, ignore_index=255)
     >>> cm.update(torch.tensor([[0, 1], [2, 2]]), torch.tensor([[0, 1], [2, 255]]))
     >>> compute_scores(cm).miou
     1.0
@@ -75,17 +75,17 @@ class ConfusionMatrix:
     so evaluation on GPU never copies predictions to the host.
 
     Examples:
-        >>> cm = ConfusionMatrix(2)
+        >>> cm = ConfusionMatrix(2, ignore_index=255)
         >>> cm.update(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
         >>> cm.matrix.tolist()
         [[1, 1], [0, 1]]
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device | str | None = None) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is a class id (num_classes={num_classes}); use 255")
+            raise ValueError(f"ignore_index {ignore_index} is a class id (num_classes={num_classes}); use a value outside 0..{num_classes - 1}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self._follow_inputs = device is None

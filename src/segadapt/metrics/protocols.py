@@ -31,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -53,11 +54,11 @@ class Protocol:
     def class_names(self) -> tuple[str, ...]:
         return tuple(CITYSCAPES_CLASSES.names[i] for i in self.train_ids)
 
-    def to_compact(self, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    def to_compact(self, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Map 19-class train ids to this protocol's compact ids 0..K-1; dropped classes -> ignore.
 
         Examples:
-            >>> get_protocol(16).to_compact(torch.tensor([0, 9, 10, 255])).tolist()
+            >>> get_protocol(16).to_compact(torch.tensor([0, 9, 10, 255]), ignore_index=255).tolist()
             [0, 255, 9, 255]
         """
         table = torch.full((256,), ignore_index, dtype=torch.long, device=labels.device)
@@ -84,14 +85,35 @@ def get_protocol(key: int | str | Protocol) -> Protocol:
     return PROTOCOLS[int(digits)]
 
 
-def protocol_indices(protocol: int | str | Protocol, num_classes: int) -> list[int]:
-    """Positions of ``protocol``'s classes in a ``num_classes``-class label space (19 or compact).
+def protocol_indices(protocol: int | str | Protocol, label_space: int | Sequence[str]) -> list[int]:
+    """Positions of ``protocol``'s classes in a label space.
+
+    ``label_space`` is the space's class names (what the engine passes: a protocol applies to any
+    label space holding its Cityscapes classes, by name), or only its size, read as the 19-class
+    Cityscapes space or a compact protocol space (19, 16 or 13 classes).
 
     Raises:
-        ValueError: the label space is not one of the protocols', or lacks one of the classes
-            (e.g. the 19-class protocol on a 16-class model).
+        ValueError: the label space lacks one of the protocol's classes (e.g. the 19-class protocol
+            on a 16-class model, or any protocol on data that is not Cityscapes-labelled).
+
+    Examples:
+        >>> protocol_indices(13, ("car", "road", "sidewalk"))
+        Traceback (most recent call last):
+        ...
+        ValueError: protocol mIoU13 needs Cityscapes classes that this 3-class label space lacks (building, traffic light, traffic sign, ...); it applies to Cityscapes-labelled data only
     """
     protocol = get_protocol(protocol)
+    if not isinstance(label_space, int):
+        names = tuple(label_space)
+        missing = [name for name in protocol.class_names if name not in names]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"protocol {protocol.name} needs Cityscapes classes that this {len(names)}-class label space lacks "
+                f"({shown}); it applies to Cityscapes-labelled data only"
+            )
+        return [names.index(name) for name in protocol.class_names]
+    num_classes = label_space
     space = PROTOCOLS.get(num_classes)
     if space is None:
         raise ValueError(
@@ -111,20 +133,22 @@ def scores_for_protocol(
     matrix: ConfusionMatrix | torch.Tensor,
     protocol: int | str | Protocol,
     absent_as_zero: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> SegScores:
     """Scores restricted to ``protocol``'s classes (see the module docstring for the two spaces).
 
     Per-class IoU and accuracy are those of the full matrix, taken at the protocol's classes;
     ``miou`` and ``mpa`` are their means; ``pixel_accuracy`` counts ground-truth pixels of the
-    protocol's classes only.
+    protocol's classes only. ``class_names`` names the matrix's classes (see :func:`protocol_indices`);
+    without it the matrix size says which space it is.
 
     Examples:
-        >>> scores_for_protocol(ConfusionMatrix(19), 16).class_names[-1]
+        >>> scores_for_protocol(ConfusionMatrix(19, ignore_index=255), 16).class_names[-1]
         'bicycle'
     """
     protocol = get_protocol(protocol)
     counts = _as_matrix(matrix)
-    index = torch.tensor(protocol_indices(protocol, counts.shape[0]), dtype=torch.long)
+    index = torch.tensor(protocol_indices(protocol, counts.shape[0] if class_names is None else class_names), dtype=torch.long)
     iou = per_class_iou(counts, absent_as_zero)[index]
     accuracy = per_class_accuracy(counts, absent_as_zero)[index]
     ground_truth_pixels = counts.sum(dim=1)[index.to(counts.device)].sum()

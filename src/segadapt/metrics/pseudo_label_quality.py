@@ -14,7 +14,7 @@ Definitions (the papers give no formulas; these are the assumptions):
   distribution** every pixel with valid ground truth.
 
 Examples:
-    >>> stats = pseudo_label_stats(torch.tensor([[0, 255], [1, 1]]), torch.tensor([[0, 0], [1, 0]]), 2)
+    >>> stats = pseudo_label_stats(torch.tensor([[0, 255], [1, 1]]), torch.tensor([[0, 0], [1, 0]]), 2, ignore_index=255)
     >>> stats.density, stats.accuracy
     (0.75, 0.6666666666666666)
 """
@@ -37,7 +37,7 @@ class PseudoLabelStats:
     labels come from :func:`~segadapt.metrics.compute_scores`.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confusion = ConfusionMatrix(num_classes, ignore_index)
@@ -154,7 +154,7 @@ class PseudoLabelStats:
 
 
 def pseudo_label_stats(
-    pseudo: torch.Tensor, target: torch.Tensor | None, num_classes: int, ignore_index: int = 255
+    pseudo: torch.Tensor, target: torch.Tensor | None, num_classes: int, ignore_index: int
 ) -> PseudoLabelStats:
     """Statistics of one batch of pseudo labels; ``merge`` or ``update`` them to accumulate."""
     stats = PseudoLabelStats(num_classes, ignore_index)

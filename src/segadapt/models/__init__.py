@@ -12,13 +12,12 @@ See docs/models.md.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import ConfigError, SegadaptError
+from ..errors import ConfigError, SegadaptError, did_you_mean
 from .base import InputNormalizer, Normalization, SegOutput
 from .deeplabv2 import DeepLabV2, DeepLabV2ProDA, check_num_classes, deeplabv2_output_size
 from .pspnet import PSPNet50, pspnet_output_size
@@ -38,16 +37,11 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def model_options(name: str) -> list[str]:
     """The keyword options a model accepts besides ``num_classes`` (``model.options`` keys)."""
     if name not in MODELS:
         choices = ", ".join(available_models())
-        raise ConfigError(f"unknown model.name {name!r}; available: {choices}{_did_you_mean(name, list(MODELS))}")
+        raise ConfigError(f"unknown model.name {name!r}; available: {choices}{did_you_mean(name, MODELS)}")
     parameters = inspect.signature(MODELS[name]).parameters
     return [parameter for parameter in parameters if parameter != "num_classes"]
 
@@ -74,7 +68,7 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
         if option not in valid:
             raise ConfigError(
                 f"model.options.{option} is not an option of model {name!r}; its options are"
-                f" {', '.join(valid)}{_did_you_mean(option, valid)}"
+                f" {', '.join(valid)}{did_you_mean(option, valid)}"
             )
     try:
         return MODELS[name](num_classes, **options)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ...errors import ConfigError
+from ...config import RunConfig
+from ...errors import ConfigError, did_you_mean
 from .adversarial import AdversarialWarmup
-from .base import Recipe, Stream
+from .base import Recipe, Stream, parse_options
 from .bicl import BiCL
 from .cpsl import CPSL
 from .dacs import DACS
@@ -16,9 +17,20 @@ RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle
 
 
 def recipe_class(name: str) -> type[Recipe]:
+    """The recipe registered as ``name``; a ConfigError naming the closest one otherwise."""
     if name not in RECIPES:
-        raise ConfigError(f"recipe: unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+        raise ConfigError(f"recipe: unknown recipe {name!r}{did_you_mean(name, RECIPES)} (recipes: {', '.join(sorted(RECIPES))})")
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "Recipe", "Stream", "recipe_class"]
+def check_recipe_config(cfg: RunConfig) -> None:
+    """Check ``recipe`` and the ``method`` section against the recipe's options.
+
+    config.py cannot know the recipes' option schemas (it must not import the engine); the trainer
+    and ``segadapt rounds`` (for every round, up front) call this before a run directory exists.
+    """
+    cls = recipe_class(cfg.recipe)
+    parse_options(cls.Options, cfg.method, cls.name)
+
+
+__all__ = ["RECIPES", "Recipe", "Stream", "check_recipe_config", "recipe_class"]

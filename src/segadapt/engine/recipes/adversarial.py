@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ...data.classes import ClassInfo
 from ...config import RunConfig
 from ...errors import DataError
 from ..losses import upsample_logits
@@ -107,10 +108,10 @@ class AdversarialWarmup(Recipe):
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = AdversarialOptions
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
-        super().__init__(cfg, model, seg_loss, num_classes)
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
         options = self.options
-        self.discriminator = FCDiscriminator(num_classes, options.disc_channels)
+        self.discriminator = FCDiscriminator(self.num_classes, options.disc_channels)
         self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=options.disc_lr, betas=options.disc_betas)
         self._pending: list[torch.Tensor] = []  # discriminator losses of the micro-batches of this step
 

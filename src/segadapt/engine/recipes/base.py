@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from ...config import RunConfig, validate
+from ...data.classes import ClassInfo
 from ..losses import SegLoss
 
 
@@ -55,12 +56,15 @@ class Recipe(nn.Module, abc.ABC):
     """True: under torchrun every process runs :meth:`prepare` at once and shares its work (pseudo
     labels); False: rank 0 prepares alone and the others then reuse what it wrote."""
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: SegLoss, num_classes: int) -> None:
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: SegLoss, classes: ClassInfo) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.seg_loss = seg_loss
-        self.num_classes = num_classes
+        self.classes = classes
+        self.num_classes = classes.num_classes
+        self.ignore_index = classes.ignore_index
+        """The label value of unlabelled pixels: the dataset's, never a constant (a folder dataset may use any of K..255)."""
         self.options = parse_options(self.Options, cfg.method, self.name)
 
     @classmethod

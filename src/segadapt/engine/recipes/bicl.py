@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from ...config import RunConfig
-from ...data.classes import IGNORE_INDEX
+from ...data.classes import ClassInfo
 from ...data.transforms import replay_geometric, resize
 from ...errors import ConfigError, DataError
 from ...methods.bicl import (
@@ -197,14 +197,14 @@ class BiCL(Recipe):
                 atomic_save({"occurrence": table, "names": list(dataset.names)}, path)
         return cfg
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
-        super().__init__(cfg, model, seg_loss, num_classes)
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
         dim = getattr(model, "feature_dim", None)
         if dim is None:
             raise ConfigError(f"recipe bicl needs a model with a feature map (feature_dim); {cfg.model.name} has none")
         options = self.options
-        self.source_memory = PrototypeMemory(num_classes, dim, options.momentum)
-        self.target_memory = PrototypeMemory(num_classes, dim, options.momentum)
+        self.source_memory = PrototypeMemory(self.num_classes, dim, options.momentum, self.ignore_index)
+        self.target_memory = PrototypeMemory(self.num_classes, dim, options.momentum, self.ignore_index)
         self._truth, self._truth_index = self._ground_truth(cfg)
 
     @staticmethod
@@ -247,14 +247,14 @@ class BiCL(Recipe):
             both = available & self.target_memory.initialized
             biases = domain_biases(self.source_memory.prototypes, self.target_memory.prototypes, both)
         dynamic, _ = dynamic_pseudo_labels(
-            features, self.source_memory.prototypes, options.temperature, options.threshold, biases, available
+            features, self.source_memory.prototypes, options.temperature, options.threshold, biases, available, self.ignore_index
         )
         dynamic = resize_labels(dynamic, size)
         inside = image_content_mask(target.get("replay", []), dynamic.shape[0], size, dynamic.device)
-        dynamic = dynamic.masked_fill(~inside, IGNORE_INDEX)
+        dynamic = dynamic.masked_fill(~inside, self.ignore_index)
         if options.labels == "dynamic":
             return dynamic
-        return hybrid_pseudo_labels(target["label"], dynamic, options.hybrid_conflict)
+        return hybrid_pseudo_labels(target["label"], dynamic, options.hybrid_conflict, self.ignore_index)
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         self.seg_loss.set_iteration(iteration)
@@ -311,7 +311,7 @@ class BiCL(Recipe):
                 f"target ground truth {tuple(truth.shape)} does not match the crop {tuple(labels.shape)}; "
                 "the target split's labels and images differ in size"
             )
-        stats = pseudo_label_stats(labels, truth, self.num_classes)
+        stats = pseudo_label_stats(labels, truth, self.num_classes, self.ignore_index)
         if np.isnan(stats.density):  # no pixel with ground truth in this batch
             return {}
         out = {"label_density": torch.tensor(stats.density)}

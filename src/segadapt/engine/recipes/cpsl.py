@@ -59,7 +59,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ...config import RunConfig
-from ...data.classes import IGNORE_INDEX
+from ...data.classes import ClassInfo
+from ...progress import progress
 from ...data.transforms import resize, strong_augment, valid_mask
 from ...errors import ConfigError, DataError
 from ...methods.cpsl import (
@@ -184,7 +185,7 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     log(f"cpsl: prototypes and class distribution of {len(dataset)} target images from {cfg.model.checkpoint}")
     accumulator: PrototypeAccumulator | None = None
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    for batch in loader:
+    for batch in progress(loader, desc="cpsl: warm-up statistics", unit="batch"):
         images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
         for image in images:  # one at a time: the target images may differ in size
             image = image[None].to(device)
@@ -249,8 +250,9 @@ class CPSL(Recipe):
         atomic_save(warmup_statistics(cfg, log), path)
         return cfg
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
-        super().__init__(cfg, model, seg_loss, num_classes)
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
+        num_classes = self.num_classes
         options = self.options
         _check_switches(options)
         path = cfg.run_dir / INIT_FILE
@@ -361,13 +363,13 @@ class CPSL(Recipe):
         if self.head is not None:
             momentum_head = self.ema_head.module if self.ema_head is not None else self.head
             with torch.no_grad():
-                labels = rectify_pseudo_labels(soft, momentum_head(teacher.features), options.tau)  # Eq. 1
+                labels = rectify_pseudo_labels(soft, momentum_head(teacher.features), options.tau, self.ignore_index)  # Eq. 1
             loss_sl = self._self_labeling_loss(labels, teacher.features, student.features)
             if options.self_training:
                 changed = (labels != soft.argmax(dim=1)) & inside
                 losses["rectified_fraction"] = changed.sum() / inside.sum().clamp_min(1)
         else:  # 'w/o SL': plain self-training on the warm-up's soft labels
-            labels = soft.argmax(dim=1).masked_fill(~inside, IGNORE_INDEX)
+            labels = soft.argmax(dim=1).masked_fill(~inside, self.ignore_index)
             loss_sl = student.logits.new_zeros(())
         loss_target = self.seg_loss(student.logits, labels)  # Eq. 2
         loss_reg = symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
@@ -391,7 +393,9 @@ class CPSL(Recipe):
                 f"method.pixels_per_image={options.pixels_per_image} exceeds the {pixels_on_grid} pixels of the network's "
                 f"{tuple(labels.shape[1:])} output grid for these crops; lower it or use larger crops"
             )
-        indices = sample_pixels(labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced)
+        indices = sample_pixels(
+            labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced, ignore_index=self.ignore_index
+        )
         features = momentum_features if options.sl_through_ema_features_only else student_features
         pixels = gather_pixel_features(features, indices).flatten(0, 1).float()
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
@@ -400,5 +404,5 @@ class CPSL(Recipe):
         )
         # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
         self.bank.enqueue(all_gather_cat(pixels.detach()))
-        self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes)[None]).sum(0))
+        self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes, self.ignore_index)[None]).sum(0))
         return loss

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ...config import RunConfig
-from ...data.classes import IGNORE_INDEX
+from ...data.classes import ClassInfo
 from ...data.transforms import classmix_masks, mix, strong_augment, valid_mask
 from ...methods.ema import ModelEMA
 from ..losses import upsample_logits
@@ -66,8 +66,8 @@ class DACS(Recipe):
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = DACSOptions
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
-        super().__init__(cfg, model, seg_loss, num_classes)
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
         self.teacher = ModelEMA(model, self.options.ema_momentum)
 
     def train(self, mode: bool = True) -> "DACS":
@@ -87,7 +87,7 @@ class DACS(Recipe):
         """The teacher's hard labels ``[N, H, W]`` and DACS's pseudo-label weight (the batch's, per image ``[N]``)."""
         probs = torch.softmax(upsample_logits(self.teacher(images).logits.float(), tuple(images.shape[-2:])), dim=1)
         confidence, labels = probs.max(dim=1)
-        labels = labels.masked_fill(~inside, IGNORE_INDEX)
+        labels = labels.masked_fill(~inside, self.ignore_index)
         # DACS's code: one number for the batch, the share of its pixels above the threshold
         share = (confidence.ge(self.options.pseudo_threshold) & inside).float().mean()
         return labels, share.expand(images.shape[0])
@@ -100,7 +100,7 @@ class DACS(Recipe):
         images = target["image"]
         inside = image_content_mask(target.get("replay", []), images.shape[0], tuple(images.shape[-2:]), images.device)
         labels, image_weight = self.pseudo_labels(images, inside)
-        masks = classmix_masks(source["label"])
+        masks = classmix_masks(source["label"], ignore_index=self.ignore_index)
         mixed_images = mix(masks, source["image"], images)
         mixed_labels = mix(masks, source["label"], labels)
         weight = mix(masks, torch.ones_like(labels, dtype=torch.float32), image_weight.view(-1, 1, 1).expand_as(labels).float())

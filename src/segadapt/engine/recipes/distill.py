@@ -43,8 +43,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ...config import RunConfig
-from ...data.classes import IGNORE_INDEX
+from ...config import PATH, RunConfig
+from ...data.classes import ClassInfo
 from ...data.transforms import strong_augment
 from ...errors import ConfigError
 from ...methods.bicl import self_distillation_loss
@@ -55,7 +55,7 @@ from .bicl import baseline_losses
 from .cpsl import STRONG_BLUR_P, STRONG_BLUR_SIGMA, STRONG_JITTER, STRONG_JITTER_P, _padding_free
 
 
-def attach_teacher(recipe: Recipe, cfg: RunConfig, num_classes: int, hint: str) -> None:
+def attach_teacher(recipe: Recipe, cfg: RunConfig, hint: str) -> None:
     """Load ``method.teacher`` frozen, in eval mode, as ``recipe.teacher`` (not a submodule).
 
     Not a submodule: the frozen teacher is reloaded from ``method.teacher`` on every start, stays
@@ -67,8 +67,8 @@ def attach_teacher(recipe: Recipe, cfg: RunConfig, num_classes: int, hint: str) 
     if path is None:
         raise ConfigError(f"recipe {recipe.name} distils an adapted model: set method.teacher={hint}")
     teacher, classes = load_trained_model(path, cfg)
-    if classes is not None and classes.num_classes != num_classes:
-        raise ConfigError(f"method.teacher {path} predicts {classes.num_classes} classes but the data has {num_classes}")
+    if classes is not None and classes.num_classes != recipe.num_classes:
+        raise ConfigError(f"method.teacher {path} predicts {classes.num_classes} classes but the data has {recipe.num_classes}")
     object.__setattr__(recipe, "teacher", teacher.eval().requires_grad_(False))
 
 
@@ -86,7 +86,9 @@ class DistillOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    teacher: str | None = Field(None, description="checkpoint of the adapted model to distil (CPSL stage 1, or stage 2)")
+    teacher: str | None = Field(
+        None, description="checkpoint of the adapted model to distil (CPSL stage 1, or stage 2)", json_schema_extra=PATH
+    )
     confidence_threshold: float = Field(0.95, ge=0, le=1, description="teacher labels kept where confidence > this")
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) (--distillation)")
     source_weight: float = Field(1.0, ge=0, description="weight of the source cross-entropy")
@@ -100,9 +102,9 @@ class CPSLDistill(Recipe):
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = DistillOptions
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
-        super().__init__(cfg, model, seg_loss, num_classes)
-        attach_teacher(self, cfg, num_classes, "runs/<cpsl run>/checkpoints/last.pt (stage 3: the stage-2 distillation run's checkpoint)")
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
+        attach_teacher(self, cfg, "runs/<cpsl run>/checkpoints/last.pt (stage 3: the stage-2 distillation run's checkpoint)")
 
     def _teacher_logits(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return teacher_logits(self.teacher, images, grid)
@@ -123,14 +125,16 @@ class CPSLDistill(Recipe):
         view_teacher = self._teacher_logits(view, grid) if options.strong_augmentation else weak_teacher
         confidence, labels = torch.softmax(weak_teacher, dim=1).max(dim=1)
         inside = _padding_free(target.get("replay", []), weak.shape[0], grid, weak.device)
-        labels = labels.masked_fill(~inside, IGNORE_INDEX)
-        parts = distillation_loss(student_logits, view_teacher, labels, confidence, options.confidence_threshold, options.kl_weight)
+        labels = labels.masked_fill(~inside, self.ignore_index)
+        parts = distillation_loss(
+            student_logits, view_teacher, labels, confidence, options.confidence_threshold, options.kl_weight, self.ignore_index
+        )
         return {
             "loss": options.source_weight * loss_source + parts.total,
             "loss_source": loss_source.detach(),
             "loss_target": parts.cross_entropy.detach(),
             "loss_kd": parts.kl_divergence.detach(),
-            "label_density": ((labels != IGNORE_INDEX) & (confidence > options.confidence_threshold)).float().mean(),
+            "label_density": ((labels != self.ignore_index) & (confidence > options.confidence_threshold)).float().mean(),
         }
 
 
@@ -139,7 +143,7 @@ class BiCLDistillOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    teacher: str | None = Field(None, description="checkpoint of the final BiCL model to distil")
+    teacher: str | None = Field(None, description="checkpoint of the final BiCL model to distil", json_schema_extra=PATH)
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(q_t || q_s) (supplement Eq. 2: 1)")
     lambda_seg_source: float = Field(1.0, ge=0, description="lambda_seg^S of L_base")
     lambda_seg_target: float = Field(1.0, ge=0, description="lambda_seg^T of L_base (on the teacher's CBST labels)")
@@ -186,9 +190,9 @@ class BiCLDistill(Recipe):
             raise ConfigError(f"recipe {cls.name} distils an adapted model: set method.teacher=runs/<bicl run>/checkpoints/last.pt")
         return with_generated_labels(cfg, options.teacher, run_dir, log)
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, num_classes: int) -> None:
-        super().__init__(cfg, model, seg_loss, num_classes)
-        attach_teacher(self, cfg, num_classes, "runs/<bicl run>/checkpoints/last.pt")
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
+        attach_teacher(self, cfg, "runs/<bicl run>/checkpoints/last.pt")
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
