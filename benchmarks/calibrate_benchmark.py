@@ -12,8 +12,8 @@ on ``target/train`` with class-wise confident pseudo labels (CBST-style: per cla
 pixels above that class's 50th confidence percentile), to check that the shift is
 bridgeable, i.e. that self-training gains over source-only.
 
-DESIGN.md asks for source-only at roughly 25-45 mIoU, the oracle at 75 or more, and several
-tail classes near zero for source-only. Usage::
+The calibration targets (docs/datasets/benchmark.md, "Calibration") are source-only at roughly
+25-45 mIoU, the oracle at 75 or more, and several tail classes near zero for source-only. Usage::
 
     python benchmarks/calibrate_benchmark.py --root /tmp/bench --iters 500 --threads 2
     python benchmarks/calibrate_benchmark.py --root /tmp/bench --iters 500 --self-train 300 --json out.json

@@ -28,7 +28,7 @@ import json, resource, sys, time
 import torch
 from segadapt.config import load_config
 from segadapt.data.classes import CITYSCAPES_CLASSES
-from segadapt.engine.pseudo_label import generate_pseudo_labels
+from segadapt.engine.pseudo_labelling import generate_pseudo_labels
 from segadapt.models import create_model
 
 count, height, width, out, soft, threads = sys.argv[1:7]

@@ -1,10 +1,10 @@
 """Time :func:`segadapt.methods.cpsl.sinkhorn` (log domain) against the authors' linear-domain Sinkhorn.
 
-The problem is CPSL's (paper 001, Sec. 3.2 and 4.1): a full memory bank of 65,536 pixel features
+The problem is CPSL's (CPSL Sec. 3.2 and 4.1): a full memory bank of 65,536 pixel features
 plus one batch (4 images x 512 pixels = 2,048), scored against 19 class prototypes (cosines in
 ``[-1, 1]``), epsilon 0.05, 3 iterations, with the shipped Cityscapes class marginal. The plain
-formulation is the reference's (REFERENCE_NOTES.md 1.3 item 9): ``exp(scores / eps)`` then
-alternating row and column rescaling. It is faster but overflows in float32 once
+formulation is the reference's (docs/reference_code.md, "CPSL: Sinkhorn"): ``exp(scores / eps)``
+then alternating row and column rescaling. It is faster but overflows in float32 once
 ``max|score| / eps > 88`` (e.g. eps 0.01 with cosines near 1), which the script also reports.
 
 Not run by the tests. Usage::
@@ -30,7 +30,7 @@ import torch
 
 from segadapt.methods.cpsl import class_marginal_error, sinkhorn
 
-# CPSL's shipped warm-up class distribution (REFERENCE_NOTES.md 1.1 step 3)
+# CPSL's shipped warm-up class distribution (docs/reference_code.md, "CPSL: class distribution")
 CITYSCAPES_R = [
     0.37922, 0.049299, 0.226651, 0.015507, 0.017205, 0.014027, 0.002186, 0.002213, 0.133376, 0.024243,
     0.043411, 0.013146, 0.001615, 0.066048, 0.004075, 0.002789, 0.001847, 0.001229, 0.001912,

@@ -10,13 +10,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from segadapt.data import benchmark
 from segadapt.data.benchmark import (
     GENERATOR_VERSION,
     SIZES,
     SPLITS,
     default_benchmark_dir,
+    domains,  # a module: the tests read its _DOMAINS
     ensure_benchmark,
+    generate,  # a module: the tests patch the functions ensure_benchmark calls
     generate_benchmark,
     generate_sample,
     is_complete,
@@ -140,7 +141,7 @@ def default_size_shares() -> dict[str, np.ndarray]:
     """Class shares of 60 default-size layouts per domain (layout only: no rendering, fast)."""
     size = SIZES["default"]
     shares = {}
-    for domain, (prior, _) in benchmark._DOMAINS.items():
+    for domain, (prior, _) in domains._DOMAINS.items():
         histogram = np.zeros(256)
         for index in range(60):
             canvas = sample_scene(size.height, size.width, prior, sample_rng(0, domain, "train", index))
@@ -209,7 +210,7 @@ def test_ensure_reuses_a_complete_copy(tiny: Path, monkeypatch: pytest.MonkeyPat
     def fail(*args, **kwargs):
         raise AssertionError("regenerated a complete benchmark")
 
-    monkeypatch.setattr(benchmark, "generate_benchmark", fail)
+    monkeypatch.setattr(generate, "generate_benchmark", fail)  # what ensure_benchmark calls
     assert ensure_benchmark(tiny, seed=0, size="tiny") == tiny
 
 
@@ -234,7 +235,7 @@ def test_ensure_regenerates_a_partial_or_outdated_copy(tiny: Path, tmp_path: Pat
 
 def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = benchmark._write_sample
+    original = generate._write_sample
 
     def crash_after_three(job):
         calls.append(job)
@@ -242,7 +243,7 @@ def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path: Pat
             raise KeyboardInterrupt
         return original(job)
 
-    monkeypatch.setattr(benchmark, "_write_sample", crash_after_three)
+    monkeypatch.setattr(generate, "_write_sample", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         ensure_benchmark(tmp_path / "bench", seed=0, size="tiny")
     assert list(tmp_path.iterdir()) == []

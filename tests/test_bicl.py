@@ -165,7 +165,7 @@ def test_bicl_dynamic_trains_and_resumes_exactly(tmp_path: Path) -> None:
     saved = load_config(tmp_path / "resumed" / "config.yaml")
     assert saved.data.target.with_labels is False and saved.data.target.pseudo_labels is None
     # every recipe option is written out, defaults included, so a later default change cannot alter the run
-    assert saved.method["labels"] == "dynamic" and saved.method["momentum"] == 0.999 and saved.method["weighted_sampling"] is True
+    assert saved.method["labels"] == "dynamic" and saved.method["prototype_momentum"] == 0.999 and saved.method["weighted_sampling"] is True
 
 
 def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:
@@ -219,7 +219,7 @@ def test_bicl_distill_minimises_eq2_with_the_teachers_cbst_labels(tmp_path: Path
     trainer = Trainer(config)
     batches = {k: next(loader) for k, loader in trainer._loaders().items()}
     recipe = trainer.recipe.train()
-    assert recipe.teacher.training is False
+    assert recipe.teacher.network.training is False
     losses = recipe.training_step(batches, 0)
     source, target = batches["source"], batches["target"]
     with torch.no_grad():

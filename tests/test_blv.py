@@ -1,4 +1,7 @@
-"""BLV (CVPR 2023 supplement, Alg. 1): offsets, logit variation, sigma schedule, loss, class counts."""
+"""BLV (CVPR 2023 supplement, Alg. 1): offsets, logit variation, sigma schedule, class counts.
+
+The loss itself is the engine's ``loss.name: blv`` (BLVSegLoss), tested in test_blv_engine.py.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +15,15 @@ import torch.nn.functional as F
 from data_fixtures import make_folder
 from segadapt.data.folder import FolderDataset
 from segadapt.errors import DataError
+from segadapt.methods import blv
 from segadapt.methods.blv import (
-    BalancedLogitVariationLoss,
     ClassCounter,
     blv_logits,
     blv_offsets,
-    class_counts_from_labels,
     dataset_class_counts,
     sigma_schedule,
 )
+from segadapt.methods.common import class_pixel_counts
 
 # The list hard-coded in every *_blv.py config of grantword8/BLV (GTA5 pixel counts, REFERENCE_NOTES.md 5.1).
 REFERENCE_COUNTS = [16099193283, 4155428633, 8478285320, 925367586, 317481282, 531401266, 67288808, 40463971,
@@ -179,109 +182,39 @@ def test_sigma_schedule_errors(args, field):
         sigma_schedule(*args)
 
 
-# -------------------------------------------------------------------------------------- loss
+# ------------------------------------------------------------------------ the loss's arithmetic
 
 
-@pytest.fixture
-def batch():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 4, 6, 6, generator=generator)
-    labels = torch.randint(0, 4, (2, 6, 6), generator=generator)
-    labels[0, :2] = 255
-    return logits, labels
+def test_cross_entropy_of_the_varied_logits_penalises_a_head_class_pixel():
+    # What BLVSegLoss computes in training: CE of blv_logits. Raising the tail logits makes a pixel of
+    # the most frequent class cost more than under plain CE; sigma 0 is plain CE.
+    counts, head = [1000, 200, 30, 1], torch.zeros(2, 6, 6, dtype=torch.long)
+    logits = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    plain = F.cross_entropy(logits, head)
+    varied = blv_logits(logits, blv_offsets(counts), 6.0, generator=torch.Generator().manual_seed(5))
+    assert F.cross_entropy(varied, head) > plain + 0.3
+    assert torch.equal(F.cross_entropy(blv_logits(logits, blv_offsets(counts), 0.0), head), plain)
 
 
-COUNTS = [1000, 200, 30, 1]
-
-
-def test_loss_with_zero_sigma_is_cross_entropy(batch):
-    logits, labels = batch
-    loss_fn = BalancedLogitVariationLoss(COUNTS, sigma=0.0).train()
-    torch.testing.assert_close(loss_fn(logits, labels), F.cross_entropy(logits, labels, ignore_index=255))
-
-
-def test_eval_mode_is_noise_free(batch):
-    logits, labels = batch
-    loss_fn = BalancedLogitVariationLoss(COUNTS, sigma=6.0).eval()
-    generator = torch.Generator().manual_seed(0)
-    state = generator.get_state()
-    loss = loss_fn(logits, labels, generator=generator)
-    assert torch.equal(loss, F.cross_entropy(logits, labels, ignore_index=255))
-    assert torch.equal(generator.get_state(), state)  # no noise drawn
-
-
-def test_training_loss_is_cross_entropy_of_the_varied_logits(batch):
-    logits, labels = batch
-    loss_fn = BalancedLogitVariationLoss(COUNTS, sigma=6.0)
-    assert loss_fn.training
-    loss = loss_fn(logits, labels, generator=torch.Generator().manual_seed(5))
-    varied = blv_logits(logits, blv_offsets(COUNTS), 6.0, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(loss, F.cross_entropy(varied, labels, ignore_index=255))
-    again = loss_fn(logits, labels, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(loss, again)
-    assert loss != F.cross_entropy(logits, labels, ignore_index=255)
-
-
-def test_low_resolution_logits_are_upsampled_before_the_noise(batch):
-    logits, labels = batch
-    small = logits[:, :, ::2, ::2].contiguous()
-    loss_fn = BalancedLogitVariationLoss(COUNTS, sigma=2.0)
-    loss = loss_fn(small, labels, generator=torch.Generator().manual_seed(1))
-    upsampled = F.interpolate(small, size=(6, 6), mode="bilinear", align_corners=False)
-    varied = blv_logits(upsampled, blv_offsets(COUNTS), 2.0, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(loss, F.cross_entropy(varied, labels, ignore_index=255))
-
-
-def test_reductions_and_the_all_ignored_batch(batch):
-    logits, labels = batch
-    per_pixel = BalancedLogitVariationLoss(COUNTS, sigma=0.0, reduction="none")(logits, labels)
-    assert per_pixel.shape == labels.shape and (per_pixel[0, :2] == 0).all()
-    total = BalancedLogitVariationLoss(COUNTS, sigma=0.0, reduction="sum")(logits, labels)
-    torch.testing.assert_close(total, per_pixel.sum())
-    ignored = torch.full_like(labels, 255)
-    logits = logits.clone().requires_grad_(True)
-    loss = BalancedLogitVariationLoss(COUNTS)(logits, ignored)
-    assert loss.item() == 0.0  # F.cross_entropy would give NaN
-    loss.backward()
-    assert torch.equal(logits.grad, torch.zeros_like(logits))
-
-
-def test_offsets_are_a_buffer_and_can_be_replaced():
-    loss_fn = BalancedLogitVariationLoss(COUNTS, sigma=4.0)
-    torch.testing.assert_close(loss_fn.state_dict()["offsets"], blv_offsets(COUNTS))
-    loss_fn.set_class_counts([1, 1, 1, 1])
-    assert loss_fn.offsets.tolist() == [1.0] * 4
-    with pytest.raises(ValueError, match="expected 4 class counts, got 3"):
-        loss_fn.set_class_counts([1, 2, 3])
-    assert "sigma=4.0, classes=4, ignore_index=255" in repr(loss_fn)
-
-
-def test_loss_errors(batch):
-    logits, labels = batch
-    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
-        BalancedLogitVariationLoss(COUNTS, reduction="avg")
-    with pytest.raises(ValueError, match="BLV sigma must be >= 0, got -2"):
-        BalancedLogitVariationLoss(COUNTS, sigma=-2)
-    loss_fn = BalancedLogitVariationLoss([1, 2, 3]).eval()
-    with pytest.raises(ValueError, match=r"logits \[N, 3, h, w\] .* got logits \(2, 4, 6, 6\) and labels \(2, 6, 6\)"):
-        loss_fn(logits, labels)  # caught in eval mode too, where no noise is added
+def test_there_is_one_blv_loss_the_engines():
+    assert not hasattr(blv, "BalancedLogitVariationLoss")  # loss.name: blv -> segadapt.engine.losses.BLVSegLoss
 
 
 # ------------------------------------------------------------------------------- class counts
 
 
-def test_class_counts_from_labels_skip_the_ignore_index():
+def test_class_counts_skip_the_ignore_index():
     labels = torch.tensor([[0, 2, 2, 255], [2, 255, 0, 2]])
-    counts = class_counts_from_labels(labels, num_classes=4)
+    counts = class_pixel_counts(labels, num_classes=4)
     assert counts.dtype == torch.int64 and counts.tolist() == [2, 0, 4, 0]
-    assert class_counts_from_labels(labels.clamp(max=3), 4, ignore_index=3).tolist() == [2, 0, 4, 0]
+    assert class_pixel_counts(labels.clamp(max=3), 4, ignore_index=3).tolist() == [2, 0, 4, 0]
 
 
 def test_unknown_label_ids_are_refused_with_the_fix():
     with pytest.raises(DataError, match=(
-        r"labels hold ids \[-1, 7\] outside the train ids 0..3 and the ignore index 255; map raw label ids"
+        r"labels hold ids \[-1, 7\] outside 0..3 that are not the ignore index 255; map raw label ids"
     )):
-        class_counts_from_labels(torch.tensor([0, 7, -1, 255, 7]), num_classes=4)
+        ClassCounter(num_classes=4).update(torch.tensor([0, 7, -1, 255, 7]))
 
 
 def test_class_counter_accumulates_and_is_saved_with_the_run():

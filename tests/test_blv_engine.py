@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segadapt.config import RunConfig, load_config
+from segadapt.config import RunConfig, SubsetSpec, load_config
 from segadapt.engine.builders import build_dataset_from_spec
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
 from segadapt.engine.losses import COUNTS_FILE, BLVSegLoss, CrossEntropySegLoss, blv_class_counts, build_seg_loss
+from segadapt.engine.run_cache import key_path
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 from segadapt.methods.blv import blv_logits, blv_offsets
@@ -100,10 +101,15 @@ def test_class_counts_from_source_labeled_pseudo_and_given(tmp_path: Path) -> No
     counts = blv_class_counts(cfg, 19)
     assert counts.tolist() == expected.double().tolist()
     cached = json.loads((cfg.run_dir / COUNTS_FILE).read_text())
-    assert cached["counts"] == counts.tolist() and cached["description"].startswith("source: ")
+    assert cached["counts"] == counts.tolist()
+    assert json.loads(key_path(cfg.run_dir / COUNTS_FILE).read_text())["loss.blv.class_counts"] == "source"
     cached["counts"][0] = 1.0  # a reused cache is read, not recounted
     (cfg.run_dir / COUNTS_FILE).write_text(json.dumps(cached))
     assert blv_class_counts(cfg, 19)[0] == 1.0
+    half = cfg.data.source.model_copy(update={"subset": SubsetSpec(ratio=0.5)})  # other data counted: recounted
+    lines: list[str] = []
+    recounted = blv_class_counts(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": half})}), 19, lines.append)
+    assert "changed: data.source" in lines[0] and recounted[0] != 1.0 and recounted.sum() < counts.sum()
 
     with pytest.raises(ConfigError, match=r"class_counts=labeled counts the labelled part .* use loss.blv.class_counts=source"):
         blv_class_counts(config(tmp_path, "l1", "loss.name=blv", "loss.blv.class_counts=labeled"), 19)

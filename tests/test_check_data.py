@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from data_fixtures import make_cityscapes, make_folder, make_gta5
 from segadapt.data import GTA5, check_dataset, check_folder_root, check_named_dataset, class_pixel_counts, format_report
+from segadapt.errors import DataError
 
 
 def numpy_counts(labels: list[np.ndarray], num_classes: int) -> tuple[np.ndarray, int]:
@@ -17,9 +20,22 @@ def numpy_counts(labels: list[np.ndarray], num_classes: int) -> tuple[np.ndarray
     return counts, int(stacked.size - counts.sum())
 
 
-def test_class_pixel_counts_ignores_values_outside_the_classes() -> None:
-    label = np.array([[0, 1, 1, 255], [2, 2, 2, 7]])
-    assert class_pixel_counts(label, 3).tolist() == [1, 2, 3]
+def test_the_one_pixel_counter_skips_ignore_and_refuses_out_of_range_ids_naming_them() -> None:
+    label = np.array([[0, 1, 1, 255], [2, 2, 2, 255]], dtype=np.uint8)
+    counts = class_pixel_counts(label, 3)  # numpy label maps as datasets load them; int64 on the CPU
+    assert counts.dtype == torch.int64 and counts.tolist() == [1, 2, 3]
+    assert torch.equal(class_pixel_counts(torch.from_numpy(label), 3), counts)  # tensors: the same counts
+    with pytest.raises(DataError, match=r"labels hold ids \[-1, 3, 7\] outside 0..2 that are not the ignore index 255; map raw"):
+        class_pixel_counts(np.array([[0, 7, 3], [-1, 255, 7]]), 3)  # never dropped silently
+    with pytest.raises(DataError, match=r"labels hold ids \[255\] outside 0..2 that are not the ignore index 0"):
+        class_pixel_counts(label, 3, ignore_index=0)  # 255 is only ignored when it is the ignore index
+    many = torch.arange(3, 20)
+    with pytest.raises(DataError, match=r"ids \[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, \.\.\.\]"):
+        class_pixel_counts(many, 3)
+    with pytest.raises(DataError, match="labels must hold integer class ids, got dtype torch.float32"):
+        class_pixel_counts(torch.zeros(2), 3)
+    with pytest.raises(DataError, match="labels must hold integer class ids, got dtype float64"):
+        class_pixel_counts(np.zeros(2), 3)
 
 
 def test_check_gta5_reports_every_problem_and_counts_pixels(tmp_path) -> None:

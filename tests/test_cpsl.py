@@ -11,13 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from segadapt.errors import ConfigError, DataError
+from segadapt.methods import cpsl
+from segadapt.methods.common import (
+    class_feature_means,
+    class_feature_sums,
+    class_pixel_counts,
+    pixel_entropy,
+    pixel_kl_divergence,
+)
 from segadapt.methods.cpsl import (
     ClassDistribution,
     MemoryBank,
     PrototypeAccumulator,
     SelfLabelingHead,
-    class_marginal_error,
-    class_pixel_counts,
     class_prototypes,
     cpsl_total_loss,
     distillation_loss,
@@ -26,11 +32,11 @@ from segadapt.methods.cpsl import (
     rectify_pseudo_labels,
     sample_pixels,
     self_labeling_loss,
-    sinkhorn,
     symmetric_kl_consistency,
 )
+from segadapt.methods.sinkhorn import class_marginal_error, normalized_marginal, sinkhorn
 
-PARITY = Path(__file__).resolve().parents[2] / "shared" / "parity" / "cpsl_sinkhorn.npz"
+PARITY = Path(__file__).parent / "fixtures" / "parity" / "cpsl_sinkhorn.npz"  # recorded from the authors' code
 # CPSL's shipped warm-up class distribution (REFERENCE_NOTES.md 1.1 step 3): road 38%, motorbike 0.12%
 CITYSCAPES_R = torch.tensor(
     [0.37922, 0.049299, 0.226651, 0.015507, 0.017205, 0.014027, 0.002186, 0.002213, 0.133376, 0.024243,
@@ -111,8 +117,6 @@ def test_sinkhorn_matches_the_linear_formulation_where_it_is_finite() -> None:
 
 @pytest.mark.parametrize("case", ["cb", "equal"])
 def test_sinkhorn_parity_with_authors_code(case: str) -> None:
-    if not PARITY.is_file():
-        pytest.skip(f"parity fixture {PARITY} not found: the shared/parity folder is not next to the project root")
     fixture = np.load(PARITY)
     scores, r, expected = (torch.from_numpy(fixture[f"{case}_{name}"]) for name in ("scores", "r", "Q"))
     epsilon, iterations = float(fixture["epsilon"]), int(fixture["iterations"])
@@ -431,3 +435,85 @@ def test_distillation_kl_matches_torch_reference_and_ce_uses_confident_labels() 
         distillation_loss(student, teacher, labels[:, 0])
     with pytest.raises(DataError, match=r"student \(2, 4, 3, 3\) and teacher \(2, 3, 3, 3\)"):
         distillation_loss(student, teacher[:, :3], labels)
+
+
+# --------------------------------------------------------------------------- shared pieces (methods/common.py, methods/sinkhorn.py)
+
+
+def test_cpsl_keeps_the_shared_names_importable_for_the_engine_and_benchmarks() -> None:
+    import segadapt.data
+    from segadapt.data import classes
+
+    assert cpsl.sinkhorn is sinkhorn and cpsl.class_marginal_error is class_marginal_error
+    assert cpsl.class_pixel_counts is class_pixel_counts is classes.class_pixel_counts is segadapt.data.class_pixel_counts
+    assert cpsl.class_pixel_counts(torch.tensor([[0, 0, 0, 1, 255]]), 2).tolist() == [3, 1]  # the recipe's call
+    assert normalized_marginal(torch.tensor([2.0, 6.0]), 2, torch.zeros(1)).tolist() == [0.25, 0.75]
+
+
+def _old_cpsl_prototype_parts(features: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PrototypeAccumulator.update before the refactor (hard labels)."""
+    pixels = F.normalize(features.double(), dim=1).permute(0, 2, 3, 1)
+    valid = labels != 255
+    sums = torch.zeros(k, features.shape[1], dtype=torch.float64).index_add_(0, labels[valid], pixels[valid])
+    return sums, torch.bincount(labels[valid], minlength=k).double()
+
+
+def test_class_feature_sums_keep_each_callers_arithmetic_bit_for_bit() -> None:
+    from segadapt.methods.bicl import class_means
+
+    generator = torch.Generator().manual_seed(21)
+    features = torch.randn(2, 64, 5, 7, generator=generator) * 3
+    labels = torch.randint(0, 6, (2, 5, 7), generator=generator)
+    labels[0, 0] = 255
+    labels[labels == 4] = 3  # class 4 absent: zero prototype
+
+    # CPSL Eq. 7: the map normalised in float64, then the labelled pixels summed
+    old_sums, old_counts = _old_cpsl_prototype_parts(features, labels, 6)
+    sums, counts = class_feature_sums(features, labels, 6)
+    assert torch.equal(sums, old_sums) and counts.dtype == torch.int64 and torch.equal(counts.double(), old_counts)
+    old_prototypes = (old_sums / old_counts.clamp_min(1e-12).unsqueeze(1)).float()
+    assert torch.equal(class_prototypes(features, labels, 6), old_prototypes)
+    accumulator = PrototypeAccumulator(6, 64)
+    accumulator.update(features, labels)
+    assert torch.equal(accumulator.compute(), old_prototypes) and not old_prototypes[4].any()
+
+    # soft labels: probability-weighted, as before
+    soft = torch.softmax(torch.randn(2, 6, 5, 7, generator=generator), dim=1)
+    soft_sums, soft_counts = class_feature_sums(features, soft, 6)
+    pixels = F.normalize(features.double(), dim=1).permute(0, 2, 3, 1)
+    assert torch.equal(soft_sums, torch.einsum("nkhw,nhwd->kd", soft.double(), pixels))
+    assert torch.equal(soft_counts, soft.double().sum(dim=(0, 2, 3)))
+
+    # BiCL's batch means: flattened pixels, the labelled rows normalised and summed in float32
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 64)
+    keep = labels.reshape(-1) != 255
+    rows, ids = F.normalize(flat[keep].float(), dim=1), labels.reshape(-1)[keep].long()
+    old_counts = torch.bincount(ids, minlength=6)
+    old_means = torch.zeros(6, 64).index_add_(0, ids, rows) / old_counts.clamp_min(1).unsqueeze(1).float()
+    means, counts = class_means(features, labels, 6)
+    assert torch.equal(means, old_means) and torch.equal(counts, old_counts)
+    assert torch.equal(class_feature_means(flat, labels.reshape(-1), 6, dtype=torch.float32)[0], old_means)
+
+
+def test_class_feature_sums_refuse_unknown_ids_and_misplaced_labels() -> None:
+    features = torch.ones(1, 2, 1, 3)
+    with pytest.raises(DataError, match=r"labels hold ids \[5, 9\] outside 0..2 that are not the ignore index 255"):
+        class_feature_sums(features, torch.tensor([[[9, 5, 255]]]), 3)
+    with pytest.raises(DataError, match=r"pixel features \[P, D\] need labels \[P\]"):
+        class_feature_sums(torch.ones(4, 2), torch.zeros(3, dtype=torch.long), 3)
+    with pytest.raises(DataError, match="must be on the feature grid"):
+        class_feature_sums(features, torch.zeros(1, 3, 1, dtype=torch.long), 3)
+    with pytest.raises(DataError, match=r"soft labels must be \[N, 3, h, w\]"):
+        class_feature_sums(features, torch.zeros(1, 2, 1, 3), 3)
+
+
+def test_pixel_kl_and_entropy_are_the_formulas_bicl_and_cpsl_used() -> None:
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 5, 3, 4, generator=generator), torch.randn(2, 5, 3, 4, generator=generator)
+    reference = F.kl_div(F.log_softmax(student, 1), F.softmax(teacher, 1), reduction="none").sum(1)
+    torch.testing.assert_close(pixel_kl_divergence(student, teacher), reference)
+    assert pixel_kl_divergence(student, teacher).shape == (2, 3, 4)
+    log_p = F.log_softmax(student, dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1)
+    assert torch.equal(pixel_entropy(student), entropy)
+    assert torch.equal(pixel_entropy(student, normalized=True), entropy / float(np.log(5)))  # BiCL's entropy_loss

@@ -90,6 +90,28 @@ def test_cpsl_resumes_bitwise_and_reuses_its_warmup_statistics(tmp_path: Path, w
     assert all(math.isfinite(row[k]) for row in rows for k in ("loss_source", "loss_target", "loss_sl", "loss_reg"))
 
 
+def test_cpsl_warmup_statistics_are_remade_only_when_what_made_them_changes(tmp_path: Path, warmup: Path) -> None:
+    import shutil
+
+    lines: list[str] = []
+    run_dir = tmp_path / "r"
+    prepare = lambda *extra: cpsl_recipe.CPSL.prepare(cpsl_config(tmp_path, warmup, *extra), run_dir, lines.append)
+    prepare()
+    stamp = (run_dir / "cpsl_init.pt").stat().st_mtime_ns
+    copied = tmp_path / "copy.pt"
+    shutil.copy(warmup, copied)
+    prepare(f"model.checkpoint={copied}")  # the same warm-up under another path
+    assert "reusing" in lines[-1] and (run_dir / "cpsl_init.pt").stat().st_mtime_ns == stamp
+    with torch.no_grad():  # another warm-up: other weights in the same file name
+        state = torch.load(copied, weights_only=False)
+        state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+        torch.save(state, copied)
+    prepare(f"model.checkpoint={copied}")
+    assert any("changed: model.checkpoint)" in line for line in lines[-3:])
+    prepare(f"model.checkpoint={copied}", "pseudo_label.size=[16,32]")
+    assert any("changed: pseudo_label.size)" in line for line in lines[-3:])
+
+
 def test_cpsl_warmup_statistics_are_eq7_and_eq10_of_the_warmup(tmp_path: Path, warmup: Path) -> None:
     cfg = cpsl_config(tmp_path, warmup, "name=s")
     trainer = Trainer(cfg)
@@ -156,6 +178,9 @@ def one_step(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, name
     forwards: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
     recipe.model.register_forward_hook(lambda m, args, out: forwards.append((m.training, args[0].clone(), out.logits.detach().clone())))
     r_before = recipe.class_distribution.distribution.clone() if hasattr(recipe, "class_distribution") else None
+    supervised = recipe.supervised_loss
+    spy.calls["supervised_loss"] = []
+    monkeypatch.setattr(recipe, "supervised_loss", lambda output, labels, **kw: spy.calls["supervised_loss"].append(labels) or supervised(output, labels, **kw))
     recipe.train()
     torch.manual_seed(0)
     losses = recipe.training_step(batches, 0)
@@ -190,6 +215,8 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
     assert [f[0] for f in forwards] == [True, True] and student_input.shape == weak.shape and not torch.equal(student_input, weak)
     kl = spy.one("symmetric_kl_consistency")
     assert torch.equal(kl["strong"], forwards[-1][2])
+    # both cross-entropies follow the supervised-loss rule (an auxiliary head would be trained by both)
+    assert len(spy.calls["supervised_loss"]) == 2 and torch.equal(spy.calls["supervised_loss"][1], labels)
     total = losses["loss_source"] + losses["loss_target"] + 0.1 * losses["loss_sl"] + 5.0 * losses["loss_reg"]
     assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-5)  # Eq. 14
     # the self-labeling head is trained at the head learning rate (5x)
@@ -265,7 +292,7 @@ def test_momentum_network_normalises_like_the_student_unless_told_running(
     expected = copy.deepcopy(teacher).train()(weak).logits
     assert torch.allclose(spy.one("symmetric_kl_consistency")["weak"], expected, atol=1e-5)
     # ... while its running statistics stay those it was given (the warm-up's) and eval mode is restored
-    for norm, original in zip(batch_norms(teacher), batch_norms(recipe._warmup)):
+    for norm, original in zip(batch_norms(teacher), batch_norms(recipe._warmup.network)):
         assert torch.equal(norm.running_mean, original.running_mean) and torch.equal(norm.running_var, original.running_var)
         assert not norm.training and norm.momentum == original.momentum
 
@@ -378,5 +405,5 @@ def test_cpsl_distill_keeps_the_teacher_frozen_and_out_of_checkpoints(tmp_path: 
     trainer.recipe.train()
     losses = trainer.recipe.training_step(batches, 0)
     assert losses["label_density"] == 0 and losses["loss_target"] == 0  # nothing is more confident than 1
-    assert trainer.recipe.teacher.training is False
+    assert trainer.recipe.teacher.network.training is False
     assert losses["loss"].item() == pytest.approx((losses["loss_source"] + losses["loss_kd"]).item(), rel=1e-5)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from segadapt.errors import ConfigError
+from segadapt.errors import ConfigError, DataError
+from segadapt.methods.common import class_pixel_counts
 from segadapt.methods.dars import (
     PROGRESSIVE_SCHEDULES,
     ProgressiveSchedule,
@@ -16,18 +17,17 @@ from segadapt.methods.dars import (
     dars_thresholds,
     dars_thresholds_exact,
     given_distribution,
-    label_class_counts,
     label_distribution,
     predicted_distribution,
 )
-from segadapt.methods.pseudo_labels import (
+from segadapt.methods.thresholds import (
     MAX_BIN_WIDTH,
     ConfidenceHistogram,
     apply_thresholds,
     confidence_bin_index,
 )
 
-PARITY_FILE = (Path(__file__).parents[1] / "../shared/parity/dars_thresholds.npz").resolve()
+PARITY_FILE = Path(__file__).parent / "fixtures" / "parity" / "dars_thresholds.npz"  # recorded from the authors' code
 FLOAT16_SPACING_NEAR_ONE = 2.0**-11
 INF = float("inf")
 
@@ -213,12 +213,12 @@ def test_streamed_is_within_the_bin_tolerance_on_float32_confidences():
 
 def test_label_counts_and_the_source_or_labeled_split_distribution():
     labels = torch.tensor([[[0, 0, 1, 255], [2, 2, 2, 255]], [[0, 1, 1, 1], [255, 255, 255, 255]]])
-    counts = label_class_counts(labels, num_classes=4)
+    counts = class_pixel_counts(labels, num_classes=4)  # the one pixel counter (methods.common)
     assert counts.tolist() == [3, 4, 3, 0]
     assert label_distribution(counts).tolist() == [0.3, 0.4, 0.3, 0.0]
-    assert label_class_counts(torch.tensor([0, 9, 1]), num_classes=2, ignore_index=9).tolist() == [1, 1]
-    with pytest.raises(ValueError, match=r"train ids 0..3 or 255 \(ignore\), got \[0, 7\]"):
-        label_class_counts(torch.tensor([0, 7]), num_classes=4)
+    assert class_pixel_counts(torch.tensor([0, 9, 1]), num_classes=2, ignore_index=9).tolist() == [1, 1]
+    with pytest.raises(DataError, match=r"labels hold ids \[7\] outside 0..3 that are not the ignore index 255"):
+        class_pixel_counts(torch.tensor([0, 7]), num_classes=4)
 
 
 def test_given_and_predicted_distributions_are_normalised():
@@ -284,8 +284,6 @@ def test_invalid_schedules_are_refused(kwargs, message):
 
 @pytest.fixture(scope="module")
 def parity():
-    if not PARITY_FILE.is_file():
-        pytest.skip(f"parity fixture {PARITY_FILE} is absent (the shared/ folder beside the project root is not checked out)")
     data = np.load(PARITY_FILE)
     confidences = [data[f"conf_{j}"] for j in range(len(data["prior_percent"]))]
     reference_args = {

@@ -162,13 +162,12 @@ def test_colour_png_given_as_label_is_rejected(cityscapes) -> None:
         read_label(path)
 
 
-def test_transform_is_applied_last_to_the_sample_dict(cityscapes) -> None:
-    def transform(sample: dict) -> dict:
-        sample["replay"].append({"op": "seen", "label_max": int(sample["label"].max())})
-        return sample
-
-    sample = Cityscapes(cityscapes.root, "val", transform=transform)[0]
-    assert sample["replay"] == [{"op": "seen", "label_max": int(cityscapes.labels["frankfurt_000001_007973"].max())}]
+def test_datasets_return_untransformed_samples_and_take_no_transform(cityscapes) -> None:
+    # transforms belong to the engine's loader wrapper (SeededTransformDataset), never to a dataset
+    sample = Cityscapes(cityscapes.root, "val")[0]
+    assert sample["replay"] == [] and sample["label"].shape == sample["image"].shape[1:]
+    with pytest.raises(ConfigError, match=r"unknown option 'transform' for dataset 'cityscapes'"):
+        build_dataset("cityscapes", cityscapes.root, "val", transform=lambda sample: sample)
 
 
 # ---------------------------------------------------------------------------------------------

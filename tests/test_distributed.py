@@ -15,12 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from segadapt.commands.evaluate import evaluate_checkpoint
 from segadapt.config import load_config
 from segadapt.data.benchmark import ensure_benchmark
 from segadapt.engine import distributed
 from segadapt.engine.builders import RankShard, build_eval_loader, build_train_loader
 from segadapt.engine.checkpoint import load_checkpoint
-from segadapt.engine.evaluation import evaluate_checkpoint
 from segadapt.engine.logging import read_metrics
 from segadapt.engine.sampling import ResumableStreamSampler
 from segadapt.engine.trainer import Trainer
@@ -48,8 +48,8 @@ RANK_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from segadapt.cli import main
+    from segadapt.commands.evaluate import evaluate_checkpoint
     from segadapt.engine import distributed
-    from segadapt.engine.evaluation import evaluate_checkpoint
     from segadapt.engine.trainer import Trainer
 
     out, args = Path(sys.argv[1]), sys.argv[2:]
@@ -232,10 +232,10 @@ PSEUDO_LABEL_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from segadapt.cli import main
-    from segadapt.engine import distributed, pseudo_label
+    from segadapt.engine import distributed, pseudo_labelling
 
     checkpoint, out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    predictions = pseudo_label._predictions
+    predictions = pseudo_labelling._predictions
 
     def recorded(*a, **k):  # which images this process predicts
         for name, probs, label in predictions(*a, **k):
@@ -243,7 +243,7 @@ PSEUDO_LABEL_SCRIPT = textwrap.dedent(
                 seen.write(name + "\\n")
             yield name, probs, label
 
-    pseudo_label._predictions = recorded
+    pseudo_labelling._predictions = recorded
     assert main(["pseudo-label", checkpoint, out + "/sharded", "pseudo_label.rule=dars", "pseudo_label.ratio=0.5"]) == 0
     assert main(["train", "benchmark/st", f"model.checkpoint={checkpoint}", f"output_dir={out}", "name=st",
                  "train.iters=2", *args]) == 0
@@ -252,7 +252,8 @@ PSEUDO_LABEL_SCRIPT = textwrap.dedent(
 
 
 def test_two_processes_share_pseudo_labelling_and_write_what_one_process_writes(tmp_path: Path) -> None:
-    from segadapt.engine.pseudo_label import SUMMARY, pseudo_label_checkpoint
+    from segadapt.commands.pseudo_label import pseudo_label_checkpoint
+    from segadapt.engine.pseudo_labelling import SUMMARY
 
     ensure_benchmark(seed=0, size="tiny")
     warmup = Trainer(load_config("benchmark/source_only", TINY + FAST + [f"output_dir={tmp_path}", "name=warmup", "train.iters=2"]))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -13,10 +15,15 @@ from torch import nn
 
 from segadapt.errors import CheckpointError, ConfigError
 from segadapt.models import (
+    MODELS,
+    BackboneHeadSplit,
     DeepLabV2,
     DeepLabV2ProDA,
     InputNormalizer,
     Normalization,
+    PSPNet50,
+    SegmentationModel,
+    SegOutput,
     SmallSegNet,
     available_models,
     create_model,
@@ -24,11 +31,12 @@ from segadapt.models import (
     load_backbone_weights,
     load_checkpoint_weights,
     param_groups,
+    pspnet_output_size,
     read_state_dict,
 )
 from segadapt.models.deeplabv2 import ASPPClassifier
 
-PARITY_DIR = (Path(__file__).parents[1] / "../shared/parity").resolve()
+PARITY_DIR = Path(__file__).parent / "fixtures" / "parity"  # recorded from the authors' model classes
 NUM_CLASSES = 19
 
 
@@ -45,10 +53,7 @@ def parse_key_list(path: Path) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def reference_keys(filename: str) -> list[tuple[str, tuple[int, ...]]]:
-    path = PARITY_DIR / filename
-    if not path.is_file():
-        pytest.skip(f"parity fixture {path} is absent (the shared/ folder beside the project root is not checked out)")
-    return parse_key_list(path)
+    return parse_key_list(PARITY_DIR / filename)  # part of the repository: a missing file is a failure, not a skip
 
 
 def build_on_meta(model_class: type[nn.Module], *args, **kwargs) -> nn.Module:
@@ -290,7 +295,7 @@ def test_param_groups_put_bn_pretrain_in_the_head_and_see_through_dataparallel()
 
 
 def test_param_groups_reject_models_with_incomplete_or_missing_groups():
-    class Incomplete(nn.Module):
+    class Incomplete(nn.Module, BackboneHeadSplit):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
@@ -303,8 +308,153 @@ def test_param_groups_reject_models_with_incomplete_or_missing_groups():
 
     with pytest.raises(ValueError, match=r"neither group: \['b.weight', 'b.bias'\]"):
         param_groups(Incomplete())
-    with pytest.raises(TypeError, match="backbone_parameters"):
+    with pytest.raises(TypeError, match="got Linear: derive the network from segadapt.models.SegmentationModel"):
         param_groups(nn.Linear(2, 2))
+
+
+def test_param_groups_do_not_probe_for_the_methods():
+    class DuckTyped(nn.Linear):  # has the methods but does not declare the contract
+        def backbone_parameters(self):
+            return self.parameters()
+
+        def head_parameters(self):
+            return iter(())
+
+    with pytest.raises(TypeError, match="BackboneHeadSplit.*backbone_parameters\\(\\) and head_parameters\\(\\)"):
+        param_groups(DuckTyped(2, 2))
+
+
+def test_param_groups_accept_a_training_wrapper_declaring_the_split():
+    class WithExtraHead(nn.Module, BackboneHeadSplit):  # e.g. CPSL: network + self-labeling head
+        def __init__(self, model: SegmentationModel) -> None:
+            super().__init__()
+            self.model, self.extra = model, nn.Linear(2, 2)
+
+        def backbone_parameters(self) -> Iterator[nn.Parameter]:
+            yield from self.model.backbone_parameters()
+
+        def head_parameters(self) -> Iterator[nn.Parameter]:
+            yield from self.model.head_parameters()
+            yield from self.extra.parameters()
+
+    small = SmallSegNet(num_classes=3, feature_dim=8, width=4)
+    wrapper = WithExtraHead(small)
+    groups = param_groups(wrapper)
+    assert [id(p) for p in groups["backbone"]] == [id(p) for p in small.backbone_parameters()]
+    assert [id(p) for p in groups["head"]] == [id(p) for p in [*small.head_parameters(), *wrapper.extra.parameters()]]
+
+
+# ------------------------------------------------------------------------------ model contract
+
+
+@pytest.fixture(scope="module")
+def pspnet() -> PSPNet50:
+    torch.manual_seed(0)
+    return PSPNet50(NUM_CLASSES).eval()
+
+
+@pytest.fixture(scope="module")
+def small_net() -> SmallSegNet:
+    torch.manual_seed(0)
+    return SmallSegNet(NUM_CLASSES, feature_dim=16, width=8).eval()
+
+
+REGISTERED = {  # registry name -> (module fixture, the model's exact output-size rule)
+    "deeplabv2_r101": ("classic", deeplabv2_output_size),
+    "deeplabv2_r101_proda": ("proda", deeplabv2_output_size),
+    "pspnet50": ("pspnet", pspnet_output_size),
+    "small": ("small_net", lambda height, width: (-(-height // 4), -(-width // 4))),
+}
+"""Every registered model; a new one must be added here (and so gets the contract tests)."""
+
+CONTRACT_INPUT = (2, 3, 65, 49)  # odd sides: the rounding of each stride-2 layer shows
+
+
+def registered_model(request: pytest.FixtureRequest, name: str) -> SegmentationModel:
+    return request.getfixturevalue(REGISTERED[name][0])
+
+
+@contextmanager
+def briefly_in_train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Train mode for one forward; the BN running statistics it moves are put back afterwards."""
+    saved = {key: value.clone() for key, value in model.state_dict().items()}
+    try:
+        yield model.train()
+    finally:
+        model.load_state_dict(saved)
+        model.eval()
+
+
+def test_contract_table_covers_the_registry():
+    assert sorted(REGISTERED) == available_models()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_registered_model_is_a_segmentation_model_with_the_declared_attributes(request, name):
+    model = registered_model(request, name)
+    assert isinstance(model, SegmentationModel) and issubclass(MODELS[name], SegmentationModel)
+    assert isinstance(model.feature_dim, int) and model.feature_dim > 0
+    assert isinstance(model.output_stride, int) and model.output_stride in (4, 8)
+    assert isinstance(model.aux_weight, float) and model.aux_weight == (0.4 if name == "pspnet50" else 0.0)
+    assert isinstance(model.normalization, Normalization) and model.normalize.norm == model.normalization
+    assert model.num_classes == NUM_CLASSES
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_registered_model_returns_segoutput_at_its_output_stride(request, name):
+    model = registered_model(request, name)
+    _, output_size = REGISTERED[name]
+    batch, _, height, width = CONTRACT_INPUT
+    with torch.no_grad():
+        out = model(torch.rand(CONTRACT_INPUT))
+    assert isinstance(out, SegOutput) and out.aux_logits is None  # eval mode
+    expected = output_size(height, width)
+    # For these sizes every rule comes down to ceil(side / output_stride).
+    assert expected == (-(-height // model.output_stride), -(-width // model.output_stride))
+    assert out.logits.shape == (batch, NUM_CLASSES, *expected)
+    assert out.features.shape == (batch, model.feature_dim, *expected)
+    logits, features = out[:2]
+    assert logits is out.logits and features is out.features
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_aux_logits_come_in_train_mode_and_only_from_pspnet(request, name):
+    model = registered_model(request, name)
+    with briefly_in_train_mode(model), torch.no_grad():
+        out = model(torch.rand(CONTRACT_INPUT))
+    if name == "pspnet50":
+        assert out.aux_logits is not None and out.aux_logits.shape == out.logits.shape
+    else:
+        assert out.aux_logits is None
+    assert not model.training
+    assert "aux_logits" not in vars(model)  # no side channel on the model
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+@pytest.mark.parametrize("freeze_bn", [None, "all"])
+def test_backbone_and_head_parameters_partition_the_parameters(name, freeze_bn):
+    options = {} if freeze_bn is None or name == "small" else {"freeze_bn": freeze_bn}
+    model = build_on_meta(MODELS[name], NUM_CLASSES, **options)
+    backbone = [id(p) for p in model.backbone_parameters()]
+    head = [id(p) for p in model.head_parameters()]
+    assert backbone and head
+    assert len(set(backbone)) == len(backbone) and len(set(head)) == len(head)  # nobody twice in a group
+    assert not set(backbone) & set(head)  # nobody in both
+    assert set(backbone) | set(head) == {id(p) for p in model.parameters()}  # nobody missing
+
+
+def test_contract_is_abstract_until_implemented():
+    class NoForward(SegmentationModel):
+        output_stride = 1
+
+        def backbone_parameters(self) -> Iterator[nn.Parameter]:
+            return iter(())
+
+        def head_parameters(self) -> Iterator[nn.Parameter]:
+            return iter(())
+
+    with pytest.raises(TypeError, match="abstract.*forward"):
+        NoForward(3, 4, "imagenet")
 
 
 # ----------------------------------------------------------------------------------- registry

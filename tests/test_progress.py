@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from segadapt import progress as progress_module
+from segadapt.commands import rounds
 from segadapt.config import EvalConfig, load_config
 from segadapt.data.benchmark import generate_benchmark
-from segadapt.engine import rounds
 from segadapt.engine.evaluation import confusion_over
 from segadapt.engine.logging import Progress, format_duration
 from segadapt.models.base import SegOutput
@@ -234,7 +234,7 @@ def test_benchmark_generation_reports_progress(tmp_path: Path, capsys: pytest.Ca
 
 def test_pseudo_label_passes_show_a_bar_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from segadapt.engine.builders import build_dataset_from_spec
-    from segadapt.engine.pseudo_label import generate_pseudo_labels
+    from segadapt.engine.pseudo_labelling import generate_pseudo_labels
 
     cfg = load_config("benchmark/cbst", TINY + ["data.num_workers=0", f"output_dir={tmp_path}"])
     dataset = build_dataset_from_spec(cfg.data.target.model_copy(update={"with_labels": True}), with_labels=True)

@@ -133,7 +133,7 @@ def test_eval_forward_is_segoutput_at_stride_8_without_aux(eval_model):
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (1, NUM_CLASSES, 5, 6)
     assert out.features.shape == (1, 512, 5, 6)
-    assert eval_model.aux_logits is None
+    assert out.aux_logits is None
     assert (eval_model.num_classes, eval_model.feature_dim, eval_model.output_stride) == (NUM_CLASSES, 512, 8)
     # features are exactly what the 1x1 classifier consumes
     classifier = eval_model.cls[4]
@@ -141,11 +141,12 @@ def test_eval_forward_is_segoutput_at_stride_8_without_aux(eval_model):
     assert (out.features >= 0).all()  # post-ReLU (dropout is the identity in eval)
 
 
-def test_training_forward_exposes_aux_logits_on_layer3(train_model):
+def test_training_forward_returns_aux_logits_of_layer3(train_model):
     images = torch.rand(2, 3, 33, 33)
     out = train_model(images)
-    aux = train_model.aux_logits
+    aux = out.aux_logits
     assert aux is not None and aux.shape == out.logits.shape == (2, NUM_CLASSES, 5, 5)
+    torch.testing.assert_close(out[:2][0], out.logits)  # positional access to the first two fields still works
     assert train_model.aux_weight == 0.4
     train_model.zero_grad(set_to_none=True)
     aux.sum().backward()
@@ -155,16 +156,16 @@ def test_training_forward_exposes_aux_logits_on_layer3(train_model):
     train_model.zero_grad(set_to_none=True)
     train_model.eval()
     with torch.no_grad():
-        train_model(images)
-    assert train_model.aux_logits is None
+        assert train_model(images).aux_logits is None
 
 
-def test_copies_after_a_training_step_start_without_aux_logits(train_model):
-    train_model(torch.rand(2, 3, 17, 17))
-    assert train_model.aux_logits is not None and train_model.aux_logits.grad_fn is not None
+def test_model_keeps_no_tensor_of_a_training_forward(train_model):
+    out = train_model(torch.rand(2, 3, 17, 17))
+    assert out.aux_logits is not None and out.aux_logits.grad_fn is not None
+    assert "aux_logits" not in vars(train_model)  # the old side channel is gone
     teacher = ModelEMA(train_model)  # deepcopy: a non-leaf tensor attribute would make it fail
-    assert teacher.module.aux_logits is None and train_model.aux_logits is not None
-    assert copy.deepcopy(train_model).aux_logits is None
+    assert isinstance(teacher.module, PSPNet50)
+    assert isinstance(copy.deepcopy(train_model), PSPNet50)
 
 
 def test_single_image_training_batch_is_refused_with_the_fix(train_model):

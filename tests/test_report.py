@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from segadapt.cli import main
-from segadapt.viz.report import pca_2d
+from segadapt.viz.figures import pca_2d
 
 TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
 FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0", "train.eval_every=1"]

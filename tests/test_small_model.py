@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segadapt.models.base import Normalization, SegOutput
+from segadapt.models.base import Normalization, SegmentationModel, SegOutput
 from segadapt.models.small import SmallSegNet
 
 
@@ -23,6 +23,17 @@ def test_output_is_segoutput_at_stride_4(model: SmallSegNet, height: int, width:
     assert out.logits.shape == (2, 7, *expected)
     assert out.features.shape == (2, 24, *expected)
     assert model.output_stride == 4
+
+
+def test_implements_the_model_contract_without_an_auxiliary_head(model: SmallSegNet) -> None:
+    assert isinstance(model, SegmentationModel)
+    assert (model.num_classes, model.feature_dim, model.output_stride, model.aux_weight) == (7, 24, 4, 0.0)
+    assert model.normalization == Normalization.preset("imagenet")
+    model.train()
+    try:
+        assert model(torch.rand(2, 3, 16, 16)).aux_logits is None
+    finally:
+        model.eval()
 
 
 def test_defaults_give_64_dim_features_and_exact_quarter_resolution() -> None:

@@ -155,7 +155,7 @@ def test_folder_datasets_by_override(tmp_path: Path) -> None:
 
 
 def test_demo_quick_writes_report(tmp_path: Path) -> None:
-    from segadapt.engine.demo import run_demo
+    from segadapt.commands.demo import run_demo
 
     with pytest.raises(ConfigError, match=r"'oracle' is not an adaptation config of the benchmark; choose from .*cpsl"):
         run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny", methods=["oracle"])

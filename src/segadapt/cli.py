@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from .errors import SegadaptError
+
+# This module parses arguments and turns errors into exit statuses; each command is a module of
+# segadapt.commands (imported when its command runs, so --help loads none), whose run() it calls.
 
 OVERRIDES_HELP = "dotted config overrides key=value, before or after the options"
 CHECKPOINT_HELP = "a checkpoint, RUN_DIR/checkpoints/best.pt or last.pt (its run's config.yaml is used), or raw weights with --config"
@@ -59,142 +61,58 @@ def _packaged_configs_help() -> str:
     )
 
 
-def _split_resume(overrides: Sequence[str]) -> tuple[list[str], bool]:
-    """``resume=true`` is an action, not a config value: take it out of the overrides."""
-    kept, resume = [], False
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "resume":
-            resume = value.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            kept.append(item)
-    return kept, resume
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config, load_run_directory_config
-    from .engine.trainer import Trainer
+    from .commands import train
 
-    overrides, resume = _split_resume(args.overrides)
-    resume = resume or args.resume
-    path = Path(args.config)
-    if path.is_dir():  # a run directory is the run: its saved config, written back there, resumed by default
-        cfg = load_run_directory_config(path, overrides)
-        resume = resume or (cfg.run_dir / "checkpoints" / "last.pt").exists()
-    else:
-        cfg = load_config(path, overrides)
-    scores = Trainer(cfg, resume=resume).fit()
-    from .engine.distributed import is_main_process
-
-    if is_main_process():  # under torchrun every process returns here: one table
-        print(f"run directory: {cfg.run_dir}")
-        if scores is not None:
-            print(scores["table"])
-    return 0
+    return train.run(args.config, args.overrides, resume=args.resume)
 
 
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from .engine.pseudo_label import pseudo_label_checkpoint, summary_markdown
+    from .commands import pseudo_label
 
-    summary = pseudo_label_checkpoint(args.checkpoint, args.out, args.config, args.overrides)
-    print(summary_markdown(summary))
-    print(f"pseudo labels written to {args.out}")
-    return 0
+    return pseudo_label.run(args.checkpoint, args.out, args.config, args.overrides)
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine.rounds import check_rounds_config, run_rounds
-    from .progress import write
+    from .commands import rounds
 
-    cfg = load_config(args.config, args.overrides)
-    check_rounds_config(cfg, args.overrides)
-    results = run_rounds(cfg, log=write)  # drawn around a live progress bar in a terminal
-    from .engine.distributed import is_main_process
-
-    if is_main_process():
-        for index, scores in enumerate(results):
-            if scores is not None:
-                print(f"round {index}: val mIoU {100 * scores['flat']['miou']:.2f}")
-        print(f"run directory: {cfg.run_dir}")
-    return 0
+    return rounds.run(args.config, args.overrides)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .viz.report import write_report
+    from .commands import report
 
-    out = args.out or str(Path(args.runs[0]) / "report")
-    print(f"report: {write_report(args.runs, out, images=args.images)}")
-    return 0
+    return report.run(args.runs, args.out, images=args.images)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.evaluation import evaluate_checkpoint
+    from .commands import evaluate
 
-    from .engine.distributed import is_main_process
-
-    scores = evaluate_checkpoint(args.checkpoint, args.config, args.overrides)
-    if not is_main_process():
-        return 0
-    print(scores["table"])
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(scores["flat"], indent=2))
-    return 0
+    return evaluate.run(args.checkpoint, args.config, args.overrides, json_path=args.json)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine.predict import predict_folder
+    from .commands import predict
 
-    written = predict_folder(args.checkpoint, args.input, args.output, args.config, args.overrides, formats=args.formats.split(","))
-    print(f"wrote predictions for {written} images to {args.output}")
-    return 0
+    return predict.run(args.checkpoint, args.input, args.output, args.config, args.overrides, formats=args.formats.split(","))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .engine.demo import run_demo
-    from .engine.trainer import TrainingInterrupted
+    from .commands import demo
 
-    try:
-        run_demo(Path(args.output), seed=args.seed, quick=args.quick, methods=args.methods)
-    except TrainingInterrupted as err:
-        raise TrainingInterrupted(f"{err}, or run the same `segadapt demo` command again") from None
-    return 0
+    return demo.run(args.output, seed=args.seed, quick=args.quick, methods=args.methods)
 
 
 def cmd_make_benchmark(args: argparse.Namespace) -> int:
-    import json
+    from .commands import make_benchmark
 
-    from .data.benchmark import default_benchmark_dir, ensure_benchmark, generate_benchmark
-
-    if args.force:
-        root = generate_benchmark(Path(args.root) if args.root else default_benchmark_dir(args.seed, args.size), seed=args.seed, size=args.size)
-    else:
-        root = ensure_benchmark(args.root, seed=args.seed, size=args.size)
-    summary = json.loads((root / "benchmark.json").read_text())
-    print(f"embedded benchmark ({args.size}, seed {args.seed}) at {root}")
-    print(json.dumps(summary.get("counts", {}), indent=None))
-    return 0
+    return make_benchmark.run(args.root, seed=args.seed, size=args.size, force=args.force)
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .data.check import check_folder_root, check_named_dataset, format_report
+    from .commands import check_data
 
-    if args.dataset is None:
-        if args.path is None:
-            raise SegadaptError("check-data needs a folder-dataset PATH, or --dataset NAME --root PATH")
-        reports = check_folder_root(Path(args.path))
-    else:
-        root = args.root or args.path
-        if root is None:
-            raise SegadaptError(f"check-data --dataset {args.dataset} needs --root PATH")
-        reports = check_named_dataset(args.dataset, Path(root), args.split)
-    ok = True
-    for report in reports:
-        print(format_report(report))
-        ok = ok and report.ok
-    return 0 if ok else 1
+    return check_data.run(args.path, dataset=args.dataset, root=args.root, splits=args.split)
 
 
 def build_parser() -> argparse.ArgumentParser:

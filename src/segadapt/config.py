@@ -236,7 +236,7 @@ class EvalConfig(_Strict):
 
 
 class BLVConfig(_Strict):
-    """``loss.blv``: balanced logit variation (paper 004, docs/blv.md); used when ``loss.name`` is ``blv``.
+    """``loss.blv``: balanced logit variation (BLV, CVPR 2023; docs/blv.md); used when ``loss.name`` is ``blv``.
 
     ``class_counts`` says where the per-class pixel counts ``n_c`` come from: ``source`` (the labels
     of ``data.source``, the UDA setting), ``labeled`` (the same data, checked to be the labelled part
@@ -300,8 +300,6 @@ class PseudoLabelConfig(_Strict):
     flip: bool = True
     scales: list[float] = Field(default_factory=lambda: [1.0])
     sliding_window: tuple[int, int] | None = None
-    soft: bool = Field(False, description="also write float16 class probabilities (<name>.npy)")
-    soft_stride: int = Field(4, ge=1, description="soft labels are stored at 1/soft_stride of the label size")
     seed: int = Field(0, description="seed of the random sampling of dars")
 
 
@@ -324,7 +322,7 @@ class RoundsConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """Everything a run needs. Recipe-specific sections are added by the recipes' issues."""
+    """Everything a run needs. The recipe's own options live in ``method``, validated by the recipe."""
 
     name: str = "run"
     recipe: str = "source_only"

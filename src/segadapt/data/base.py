@@ -11,6 +11,10 @@ project contract (DESIGN.md "Contracts"):
 - ``name``: the item's name (e.g. ``aachen_000000_000019``, ``00001``, ``scene0000_00/000000``);
 - ``replay``: an empty list the random transforms append their records to.
 
+A dataset never transforms its samples: the engine's loader wrapper
+(:class:`segadapt.engine.sampling.SeededTransformDataset`) applies the ``data.*_transforms``
+with a seed per item, so augmentation is reproducible and resumable.
+
 Every file problem becomes a :class:`~segadapt.errors.DataError` that names the file and the
 fix, in the process that reads it, never a bare PIL error deep in a DataLoader worker.
 """
@@ -33,7 +37,6 @@ from .splits import read_split
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[[dict], dict]
 UnknownIds = Literal["ignore", "error"]
 SizeMismatch = Literal["error", "resize_label", "resize_image", "skip"]
 MissingFiles = Literal["error", "skip"]
@@ -197,7 +200,6 @@ class SegDataset(Dataset):
         label_map: raw id -> train id table (:func:`make_label_map`), or None when the label
             files already hold train ids; then ids ``>= num_classes`` other than the ignore
             index are always an error.
-        transform: a callable on the sample dict, applied last.
         with_labels: False drops labels (a target domain, or a split whose labels are dummies).
         names: keep only these names (a name ``group/frame`` is also selected by ``group``).
         split_file: keep only the names listed in this file (any format of ``splits.py``).
@@ -226,7 +228,6 @@ class SegDataset(Dataset):
         classes: ClassInfo,
         *,
         label_map: np.ndarray | None = None,
-        transform: Transform | None = None,
         with_labels: bool = True,
         names: Iterable[str] | None = None,
         split_file: str | Path | None = None,
@@ -239,7 +240,6 @@ class SegDataset(Dataset):
     ) -> None:
         self.classes = classes
         self.label_map = label_map
-        self.transform = transform
         self.with_labels = with_labels
         self.unknown_ids = check_policy("unknown_ids", unknown_ids)
         self.size_mismatch = check_policy("size_mismatch", size_mismatch)
@@ -421,7 +421,7 @@ class SegDataset(Dataset):
             image, label = self._match_sizes(image, label, item)
             sample["label"] = torch.from_numpy(label.astype(np.int64))
         sample["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        return self.transform(sample) if self.transform is not None else sample
+        return sample
 
     def _match_sizes(self, image: np.ndarray, label: np.ndarray, item: SampleFiles) -> tuple[np.ndarray, np.ndarray]:
         if image.shape[:2] == label.shape:

@@ -2,7 +2,9 @@
 
 The report lists each problem with its file (missing pairs, unreadable files, image/label size
 mismatches, label ids the format does not define, items the loader skipped) and the class
-pixel distribution, so a download can be validated before hours of training.
+pixel distribution, so a download can be validated before hours of training. Pixels are counted
+by :func:`segadapt.data.classes.class_pixel_counts`, the one counter of segadapt (re-exported
+here and as ``segadapt.data.class_pixel_counts``).
 
 Examples:
     >>> print(format_report(check_dataset(build_dataset("gta5", "/data/gta5", "all"))))  # doctest: +SKIP
@@ -19,8 +21,9 @@ import numpy as np
 
 from ..errors import DataError
 from .base import Problem, SegDataset
-from .classes import ClassInfo
+from .classes import ClassInfo, class_pixel_counts
 from .folder import FolderDataset, folder_splits, read_dataset_yaml
+from .registry import DATASETS, build_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +44,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def class_pixel_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixels per train id ``0..num_classes-1`` of a label map (other values are not counted).
-
-    Shape:
-        label ``[H, W]`` of train ids -> ``int64 [num_classes]``
-
-    Examples:
-        >>> class_pixel_counts(np.array([[0, 1, 1], [255, 1, 2]]), 3).tolist()
-        [1, 3, 1]
-    """
-    values = np.asarray(label).ravel().astype(np.int64)
-    values = values[(values >= 0) & (values < num_classes)]
-    return np.bincount(values, minlength=num_classes)
 
 
 def check_dataset(dataset: SegDataset, log_every: int = 500) -> CheckReport:
@@ -110,7 +98,8 @@ def _check_label(
                 f"(size_mismatch={dataset.size_mismatch!r} when loading)",
             )
         )
-    counts = class_pixel_counts(label, report.classes.num_classes)
+    # unknown ids are mapped to ignore above (unknown_ids="ignore"), so the counter never refuses them
+    counts = class_pixel_counts(label, report.classes.num_classes, report.classes.ignore_index).numpy()
     report.class_pixels += counts
     report.ignored_pixels += int(label.size - counts.sum())
 
@@ -164,8 +153,6 @@ def check_named_dataset(
     of Cityscapes, ``all`` of GTA5; every split of a folder dataset). Missing pairs are
     reported, not raised (``missing_files='skip'``).
     """
-    from . import DATASETS, build_dataset  # the registry lives in the package, which imports this module
-
     if name == "folder" and not splits:
         return check_folder_root(root, **options)
     if name in DATASETS and not splits:

@@ -15,7 +15,7 @@ from typing import Iterable, Literal, NamedTuple
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .base import SPEC_KEY, MissingFiles, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .base import SPEC_KEY, MissingFiles, SampleFiles, SegDataset, SizeMismatch, UnknownIds, make_label_map
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
 
 
@@ -137,7 +137,6 @@ class Cityscapes(SegDataset):
         split: str = "train",
         *,
         label_type: Literal["labelIds", "labelTrainIds"] = "labelIds",
-        transform: Transform | None = None,
         with_labels: bool = True,
         names: Iterable[str] | None = None,
         split_file: str | Path | None = None,
@@ -171,7 +170,6 @@ class Cityscapes(SegDataset):
             items,
             CITYSCAPES_CLASSES,
             label_map=make_label_map(LABEL_ID_TO_TRAIN_ID, LABEL_IDS) if label_type == "labelIds" else None,
-            transform=transform,
             with_labels=with_labels,
             names=names,
             split_file=split_file,

@@ -1,13 +1,34 @@
-"""Class sets: names, colours and the ignore value, shared by datasets, metrics and figures."""
+"""Class sets (names, colours, the ignore value) and the one pixel counter, shared by every layer.
+
+:func:`class_pixel_counts` is segadapt's only way to count the pixels of each class in a label
+map, and :func:`check_label_ids` its id check. They live here because this module is the lowest
+one that all their users already import (for :data:`IGNORE_INDEX`): ``data`` (``check-data``'s
+class distribution, :mod:`segadapt.data.check`), ``metrics`` (pseudo-label class distributions)
+and ``methods`` (CPSL's Eq. 8/10 histogram, DARS priors, BLV's ``n_c``; re-exported by
+:mod:`segadapt.methods.common`). A module above ``data`` would be imported by ``data`` itself, and
+one outside the package would need the ignore value from here: the layers are
+``data`` <- ``metrics`` <- ``methods`` <- ``engine``.
+
+Counts are int64: exact for any dataset (float64 is exact only up to 2**53 pixels), and what
+``torch.bincount`` returns, so counts of shards and ranks add up exactly. Convert with
+``.double()`` where a distribution is needed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
+import torch
+
+from ..errors import DataError
 
 IGNORE_INDEX = 255
+"""The label value of pixels without a class (Cityscapes' train-id convention); every ``ignore_index`` default."""
+
+LabelMap = Union[torch.Tensor, np.ndarray]
+"""Integer class ids of any shape: a tensor, or a numpy array (as datasets load labels)."""
 
 
 @dataclass(frozen=True)
@@ -102,3 +123,89 @@ SCANNET20_CLASSES = ClassInfo(
         (158, 218, 229), (44, 160, 44), (112, 128, 144), (227, 119, 194), (82, 84, 163),
     ),
 )
+
+
+# --------------------------------------------------------------------------- pixel counting
+
+
+def _as_integer_tensor(labels: LabelMap, what: str) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        labels = np.asarray(labels)  # nested lists too
+    if isinstance(labels, np.ndarray):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{what} must hold integer class ids, got dtype {labels.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise DataError(f"{what} must hold integer class ids, got dtype {labels.dtype}")
+    return labels
+
+
+def _raise_unknown_ids(values: torch.Tensor, num_classes: int, ignore_index: int, what: str) -> None:
+    """``values``: int64 ids without the ignore pixels; raise naming those outside ``0..num_classes-1``."""
+    bad = (values < 0) | (values >= num_classes)
+    if bool(bad.any()):
+        found = torch.unique(values[bad]).tolist()
+        listed = ", ".join(str(v) for v in found[:10]) + (", ..." if len(found) > 10 else "")
+        raise DataError(
+            f"{what} hold ids [{listed}] outside 0..{num_classes - 1} that are not the ignore index {ignore_index}; "
+            "map raw label ids to train ids first (the dataset's label map), or fix num_classes"
+        )
+
+
+def check_label_ids(labels: LabelMap, num_classes: int, ignore_index: int = IGNORE_INDEX, what: str = "labels") -> None:
+    """Raise a :class:`~segadapt.errors.DataError` naming every id of ``labels`` outside ``0..num_classes-1``
+    that is not ``ignore_index`` (the first 10, sorted), or a non-integer dtype.
+
+    Args:
+        labels: class ids of any shape (tensor or numpy array).
+        num_classes: ``C``; valid ids are ``0..C-1``.
+        ignore_index: the one other value allowed.
+        what: how the message names ``labels``.
+
+    Shape:
+        - labels: any
+
+    Examples:
+        >>> check_label_ids(torch.tensor([[0, 2], [255, 1]]), num_classes=3)
+        >>> check_label_ids(torch.tensor([0, 7, -1, 7]), num_classes=3)
+        Traceback (most recent call last):
+            ...
+        segadapt.errors.DataError: labels hold ids [-1, 7] outside 0..2 that are not the ignore index 255; map raw label ids to train ids first (the dataset's label map), or fix num_classes
+    """
+    flat = _as_integer_tensor(labels, what).reshape(-1).long()
+    _raise_unknown_ids(flat[flat != ignore_index], num_classes, ignore_index, what)
+
+
+def class_pixel_counts(labels: LabelMap, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pixels of each class, int64 ``[C]``, of a label map or batch; ``ignore_index`` pixels are not counted.
+
+    The one pixel counter of segadapt (see the module docstring): dataset class distributions
+    (``check-data``), CPSL's class histogram (Eq. 8, 10), DARS's label prior, BLV's ``n_c``,
+    pseudo-label statistics. Sum the results over images, shards or ranks.
+
+    Args:
+        labels: train ids of any shape, as a tensor (the result is on its device) or a numpy
+            array (the result is on the CPU).
+        num_classes: ``C``; ids must be ``0..C-1`` or ``ignore_index``.
+        ignore_index: the value of pixels without a class (not counted).
+
+    Returns:
+        int64 ``[C]``; ``counts.sum()`` is the number of non-ignored pixels.
+
+    Raises:
+        DataError: ids outside ``0..C-1`` that are not ``ignore_index`` (the message lists them)
+            or a non-integer dtype: such ids are never dropped silently.
+
+    Shape:
+        - labels: any, e.g. ``[H, W]`` or ``[N, H, W]``; output: ``[C]``
+
+    Examples:
+        >>> class_pixel_counts(torch.tensor([[0, 2, 2], [255, 2, 0]]), num_classes=3)
+        tensor([2, 0, 3])
+        >>> class_pixel_counts(np.array([[0, 1], [255, 1]], dtype=np.uint8), num_classes=3)  # a loaded label file
+        tensor([1, 2, 0])
+    """
+    flat = _as_integer_tensor(labels, "labels").reshape(-1).long()
+    counted = flat[flat != ignore_index]
+    _raise_unknown_ids(counted, num_classes, ignore_index, "labels")
+    return torch.bincount(counted, minlength=num_classes)

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import DataError, did_you_mean
-from .base import MissingFiles, SampleFiles, SegDataset, SizeMismatch, Transform
+from .base import MissingFiles, SampleFiles, SegDataset, SizeMismatch
 from .classes import IGNORE_INDEX, ClassInfo
 
 DATASET_YAML = "dataset.yaml"
@@ -123,7 +123,6 @@ class FolderDataset(SegDataset):
         root: str | Path,
         split: str = "train",
         *,
-        transform: Transform | None = None,
         with_labels: bool = True,
         names: Iterable[str] | None = None,
         split_file: str | Path | None = None,
@@ -151,7 +150,6 @@ class FolderDataset(SegDataset):
         super().__init__(
             [SampleFiles(path, label_dir / f"{name}.png" if labeled else None, name) for name, path in images.items()],
             classes,
-            transform=transform,
             with_labels=with_labels,
             names=names,
             split_file=split_file,

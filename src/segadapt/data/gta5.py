@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import DataError
-from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, UnknownIds, make_label_map
 from .cityscapes import LABEL_ID_TO_TRAIN_ID, LABEL_IDS
 from .classes import CITYSCAPES_CLASSES
 
@@ -52,7 +52,6 @@ class GTA5(SegDataset):
         root: str | Path,
         split: str = "all",
         *,
-        transform: Transform | None = None,
         with_labels: bool = True,
         names: Iterable[str] | None = None,
         split_file: str | Path | None = None,
@@ -85,7 +84,6 @@ class GTA5(SegDataset):
             items,
             CITYSCAPES_CLASSES,
             label_map=make_label_map(LABEL_ID_TO_TRAIN_ID, LABEL_IDS),
-            transform=transform,
             with_labels=with_labels,
             names=names,
             split_file=split_file,

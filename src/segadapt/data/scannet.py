@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from ..errors import ConfigError, DataError
-from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, Transform, UnknownIds, make_label_map
+from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch, UnknownIds, make_label_map
 from .classes import IGNORE_INDEX, SCANNET20_CLASSES
 
 SCANNET20_NYU40_IDS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
@@ -85,7 +85,6 @@ class ScanNet2D(SegDataset):
         label_type: Literal["nyu40", "raw"] = "nyu40",
         label_dir: str | None = None,
         label_tsv: str | Path | None = None,
-        transform: Transform | None = None,
         with_labels: bool = True,
         names: Iterable[str] | None = None,
         split_file: str | Path | None = None,
@@ -114,7 +113,6 @@ class ScanNet2D(SegDataset):
             items,
             SCANNET20_CLASSES,
             label_map=label_map,
-            transform=transform,
             with_labels=with_labels,
             names=names,
             split_file=split_file,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from torch.utils.data import DataLoader, Sampler
 from ..config import DatasetSpec, ModelConfig, OptimConfig
 from ..errors import ConfigError, did_you_mean
 from .sampling import ResumableStreamSampler, SeededTransformDataset
+
+if TYPE_CHECKING:
+    from ..models.base import SegmentationModel
 
 
 def dataset_root(spec: DatasetSpec) -> tuple[str, Path]:
@@ -52,7 +55,7 @@ def build_dataset_from_spec(spec: DatasetSpec, with_labels: bool | None = None) 
         labeled, unlabeled = make_split(everything.names, ratio=spec.subset.ratio, seed=spec.subset.seed)
         options["names"] = labeled if spec.subset.part == "labeled" else unlabeled
     if spec.pseudo_labels is not None and with_labels is not False:
-        from ..data.pseudo_labeled import PseudoLabeledDataset
+        from ..data.pseudo_label_folder import PseudoLabeledDataset
 
         images = build_dataset(
             name, root, spec.split, config_key=spec.key, split_file=spec.split_file, with_labels=False, **options
@@ -138,7 +141,8 @@ def build_eval_loader(dataset: Any, transform: Any, batch_size: int, num_workers
     )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel:
+    """The configured :class:`~segadapt.models.SegmentationModel`, with ``model.pretrained`` then ``model.checkpoint`` loaded."""
     from ..models import create_model
     from ..models.weights import load_backbone_weights, load_checkpoint_weights
 

@@ -1,8 +1,10 @@
-"""Evaluation over a dataset: confusion matrix, per-class IoU, mIoU (19/16/13 protocols), MPA."""
+"""Evaluation over a dataset: confusion matrix, per-class IoU, mIoU (19/16/13 protocols), MPA.
+
+The trainer's validation and ``segadapt eval`` (:mod:`segadapt.commands.evaluate`) both call :func:`evaluate`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -11,12 +13,11 @@ from torch.utils.data import DataLoader
 
 from ..config import EvalConfig
 from ..data.classes import ClassInfo
-from ..errors import ConfigError
 from ..metrics import ConfusionMatrix, compute_scores, format_table, get_protocol, scores_for_protocol
 from ..progress import progress
 from . import distributed
 from .inference import predict_probs
-from .label_space import check_config_against_classes, check_protocols
+from .label_space import check_protocols
 
 
 @torch.no_grad()
@@ -78,31 +79,3 @@ def evaluate(model: nn.Module, loader: DataLoader, classes: ClassInfo, cfg: Eval
     every rank returns the scores of the whole dataset."""
     matrix = confusion_over(model, loader, classes.num_classes, cfg, device, classes.ignore_index)
     return summarize(matrix.all_reduce(), classes, cfg.protocols, run_name)
-
-
-def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """``segadapt eval``: the checkpoint's network on ``data.val`` of its (or the given) config."""
-    from .builders import build_dataset_from_spec, build_eval_loader, build_transform, resolve_device
-    from .distributed import init_distributed
-    from .loading import config_for_checkpoint, load_trained_model
-
-    cfg = config_for_checkpoint(checkpoint, config, overrides)
-    if cfg.data.val is None:
-        raise ConfigError("nothing to evaluate on: set data.val.dataset and data.val.root (or data.val.dataset=benchmark)")
-    dataset = build_dataset_from_spec(cfg.data.val, with_labels=True)
-    device = resolve_device(cfg.device)
-    model, predicted = load_trained_model(checkpoint, cfg)
-    classes = dataset.classes  # the labels on disk: their names, and their ignore value
-    if predicted is not None and predicted.num_classes != classes.num_classes:
-        raise ConfigError(f"{checkpoint} predicts {predicted.num_classes} classes but {cfg.data.val.dataset} has {classes.num_classes}")
-    check_config_against_classes(cfg, classes)
-    info = init_distributed()  # under torchrun each rank evaluates its share; the matrices are summed
-    loader = build_eval_loader(
-        dataset,
-        build_transform(cfg.data.val_transforms, classes.ignore_index),
-        cfg.data.val_batch_size,
-        cfg.data.num_workers,
-        info.rank,
-        info.world_size,
-    )
-    return evaluate(model.to(device), loader, classes, cfg.eval, device, run_name=Path(checkpoint).stem)

@@ -5,7 +5,7 @@ mixed labels) with ``self.seg_loss(logits, labels)``. :func:`build_seg_loss` ret
 
 - ``loss.name: ce`` -> :class:`CrossEntropySegLoss`, plain cross-entropy;
 - ``loss.name: blv`` -> :class:`BLVSegLoss`, the same cross-entropy on logits perturbed by the
-  balanced logit variation of paper 004 (supplement Alg. 1; :mod:`segadapt.methods.blv`) in
+  balanced logit variation of BLV (BLV supplement Alg. 1; :mod:`segadapt.methods.blv`) in
   training mode, and plain cross-entropy in eval mode. So BLV is a drop-in replacement in
   every recipe: each CE term the recipe computes through ``seg_loss`` gets the variation.
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import BLVConfig, LossConfig
 from ..errors import ConfigError, DataError
+from .run_cache import atomic_write_text, file_fingerprint, reuse_or_make
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -35,7 +36,7 @@ SegLoss = Callable[..., torch.Tensor]
 """``seg_loss(logits [N,C,h,w], labels [N,H,W], weight=None) -> scalar``."""
 
 COUNTS_FILE = "blv_class_counts.json"
-"""Where :func:`blv_class_counts` caches the counts in the run directory (reused on resume)."""
+"""Where :func:`blv_class_counts` caches the counts in the run directory (:mod:`segadapt.engine.run_cache`)."""
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -84,7 +85,7 @@ class CrossEntropySegLoss(nn.Module):
 
 
 class BLVSegLoss(CrossEntropySegLoss):
-    """Cross-entropy on BLV-perturbed logits in training, plain cross-entropy in eval (paper 004).
+    """Cross-entropy on BLV-perturbed logits in training, plain cross-entropy in eval (BLV, CVPR 2023).
 
     The variation is :func:`segadapt.methods.blv.blv_logits`: ``|clamp(N(0, sigma^2), -1, 1)| * f_c``
     added to every logit after upsampling to the labels (supplement Alg. 1 with the authors' fixed
@@ -176,8 +177,8 @@ def blv_class_counts(run: RunConfig, num_classes: int, log: Callable[[str], None
     ``source``/``labeled`` count the labels of ``data.source``, ``pseudo`` the pseudo-label folder
     ``data.target.pseudo_labels`` (both at the label files' resolution, before augmentation, as the
     reference counts GTA5), ``given`` takes ``loss.blv.given_counts``. Counting a real dataset reads
-    every label once, so the result is cached in ``RUN_DIR/blv_class_counts.json`` and reused when
-    the run resumes with the same source.
+    every label once, so the result is cached in ``RUN_DIR/blv_class_counts.json`` and reused while
+    the counted data are the same (:func:`~segadapt.engine.run_cache.reuse_or_make`).
 
     Raises:
         ConfigError: a source that is not configured (the message names the key to set).
@@ -197,29 +198,31 @@ def blv_class_counts(run: RunConfig, num_classes: int, log: Callable[[str], None
         return torch.tensor(blv.given_counts, dtype=torch.float64)
 
     spec, key = _counted_spec(run)
-    description = f"{blv.class_counts}: {spec.model_dump_json()}"
     cache = run.run_dir / COUNTS_FILE
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("description") == description and len(saved.get("counts", [])) == num_classes:
-            log(f"blv: reusing the class counts in {cache}")
-            return torch.tensor(saved["counts"], dtype=torch.float64)
 
-    from .builders import build_dataset_from_spec
+    def count() -> None:
+        from .builders import build_dataset_from_spec
 
-    dataset = build_dataset_from_spec(spec, with_labels=True)
-    if not dataset.has_labels:
-        raise DataError(
-            f"{key} ({spec.dataset}, split {spec.split}) has no labels to count for loss.blv.class_counts="
-            f"{blv.class_counts}; use a labelled split or loss.blv.class_counts=given"
-        )
-    if dataset.classes.num_classes != num_classes:
-        raise DataError(f"{key} has {dataset.classes.num_classes} classes but the model predicts {num_classes}")
-    log(f"blv: counting the pixels of each class in {len(dataset)} label maps of {key}")
-    counts = dataset_class_counts(dataset).double()
-    Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"description": description, "counts": counts.tolist()}))
-    return counts
+        dataset = build_dataset_from_spec(spec, with_labels=True)
+        if not dataset.has_labels:
+            raise DataError(
+                f"{key} ({spec.dataset}, split {spec.split}) has no labels to count for loss.blv.class_counts="
+                f"{blv.class_counts}; use a labelled split or loss.blv.class_counts=given"
+            )
+        if dataset.classes.num_classes != num_classes:
+            raise DataError(f"{key} has {dataset.classes.num_classes} classes but the model predicts {num_classes}")
+        log(f"blv: counting the pixels of each class in {len(dataset)} label maps of {key}")
+        counts = dataset_class_counts(dataset).double()
+        atomic_write_text(cache, json.dumps({"counts": counts.tolist()}), "BLV class counts")
+
+    cache_key = {"loss.blv.class_counts": blv.class_counts, key: spec.model_dump(mode="json"), "num_classes": num_classes}
+    if blv.class_counts == "pseudo":  # the folder's labels may be remade in place: its summary identifies them
+        from .pseudo_labelling import SUMMARY
+
+        summary = Path(spec.pseudo_labels) / SUMMARY
+        cache_key["pseudo labels"] = file_fingerprint(summary, "pseudo-label summary") if summary.is_file() else None
+    reuse_or_make(cache, cache_key, count, log, "blv: class counts")
+    return torch.tensor(json.loads(cache.read_text())["counts"], dtype=torch.float64)
 
 
 def _counted_spec(run: RunConfig) -> tuple[Any, str]:

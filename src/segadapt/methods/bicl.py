@@ -1,4 +1,4 @@
-"""BiCL: bi-directional pixel-prototype contrastive learning (Lee, Eom, Lee, Park, Ham, ECCV 2022; paper 003).
+"""BiCL: bi-directional pixel-prototype contrastive learning (Lee, Eom, Lee, Park, Ham, ECCV 2022; its supplement).
 
 Plain functions and one small module on tensors, usable in any training loop:
 
@@ -13,15 +13,20 @@ class-wise domain biases                                   :func:`domain_biases`
 dynamic pseudo labels (label transfer, threshold T = 0.7)  :func:`dynamic_pseudo_labels`
 hybrid labels                                              :func:`hybrid_pseudo_labels`
 baseline entropy terms (CCM [3], lambda_ent = 0.4)         :func:`entropy_loss`
+                                                           (:func:`~segadapt.methods.common.pixel_entropy`)
 weighted source sampling (supplement Eq. 1)                :func:`occurrence_table`,
                                                            :func:`class_sampling_probabilities`,
                                                            :func:`sample_source_indices`
 self-distillation KL(q_t || q_s) (supplement Eq. 2)        :func:`self_distillation_loss`
+                                                           (:func:`~segadapt.methods.common.pixel_kl_divergence`)
 =========================================================  =========================================
 
-Only the supplement is available (REFERENCE_NOTES.md 4: the public DASS code implements none of
-these parts), so the forms below are assumptions where the supplement gives no formula; each
-function says which. The common ones:
+The per-class means (:func:`class_means`), entropies and KL divergences are the shared ones of
+:mod:`segadapt.methods.common`.
+
+Only the supplement is available, and the public DASS code implements none of these parts
+(docs/reference_code.md, "BiCL: what the public code implements"), so the forms below are
+assumptions where the supplement gives no formula; each function says which. The common ones:
 
 - Features are L2-normalised per pixel and compared with prototypes by cosine similarity over a
   temperature ``tau`` (the DASS code's ``cos * 10``, i.e. ``tau = 0.1``, is the default of the
@@ -45,8 +50,8 @@ from torch import nn
 from ..data.classes import IGNORE_INDEX
 from ..errors import DataError
 from ..progress import progress
-from .cpsl import pixel_kl_divergence
-from .pseudo_labels import ConfidenceHistogram, apply_thresholds, cbst_thresholds
+from .common import class_feature_means, class_pixel_counts, pixel_entropy, pixel_kl_divergence
+from .thresholds import ConfidenceHistogram, apply_thresholds, cbst_thresholds
 
 
 def _flatten_pixels(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,17 +71,24 @@ def _flatten_pixels(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 def class_means(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean of the L2-normalised pixel features, and the pixel count per class.
+    """Per-class mean of the L2-normalised pixel features, and the pixel count per class (BiCL's batch prototypes).
+
+    :func:`~segadapt.methods.common.class_feature_means` of the flattened pixels, summed in
+    float32. Labels other than ``0..C-1`` and ``ignore_index`` are an error.
 
     Returns:
         ``means`` float32 ``[C, D]`` (zero for absent classes) and ``counts`` int64 ``[C]``.
+
+    Shape:
+        - features ``[N, D, h, w]`` with labels ``[N, h, w]``, or ``[P, D]`` with ``[P]``
+
+    Examples:
+        >>> class_means(torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]), torch.tensor([0, 0, 255]), 2)
+        (tensor([[0.3000, 0.9000],
+                [0.0000, 0.0000]]), tensor([2, 0]))
     """
     pixels, labels = _flatten_pixels(features, labels)
-    keep = labels != ignore_index
-    pixels, labels = F.normalize(pixels[keep].float(), dim=1), labels[keep].long()
-    counts = torch.bincount(labels, minlength=num_classes)
-    sums = torch.zeros(num_classes, pixels.shape[1], device=pixels.device).index_add_(0, labels, pixels)
-    return sums / counts.clamp_min(1).unsqueeze(1).float(), counts
+    return class_feature_means(pixels, labels, num_classes, ignore_index, torch.float32)
 
 
 class PrototypeMemory(nn.Module):
@@ -264,10 +276,10 @@ def entropy_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> tor
 
     The entropy terms of BiCL's baseline (CCM [3]; lambda_ent^S = lambda_ent^T = 0.4, supplement
     Sec. 1). Normalised by ``log C`` as ADVENT does, so it lies in [0, 1]. The DASS code computes
-    ``log_softmax(softmax(x))`` (REFERENCE_NOTES.md 4), which is not an entropy; not reproduced.
+    ``log_softmax(softmax(x))`` (docs/reference_code.md, "BiCL: losses in the DASS code"), which is
+    not an entropy; not reproduced.
     """
-    log_p = F.log_softmax(logits.float(), dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1) / float(np.log(logits.shape[1]))
+    entropy = pixel_entropy(logits, normalized=True)
     if valid is None:
         return entropy.mean()
     if not valid.any():
@@ -276,14 +288,20 @@ def entropy_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> tor
 
 
 def occurrence_table(label_maps: Iterable[torch.Tensor | np.ndarray], num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """bool ``[I, C]``: whether image ``i``'s ground truth contains class ``c`` (supplement Eq. 1's input)."""
+    """bool ``[I, C]``: whether image ``i``'s ground truth contains class ``c`` (supplement Eq. 1's input).
+
+    Label ids other than ``0..C-1`` and ``ignore_index`` are an error (they are never dropped silently).
+
+    Shape:
+        - each label map: any shape; output ``[I, C]`` bool
+
+    Examples:
+        >>> occurrence_table([torch.tensor([[0, 255], [2, 2]]), np.array([[1, 1]], dtype=np.uint8)], num_classes=3).tolist()
+        [[True, False, True], [False, True, False]]
+    """
     rows = []
     for label in progress(label_maps, desc="class occurrence", unit="label"):  # a bar in a terminal (all GTA5 labels: minutes)
-        label = torch.as_tensor(np.asarray(label)).reshape(-1).long()
-        label = label[(label != ignore_index) & (label >= 0) & (label < num_classes)]
-        row = torch.zeros(num_classes, dtype=torch.bool)
-        row[label.unique()] = True
-        rows.append(row)
+        rows.append(class_pixel_counts(label, num_classes, ignore_index).cpu() > 0)
     if not rows:
         raise DataError("no source label maps to build the class occurrence table from")
     return torch.stack(rows)
@@ -341,7 +359,8 @@ def self_distillation_loss(
     ``q_t``/``q_s`` are the teacher's (the final BiCL model, a constant) and the student's per-pixel
     softmax; the KL ``sum_c q_t (log q_t - log q_s)`` is summed over classes and averaged over the
     pixels where ``valid`` is True (all pixels when None), with the student's ``log_softmax`` (the
-    ProDA ``kl_div(softmax, softmax)`` bug, REFERENCE_NOTES 1.4, is not reproduced). ``L_base`` is
+    ProDA ``kl_div(softmax, softmax)`` bug, docs/reference_code.md, "CPSL: distillation stages", is
+    not reproduced). ``L_base`` is
     the caller's baseline loss (recipe ``bicl_distill``).
 
     Shape:

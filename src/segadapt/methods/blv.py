@@ -7,9 +7,9 @@ rarity of ``c``::
     f_c  = (log N - log n_c) / max_j (log N - log n_j),    N = sum_j n_j,
 
 and the loss is the cross-entropy of ``z'`` (supplement Alg. 1; the authors' ``BlvLoss`` at
-HEAD e08cc6c, REFERENCE_NOTES.md 5.1). Inference uses the plain logits. Raising the tail
-classes' logits during training makes the network push their scores further from the other
-classes, which enlarges their margins (the "variation" covers a wider region in logit space).
+HEAD e08cc6c; docs/reference_code.md, "BLV: offsets"). Inference uses the plain logits. Raising
+the tail classes' logits during training makes the network push their scores further from the
+other classes, which enlarges their margins (the "variation" covers a wider region in logit space).
 
 Where the sources disagree, this module follows the authors' fixed code:
 
@@ -30,13 +30,17 @@ Where the sources disagree, this module follows the authors' fixed code:
 sigma: 6 in the supplement for every task except SYNTHIA -> Cityscapes (4); the code's
 default is 4. The temporal variant (supplement Sec. 3) is :func:`sigma_schedule`.
 
-Use: :class:`BalancedLogitVariationLoss` replaces the main head's cross-entropy; auxiliary
-heads (e.g. PSPNet's, weight 0.4) keep plain CE, as in the reference configs. Which CE terms
-of a UDA or semi-supervised recipe get the variation (source only, or pseudo labels too) is
-not in the released code; it is the recipe's choice. The counts come from labelled data
-(:func:`dataset_class_counts`) or accumulate online, e.g. over pseudo labels
-(:class:`ClassCounter`); the supplement (Tab. 5) reports that counts from the few labelled
-images of a semi-supervised split help little.
+Use: the loss is the engine's ``loss.name: blv`` (:class:`segadapt.engine.losses.BLVSegLoss`,
+docs/blv.md), which every recipe's cross-entropy terms go through; there is no second BLV loss.
+This module holds its arithmetic, for the engine and for custom training loops:
+``F.cross_entropy(blv_logits(logits, blv_offsets(counts), sigma), labels)`` in training and plain
+cross-entropy in evaluation. Which CE terms of a UDA or semi-supervised recipe get the
+variation (source only, or pseudo labels too) is not in the released code; it is the recipe's
+choice (the reference keeps plain CE on auxiliary heads). The counts ``n_c`` come from labelled
+data (:func:`dataset_class_counts`) or accumulate online, e.g. over pseudo labels
+(:class:`ClassCounter`), both with :func:`~segadapt.methods.common.class_pixel_counts`; the
+supplement (Tab. 5) reports that counts from the few labelled images of a semi-supervised split
+help little.
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..data.classes import IGNORE_INDEX
 from ..errors import DataError
+from .common import class_pixel_counts
 
 
 def blv_offsets(class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -161,30 +166,14 @@ def sigma_schedule(iteration: int, total: int, sigma0: float, t_mid: int) -> flo
     return float(sigma0 * (total - iteration) / (total - t_mid))
 
 
-def class_counts_from_labels(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """Pixel counts per train id ``[C]`` (int64) of a label tensor of any shape; ``ignore_index`` pixels are skipped.
-
-    Raises:
-        DataError: labels holding ids other than ``0..C-1`` and ``ignore_index``.
-    """
-    labels = labels.reshape(-1)
-    labels = labels[labels != ignore_index].long()
-    unknown = labels[(labels < 0) | (labels >= num_classes)]
-    if unknown.numel():
-        ids = sorted(set(unknown.unique()[:10].tolist()))
-        raise DataError(
-            f"labels hold ids {ids} outside the train ids 0..{num_classes - 1} and the ignore index {ignore_index};"
-            " map raw label ids to train ids first (the dataset's label map), or fix num_classes"
-        )
-    return torch.bincount(labels, minlength=num_classes).cpu()
-
-
 class ClassCounter(nn.Module):
-    """Accumulates per-class pixel counts ``n_c`` for :func:`blv_offsets`.
+    """Accumulates per-class pixel counts ``n_c`` (int64) for :func:`blv_offsets`.
 
     It is a module with a ``counts`` buffer, so a recipe that counts online (e.g. pseudo
-    labels of the target) saves and resumes it with the run. Across DDP ranks, all-reduce
-    ``counts`` before using it.
+    labels of the target) saves and resumes it with the run. Across DDP ranks, sum ``counts``
+    with :func:`segadapt.collectives.all_reduce_sum` before using it. Labels with ids other
+    than ``0..C-1`` and ``ignore_index`` are an error
+    (:func:`~segadapt.methods.common.class_pixel_counts`).
 
     Examples:
         >>> counter = ClassCounter(num_classes=3)
@@ -193,7 +182,7 @@ class ClassCounter(nn.Module):
         tensor([3, 1, 1])
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -201,7 +190,7 @@ class ClassCounter(nn.Module):
 
     def update(self, labels: torch.Tensor) -> None:
         """Add the pixels of a label tensor (any shape, train ids and ``ignore_index``)."""
-        self.counts += class_counts_from_labels(labels, self.num_classes, self.ignore_index).to(self.counts.device)
+        self.counts += class_pixel_counts(labels, self.num_classes, self.ignore_index).to(self.counts.device)
 
     def offsets(self) -> torch.Tensor:
         """:func:`blv_offsets` of the counts so far."""
@@ -211,9 +200,9 @@ class ClassCounter(nn.Module):
 def dataset_class_counts(dataset: Any, indices: Iterable[int] | None = None) -> torch.Tensor:
     """Pixel counts per train id over the labels of a segadapt dataset, at the label files' resolution.
 
-    The reference counts the labels at full resolution without augmentation (the GTA5
-    counts of REFERENCE_NOTES.md 5.1); this reads ``dataset.load_label(i)`` (the train-id map
-    before any transform) for every item, or for ``indices``.
+    The reference counts the labels at full resolution without augmentation (the GTA5 counts of
+    docs/reference_code.md, "BLV: class counts"); this reads ``dataset.load_label(i)`` (the
+    train-id map as stored: datasets never augment, the loader does) for every item, or for ``indices``.
 
     Args:
         dataset: a :class:`~segadapt.data.base.SegDataset` (``classes``, ``load_label``, ``items``).
@@ -236,79 +225,3 @@ def dataset_class_counts(dataset: Any, indices: Iterable[int] | None = None) -> 
         except DataError as err:
             raise DataError(f"{dataset.items[index].label}: {err}") from None
     return counter.counts
-
-
-class BalancedLogitVariationLoss(nn.Module):
-    """Cross-entropy on BLV-perturbed logits in training mode, plain cross-entropy in eval mode.
-
-    Args:
-        class_counts: pixel counts per class (list, array or tensor), e.g. the source
-            labels' counts from :func:`dataset_class_counts`; turned into ``offsets`` with
-            :func:`blv_offsets` (a buffer, saved with the module).
-        sigma: noise standard deviation; a plain attribute, so a recipe can follow
-            :func:`sigma_schedule` with ``loss.sigma = sigma_schedule(...)``. 0 gives plain CE.
-        ignore_index: label value excluded from the loss.
-        reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"`` (per pixel,
-            0 at ignored pixels), as :func:`torch.nn.functional.cross_entropy`.
-
-    Call:
-        ``loss(logits [N, C, h, w], labels [N, H, W], generator=None)``. The noise follows
-        the module's own ``training`` flag (a recipe's ``train()``/``eval()`` reaches it when
-        the loss is one of its submodules). Logits at a lower
-        resolution are upsampled bilinearly (``align_corners=False``) to the labels first, so
-        the noise is drawn per label pixel as in the reference. The loss is computed in
-        float32. A batch whose labels are all ``ignore_index`` gives a zero loss that is still
-        connected to the graph (``"mean"`` would otherwise be NaN).
-
-    Examples:
-        >>> loss_fn = BalancedLogitVariationLoss([100, 10, 1], sigma=6.0)
-        >>> logits, labels = torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
-        >>> bool(loss_fn(logits, labels) > F.cross_entropy(logits, labels))  # tail logits raised
-        True
-        >>> bool(loss_fn.eval()(logits, labels) == F.cross_entropy(logits, labels))
-        True
-    """
-
-    def __init__(
-        self,
-        class_counts: Sequence[float] | np.ndarray | torch.Tensor,
-        sigma: float = 6.0,
-        ignore_index: int = 255,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__()
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if sigma < 0:
-            raise ValueError(f"BLV sigma must be >= 0, got {sigma}")
-        self.sigma = float(sigma)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.register_buffer("offsets", blv_offsets(class_counts))
-
-    def set_class_counts(self, class_counts: Sequence[float] | np.ndarray | torch.Tensor) -> None:
-        """Replace the offsets, e.g. after re-estimating the class distribution."""
-        offsets = blv_offsets(class_counts)
-        if offsets.shape != self.offsets.shape:
-            raise ValueError(f"expected {self.offsets.numel()} class counts, got {offsets.numel()}")
-        self.offsets.copy_(offsets)
-
-    def forward(
-        self, logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if logits.dim() != 4 or labels.dim() != 3 or logits.shape[1] != self.offsets.numel():
-            raise ValueError(
-                f"BLV loss expects logits [N, {self.offsets.numel()}, h, w] (one channel per counted class) and"
-                f" labels [N, H, W]; got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
-            )
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        logits = logits.float()
-        if self.training:
-            logits = blv_logits(logits, self.offsets, self.sigma, generator)
-        if self.reduction == "mean" and not (labels != self.ignore_index).any():
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, classes={self.offsets.numel()}, ignore_index={self.ignore_index}"

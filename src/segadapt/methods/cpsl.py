@@ -1,4 +1,4 @@
-"""CPSL: class-balanced pixel-level self-labeling (Li et al., CVPR 2022; papers 001 and 000).
+"""CPSL: class-balanced pixel-level self-labeling (Li et al., CVPR 2022, and its supplement).
 
 The paper's algorithms as tensor functions and small ``nn.Module`` s, usable in any training loop:
 
@@ -8,20 +8,28 @@ paper                           here
 Eq. 1 (rectified pseudo label)  :func:`rectify_pseudo_labels`
 Eq. 4, 5 (self-labeling loss)   :class:`SelfLabelingHead`, :func:`self_labeling_loss`,
                                 :func:`online_self_labeling_loss`
-Eq. 6, Alg. 1 l.11-13           :func:`sinkhorn` (log-domain Sinkhorn-Knopp, unequal marginals)
-Eq. 7 (prototype init)          :class:`PrototypeAccumulator`, :func:`class_prototypes`
+Eq. 6, Alg. 1 l.11-13           :func:`~segadapt.methods.sinkhorn.sinkhorn` (log-domain Sinkhorn-Knopp,
+                                unequal marginals; its own module, :mod:`segadapt.methods.sinkhorn`)
+Eq. 7 (prototype init)          :class:`PrototypeAccumulator`, :func:`class_prototypes` (built on
+                                :func:`~segadapt.methods.common.class_feature_sums`)
 memory bank (Sec. 3.2)          :class:`MemoryBank`
 Eq. 8, 9 (balanced sampling)    :func:`sample_pixels`, :func:`gather_pixel_features`
-Eq. 10-12 (distribution align)  :class:`ClassDistribution`, :func:`class_pixel_counts`
+Eq. 10-12 (distribution align)  :class:`ClassDistribution`, fed with
+                                :func:`~segadapt.methods.common.class_pixel_counts`
 Eq. 13 (consistency)            :func:`symmetric_kl_consistency`
 Eq. 14 (total loss)             :func:`cpsl_total_loss`
-CPSL+distill (Sec. 4.2)         :func:`distillation_loss`
+CPSL+distill (Sec. 4.2)         :func:`distillation_loss` (KL: :func:`~segadapt.methods.common.pixel_kl_divergence`)
 ==============================  ==========================================================
+
+``sinkhorn``, ``class_marginal_error`` and ``class_pixel_counts`` are importable from here too
+(the CPSL recipe and the benchmarks import them from this module); they live in
+:mod:`segadapt.methods.sinkhorn` and :mod:`segadapt.methods.common`.
 
 Defaults are the paper's (Sec. 4.1): tau = 0.08, epsilon = 0.05, lambda1 = 0.1, lambda2 = 5, a bank of
 65,536 features, M = 512 pixels per image; 3 Sinkhorn iterations as in the authors' code (the paper
-gives no count). Where the authors' code departs from the paper (REFERENCE_NOTES.md 1.3, 1.4) the
-paper is followed and the departure is named in the docstring.
+gives no count). Where the authors' code departs from the paper (docs/reference_code.md, section
+"CPSL (lslrh/CPSL, built on microsoft/ProDA)") the paper is followed and the departure is named in
+the docstring.
 
 One stage-1 step, in the order of Algorithm 1 (the engine's CPSL recipe does this)::
 
@@ -37,15 +45,16 @@ One stage-1 step, in the order of Algorithm 1 (the engine's CPSL recipe does thi
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segadapt.data.classes import IGNORE_INDEX
-from segadapt.errors import ConfigError, DataError
+from ..data.classes import IGNORE_INDEX
+from ..errors import ConfigError, DataError
+from .common import check_label_ids, class_feature_means, class_feature_sums, class_means_from_sums, class_pixel_counts, pixel_kl_divergence
+from .sinkhorn import class_marginal_error, normalized_marginal, sinkhorn
 
 __all__ = [
     "ClassDistribution",
@@ -53,8 +62,8 @@ __all__ = [
     "MemoryBank",
     "PrototypeAccumulator",
     "SelfLabelingHead",
-    "class_marginal_error",
-    "class_pixel_counts",
+    "class_marginal_error",  # re-exported from .sinkhorn
+    "class_pixel_counts",  # re-exported from .common
     "class_prototypes",
     "cpsl_total_loss",
     "distillation_loss",
@@ -63,128 +72,24 @@ __all__ = [
     "rectify_pseudo_labels",
     "sample_pixels",
     "self_labeling_loss",
-    "sinkhorn",
+    "sinkhorn",  # re-exported from .sinkhorn
     "symmetric_kl_consistency",
 ]
-
-
-# --------------------------------------------------------------------------- Sinkhorn (Eq. 5, 6)
-
-
-def _normalized_marginal(class_marginal: torch.Tensor | None, num_classes: int, like: torch.Tensor) -> torch.Tensor:
-    """``r / sum(r)`` as ``like``'s dtype and device; the uniform marginal (equipartition) for ``None``."""
-    if class_marginal is None:
-        return torch.full((num_classes,), 1.0 / num_classes, dtype=like.dtype, device=like.device)
-    marginal = torch.as_tensor(class_marginal).to(dtype=like.dtype, device=like.device)
-    if marginal.shape != (num_classes,):
-        raise DataError(f"class_marginal must have shape ({num_classes},) for {num_classes} classes, got {tuple(marginal.shape)}")
-    if not torch.isfinite(marginal).all() or (marginal < 0).any() or marginal.sum() <= 0:
-        raise DataError(f"class_marginal must be finite, non-negative and not all zero, got {marginal.tolist()}")
-    return marginal / marginal.sum()
-
-
-def class_marginal_error(assignments: torch.Tensor, class_marginal: torch.Tensor | None = None) -> float:
-    """``max_k | mean_b Q[b, k] - r_k / sum(r) |``: how far an assignment is from the class marginal of Eq. 5.
-
-    Shape:
-        - assignments: ``[B, K]``, rows summing to 1 (as :func:`sinkhorn` returns)
-        - class_marginal: ``[K]`` or ``None`` (uniform)
-
-    Examples:
-        >>> class_marginal_error(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-        0.0
-    """
-    marginal = _normalized_marginal(class_marginal, assignments.shape[1], assignments)
-    return float((assignments.mean(dim=0) - marginal).abs().max())
-
-
-@torch.no_grad()
-def sinkhorn(
-    scores: torch.Tensor,
-    class_marginal: torch.Tensor | None = None,
-    epsilon: float = 0.05,
-    iterations: int = 3,
-    tolerance: float | None = None,
-) -> torch.Tensor:
-    """Soft cluster assignments by Sinkhorn-Knopp with unequal class marginals (paper 001, Eq. 5, 6; Alg. 1 l.11-13).
-
-    Solves Eq. 5's transport problem ``Q* = diag(alpha) exp(scores / epsilon) diag(beta)`` (Eq. 6) with the
-    class marginal ``r`` (Eq. 12: the estimated class distribution; ``None`` is the equipartition of
-    Asano et al., the paper's "w/o CB" variant) and the uniform sample marginal ``h = 1/B``, then
-    rescales so that each sample's assignment sums to 1. Each iteration first scales every class column
-    to mass ``r_k`` and then every sample row to 1, which is exactly what the authors' ``sinkhorn`` does
-    on ``Q^T`` (REFERENCE_NOTES.md 1.3 item 9; the parity fixture ``cpsl_sinkhorn.npz`` is matched to
-    1e-10 in float64). Only the ratios of ``r`` matter, so ``r`` need not sum to 1.
-
-    The work is done on ``log Q`` with ``logsumexp``, so float32 is safe for any finite scores,
-    65,536+ samples and classes whose mass shrinks to nothing; classes with ``r_k = 0`` get exactly
-    zero assignment; ``-inf`` scores forbid a sample-class pair. float16/bfloat16/float32 inputs are
-    computed and returned in float32, float64 stays float64. The assignment is a target, never
-    differentiated (runs under ``no_grad``).
-
-    Args:
-        scores: ``f_SL(Z)``, e.g. cosine scores of :class:`SelfLabelingHead` in ``[-1, 1]``.
-        class_marginal: ``r``, non-negative, ``None`` for the uniform marginal.
-        epsilon: the entropic temperature ``epsilon`` of Eq. 6 (0.05 in Sec. 4.1).
-        iterations: Sinkhorn iterations (3 in the authors' code; the paper gives none); with
-            ``tolerance`` the most iterations run (raise it, e.g. to 100, when converging).
-        tolerance: if set, stop as soon as :func:`class_marginal_error` is below it (checked after each
-            iteration). The rows always sum to 1; only the class marginal is approximate.
-
-    Returns:
-        ``Q`` ``[B, K]``, non-negative, each row summing to 1, column sums close to ``B * r_k / sum(r)``.
-
-    Shape:
-        - scores: ``[B, K]``; class_marginal: ``[K]``; output: ``[B, K]``
-
-    Examples:
-        >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
-        >>> q = sinkhorn(scores, torch.tensor([0.5, 0.5]), iterations=50, tolerance=1e-6)
-        >>> q.sum(dim=1).round(decimals=6)
-        tensor([1., 1., 1., 1.])
-        >>> q.sum(dim=0).round(decimals=4)
-        tensor([2., 2.])
-    """
-    if scores.dim() != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
-        raise DataError(f"sinkhorn expects scores [B, K] with B, K > 0, got {tuple(scores.shape)}")
-    if epsilon <= 0:
-        raise ConfigError(f"sinkhorn epsilon must be > 0, got {epsilon}")
-    if iterations < 1:
-        raise ConfigError(f"sinkhorn iterations must be >= 1, got {iterations}")
-    if tolerance is not None and tolerance <= 0:
-        raise ConfigError(f"sinkhorn tolerance must be > 0 (or None for a fixed iteration count), got {tolerance}")
-    # Q^T [K, B] as the reference does: the class sums then run over contiguous memory (the [B, K]
-    # layout measured 1.5x slower on CPU); in-place updates because the matrix is 65,536+ x K per call
-    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    log_q = (scores.T.to(dtype) / epsilon).contiguous()
-    marginal = _normalized_marginal(class_marginal, scores.shape[1], log_q)
-    log_marginal = marginal.log().unsqueeze(1)
-    has_mass = marginal.unsqueeze(1) > 0
-    for _ in range(iterations):
-        class_log_mass = torch.logsumexp(log_q, dim=1, keepdim=True)
-        # where(): a zero-mass class is -inf everywhere, and -inf - (-inf) would be NaN
-        log_q.add_(torch.where(has_mass, log_marginal - class_log_mass, -math.inf))
-        log_q.sub_(torch.logsumexp(log_q, dim=0, keepdim=True))
-        if tolerance is not None and class_marginal_error(log_q.exp().T, marginal) < tolerance:
-            break
-    assignments = log_q.exp_().T.contiguous()
-    if not torch.isfinite(assignments.sum()):
-        raise DataError("sinkhorn produced NaN: the scores contain NaN or +inf, or a class with r_k > 0 is -inf for every sample")
-    return assignments
 
 
 # --------------------------------------------------------------------------- self-labeling head (Eq. 4-7)
 
 
 class SelfLabelingHead(nn.Module):
-    """``f_SL``: K prototypes scoring L2-normalised pixel features by cosine similarity (paper 001, Eq. 4-6).
+    """``f_SL``: K prototypes scoring L2-normalised pixel features by cosine similarity (CPSL Eq. 4-6).
 
     ``forward`` returns ``cos(z, w_k)`` for every class ``k``: the scores that Sinkhorn turns into
     cluster assignments (Eq. 6, divided by epsilon) and whose ``softmax(. / tau)`` is the class
     probability ``p`` of Eq. 4 and the cluster assignment ``P_SL`` of Eq. 1. Both the features and the
     prototypes are normalised, so only the prototype directions are learnt (the authors' code
-    normalises ``self.prototypes`` for the current batch but not for the memory bank, REFERENCE_NOTES.md
-    1.3 item 8 / 7.3; here both are normalised, as the paper's single ``f_SL``).
+    normalises ``self.prototypes`` for the current batch but not for the memory bank,
+    docs/reference_code.md, "CPSL: self-labeling loss" and "CPSL: memory bank"; here both are
+    normalised, as the paper's single ``f_SL``).
 
     The prototypes start random (the "w/o Init" ablation, Tab. 3) until :meth:`init_from_prototypes`
     copies Eq. 7's class prototypes in (Alg. 1 line 2), which makes cluster ``k`` mean class ``k``.
@@ -228,30 +133,20 @@ class SelfLabelingHead(nn.Module):
         raise DataError(f"SelfLabelingHead expects features [M, D] or [N, D, h, w], got {tuple(features.shape)}")
 
 
-def _validate_hard_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise DataError(f"hard labels must be an integer tensor, got {labels.dtype}")
-    unknown = labels[(labels != ignore_index) & ((labels < 0) | (labels >= num_classes))]
-    if unknown.numel():
-        raise DataError(
-            f"labels contain ids {sorted(set(unknown.unique().tolist()))} outside 0..{num_classes - 1} "
-            f"and not the ignore index {ignore_index}; map them to train ids first"
-        )
-
-
 class PrototypeAccumulator:
-    """Running sums for Eq. 7's class prototypes ``z_c = 1/|Gamma_c| sum_{n,i} Y_ST^(c) z_{n,i}`` (paper 001).
+    """Running sums for the class prototypes ``z_c = 1/|Gamma_c| sum_{n,i} Y_ST^(c) z_{n,i}`` of CPSL Eq. 7.
 
     Feed batches of feature maps with their pseudo labels (:meth:`update`), combine accumulators of
-    several workers (:meth:`merge`, or all-reduce :attr:`sums` and :attr:`counts`), then :meth:`compute`.
+    several workers (:meth:`merge`, or :func:`segadapt.collectives.all_reduce_sum` of :attr:`sums` and
+    :attr:`counts`), then :meth:`compute`. The arithmetic is :func:`~segadapt.methods.common.class_feature_sums`.
     Features are L2-normalised per pixel before averaging, because Eq. 7 averages the normalised
     ``z`` of Sec. 3.2. Hard labels (the paper's ``Y_ST``, the argmax of ``P_ST``) count each pixel once
     for its class; soft labels ``[N, K, h, w]`` weight each pixel by its probability (a choice for
     users without hard labels). Sums are kept in float64 so a whole dataset can be accumulated.
 
-    The authors' ``calc_prototype.py`` differs (REFERENCE_NOTES.md 1.1 step 2): unnormalised features,
-    per-image class means over classes with >= 10 pixels, and a running mean with the count capped at
-    3000. Both give directions, which is all the head keeps.
+    The authors' ``calc_prototype.py`` differs (docs/reference_code.md, "CPSL: prototypes"):
+    unnormalised features, per-image class means over classes with >= 10 pixels, and a running mean
+    with the count capped at 3000. Both give directions, which is all the head keeps.
 
     Labels must already be on the feature grid (resize hard labels with nearest neighbour).
 
@@ -274,23 +169,7 @@ class PrototypeAccumulator:
         """Add ``features [N, D, h, w]`` with hard labels ``[N, h, w]`` (ignore = ``ignore_index``) or soft ``[N, K, h, w]``."""
         if features.dim() != 4 or features.shape[1] != self.sums.shape[1]:
             raise DataError(f"features must be [N, {self.sums.shape[1]}, h, w], got {tuple(features.shape)}")
-        grid = (features.shape[0], *features.shape[2:])
-        pixels = F.normalize(features.double(), dim=1).permute(0, 2, 3, 1)  # [N, h, w, D]
-        if labels.dim() == 3:
-            if tuple(labels.shape) != grid:
-                raise DataError(f"labels {tuple(labels.shape)} must be on the feature grid {grid}; resize them (nearest) first")
-            _validate_hard_labels(labels, self.num_classes, self.ignore_index)
-            valid = labels != self.ignore_index
-            batch_sums = torch.zeros_like(self.sums, device=features.device).index_add_(0, labels[valid], pixels[valid])
-            batch_counts = torch.bincount(labels[valid], minlength=self.num_classes).double()
-        elif labels.dim() == 4:
-            if tuple(labels.shape) != (grid[0], self.num_classes, *grid[1:]):
-                raise DataError(f"soft labels must be [N, {self.num_classes}, h, w] on the feature grid {grid}, got {tuple(labels.shape)}")
-            weights = labels.double()
-            batch_sums = torch.einsum("nkhw,nhwd->kd", weights, pixels)
-            batch_counts = weights.sum(dim=(0, 2, 3))
-        else:
-            raise DataError(f"labels must be hard [N, h, w] or soft [N, K, h, w], got {tuple(labels.shape)}")
+        batch_sums, batch_counts = class_feature_sums(features, labels, self.num_classes, self.ignore_index, torch.float64)
         self.sums += batch_sums.cpu()
         self.counts += batch_counts.cpu()
 
@@ -304,7 +183,7 @@ class PrototypeAccumulator:
 
     def compute(self) -> torch.Tensor:
         """Class prototypes ``[K, D]`` (float32); a class never seen gets the zero vector (see :attr:`counts`)."""
-        return (self.sums / self.counts.clamp_min(1e-12).unsqueeze(1)).float()
+        return class_means_from_sums(self.sums, self.counts).float()
 
 
 def class_prototypes(
@@ -321,16 +200,14 @@ def class_prototypes(
         tensor([[0.5000, 0.5000],
                 [0.0000, 0.0000]])
     """
-    accumulator = PrototypeAccumulator(num_classes, features.shape[1], ignore_index)
-    accumulator.update(features, labels)
-    return accumulator.compute()
+    return class_feature_means(features, labels, num_classes, ignore_index, torch.float64)[0].float()
 
 
 # --------------------------------------------------------------------------- memory bank (Sec. 3.2)
 
 
 class MemoryBank(nn.Module):
-    """FIFO queue of L2-normalised pixel features augmenting each batch's Sinkhorn (paper 001, Sec. 3.2; Alg. 1 l.10).
+    """FIFO queue of L2-normalised pixel features augmenting each batch's Sinkhorn (CPSL Sec. 3.2; Alg. 1 l.10).
 
     The queue, the write pointer and the fill count are registered buffers, so they are saved and
     resumed with ``state_dict``. :meth:`enqueue` normalises and writes features, overwriting the oldest
@@ -341,12 +218,12 @@ class MemoryBank(nn.Module):
     Before the queue is full (the paper is silent on this warm-up): with ``use_partial=True``
     (default) the features stored so far augment the batch, never the empty slots, which is the
     literal ``Z_aug = [Z; M]`` of Alg. 1 line 10. ``use_partial=False`` is the authors' code
-    (REFERENCE_NOTES.md 1.3 item 8): the queue joins only once full and until then Sinkhorn sees the
-    batch alone; with 65,536 slots and 512 pixels per image that is the first 128 target images.
-    Call :meth:`enqueue` after computing the loss, as Alg. 1 and the reference do, so a batch is
-    never its own context. The bank is per process (no all-gather under DDP, as the reference). The
-    same class holds other per-pixel vectors, e.g. the normalised EMA logits of the authors' second
-    self-labeling term (``feature_dim = K``).
+    (docs/reference_code.md, "CPSL: memory bank"): the queue joins only once full and until then
+    Sinkhorn sees the batch alone; with 65,536 slots and 512 pixels per image that is the first 128
+    target images. Call :meth:`enqueue` after computing the loss, as Alg. 1 and the reference do, so
+    a batch is never its own context. The CPSL recipe enqueues the pixels of every rank
+    (all-gathered), so under DDP all ranks keep one identical bank. The same class holds other per-pixel vectors, e.g. the
+    normalised EMA logits of the authors' second self-labeling term (``feature_dim = K``).
 
     Args:
         feature_dim: ``D``, the length of the stored vectors.
@@ -434,7 +311,7 @@ def sample_pixels(
     generator: torch.Generator | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Pick ``M`` pixels per image for the self-labeling head and the memory bank (paper 001, Eq. 8, 9).
+    """Pick ``M`` pixels per image for the self-labeling head and the memory bank (CPSL Eq. 8, 9).
 
     Class-balanced (default): every class of image ``n`` gets the quota ``M_c = floor(M * delta_n^(c))``
     of Eq. 9, drawn uniformly without replacement among that class's pixels, where ``delta_n`` is the
@@ -472,7 +349,7 @@ def sample_pixels(
     num_pixels = pseudo_labels.shape[1] * pseudo_labels.shape[2]
     if not 0 < num_samples <= num_pixels:
         raise ConfigError(f"num_samples (pixels per image) must be in 1..{num_pixels} for a {tuple(pseudo_labels.shape[1:])} grid, got {num_samples}")
-    _validate_hard_labels(pseudo_labels, num_classes, ignore_index)
+    check_label_ids(pseudo_labels, num_classes, ignore_index, "pseudo labels")
     device = generator.device if generator is not None else pseudo_labels.device
     labels = pseudo_labels.to(device).flatten(1)
     picks = []
@@ -517,19 +394,8 @@ def gather_pixel_features(features: torch.Tensor, indices: torch.Tensor) -> torc
 # --------------------------------------------------------------------------- distribution alignment (Eq. 10-12)
 
 
-def class_pixel_counts(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Pixels per class ``[K]`` (float64) of hard labels, ignore excluded: Eq. 8/10's histogram, unnormalised.
-
-    Examples:
-        >>> class_pixel_counts(torch.tensor([[0, 2, 2, 255]]), num_classes=3)
-        tensor([1., 0., 2.], dtype=torch.float64)
-    """
-    _validate_hard_labels(labels, num_classes, ignore_index)
-    return torch.bincount(labels[labels != ignore_index].flatten(), minlength=num_classes).double()
-
-
 class ClassDistribution(nn.Module):
-    """The running class-distribution estimate ``delta_pseudo`` used as Sinkhorn's ``r`` (paper 001, Eq. 10-12).
+    """The running class-distribution estimate ``delta_pseudo`` used as Sinkhorn's ``r`` (CPSL Eq. 10-12).
 
     Start from the class histogram of the fixed pseudo labels ``Y_ST`` over the target set (Eq. 10;
     accumulate :func:`class_pixel_counts`, any positive scale), then after every training iteration
@@ -542,8 +408,8 @@ class ClassDistribution(nn.Module):
         - ``"momentum"`` (paper): Eq. 11. The paper gives no value for ``alpha``; the default 0.999 is
           an assumption (the paper's only stated momentum, Sec. 4.1), i.e. an average over roughly the
           last 1000 iterations (4000 images at batch 4, more than one Cityscapes epoch).
-        - ``"fixed"`` (authors' code, REFERENCE_NOTES.md 1.3 item 9 and 7.2): ``r`` stays the warm-up
-          histogram of Eq. 10; :meth:`update` changes nothing.
+        - ``"fixed"`` (authors' code; docs/reference_code.md, "CPSL: class distribution"): ``r``
+          stays the warm-up histogram of Eq. 10; :meth:`update` changes nothing.
 
     Examples:
         >>> estimate = ClassDistribution(torch.tensor([3.0, 1.0]), momentum=0.5)
@@ -564,7 +430,7 @@ class ClassDistribution(nn.Module):
         initial = torch.as_tensor(initial, dtype=torch.float32)
         self.momentum = momentum
         self.mode = mode
-        self.register_buffer("distribution", _normalized_marginal(initial, initial.numel(), initial))
+        self.register_buffer("distribution", normalized_marginal(initial, initial.numel(), initial))
 
     @torch.no_grad()
     def update(self, batch_distribution: torch.Tensor) -> torch.Tensor:
@@ -574,7 +440,7 @@ class ClassDistribution(nn.Module):
         """
         if self.mode == "fixed" or float(batch_distribution.sum()) == 0.0:
             return self.distribution
-        observed = _normalized_marginal(batch_distribution, self.distribution.numel(), self.distribution)
+        observed = normalized_marginal(batch_distribution, self.distribution.numel(), self.distribution)
         self.distribution.mul_(self.momentum).add_(observed, alpha=1.0 - self.momentum)
         return self.distribution
 
@@ -591,7 +457,7 @@ def rectify_pseudo_labels(
     temperature: float = 0.08,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Hard labels ``argmax_c P_SL^(c) * P_ST^(c)`` (paper 001, Eq. 1).
+    """Hard labels ``argmax_c P_SL^(c) * P_ST^(c)`` (CPSL Eq. 1).
 
     ``P_SL = softmax(cluster_scores / tau)`` over classes is the cluster assignment of the momentum
     head ``f'_SL`` on the momentum network's features (Alg. 1 line 17; Eq. 4's form); ``P_ST`` is the
@@ -619,7 +485,7 @@ def rectify_pseudo_labels(
 
 
 def self_labeling_loss(scores: torch.Tensor, assignments: torch.Tensor, temperature: float = 0.08) -> torch.Tensor:
-    """``L_SL = -1/M sum_m sum_c q_m^(c) log p_m^(c)`` with ``p = softmax(scores / tau)`` (paper 001, Eq. 4, 5).
+    """``L_SL = -1/M sum_m sum_c q_m^(c) log p_m^(c)`` with ``p = softmax(scores / tau)`` (CPSL Eq. 4, 5).
 
     ``assignments`` are the Sinkhorn targets ``Q_cur`` (rows summing to 1), treated as constants.
 
@@ -628,8 +494,8 @@ def self_labeling_loss(scores: torch.Tensor, assignments: torch.Tensor, temperat
 
     Examples:
         >>> loss = self_labeling_loss(torch.zeros(2, 4), torch.eye(4)[:2], temperature=0.1)
-        >>> round(float(loss), 4) == round(math.log(4), 4)
-        True
+        >>> round(float(loss), 4)  # log 4: uniform p, one-hot targets
+        1.3863
     """
     if scores.shape != assignments.shape:
         raise DataError(f"scores {tuple(scores.shape)} and assignments {tuple(assignments.shape)} must match")
@@ -646,7 +512,7 @@ def online_self_labeling_loss(
     epsilon: float = 0.05,
     iterations: int = 3,
 ) -> torch.Tensor:
-    """Eq. 5 on the current batch with assignments from the bank-augmented batch (paper 001, Alg. 1 l.10-14).
+    """Eq. 5 on the current batch with assignments from the bank-augmented batch (CPSL Alg. 1 l.10-14).
 
     Scores ``Z_aug`` (:meth:`MemoryBank.with_batch`) with ``head`` without gradients, runs
     :func:`sinkhorn` with the class marginal ``r``, keeps the batch's rows ``Q_cur`` and returns
@@ -658,8 +524,8 @@ def online_self_labeling_loss(
     problem over ``bank + batch`` instead (the same marginals, one Sinkhorn call).
 
     The authors' code adds a second term whose Sinkhorn scores are the L2-normalised EMA logits of
-    the same pixels while the prediction stays ``head(features) / tau`` (REFERENCE_NOTES.md 1.3
-    item 8; not in the paper). A recipe that wants it composes it from a second :class:`MemoryBank`
+    the same pixels while the prediction stays ``head(features) / tau`` (docs/reference_code.md,
+    "CPSL: self-labeling loss"; not in the paper). A recipe that wants it composes it from a second :class:`MemoryBank`
     of logits, :func:`sinkhorn` and :func:`self_labeling_loss`.
 
     Shape:
@@ -670,7 +536,7 @@ def online_self_labeling_loss(
         >>> head.init_from_prototypes(torch.eye(2))
         >>> pixels = torch.tensor([[1.0, 0.1], [0.1, 1.0]])
         >>> loss = online_self_labeling_loss(head, pixels, bank, torch.tensor([0.5, 0.5]))
-        >>> loss.backward(); head.prototypes.grad.shape, 0.0 < loss.item() < math.log(2)
+        >>> loss.backward(); head.prototypes.grad.shape, 0.0 < loss.item() < 0.6931  # below log 2
         (torch.Size([2, 2]), True)
     """
     with torch.no_grad():
@@ -682,13 +548,14 @@ def online_self_labeling_loss(
 def symmetric_kl_consistency(
     weak_logits: torch.Tensor, strong_logits: torch.Tensor, valid_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels (paper 001, Eq. 13).
+    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels (CPSL Eq. 13).
 
     ``P = softmax(logits)`` over the class dimension, computed in float32. Eq. 13 sums over pixels and
     images; the mean is used here (as the authors' code, which divides by the mask sum) so that
     ``lambda2 = 5`` does not depend on the crop size. The weak view comes from the momentum network
     and carries no gradient; detach it yourself if it does. The authors' code uses only
-    ``KL(teacher || student)`` on prototype-cosine probabilities (REFERENCE_NOTES.md 1.3 item 11);
+    ``KL(teacher || student)`` on prototype-cosine probabilities (docs/reference_code.md, "CPSL:
+    consistency loss");
     pass ``cos / tau`` as logits for that probability model.
 
     Shape:
@@ -722,12 +589,12 @@ def cpsl_total_loss(
     self_labeling_weight: float = 0.1,
     consistency_weight: float = 5.0,
 ) -> torch.Tensor:
-    """``L_TOTAL = L_SEG + lambda1 L_SL + lambda2 L_REG`` (paper 001, Eq. 14; lambda1 = 0.1, lambda2 = 5, Sec. 4.1).
+    """``L_TOTAL = L_SEG + lambda1 L_SL + lambda2 L_REG`` (CPSL Eq. 14; lambda1 = 0.1, lambda2 = 5, Sec. 4.1).
 
     ``L_SEG = L^t_SEG + L^s_SEG`` (Eq. 2, 3) is the caller's cross-entropy on source labels and
     rectified target pseudo labels. The authors' code adds a supervised-contrastive term (weight
-    0.001) and uses symmetric CE for ``L^t_SEG`` (REFERENCE_NOTES.md 1.3 items 7, 10, 12); neither is
-    in the paper, so neither is here.
+    0.001) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms not in the
+    paper"); neither is in the paper, so neither is here.
 
     Examples:
         >>> cpsl_total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.1))
@@ -744,19 +611,6 @@ class DistillationLoss(NamedTuple):
     kl_divergence: torch.Tensor
 
 
-def pixel_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel ``KL(p_t || p_s) = sum_c p_t (log p_t - log p_s)`` of two logit maps; the teacher is a constant.
-
-    The student enters as ``log_softmax`` (not ``softmax``: REFERENCE_NOTES.md 1.4).
-
-    Shape:
-        - student_logits, teacher_logits: ``[N, K, h, w]``; output ``[N, h, w]``
-    """
-    log_student = F.log_softmax(student_logits.float(), dim=1)
-    log_teacher = F.log_softmax(teacher_logits.detach().float(), dim=1)
-    return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -766,7 +620,7 @@ def distillation_loss(
     kl_weight: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
 ) -> DistillationLoss:
-    """The knowledge-distillation loss of "CPSL+distill" (paper 001, Sec. 4.2, following ProDA).
+    """The knowledge-distillation loss of "CPSL+distill" (CPSL Sec. 4.2, following ProDA).
 
     ``CE(student, hard pseudo labels) + kl_weight * KL(teacher || student)``, where the hard pseudo
     labels come from the previous stage's model and keep only pixels whose confidence is strictly
@@ -774,7 +628,7 @@ def distillation_loss(
     uses the labels as given, e.g. already thresholded offline). The KL is
     ``sum_c p_t (log p_t - log p_s)`` per pixel, averaged over all pixels; the teacher is a constant.
 
-    The authors' code (ProDA issues #20, #43; REFERENCE_NOTES.md 1.4) calls
+    The authors' code (ProDA issues #20, #43; docs/reference_code.md, "CPSL: distillation stages") calls
     ``F.kl_div(softmax(student), softmax(teacher))``: the student should be a *log*-probability, so
     its "KL" is not a divergence and goes negative. That bug is not reproduced: the student's
     ``log_softmax`` is used. Its default ``'mean'`` reduction also divided by the number of classes,

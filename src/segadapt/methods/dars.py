@@ -1,9 +1,10 @@
 """DARS: distribution-aligned pseudo-label thresholds with random sampling, and the progressive rounds.
 
 He, Yang, Qi, "Re-distributing Biased Pseudo Labels for Semi-supervised Semantic Segmentation:
-A Baseline Investigation", ICCV 2021 (paper 002 is its supplement). Only the supplement is in
-our copy, so the thresholding follows the authors' code (CVMI-Lab/DARS @ 0cfe09a,
-``tool/gen_pseudo_label_utils.py::get_threshold_and_sampling_ratio``, REFERENCE_NOTES 3.1):
+A Baseline Investigation", ICCV 2021, and its supplement. Only the supplement was available to
+this project, so the thresholding follows the authors' code (CVMI-Lab/DARS @ 0cfe09a,
+``tool/gen_pseudo_label_utils.py::get_threshold_and_sampling_ratio``; docs/reference_code.md,
+"DARS: thresholds and random sampling"):
 
 1. class ``j`` gets a pixel quota ``N_j = int(alpha * prior_j / valid * num_pixels)``, so the
    pseudo labels follow the target class distribution ``prior`` and a fraction ``alpha`` (the
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .pseudo_labels import ConfidenceHistogram, Thresholds, check_ratio, kth_largest_exact
+from .thresholds import ConfidenceHistogram, Thresholds, check_ratio, kth_largest_exact
 
 
 def dars_class_quotas(
@@ -113,28 +114,16 @@ def _with_sampling_ratio(thresholds: torch.Tensor, kept: torch.Tensor, quotas: t
 # ------------------------------------------------------------------------- target distributions
 
 
-def label_class_counts(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """Pixels of each train id in a label map or batch, int64 ``[C]``; sum it over a split.
-
-    Examples:
-        >>> label_class_counts(torch.tensor([[0, 1], [1, 255]]), 3).tolist()
-        [1, 2, 0]
-    """
-    labels = labels.reshape(-1).long()
-    labels = labels[labels != ignore_index]
-    if labels.numel() and not bool(((labels >= 0) & (labels < num_classes)).all()):
-        raise ValueError(
-            f"label ids must be train ids 0..{num_classes - 1} or {ignore_index} (ignore), "
-            f"got [{int(labels.min())}, {int(labels.max())}]"
-        )
-    return torch.bincount(labels, minlength=num_classes).cpu()
-
-
 def label_distribution(class_counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Class distribution (float64 ``[C]``, sums to 1) of label pixel counts.
 
     The semi-supervised DARS prior (the labeled split's counts) and DARS(SD) in UDA (the source
-    labels' counts, supplement Sec. S3). Counts come from :func:`label_class_counts`.
+    labels' counts, supplement Sec. S3). Count them with
+    :func:`~segadapt.methods.common.class_pixel_counts`, summed over the split.
+
+    Examples:
+        >>> label_distribution(torch.tensor([3, 1, 0])).tolist()
+        [0.75, 0.25, 0.0]
     """
     return _normalise(_check_distribution(class_counts, "the label class counts"))
 
@@ -191,9 +180,9 @@ class ProgressiveSchedule:
     then 50 %). From round 2 on, the random-scale range ``[lo, hi]`` of rounds 0 and 1 widens to
     ``[lo * (1 - beta_min), hi * (1 + beta_max)]`` (Tab. S2). The supplement says "decreasing the
     lower bound by beta_min"; the authors' configs show the change is relative (beta_min = 0.2
-    turns 0.25 into 0.2, REFERENCE_NOTES 3.2), and Tab. S2's beta_min = 0.4 would make an
-    absolute decrease negative. Rounds after 2 (not in the paper) compound the growth once more
-    per round.
+    turns 0.25 into 0.2; docs/reference_code.md, "DARS: progressive rounds"), and Tab. S2's
+    beta_min = 0.4 would make an absolute decrease negative. Rounds after 2 (not in the paper)
+    compound the growth once more per round.
 
     Examples:
         >>> schedule = PROGRESSIVE_SCHEDULES["pspnet50_cityscapes8_crop361"]
@@ -238,7 +227,8 @@ class ProgressiveSchedule:
 
 
 PROGRESSIVE_SCHEDULES: dict[str, ProgressiveSchedule] = {
-    # The authors' configs (REFERENCE_NOTES 3.2); the name gives network, dataset split and crop.
+    # The authors' configs (docs/reference_code.md, "DARS: progressive rounds"); the name gives
+    # network, dataset split and crop.
     "deeplabv2_cityscapes8_crop361": ProgressiveSchedule((0.2, 0.45), (0.25, 1.0)),
     "pspnet50_cityscapes8_crop361": ProgressiveSchedule((0.2, 0.5), (0.25, 1.0), (0.2, 0.5)),
     "pspnet50_cityscapes8_crop713": ProgressiveSchedule((0.4, 0.65), (0.5, 2.0), (0.0, 0.5)),

@@ -1,13 +1,13 @@
 """Confusion matrix accumulation and the segmentation scores computed from it.
 
-The matrix follows the notation of the CPSL supplement (paper 000, Sec. 2): entry ``p_ij`` counts
+The matrix follows the notation of the CPSL supplement (Sec. 2): entry ``p_ij`` counts
 the pixels of ground-truth class ``i`` predicted as class ``j``, so rows are ground truth and
 columns are predictions. Pixels whose ground truth is ``ignore_index`` are not counted.
 
 Absent classes: a class with no ground-truth pixel and no predicted pixel has an undefined IoU
 (0/0). Its IoU is NaN and it is left out of the mean, as in the ProDA/CPSL evaluation
-(``np.nanmean``, REFERENCE_NOTES 1.6) and mmseg. ``absent_as_zero=True`` counts it as 0 instead,
-which is what DARS and BiCL's ``mean(I / (U + 1e-10))`` does. A class that is predicted but absent
+(``np.nanmean``; docs/reference_code.md, "CPSL: evaluation") and mmseg. ``absent_as_zero=True``
+counts it as 0 instead, which is what DARS and BiCL's ``mean(I / (U + 1e-10))`` does. A class that is predicted but absent
 from the ground truth has IoU 0 either way (its union is its false positives). Per-class accuracy
 is undefined (NaN) for every class without ground-truth pixels, even when it was predicted; note
 that torchmetrics' macro accuracy scores such a class as 0 instead.
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
+from ..collectives import all_reduce_sum
 from ..errors import CheckpointError
 
 
@@ -129,17 +129,10 @@ class ConfusionMatrix:
     def all_reduce(self) -> ConfusionMatrix:
         """Sum the matrix over all ranks when ``torch.distributed`` is initialised; a no-op otherwise.
 
-        Every rank must call it (it is a collective). NCCL only reduces CUDA tensors, so a CPU matrix
-        makes a round trip through the current CUDA device there.
+        Every rank must call it (it is a collective): :func:`segadapt.collectives.all_reduce_sum`,
+        which sends a CPU matrix through the current CUDA device under NCCL.
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        if dist.get_backend() == "nccl" and not self.matrix.is_cuda:
-            on_gpu = self.matrix.cuda()
-            dist.all_reduce(on_gpu)
-            self.matrix.copy_(on_gpu.cpu())
-        else:
-            dist.all_reduce(self.matrix)
+        all_reduce_sum(self.matrix)
         return self
 
     def reset(self) -> None:

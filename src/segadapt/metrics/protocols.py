@@ -1,10 +1,12 @@
-"""The SYNTHIA -> Cityscapes evaluation protocols over the 19 Cityscapes train ids (DATASETS.md 3.4).
+"""The SYNTHIA -> Cityscapes evaluation protocols over the 19 Cityscapes train ids.
+
+See docs/datasets/synthia.md, "Evaluation protocols".
 
 - **19**: all 19 classes (GTA5 -> Cityscapes, and any 19-way model).
 - **16**: the 19 minus terrain (9), truck (14) and train (16), which SYNTHIA does not label.
-- **13**: the 16 minus wall (3), fence (4) and pole (5). DATASETS.md 3.4 confirms that mIoU13
-  excludes exactly these three (ProDA ``n_class=13``: ``to19=[0,1,2,6,7,8,10,11,12,13,15,17,18]``;
-  BiCL drops indices 3,4,5 of the 16). Papers mark it ``mIoU*``.
+- **13**: the 16 minus wall (3), fence (4) and pole (5). mIoU13 excludes exactly these three
+  (ProDA ``n_class=13``: ``to19=[0,1,2,6,7,8,10,11,12,13,15,17,18]``; BiCL drops indices 3,4,5
+  of the 16). Papers mark it ``mIoU*``.
 
 A protocol score is computed from a confusion matrix in one of two label spaces:
 
@@ -17,7 +19,8 @@ A protocol score is computed from a confusion matrix in one of two label spaces:
 - a **compact space** whose ids are the protocol's classes re-indexed 0..K-1 (CBST/CRST, ProDA
   ``n_class=16``/``13``): the model predicts K classes directly and the ground truth was mapped
   with :meth:`Protocol.to_compact`, so pixels of dropped classes are ignored. mIoU13 of a 16-class
-  model is the mean of its 13 IoUs (CBST author, DATASETS.md 3.4).
+  model is the mean of its 13 IoUs (as the CBST author confirms; docs/datasets/synthia.md,
+  "Evaluation protocols").
 
 The space is recognised by the matrix size: 19, or the class count of a protocol.
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from ..collectives import all_reduce_sum
+from ..data.classes import class_pixel_counts
 from .confusion import ConfusionMatrix, _check_range
 
 
@@ -66,12 +67,12 @@ class PseudoLabelStats:
 
         labelled = pseudo != self.ignore_index
         device = self.pixel_counts.device
-        self.class_counts += _class_counts(pseudo[labelled], self.num_classes).to(device)
+        self.class_counts += class_pixel_counts(pseudo, self.num_classes, self.ignore_index).to(device)
         if target is None:
             valid = torch.ones_like(labelled)
         else:
             valid = target != self.ignore_index
-            self.target_class_counts += _class_counts(target[valid], self.num_classes).to(device)
+            self.target_class_counts += class_pixel_counts(target, self.num_classes, self.ignore_index).to(device)
             # Unlabelled pixels become ignored ground truth, so the matrix only sees labelled ones.
             self.confusion.update(pseudo.clamp(max=self.num_classes - 1), torch.where(labelled, target, self.ignore_index))
         counts = [pseudo.numel(), int(labelled.sum()), int(valid.sum()), int((labelled & valid).sum())]
@@ -93,17 +94,15 @@ class PseudoLabelStats:
         return self
 
     def all_reduce(self) -> PseudoLabelStats:
-        """Sum over ranks when ``torch.distributed`` is initialised (every rank must call it)."""
+        """Sum over ranks when ``torch.distributed`` is initialised (every rank must call it; a no-op otherwise).
+
+        The counts travel as one tensor: :func:`segadapt.collectives.all_reduce_sum`.
+        """
         self.confusion.all_reduce()
-        if dist.is_available() and dist.is_initialized():
-            packed = torch.cat([self.pixel_counts, self.class_counts, self.target_class_counts])
-            if dist.get_backend() == "nccl":
-                packed = packed.cuda()
-            dist.all_reduce(packed)
-            packed = packed.cpu()
-            self.pixel_counts, self.class_counts, self.target_class_counts = packed.split(
-                [4, self.num_classes, self.num_classes]
-            )
+        packed = all_reduce_sum(torch.cat([self.pixel_counts, self.class_counts, self.target_class_counts]))
+        self.pixel_counts, self.class_counts, self.target_class_counts = (
+            part.clone() for part in packed.split([4, self.num_classes, self.num_classes])
+        )
         return self
 
     @property
@@ -185,10 +184,6 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> float:
     p = _normalise(p.double().cpu() + eps)
     q = _normalise(q.double().cpu() + eps)
     return float(torch.special.xlogy(p, p).sum() - torch.special.xlogy(p, q).sum())
-
-
-def _class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.bincount(labels.reshape(-1), minlength=num_classes)
 
 
 def _normalise(counts: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Networks. Every model maps RGB images in ``[0, 1]`` to ``SegOutput(logits, features)``.
+"""Networks. Every model is a :class:`SegmentationModel`: RGB images in ``[0, 1]`` -> :class:`SegOutput`.
 
 The registry turns ``model.name`` / ``model.options`` of a config into a network:
 
@@ -7,24 +7,33 @@ The registry turns ``model.name`` / ``model.options`` of a config into a network
 
 Names: ``deeplabv2_r101`` (:class:`DeepLabV2`), ``deeplabv2_r101_proda``
 (:class:`DeepLabV2ProDA`), ``pspnet50`` (:class:`PSPNet50`), ``small`` (:class:`SmallSegNet`).
-See docs/models.md.
+The contract (``SegOutput(logits, features, aux_logits)``, ``feature_dim``, ``output_stride``,
+``aux_weight``, ``normalization``, ``backbone_parameters()`` / ``head_parameters()``) is in
+:mod:`segadapt.models.base`. See docs/models.md.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from ..errors import ConfigError, SegadaptError, did_you_mean
-from .base import InputNormalizer, Normalization, SegOutput
-from .deeplabv2 import DeepLabV2, DeepLabV2ProDA, check_num_classes, deeplabv2_output_size
+from .base import (
+    BackboneHeadSplit,
+    InputNormalizer,
+    Normalization,
+    SegmentationModel,
+    SegOutput,
+    check_num_classes,
+)
+from .deeplabv2 import DeepLabV2, DeepLabV2ProDA, deeplabv2_output_size
 from .pspnet import PSPNet50, pspnet_output_size
 from .small import SmallSegNet
 from .weights import LoadReport, load_backbone_weights, load_checkpoint_weights, read_state_dict
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, type[SegmentationModel]] = {
     "deeplabv2_r101": DeepLabV2,
     "deeplabv2_r101_proda": DeepLabV2ProDA,
     "pspnet50": PSPNet50,
@@ -46,7 +55,7 @@ def model_options(name: str) -> list[str]:
     return [parameter for parameter in parameters if parameter != "num_classes"]
 
 
-def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
+def create_model(name: str, num_classes: int, **options: Any) -> SegmentationModel:
     """Build the registered model ``name`` with ``num_classes`` outputs.
 
     Args:
@@ -85,14 +94,27 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     DataParallel wrapper is looked through. Frozen parameters (``requires_grad=False``, e.g.
     ``freeze_bn``) are left out.
 
+    Args:
+        model: a :class:`SegmentationModel`, or a training wrapper deriving from
+            :class:`BackboneHeadSplit` (e.g. a network plus a method's extra head).
+
     Raises:
-        TypeError: the model does not define the two methods.
+        TypeError: the model is neither (the message names the base class to derive from).
         ValueError: the two groups overlap or miss a trainable parameter (a model bug).
+
+    Examples:
+        >>> groups = param_groups(create_model("small", num_classes=3))
+        >>> sorted(groups), len(groups["head"]) > 0
+        (['backbone', 'head'], True)
     """
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
-    if not (hasattr(model, "backbone_parameters") and hasattr(model, "head_parameters")):
-        raise TypeError(f"{type(model).__name__} must define backbone_parameters() and head_parameters()")
+    if not isinstance(model, BackboneHeadSplit):
+        raise TypeError(
+            f"param_groups needs a segadapt model, got {type(model).__name__}: derive the network from"
+            " segadapt.models.SegmentationModel (a training wrapper that adds parameters from"
+            " segadapt.models.BackboneHeadSplit) and implement backbone_parameters() and head_parameters()"
+        )
     groups = {
         "backbone": [p for p in model.backbone_parameters() if p.requires_grad],
         "head": [p for p in model.head_parameters() if p.requires_grad],
@@ -109,6 +131,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 __all__ = [
     "MODELS",
+    "BackboneHeadSplit",
     "DeepLabV2",
     "DeepLabV2ProDA",
     "InputNormalizer",
@@ -116,6 +139,7 @@ __all__ = [
     "Normalization",
     "PSPNet50",
     "SegOutput",
+    "SegmentationModel",
     "SmallSegNet",
     "available_models",
     "create_model",

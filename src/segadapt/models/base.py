@@ -1,24 +1,52 @@
-"""The model output contract and input normalisation shared by every network."""
+"""The model contract every segadapt network implements, and the input normalisation it applies.
+
+:class:`SegmentationModel` is the one interface recipes, evaluators and the optimiser builder
+rely on: ``forward(images) -> SegOutput``, the attributes ``num_classes``, ``feature_dim``,
+``output_stride``, ``aux_weight`` and ``normalization``, and the ``backbone_parameters()`` /
+``head_parameters()`` split. Code reads these directly; nothing probes a model with
+``getattr``/``hasattr``. See docs/models.md, "Adding a model".
+"""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import ClassVar, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 class SegOutput(NamedTuple):
     """What every segadapt model returns, at the network's output stride (the caller upsamples).
 
+    Read the fields by name. ``logits, features = out[:2]`` also works; plain two-name
+    unpacking (``logits, features = out``) does not, since there is a third field.
+
+    Attributes:
+        logits: the class scores.
+        features: the embedding used by prototype and clustering methods (``D`` is the
+            model's ``feature_dim``).
+        aux_logits: an auxiliary head's class scores in training mode, for a loss term
+            weighted by the model's ``aux_weight`` (PSPNet-50's layer-3 head); ``None`` in eval
+            mode and for models without an auxiliary head.
+
     Shape:
         - logits: ``[N, C, h, w]``
-        - features: ``[N, D, h, w]``, the embedding used by prototype and clustering methods
+        - features: ``[N, D, h, w]``
+        - aux_logits: ``[N, C, h, w]`` or ``None``
+
+    Examples:
+        >>> out = SegOutput(torch.zeros(2, 19, 9, 9), torch.zeros(2, 64, 9, 9))
+        >>> out.aux_logits is None, tuple(out[:2][1].shape)
+        (True, (2, 64, 9, 9))
     """
 
     logits: torch.Tensor
     features: torch.Tensor
+    aux_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -26,10 +54,10 @@ class Normalization:
     """How a network expects its input pixels, starting from RGB in ``[0, 1]``.
 
     ``x' = (x * pixel_scale - mean) / std`` per channel, after reordering to ``channel_order``.
-    The reference models differ (REFERENCE_NOTES.md 0.1-0.3): ProDA/CPSL feed RGB/255 with
-    no mean or std, DARS uses ImageNet mean/std, DASS/BiCL use BGR minus the Caffe mean on a
-    0-255 scale. Keeping this in the model means datasets and augmentations always work on
-    ``[0, 1]`` RGB and a checkpoint is never fed the wrong statistics.
+    The reference models differ (docs/reference_code.md, "Networks: input normalisation"):
+    ProDA/CPSL feed RGB/255 with no mean or std, DARS uses ImageNet mean/std, DASS/BiCL use BGR
+    minus the Caffe mean on a 0-255 scale. Keeping this in the model means datasets and
+    augmentations always work on ``[0, 1]`` RGB and a checkpoint is never fed the wrong statistics.
     """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -73,3 +101,118 @@ def check_input(images: torch.Tensor, expected_channels: Sequence[int] = (3,)) -
         raise ValueError(
             f"expected a float tensor [N, 3, H, W] of RGB images in [0, 1], got {tuple(images.shape)} {images.dtype}"
         )
+
+
+def check_num_classes(num_classes: int) -> int:
+    """``num_classes`` itself if it is a positive integer, else a config-level error.
+
+    Examples:
+        >>> check_num_classes(19)
+        19
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    return num_classes
+
+
+def resolve_normalization(normalization: str | Normalization) -> Normalization:
+    """A :class:`Normalization` from itself or a preset name, with a config-level error.
+
+    Examples:
+        >>> resolve_normalization("proda").mean
+        (0.0, 0.0, 0.0)
+    """
+    if isinstance(normalization, Normalization):
+        return normalization
+    try:
+        return Normalization.preset(normalization)
+    except ValueError as err:
+        raise ConfigError(f"model.options.normalization: {err}") from None
+
+
+class BackboneHeadSplit(abc.ABC):
+    """Something whose trainable parameters split into a backbone and a head optimiser group.
+
+    Every :class:`SegmentationModel` is one. A training wrapper that adds parameters to a
+    model (CPSL's self-labeling head, say) derives from it too, so that
+    :func:`~segadapt.models.param_groups` accepts it: ``class Wrapper(nn.Module, BackboneHeadSplit)``.
+    The two methods must partition the module's parameters: each one in exactly one group.
+    """
+
+    @abc.abstractmethod
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters trained at the base learning rate (``optim.lr``)."""
+
+    @abc.abstractmethod
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters trained at ``optim.lr * optim.head_lr_mult``."""
+
+
+class SegmentationModel(nn.Module, BackboneHeadSplit):
+    """The contract of every segadapt network: RGB images in ``[0, 1]`` -> :class:`SegOutput`.
+
+    A subclass calls ``super().__init__(num_classes, feature_dim, normalization)`` first (this
+    sets ``num_classes``, ``feature_dim``, ``normalization`` and registers the normaliser
+    ``normalize``, a module without state-dict entries, as the first child), sets the class
+    attribute ``output_stride`` (and ``aux_weight`` when it has an auxiliary head), and
+    implements ``forward``, ``backbone_parameters`` and ``head_parameters``.
+
+    Attributes:
+        num_classes: ``C``, the channels of ``logits`` (and ``aux_logits``).
+        feature_dim: ``D``, the channels of ``features``.
+        output_stride: input pixels per output pixel along each side; the output is
+            ``ceil(H / output_stride) x ceil(W / output_stride)`` for the models here (the
+            exact rule is each model's, e.g. :func:`~segadapt.models.deeplabv2_output_size`).
+        aux_weight: weight of the auxiliary loss on ``SegOutput.aux_logits``; 0.0 for models
+            without an auxiliary head (their ``aux_logits`` is always ``None``).
+        normalization: the :class:`Normalization` ``forward`` applies to its input; data
+            pipelines always deliver RGB in ``[0, 1]``.
+
+    Methods:
+        forward(images): normalise the input inside the model and return :class:`SegOutput`.
+            In training mode a model with an auxiliary head fills ``aux_logits``, part of the
+            graph; in eval mode it is ``None``. The model keeps no tensor of a forward pass as
+            an attribute (EMA copies, DDP and pickling stay clean).
+        backbone_parameters(): the base-learning-rate group.
+        head_parameters(): the ``optim.head_lr_mult`` group. The two partition ``parameters()``.
+
+    Shape:
+        - images: ``[N, 3, H, W]`` float RGB in ``[0, 1]``
+        - logits: ``[N, C, h, w]``, features: ``[N, D, h, w]``, aux_logits: ``[N, C, h, w]`` or ``None``,
+          with ``h, w`` about ``H / output_stride, W / output_stride``
+
+    Examples:
+        >>> class Tiny(SegmentationModel):
+        ...     output_stride = 2
+        ...     def __init__(self, num_classes: int) -> None:
+        ...         super().__init__(num_classes, feature_dim=4, normalization="imagenet")
+        ...         self.encoder = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        ...         self.classifier = nn.Conv2d(4, num_classes, 1)
+        ...     def forward(self, images: torch.Tensor) -> SegOutput:
+        ...         features = self.encoder(self.normalize(images))
+        ...         return SegOutput(self.classifier(features), features)
+        ...     def backbone_parameters(self):
+        ...         return self.encoder.parameters()
+        ...     def head_parameters(self):
+        ...         return self.classifier.parameters()
+        >>> out = Tiny(num_classes=3)(torch.rand(1, 3, 9, 9))
+        >>> tuple(out.logits.shape), tuple(out.features.shape), out.aux_logits
+        ((1, 3, 5, 5), (1, 4, 5, 5), None)
+    """
+
+    output_stride: ClassVar[int]
+    aux_weight: ClassVar[float] = 0.0
+    num_classes: int
+    feature_dim: int
+    normalization: Normalization
+
+    def __init__(self, num_classes: int, feature_dim: int, normalization: str | Normalization) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.normalization = resolve_normalization(normalization)
+        self.normalize = InputNormalizer(self.normalization)
+
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor) -> SegOutput:
+        """``[N, 3, H, W]`` RGB in ``[0, 1]`` -> :class:`SegOutput` at the output stride."""

@@ -2,7 +2,8 @@
 
 Chen et al., "DeepLab: Semantic Image Segmentation with Deep Convolutional Nets, Atrous
 Convolution, and Fully Connected CRFs", TPAMI 2018, as re-implemented by AdaptSegNet and
-reused by the papers this project reproduces (REFERENCE_NOTES.md 0.1-0.3):
+reused by the papers this project reproduces (docs/reference_code.md, "Networks: Caffe-style
+ResNet-101 backbone"):
 
 - :class:`DeepLabV2` (registry name ``deeplabv2_r101``): the classic layout of
   AdaptSegNet/AdvSemiSeg/DARS. The classifier ``layer5`` is four dilated 3x3 convolutions
@@ -14,7 +15,7 @@ reused by the papers this project reproduces (REFERENCE_NOTES.md 0.1-0.3):
   classifier consumes.
 
 Both have exactly the state-dict keys and shapes of the authors' checkpoints
-(``shared/parity/deeplabv2_*_state_dict_keys.txt``) and output stride 8: a 512x1024 input
+(``tests/fixtures/parity/deeplabv2_*_state_dict_keys.txt``) and output stride 8: a 512x1024 input
 gives a 65x129 map (:func:`deeplabv2_output_size`).
 """
 
@@ -26,14 +27,20 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import InputNormalizer, Normalization, SegOutput, check_input
+from .base import Normalization, SegmentationModel, SegOutput, check_input, check_num_classes
+from .resnet import (
+    RESNET101_BLOCKS,
+    CaffeBottleneck,
+    freeze_batch_norm_parameters,
+    keep_batch_norm_in_eval,
+    make_resnet_stage,
+    resolve_freeze_bn,
+)
 
 BACKBONE_MODULES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 """Top-level modules holding the ResNet-101 backbone; their state-dict keys match torchvision's."""
 
 ASPP_RATES = (6, 12, 18, 24)
-RESNET101_BLOCKS = (3, 4, 23, 3)
-FREEZE_BN_MODES = ("none", "affine", "all")
 ASPP_BRANCH_MODES = ("all", "first_two_reference")
 
 
@@ -59,55 +66,6 @@ def deeplabv2_output_size(height: int, width: int) -> tuple[int, int]:
     return one_side(height), one_side(width)
 
 
-class Bottleneck(nn.Module):
-    """Caffe-style ResNet bottleneck: the stride sits on the first 1x1 convolution, not the 3x3.
-
-    This is the layout of the original DeepLab/ResNet Caffe models kept by every reference
-    (torchvision's "ResNet V1.5" strides the 3x3 instead; parameter names and shapes are
-    the same, which is why the references load torchvision weights into this layout).
-    """
-
-    expansion = 4
-
-    def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
-    ) -> None:
-        super().__init__()
-        out_channels = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, stride=stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, affine=True)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, affine=True)
-        self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels, affine=True)
-        self.relu = nn.ReLU(inplace=True)
-        # Registered last so the state-dict order matches the references (downsample after bn3).
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + residual)
-
-
-def make_resnet_stage(in_channels: int, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    """One ResNet stage; its first block always gets a projection shortcut.
-
-    The references create the projection whenever the stride, width or dilation changes;
-    for ResNet-101 that is the first block of every stage, as in torchvision.
-    """
-    out_channels = planes * Bottleneck.expansion
-    downsample = nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-        nn.BatchNorm2d(out_channels, affine=True),
-    )
-    layers = [Bottleneck(in_channels, planes, stride, dilation, downsample)]
-    layers += [Bottleneck(out_channels, planes, dilation=dilation) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
-
-
 class ASPPClassifier(nn.Module):
     """The classic DeepLab-V2 classifier (ASPP-L): dilated 3x3 convolutions to the classes, summed.
 
@@ -116,7 +74,8 @@ class ASPPClassifier(nn.Module):
         num_classes: output classes ``C``.
         branches: ``"all"`` sums the four branches (the paper). ``"first_two_reference"``
             reproduces the AdaptSegNet/AdvSemiSeg/DARS code, whose ``return`` sits inside the
-            loop so only the rate-6 and rate-12 branches are summed (REFERENCE_NOTES.md 0.2);
+            loop so only the rate-6 and rate-12 branches are summed (docs/reference_code.md,
+            "Networks: classic DeepLab-V2 head");
             the other two branches still exist, so checkpoints load either way.
     """
 
@@ -160,9 +119,10 @@ class ProDAClassifier(nn.Module):
     """ProDA/CPSL's ``Classifier_Module2``: GroupNorm ASPP, SE, 256-d bottleneck, dropout, 1x1 classifier.
 
     Returns ``(embedding, logits)``. The embedding is taken *after* ``Dropout2d(0.1)``, as the
-    reference's ``feat`` (REFERENCE_NOTES.md 0.1): in training mode the prototypes and the
-    self-labeling head see dropped-out channels; in eval mode dropout is the identity. There is
-    no ReLU after the bottleneck's GroupNorm, so the embedding can be negative.
+    reference's ``feat`` (docs/reference_code.md, "Networks: ProDA/CPSL DeepLab-V2 head"): in
+    training mode the prototypes and the self-labeling head see dropped-out channels; in eval mode
+    dropout is the identity. There is no ReLU after the bottleneck's GroupNorm, so the embedding
+    can be negative.
 
     Shape:
         - x: ``[N, 2048, h, w]``
@@ -204,36 +164,7 @@ class ProDAClassifier(nn.Module):
         return embedding, self.head[1](embedding)
 
 
-def check_num_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
-    return num_classes
-
-
-def resolve_normalization(normalization: str | Normalization) -> Normalization:
-    """A :class:`Normalization` from itself or a preset name, with a config-level error."""
-    if isinstance(normalization, Normalization):
-        return normalization
-    try:
-        return Normalization.preset(normalization)
-    except ValueError as err:
-        raise ConfigError(f"model.options.normalization: {err}") from None
-
-
-def resolve_freeze_bn(freeze_bn: str) -> str:
-    """Validate the ``freeze_bn`` option (see :class:`DeepLabV2ResNet101`)."""
-    if freeze_bn not in FREEZE_BN_MODES:
-        hint = ""
-        if isinstance(freeze_bn, bool):
-            hint = (
-                "; a boolean is ambiguous: the authors' --freeze_bn is 'affine' (running statistics still update),"
-                " 'all' also keeps the statistics fixed"
-            )
-        raise ConfigError(f"model.options.freeze_bn must be one of {FREEZE_BN_MODES}, got {freeze_bn!r}{hint}")
-    return freeze_bn
-
-
-class DeepLabV2ResNet101(nn.Module):
+class DeepLabV2ResNet101(SegmentationModel):
     """The shared trunk: input normalisation, dilated Caffe-style ResNet-101 (output stride 8), ``layer5`` head.
 
     Subclasses build the head. The backbone modules sit at the top level (``conv1``, ``bn1``,
@@ -254,20 +185,16 @@ class DeepLabV2ResNet101(nn.Module):
     def __init__(
         self, head: nn.Module, num_classes: int, feature_dim: int, normalization: str | Normalization, freeze_bn: str
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.feature_dim = feature_dim
-        self.normalization = resolve_normalization(normalization)
+        super().__init__(num_classes, feature_dim, normalization)
         self.freeze_bn = resolve_freeze_bn(freeze_bn)
-        self.normalize = InputNormalizer(self.normalization)
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64, affine=True)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
-        self.layer1 = make_resnet_stage(64, 64, RESNET101_BLOCKS[0])
-        self.layer2 = make_resnet_stage(256, 128, RESNET101_BLOCKS[1], stride=2)
-        self.layer3 = make_resnet_stage(512, 256, RESNET101_BLOCKS[2], dilation=2)
-        self.layer4 = make_resnet_stage(1024, 512, RESNET101_BLOCKS[3], dilation=4)
+        self.layer1 = make_resnet_stage(CaffeBottleneck, 64, 64, RESNET101_BLOCKS[0])
+        self.layer2 = make_resnet_stage(CaffeBottleneck, 256, 128, RESNET101_BLOCKS[1], stride=2)
+        self.layer3 = make_resnet_stage(CaffeBottleneck, 512, 256, RESNET101_BLOCKS[2], dilation=2)
+        self.layer4 = make_resnet_stage(CaffeBottleneck, 1024, 512, RESNET101_BLOCKS[3], dilation=4)
         self.layer5 = head
         # The references re-initialise every convolution, head included, after building it.
         for module in self.modules():
@@ -294,17 +221,12 @@ class DeepLabV2ResNet101(nn.Module):
     def _apply_freeze_bn(self) -> None:
         if self.freeze_bn == "none":
             return
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.requires_grad_(False)
+        freeze_batch_norm_parameters(self, self.freeze_bn)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> DeepLabV2ResNet101:
         super().train(mode)
-        if self.freeze_bn == "all":
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        keep_batch_norm_in_eval(self, self.freeze_bn)
         return self
 
 

@@ -2,7 +2,7 @@
 
 Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017, in the implementation of the
 semseg repository that DARS (ICCV 2021) vendors as ``model/pspnet.py`` and ``model/resnet.py``
-(REFERENCE_NOTES.md 0.2 and 3):
+(docs/reference_code.md, "Networks: PSPNet-50"):
 
 - a ResNet-50 with the **deep stem** (``deep_base=True``: three 3x3 convolutions 3->64->64->128
   in place of the 7x7 one) and torchvision's bottleneck (the stride sits on the 3x3
@@ -28,11 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import InputNormalizer, Normalization, SegOutput, check_input
-from .deeplabv2 import check_num_classes, resolve_freeze_bn, resolve_normalization
+from .base import Normalization, SegmentationModel, SegOutput, check_input, check_num_classes
+from .resnet import (
+    RESNET50_BLOCKS,
+    Bottleneck,
+    deep_stem,
+    freeze_batch_norm_parameters,
+    keep_batch_norm_in_eval,
+    make_resnet_stage,
+    resolve_freeze_bn,
+)
 from .weights import BackboneFormat
 
-RESNET50_BLOCKS = (3, 4, 6, 3)
 PPM_BINS = (1, 2, 3, 6)
 HEAD_DROPOUT = 0.1
 AUX_LOSS_WEIGHT = 0.4
@@ -90,73 +97,6 @@ def pspnet_output_size(height: int, width: int) -> tuple[int, int]:
     return -(-height // 8), -(-width // 8)
 
 
-class Bottleneck(nn.Module):
-    """torchvision-style ResNet bottleneck ("V1.5"): the stride and dilation sit on the 3x3 convolution.
-
-    This differs from the Caffe-style block of the DeepLab-V2 models, which strides the
-    first 1x1; semseg's ImageNet weights were trained with this layout.
-    """
-
-    expansion = 4
-
-    def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
-    ) -> None:
-        super().__init__()
-        out_channels = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(
-            planes, planes, kernel_size=3, stride=stride, padding=dilation, dilation=dilation, bias=False
-        )
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + residual)
-
-
-def make_resnet_stage(in_channels: int, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    """One ResNet-50 stage whose first block has the projection shortcut.
-
-    semseg builds layer3/4 strided and then sets ``dilation = padding = 2`` (4) and
-    ``stride = 1`` on *every* block's 3x3 convolution, the first one included (torchvision's
-    ``replace_stride_with_dilation`` would keep the previous dilation there); this builds
-    that network directly.
-    """
-    out_channels = planes * Bottleneck.expansion
-    downsample = nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-        nn.BatchNorm2d(out_channels),
-    )
-    layers = [Bottleneck(in_channels, planes, stride, dilation, downsample)]
-    layers += [Bottleneck(out_channels, planes, dilation=dilation) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
-
-
-def deep_stem() -> nn.Sequential:
-    """semseg's ``layer0``: three 3x3 conv-BN-ReLU (3->64 stride 2, 64->64, 64->128), then a 3x3/2 max-pool."""
-    return nn.Sequential(
-        nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(64, 64, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(64, 128, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(128),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-    )
-
-
 class PyramidPoolingModule(nn.Module):
     """PSPNet's pyramid pooling (Zhao et al. 2017, Sec. 3.2): pool, project, upsample, concatenate.
 
@@ -194,7 +134,7 @@ def segmentation_head(in_channels: int, mid_channels: int, num_classes: int) -> 
     )
 
 
-class PSPNet50(nn.Module):
+class PSPNet50(SegmentationModel):
     """PSPNet with a dilated deep-stem ResNet-50 (semseg/DARS layout), output stride 8.
 
     Args:
@@ -213,20 +153,21 @@ class PSPNet50(nn.Module):
           consumes (after ``Dropout2d``, so ``logits = cls[4](features)`` in both modes);
           ``(h, w) = pspnet_output_size(H, W)``
 
+        - aux_logits: ``[N, C, h, w]`` in training mode, ``None`` in eval mode
+
     Auxiliary head:
-        In training mode ``forward`` also runs ``aux`` on the layer3 output and leaves the
-        result in ``model.aux_logits`` (``[N, C, h, w]``, same stride, part of the graph);
-        in eval mode the head is skipped and ``aux_logits`` is ``None``. A recipe adds
-        ``model.aux_weight * CE(upsample(model.aux_logits), labels)`` (0.4, DARS/semseg) to
-        the loss; behind DDP, read it from ``model.module``. Keeping ``forward``'s output the
-        common :class:`SegOutput` lets every recipe, evaluator and EMA teacher use this
-        network unchanged, and calling ``forward`` (not a side method) keeps DDP's gradient
-        synchronisation. ``aux`` is always in the state dict, as in the authors' checkpoints.
+        In training mode ``forward`` also runs ``aux`` on the layer3 output and returns the
+        result as ``SegOutput.aux_logits`` (same stride, part of the graph); in eval mode the
+        head is skipped and ``aux_logits`` is ``None``. A recipe adds
+        ``model.aux_weight * CE(upsample(out.aux_logits), labels)`` (0.4, DARS/semseg) to the
+        loss. Returning it from ``forward`` (not a side method or attribute) keeps DDP's
+        gradient synchronisation and leaves no graph tensor on the model for EMA copies or
+        pickles. ``aux`` is always in the state dict, as in the authors' checkpoints.
 
     Examples:
         >>> model = PSPNet50(num_classes=19).eval()
         >>> out = model(torch.rand(1, 3, 33, 33))
-        >>> tuple(out.logits.shape), tuple(out.features.shape), model.aux_logits
+        >>> tuple(out.logits.shape), tuple(out.features.shape), out.aux_logits
         ((1, 19, 5, 5), (1, 512, 5, 5), None)
     """
 
@@ -241,17 +182,13 @@ class PSPNet50(nn.Module):
         normalization: str | Normalization = "imagenet",
         freeze_bn: Literal["none", "affine", "all"] = "none",
     ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(num_classes)
-        self.feature_dim = 512
-        self.normalization = resolve_normalization(normalization)
+        super().__init__(check_num_classes(num_classes), 512, normalization)
         self.freeze_bn = resolve_freeze_bn(freeze_bn)
-        self.normalize = InputNormalizer(self.normalization)
         self.layer0 = deep_stem()
-        self.layer1 = make_resnet_stage(128, 64, RESNET50_BLOCKS[0])
-        self.layer2 = make_resnet_stage(256, 128, RESNET50_BLOCKS[1], stride=2)
-        self.layer3 = make_resnet_stage(512, 256, RESNET50_BLOCKS[2], dilation=2)
-        self.layer4 = make_resnet_stage(1024, 512, RESNET50_BLOCKS[3], dilation=4)
+        self.layer1 = make_resnet_stage(Bottleneck, 128, 64, RESNET50_BLOCKS[0])
+        self.layer2 = make_resnet_stage(Bottleneck, 256, 128, RESNET50_BLOCKS[1], stride=2)
+        self.layer3 = make_resnet_stage(Bottleneck, 512, 256, RESNET50_BLOCKS[2], dilation=2)
+        self.layer4 = make_resnet_stage(Bottleneck, 1024, 512, RESNET50_BLOCKS[3], dilation=4)
         # semseg initialises the ResNet (Kaiming fan-out, BN 1/0) and leaves the heads at PyTorch defaults.
         for name in self.backbone_module_names:
             for module in getattr(self, name).modules():
@@ -260,11 +197,7 @@ class PSPNet50(nn.Module):
         self.ppm = PyramidPoolingModule(2048, 2048 // len(PPM_BINS), PPM_BINS)
         self.cls = segmentation_head(4096, self.feature_dim, self.num_classes)
         self.aux = segmentation_head(1024, 256, self.num_classes)
-        self.aux_logits: torch.Tensor | None = None
-        if self.freeze_bn != "none":
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.requires_grad_(False)
+        freeze_batch_norm_parameters(self, self.freeze_bn)
         self.train(self.training)
 
     def forward(self, images: torch.Tensor) -> SegOutput:
@@ -273,8 +206,8 @@ class PSPNet50(nn.Module):
         x = self.layer2(self.layer1(self.layer0(self.normalize(images))))
         layer3_out = self.layer3(x)
         features = self.cls[:4](self.ppm(self.layer4(layer3_out)))
-        self.aux_logits = self.aux(layer3_out) if self.training else None
-        return SegOutput(self.cls[4](features), features)
+        aux_logits = self.aux(layer3_out) if self.training else None
+        return SegOutput(self.cls[4](features), features, aux_logits)
 
     def _check_batch_norm_batch(self, images: torch.Tensor) -> None:
         global_branch_bn = self.ppm.features[0][2]
@@ -299,13 +232,5 @@ class PSPNet50(nn.Module):
 
     def train(self, mode: bool = True) -> PSPNet50:
         super().train(mode)
-        if self.freeze_bn == "all":
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        keep_batch_norm_in_eval(self, self.freeze_bn)
         return self
-
-    def __getstate__(self) -> dict:
-        # The last training step's aux logits are a non-leaf tensor of that step's graph,
-        # which deepcopy (EMA teachers) refuses and a pickle should not carry.
-        return {**super().__getstate__(), "aux_logits": None}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import InputNormalizer, Normalization, SegOutput, check_input
+from .base import Normalization, SegmentationModel, SegOutput, check_input
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -59,7 +59,7 @@ class PyramidPooling(nn.Module):
         return self.fuse(torch.cat([x, *pooled], dim=1))
 
 
-class SmallSegNet(nn.Module):
+class SmallSegNet(SegmentationModel):
     """A miniature encoder-decoder with dilated and pyramid-pooled context; output stride 4.
 
     Args:
@@ -75,6 +75,7 @@ class SmallSegNet(nn.Module):
         - logits: ``[N, C, ceil(H / 4), ceil(W / 4)]`` (exactly ``H/4 x W/4`` when ``H`` and
           ``W`` are multiples of 8; the caller upsamples)
         - features: ``[N, D, ceil(H / 4), ceil(W / 4)]``
+        - aux_logits: always ``None`` (no auxiliary head; ``aux_weight`` is 0)
 
     Examples:
         >>> model = SmallSegNet(num_classes=19).eval()
@@ -92,16 +93,11 @@ class SmallSegNet(nn.Module):
         width: int = 32,
         normalization: str | Normalization = "imagenet",
     ) -> None:
-        super().__init__()
         if num_classes < 1 or feature_dim < 1 or width < 1:
             raise ValueError(
                 f"num_classes, feature_dim and width must be positive, got {num_classes}, {feature_dim}, {width}"
             )
-        if isinstance(normalization, str):
-            normalization = Normalization.preset(normalization)
-        self.num_classes = num_classes
-        self.feature_dim = feature_dim
-        self.normalize = InputNormalizer(normalization)
+        super().__init__(num_classes, feature_dim, normalization)
         self.stem = nn.Sequential(conv_bn_relu(3, width, stride=2), conv_bn_relu(width, width))
         self.stage4 = nn.Sequential(conv_bn_relu(width, 2 * width, stride=2), conv_bn_relu(2 * width, 2 * width))
         self.stage8 = nn.Sequential(conv_bn_relu(2 * width, 4 * width, stride=2), conv_bn_relu(4 * width, 4 * width))

@@ -6,10 +6,10 @@ from ...config import RunConfig
 from ...errors import ConfigError, did_you_mean
 from .adversarial import AdversarialWarmup
 from .base import Recipe, Stream, parse_options
-from .bicl import BiCL
+from .bicl import BiCL, BiCLDistill
 from .cpsl import CPSL
 from .dacs import DACS
-from .distill import BiCLDistill, CPSLDistill
+from .distill import CPSLDistill
 from .self_training import SelfTraining
 from .source_only import Oracle, SourceOnly
 

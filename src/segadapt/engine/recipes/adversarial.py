@@ -1,9 +1,9 @@
-"""Output-space adversarial warm-up (AdaptSegNet, Tsai et al., CVPR 2018), the warm-up of CPSL (paper 001, Sec. 4.1).
+"""Output-space adversarial warm-up (AdaptSegNet, Tsai et al., CVPR 2018), the warm-up of CPSL (CPSL Sec. 4.1).
 
 CPSL "warms up the segmentation model by applying adversarial training like [39]" (AdaptSegNet);
 the authors' ProDA/CPSL code does it with ``step_adv``: a fully-convolutional discriminator on the
 softmax outputs, the least-squares GAN loss (``--gan LS``), adversarial weight 0.01 and Adam 1e-4 with
-betas (0.9, 0.99) for the discriminator (REFERENCE_NOTES 1.1 step 0).
+betas (0.9, 0.99) for the discriminator (docs/reference_code.md, "CPSL: warm-up").
 
 Per iteration (``step_adv``): the segmentation network gets source cross-entropy plus
 ``adversarial_weight * GAN(D(softmax(target logits)), source label)``, i.e. it learns to make target
@@ -118,10 +118,10 @@ class AdversarialWarmup(Recipe):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
         source, target = batches["source"], batches["target"]
-        source_logits = self.model(source["image"]).logits
+        source_output = self.model(source["image"])
         target_logits = self.model(target["image"]).logits
-        loss_source = self.seg_loss(source_logits, source["label"])
-        source_logits = upsample_logits(source_logits, tuple(source["image"].shape[-2:]))
+        loss_source = self.supervised_loss(source_output, source["label"])
+        source_logits = upsample_logits(source_output.logits, tuple(source["image"].shape[-2:]))
         target_logits = upsample_logits(target_logits, tuple(target["image"].shape[-2:]))
 
         self.discriminator.requires_grad_(False)  # the generator term must not train the discriminator

@@ -14,6 +14,8 @@ from torch.utils.data import Sampler
 
 from ...config import RunConfig, validate
 from ...data.classes import ClassInfo
+from ...errors import ConfigError
+from ...models.base import SegOutput
 from ..losses import SegLoss
 
 
@@ -24,7 +26,16 @@ class NoOptions(BaseModel):
 
 
 def parse_options(options_class: type[BaseModel], method: dict[str, Any], recipe: str) -> Any:
-    """Validate ``cfg.method`` against a recipe's options; errors name ``method.<key>`` and the closest key."""
+    """Validate ``cfg.method`` against a recipe's options; errors name ``method.<key>`` and the closest key.
+
+    An options class may list former key names in ``renamed`` (``{old: new}``): an old key is read
+    as the new one, so run directories saved before a rename still resume.
+    """
+    for old, new in getattr(options_class, "renamed", {}).items():
+        if old in method:
+            if new in method:
+                raise ConfigError(f"recipe {recipe}: method.{old} is the former name of method.{new}; give only method.{new}")
+            method = {(new if key == old else key): value for key, value in method.items()}
     wrapper = create_model(f"{options_class.__name__}Section", __config__=ConfigDict(extra="forbid"), method=(options_class, ...))
     return validate({"method": method}, wrapper, source=f"recipe {recipe}").method
 
@@ -44,8 +55,9 @@ class Recipe(nn.Module, abc.ABC):
     The trainer owns the loop, optimiser, schedule, AMP, checkpoints and evaluation; a
     recipe only turns a dict of batches into a dict of losses (``"loss"`` is the total that
     is back-propagated; the others are logged). Everything a recipe registers as a module,
-    parameter or buffer (EMA networks, memory banks, prototypes) is saved and resumed with it,
-    and extra state goes through ``extra_state``.
+    parameter or buffer (EMA networks, memory banks, prototypes) is saved and resumed with it;
+    other state (an optimiser of its own) goes through ``get_extra_state``/``set_extra_state``.
+    Recipes import this module and :mod:`.common` (the shared pieces), never each other.
     """
 
     name: ClassVar[str]
@@ -80,17 +92,20 @@ class Recipe(nn.Module, abc.ABC):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         """Losses of one iteration; ``batches[stream]`` holds collated samples on the device."""
 
-    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``seg_loss(logits, labels)``, plus the auxiliary head's loss of the last training forward.
+    def supervised_loss(self, output: SegOutput, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of the trained network's output against labels (ground truth, pseudo or mixed labels).
 
-        PSPNet-50 keeps its layer-3 head's logits in ``model.aux_logits`` during training; its
-        loss counts ``model.aux_weight`` (0.4, DARS/semseg) times the same segmentation loss.
-        ``labels`` must cover the whole batch of that forward.
+        The one rule every recipe applies to each such term: ``seg_loss(output.logits, labels)``
+        plus, when the network has an auxiliary head (``output.aux_logits`` is set in training:
+        PSPNet-50's layer-3 head), ``model.aux_weight`` (0.4, DARS/semseg) times the same loss on
+        ``output.aux_logits``. ``weight`` (per pixel, ``[N, H, W]``) weights both alike. Terms that
+        are not a segmentation loss against labels (consistency, distillation KL, contrastive,
+        entropy) act on ``output.logits`` alone.
         """
-        loss = self.seg_loss(logits, labels)
-        aux_logits = getattr(self.model, "aux_logits", None)
-        if aux_logits is not None and aux_logits.shape[0] == labels.shape[0]:
-            loss = loss + self.model.aux_weight * self.seg_loss(aux_logits, labels)
+        weighted = {} if weight is None else {"weight": weight}
+        loss = self.seg_loss(output.logits, labels, **weighted)
+        if output.aux_logits is not None:
+            loss = loss + self.model.aux_weight * self.seg_loss(output.aux_logits, labels, **weighted)
         return loss
 
     def train_sampler(self, stream: str, dataset: Any, seed: int, start: int) -> Sampler | None:

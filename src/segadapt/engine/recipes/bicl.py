@@ -1,4 +1,4 @@
-"""BiCL: bi-directional pixel-prototype contrastive learning (Lee et al., ECCV 2022; paper 003).
+"""BiCL: bi-directional pixel-prototype contrastive learning (Lee et al., ECCV 2022; BiCL supplement).
 
 The recipe composes :mod:`segadapt.methods.bicl`. One iteration, for a source crop (labels ``y_S``)
 and a target crop, one forward of both through the network (logits and features ``f``):
@@ -6,7 +6,7 @@ and a target crop, one forward of both through the network (logits and features 
 =====================================================  ==================================================
 paper                                                  here
 =====================================================  ==================================================
-source prototypes ``m_S`` (momentum 0.999)             ``source_memory.update(f_S, y_S)``
+source prototypes ``m_S`` (momentum 0.999)             ``source_memory.update(f_S, y_S)`` (``prototype_momentum``)
 target labels ``y_T``: static / dynamic / hybrid        ``method.labels``: the offline CBST labels
                                                        (``data.target.pseudo_labels``, made in
                                                        :meth:`BiCL.prepare`), :func:`dynamic_pseudo_labels`
@@ -14,11 +14,12 @@ target labels ``y_T``: static / dynamic / hybrid        ``method.labels``: the o
 target prototypes ``m_T``                              ``target_memory.update(f_T, y_T)``
 ``L_FC`` (target pixels vs ``m_S``), weight 0.5        :func:`pixel_prototype_contrastive_loss`
 ``L_BC`` (source pixels vs ``m_T``), weight 0.5        the same, other direction
-baseline (CCM [3]): ``L_seg^S + L_seg^T`` (weights 1)  ``seg_loss`` (CE, or BLV with ``loss.name=blv``)
-and ``0.4 (L_ent^S + L_ent^T)``                        :func:`entropy_loss`
-weighted source sampling (supplement Eq. 1)            :meth:`BiCL.train_sampler` 
+baseline (CCM [3]): ``L_seg^S + L_seg^T`` (weights 1)  :func:`baseline_losses`: ``supervised_loss`` (CE, or BLV
+and ``0.4 (L_ent^S + L_ent^T)``                        with ``loss.name=blv``) and :func:`entropy_loss`
+weighted source sampling (supplement Eq. 1)            :meth:`BiCL.train_sampler`
 self-distillation (supplement Eq. 2)                   :func:`segadapt.methods.bicl.self_distillation_loss`
-                                                       in recipe ``bicl_distill`` (a separate stage)
+                                                       in recipe ``bicl_distill`` (:class:`BiCLDistill`, a
+                                                       separate stage, below)
 =====================================================  ==================================================
 
 Choices where the supplement is silent (docs/bicl.md lists them all): features are the model's
@@ -35,7 +36,7 @@ Tab. 1); the ground truth is read only for that measurement, never for training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Sampler
 
-from ...config import RunConfig
+from ...config import PATH, RunConfig
 from ...data.classes import ClassInfo
 from ...data.transforms import replay_geometric, resize
 from ...errors import ConfigError, DataError
@@ -56,11 +57,15 @@ from ...methods.bicl import (
     occurrence_table,
     pixel_prototype_contrastive_loss,
     sample_source_indices,
+    self_distillation_loss,
 )
 from ...metrics.pseudo_label_quality import pseudo_label_stats
+from ...models.base import SegOutput
 from ..distributed import all_gather_cat
+from ..pseudo_labelling import with_pseudo_labels
+from ..run_cache import reuse_or_make
 from .base import Recipe, Stream, parse_options
-from .dacs import image_content_mask
+from .common import content_mask, forward_streams, load_teacher, view_start_size
 
 OCCURRENCE_FILE = "bicl_source_occurrence.pt"
 """The source class-occurrence table of weighted sampling, cached in the run directory."""
@@ -75,19 +80,20 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def baseline_losses(
-    options: Any, seg_loss: Any, source_logits: torch.Tensor, source_labels: torch.Tensor,
-    target_logits: torch.Tensor, target_labels: torch.Tensor,
+    options: Any, supervised_loss: Callable[[SegOutput, torch.Tensor], torch.Tensor], source: SegOutput,
+    source_labels: torch.Tensor, target: SegOutput, target_labels: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BiCL's baseline (CCM [3]): ``lambda_seg^S L_seg^S + lambda_seg^T L_seg^T + lambda_ent^S L_ent^S + lambda_ent^T L_ent^T``.
 
-    ``options`` carries the four weights (recipes ``bicl`` and ``bicl_distill``); returns the
-    weighted sum and its detached terms for the log.
+    ``options`` carries the four weights (recipes ``bicl`` and ``bicl_distill``); ``L_seg`` is the
+    recipe's :meth:`~.base.Recipe.supervised_loss` (CE or BLV, plus an auxiliary head's term), the
+    entropies are on the main logits. Returns the weighted sum and its detached terms for the log.
     """
     terms = {
-        "loss_seg_source": seg_loss(source_logits, source_labels),
-        "loss_seg_target": seg_loss(target_logits, target_labels),
-        "loss_ent_source": entropy_loss(source_logits),
-        "loss_ent_target": entropy_loss(target_logits),
+        "loss_seg_source": supervised_loss(source, source_labels),
+        "loss_seg_target": supervised_loss(target, target_labels),
+        "loss_ent_source": entropy_loss(source.logits),
+        "loss_ent_target": entropy_loss(target.logits),
     }
     total = (
         options.lambda_seg_source * terms["loss_seg_source"]
@@ -102,11 +108,12 @@ class BiCLOptions(BaseModel):
     """``method.*`` of recipe ``bicl``; defaults are the supplement's (Sec. 1) unless noted."""
 
     model_config = ConfigDict(extra="forbid")
+    renamed: ClassVar[dict[str, str]] = {"momentum": "prototype_momentum"}  # the former name: run directories still resume
 
     labels: Literal["static", "dynamic", "hybrid"] = Field("hybrid", description="target labels (supplement Tab. 1)")
     lambda_fc: float = Field(0.5, ge=0, description="weight of the forward contrastive loss L_FC")
     lambda_bc: float = Field(0.5, ge=0, description="weight of the backward contrastive loss L_BC")
-    momentum: float = Field(0.999, ge=0, lt=1, description="prototype memory momentum lambda")
+    prototype_momentum: float = Field(0.999, ge=0, lt=1, description="momentum lambda of the prototype memories")
     threshold: float = Field(0.7, ge=0, le=1, description="T: dynamic labels need this label-transfer probability")
     temperature: float = Field(0.1, gt=0, description="tau of the contrastive losses and label transfer (DASS code: 0.1)")
     calibration: bool = Field(True, description="subtract the class-wise domain biases before label transfer")
@@ -130,23 +137,37 @@ class InverseOccurrenceSampler(Sampler):
     exactly; the pairs are what the engine's ``SeededTransformDataset`` reads.
     """
 
-    def __init__(self, occurrence: torch.Tensor, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.occurrence, self.seed, self.start, self.rank, self.world_size = occurrence, seed, start, rank, world_size
+    def __init__(self, occurrence: torch.Tensor, seed: int, start: int = 0) -> None:
+        self.occurrence, self.seed, self.start = occurrence, seed, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.start + self.rank
+        position = self.start
         while True:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (1 << 63))
             index = int(sample_source_indices(self.occurrence, 1, generator)[0])
             yield index, int(torch.randint(0, 1 << 62, (1,), generator=generator))
-            position += self.world_size
+            position += 1
 
     def __len__(self) -> int:
         return 1 << 62
 
 
+def _count_occurrence(cfg: RunConfig, path: Path, log: Callable[[str], None]) -> None:
+    """Supplement Eq. 1's table: in how many ``data.source`` label maps each class occurs, into ``path``."""
+    from ..builders import build_dataset_from_spec
+    from ..checkpoint import atomic_save
+
+    assert cfg.data.source is not None
+    dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
+    log(f"bicl: class occurrence of {len(dataset)} source label maps (weighted sampling)")
+    table = occurrence_table(
+        (dataset.load_label(i) for i in range(len(dataset))), dataset.classes.num_classes, dataset.classes.ignore_index
+    )
+    atomic_save({"occurrence": table, "names": list(dataset.names)}, path)
+
+
 class BiCL(Recipe):
-    """Bi-directional pixel-prototype contrastive adaptation (paper 003), on top of the CCM-style baseline.
+    """Bi-directional pixel-prototype contrastive adaptation (BiCL supplement), on top of the CCM-style baseline.
 
     Starts from a source-only network (``model.checkpoint``), which also makes the static CBST
     labels. Buffers saved and resumed: ``source_memory`` and ``target_memory`` (prototypes and which
@@ -159,52 +180,39 @@ class BiCL(Recipe):
 
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
-        """Static labels (``labels: static|hybrid``) and the occurrence table (``weighted_sampling``), reused when present."""
-        from ..checkpoint import atomic_save
-        from .self_training import generate_for_run
+        """Static labels (``labels: static|hybrid``) and the occurrence table (``weighted_sampling``).
 
+        Both are kept in the run directory and reused while made from the same inputs
+        (:mod:`segadapt.engine.run_cache`).
+        """
         options = parse_options(cls.Options, cfg.method, cls.name)
         if cfg.data.target is None:
             raise ConfigError("recipe bicl needs data.target (the unlabelled target images)")
         if cfg.data.source is None:
             raise ConfigError("recipe bicl needs data.source (the labelled source images)")
-        target = cfg.data.target
         if options.labels == "dynamic":
             # dynamic labels come from the prototypes alone: the target's own labels must never reach training
-            target = target.model_copy(update={"with_labels": False, "pseudo_labels": None})
-        elif target.pseudo_labels is None:
+            target = cfg.data.target.model_copy(update={"with_labels": False, "pseudo_labels": None})
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
+        elif cfg.data.target.pseudo_labels is None:
             if cfg.model.checkpoint is None:
                 raise ConfigError(
                     f"method.labels={options.labels} uses static (CBST) pseudo labels made by the source-only model: set "
                     "model.checkpoint=runs/<source-only run>/checkpoints/last.pt, or give ready labels with "
                     "data.target.pseudo_labels=DIR, or use method.labels=dynamic"
                 )
-            out_dir = run_dir / "pseudo_labels"
-            generate_for_run(cfg, cfg.model.checkpoint, out_dir, log)
-            target = target.model_copy(update={"pseudo_labels": str(out_dir)})
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
+            cfg = with_pseudo_labels(cfg, cfg.model.checkpoint, run_dir, log, shard=False)
         if options.weighted_sampling:
             path = run_dir / OCCURRENCE_FILE
-            if not path.is_file():
-                from ..builders import build_dataset_from_spec
-
-                dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
-                log(f"bicl: class occurrence of {len(dataset)} source label maps (weighted sampling)")
-                table = occurrence_table(
-                    (dataset.load_label(i) for i in range(len(dataset))), dataset.classes.num_classes, dataset.classes.ignore_index
-                )
-                run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_save({"occurrence": table, "names": list(dataset.names)}, path)
+            key = {"data.source": cfg.data.source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})}
+            reuse_or_make(path, key, lambda: _count_occurrence(cfg, path, log), log, "bicl: source class occurrence")
         return cfg
 
     def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
-        dim = getattr(model, "feature_dim", None)
-        if dim is None:
-            raise ConfigError(f"recipe bicl needs a model with a feature map (feature_dim); {cfg.model.name} has none")
         options = self.options
-        self.source_memory = PrototypeMemory(self.num_classes, dim, options.momentum, self.ignore_index)
-        self.target_memory = PrototypeMemory(self.num_classes, dim, options.momentum, self.ignore_index)
+        self.source_memory = PrototypeMemory(self.num_classes, model.feature_dim, options.prototype_momentum, self.ignore_index)
+        self.target_memory = PrototypeMemory(self.num_classes, model.feature_dim, options.prototype_momentum, self.ignore_index)
         self._truth, self._truth_index = self._ground_truth(cfg)
 
     @staticmethod
@@ -250,8 +258,7 @@ class BiCL(Recipe):
             features, self.source_memory.prototypes, options.temperature, options.threshold, biases, available, self.ignore_index
         )
         dynamic = resize_labels(dynamic, size)
-        inside = image_content_mask(target.get("replay", []), dynamic.shape[0], size, dynamic.device)
-        dynamic = dynamic.masked_fill(~inside, self.ignore_index)
+        dynamic = dynamic.masked_fill(~content_mask(target, size), self.ignore_index)
         if options.labels == "dynamic":
             return dynamic
         return hybrid_pseudo_labels(target["label"], dynamic, options.hybrid_conflict, self.ignore_index)
@@ -260,11 +267,9 @@ class BiCL(Recipe):
         self.seg_loss.set_iteration(iteration)
         options = self.options
         source, target = batches["source"], batches["target"]
-        batch = len(source["image"])
-        output = self.model(torch.cat([source["image"], target["image"]]))
-        source_logits, target_logits = output.logits.split([batch, len(target["image"])])
-        source_features, target_features = output.features.split([batch, len(target["image"])])
-        grid = tuple(output.features.shape[-2:])
+        source_output, target_output = forward_streams(self.model, source["image"], target["image"])
+        source_features, target_features = source_output.features, target_output.features
+        grid = tuple(target_features.shape[-2:])
         size = tuple(target["image"].shape[-2:])
 
         source_grid = resize_labels(source["label"], grid)
@@ -274,7 +279,7 @@ class BiCL(Recipe):
         target_grid = resize_labels(labels, grid)
         self.target_memory.update(all_gather_cat(target_features.detach()), all_gather_cat(target_grid))
 
-        base, losses = baseline_losses(options, self.seg_loss, source_logits, source["label"], target_logits, labels)
+        base, losses = baseline_losses(options, self.supervised_loss, source_output, source["label"], target_output, labels)
         loss_fc = pixel_prototype_contrastive_loss(
             target_features, target_grid, self.source_memory.prototypes, options.temperature, self.source_memory.initialized
         )
@@ -301,7 +306,7 @@ class BiCL(Recipe):
             if index is None:
                 return {}
             truth = torch.from_numpy(np.asarray(self._truth.load_label(index)).astype(np.int64))
-            start = next((r.input_size for r in records if hasattr(r, "input_size")), None)
+            start = view_start_size(records)
             if start is not None and tuple(truth.shape) != tuple(start):
                 truth = resize_labels(truth, tuple(start))
             truths.append(replay_geometric(records, truth, "label") if records else truth)
@@ -318,3 +323,74 @@ class BiCL(Recipe):
         if not np.isnan(stats.accuracy):
             out["label_accuracy"] = torch.tensor(stats.accuracy)
         return out
+
+
+# ---------------------------------------------------------------------- self-distillation stage
+
+
+class BiCLDistillOptions(BaseModel):
+    """``method.*`` of recipe ``bicl_distill``; the baseline weights are recipe ``bicl``'s (CCM)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(None, description="checkpoint of the final BiCL model to distil", json_schema_extra=PATH)
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(q_t || q_s) (supplement Eq. 2: 1)")
+    lambda_seg_source: float = Field(1.0, ge=0, description="lambda_seg^S of L_base")
+    lambda_seg_target: float = Field(1.0, ge=0, description="lambda_seg^T of L_base (on the teacher's CBST labels)")
+    lambda_ent_source: float = Field(0.4, ge=0, description="lambda_ent^S of L_base")
+    lambda_ent_target: float = Field(0.4, ge=0, description="lambda_ent^T of L_base")
+
+
+class BiCLDistill(Recipe):
+    """BiCL's self-distillation stage (BiCL supplement Eq. 2): ``L_KD = L_base + KL(q_t || q_s)``.
+
+    "We train the model using the method of [1] (SimCLR), and use it as an initial model for the
+    student. We then apply a knowledge distillation, transferring the knowledge of our final model
+    to the student." Per iteration, on a source crop and a target crop::
+
+        L_base = lambda_seg^S CE(s(x_S), y_S) + lambda_seg^T CE(s(x_T), y_T)
+                 + lambda_ent^S H(s(x_S)) + lambda_ent^T H(s(x_T))          (baseline_losses, as recipe bicl)
+        L_KD   = L_base + kl_weight * KL(q_t(x_T) || q_s(x_T))
+
+    The teacher is ``method.teacher``, loaded frozen (:class:`~.common.FrozenNetwork`, kept out of
+    checkpoints); the student is what ``model`` builds (``model.pretrained``: the supplement's SimCLR
+    backbone). Where the supplement is silent: ``L_base`` keeps the BiCL baseline's terms and weights
+    (1, 1, 0.4, 0.4) without the contrastive losses (the student has no prototypes); its target
+    labels ``y_T`` are the *teacher's* static CBST labels (``pseudo_label`` rule, made before training
+    into ``RUN_DIR/pseudo_labels`` as recipe ``bicl`` makes its static labels, or given with
+    ``data.target.pseudo_labels``); the KL is on the target crop the student sees, summed over
+    classes and averaged over pixels (:func:`~segadapt.methods.bicl.self_distillation_loss`), with
+    the crop's padding left out. ``loss.name: blv`` replaces both cross-entropies.
+    """
+
+    name = "bicl_distill"
+    streams = {"source": Stream("source"), "target": Stream("target")}
+    Options = BiCLDistillOptions
+    collective_prepare = True  # under torchrun the processes share the pseudo-labelling
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+        """The teacher's CBST labels of the target split, unless ``data.target.pseudo_labels`` gives them."""
+        options = parse_options(cls.Options, cfg.method, cls.name)
+        if cfg.data.source is None or cfg.data.target is None:
+            raise ConfigError("recipe bicl_distill needs data.source and data.target (the student is trained on both)")
+        if cfg.data.target.pseudo_labels is not None:
+            return cfg
+        if options.teacher is None:
+            raise ConfigError(f"recipe {cls.name} distils an adapted model: set method.teacher=runs/<bicl run>/checkpoints/last.pt")
+        return with_pseudo_labels(cfg, options.teacher, run_dir, log)
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
+        self.teacher = load_teacher(self, cfg, "runs/<bicl run>/checkpoints/last.pt")
+
+    def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
+        options = self.options
+        source, target = batches["source"], batches["target"]
+        source_output, target_output = forward_streams(self.model, source["image"], target["image"])
+        base, losses = baseline_losses(options, self.supervised_loss, source_output, source["label"], target_output, target["label"])
+        grid = tuple(target_output.logits.shape[-2:])
+        teacher = self.teacher.logits(target["image"], grid)
+        total, kl = self_distillation_loss(target_output.logits, teacher, base, valid=content_mask(target, grid), kl_weight=options.kl_weight)
+        losses.update(loss=total, loss_kd=kl.detach())
+        return losses

@@ -1,4 +1,4 @@
-"""CPSL stage 1: class-balanced pixel-level self-labeling (Li et al., CVPR 2022; paper 001, Algorithm 1).
+"""CPSL stage 1: class-balanced pixel-level self-labeling (Li et al., CVPR 2022; CPSL Alg. 1).
 
 The recipe composes :mod:`segadapt.methods.cpsl`; it re-implements none of it. One iteration:
 
@@ -28,31 +28,35 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
 - ``P_ST`` is computed online by a frozen copy of the warm-up network on the weak view, instead of
   being stored offline as ProDA/CPSL do (``generate_pseudo_label.py --soft``). Both are the fixed
   warm-up's prediction of the same pixels; the online one sees the crop rather than the whole image
-  (less context) but needs no disk and is aligned with the view by construction. The copy is not
-  saved in checkpoints: it is rebuilt from ``model.checkpoint`` on every start.
+  (less context) but needs no disk and is aligned with the view by construction. The copy is a
+  :class:`~.common.FrozenNetwork`, not saved in checkpoints: it is rebuilt from ``model.checkpoint``
+  on every start.
 - The momentum network and head predict on the weak view (the authors run ``f'_SEG`` on the whole
-  un-augmented image and crop its output, ``full2weak``) and run in eval mode (running BatchNorm
-  statistics copied from the student; the authors leave them in train mode).
+  un-augmented image and crop its output, ``full2weak``), with dropout off. Their BatchNorm follows
+  ``method.momentum_batch_norm``: ``as_student`` (default) uses batch statistics wherever the student
+  does, like the authors' train-mode teacher; ``running`` uses the running statistics copied from
+  the student (eval mode). See docs/reference_code.md, "CPSL: momentum network and views".
 - Algorithm 1 updates ``f_SL`` and ``f'_SL`` before rectifying (l.14-18); here everything is one
   optimiser step, so ``P_SL`` comes from the momentum head of the previous iteration.
 - Labels, sampling and losses live on the network's output grid (stride 4 for ``small``, 8 for
   DeepLab-V2); pixels outside the image (crop padding) are ignored.
 - The strong view is the weak view with colour jitter (0.4, p = 0.5) and Gaussian blur (sigma 1,
-  p = 0.5), the photometric part of the authors' ``RandAugmentMC``; geometry is unchanged, so no
-  replay between views is needed.
+  p = 0.5), the photometric part of the authors' ``RandAugmentMC`` (:data:`~.common.CPSL_STRONG`);
+  geometry is unchanged, so no replay between views is needed.
 - ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
   ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
   authors' code does. A class the warm-up never predicts starts with ``r_k = 0``.
 - L_SL features come from the student (paper: Eq. 14 is minimised over the whole model), so L_SL
   also trains the network; ``method.sl_through_ema_features_only=true`` uses the momentum network's
-  features instead, as the authors' code does (then L_SL trains only the head, REFERENCE_NOTES 7.1).
+  features instead, as the authors' code does (then L_SL trains only the head; docs/reference_code.md,
+  "CPSL: self-labeling loss").
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,8 +64,7 @@ from torch import nn
 
 from ...config import RunConfig
 from ...data.classes import ClassInfo
-from ...progress import progress
-from ...data.transforms import resize, strong_augment, valid_mask
+from ...data.transforms import resize
 from ...errors import ConfigError, DataError
 from ...methods.cpsl import (
     ClassDistribution,
@@ -77,22 +80,22 @@ from ...methods.cpsl import (
     symmetric_kl_consistency,
 )
 from ...methods.ema import ModelEMA, batch_norm_as
-from ...models.base import SegOutput
+from ...models.base import BackboneHeadSplit, SegOutput
+from ...progress import progress
 from ..distributed import all_gather_cat
+from ..run_cache import file_fingerprint, reuse_or_make
 from .base import Recipe, Stream, parse_options
+from .common import CPSL_STRONG, FrozenNetwork, content_mask, strong_view
 
 INIT_FILE = "cpsl_init.pt"
 """What :meth:`CPSL.prepare` writes into the run directory: Eq. 7 prototypes and Eq. 10 class counts."""
-
-# The photometric part of the authors' strong augmentation (RandAugmentMC: ColorJitter(0.4, 0.4, 0.4,
-# 0.4) with p = 0.5, PIL GaussianBlur(radius 1) with p = 0.5; REFERENCE_NOTES 1.5).
-STRONG_JITTER, STRONG_JITTER_P, STRONG_BLUR_SIGMA, STRONG_BLUR_P = 0.4, 0.5, (1.0, 1.0), 0.5
 
 
 class CPSLOptions(BaseModel):
     """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted."""
 
     model_config = ConfigDict(extra="forbid")
+    renamed: ClassVar[dict[str, str]] = {"momentum": "ema_momentum"}  # the former name: run directories still resume
 
     lambda1: float = Field(0.1, ge=0, description="weight of the self-labeling loss L_SL (Eq. 14)")
     lambda2: float = Field(5.0, ge=0, description="weight of the consistency loss L_REG (Eq. 14)")
@@ -101,7 +104,7 @@ class CPSLOptions(BaseModel):
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (authors' code: 3)")
     pixels_per_image: int = Field(512, ge=1, description="M of Eq. 9 (paper 512, authors' code 256)")
     queue_size: int = Field(65536, ge=1, description="memory bank length in pixel features")
-    momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of f'_SEG and f'_SL")
+    ema_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of f'_SEG and f'_SL")
     distribution: Literal["momentum", "fixed"] = Field(
         "momentum", description="r follows Eq. 11 (paper) or stays the warm-up histogram (authors' code)"
     )
@@ -130,7 +133,7 @@ def _check_switches(options: CPSLOptions) -> None:
         )
 
 
-class _SegmentationWithHead(nn.Module):
+class _SegmentationWithHead(nn.Module, BackboneHeadSplit):
     """What the optimiser trains: the network, and the self-labeling head in the ``head`` group.
 
     The head group gets ``optim.head_lr_mult`` (5 in the GTA5 config: 1e-4 network, 5e-4 head, Sec. 4.1;
@@ -151,18 +154,6 @@ class _SegmentationWithHead(nn.Module):
             yield from self.head.parameters()
 
 
-def _padding_free(replay: list[Any], batch: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """``[N, h, w]`` True where the view shows image content (not crop padding or cut-out boxes)."""
-    masks = []
-    for records in replay if replay else [[]] * batch:
-        start = next((r.input_size for r in records if hasattr(r, "input_size")), None)
-        if start is None:
-            masks.append(torch.ones(grid, dtype=torch.bool))
-        else:
-            masks.append(valid_mask(records, start, output_size=grid))
-    return torch.stack(masks).to(device)
-
-
 @torch.no_grad()
 def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """Eq. 7 prototypes and Eq. 10 class counts of ``data.target`` under the warm-up ``model.checkpoint``.
@@ -170,10 +161,15 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     One pass in eval mode, without augmentation, at ``pseudo_label.size`` when set (the resolution the
     warm-up would label the target at). ``Y_ST`` is the argmax of the warm-up's logits on its output grid;
     the features are L2-normalised per pixel before the class means (:class:`PrototypeAccumulator`).
-    The authors' ``calc_prototype.py`` differs in details (REFERENCE_NOTES 1.1 step 2) that leave the
-    prototype directions, all the head keeps, nearly unchanged.
+    The authors' ``calc_prototype.py`` differs in details (docs/reference_code.md, "CPSL: prototypes")
+    that leave the prototype directions, all the head keeps, nearly unchanged.
     """
-    from ..builders import build_dataset_from_spec, build_eval_loader, build_model, resolve_device
+    from ..builders import (
+        build_dataset_from_spec,
+        build_eval_loader,
+        build_model,
+        resolve_device,
+    )
 
     assert cfg.data.target is not None and cfg.model.checkpoint is not None
     spec = cfg.data.target.model_copy(update={"pseudo_labels": None})
@@ -202,16 +198,22 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     unseen = [dataset.classes.names[k] for k in range(num_classes) if counts[k] == 0]
     if unseen:
         log(f"cpsl: the warm-up predicts no pixel of {', '.join(unseen)}: their prototypes are zero and r starts at 0 for them")
+    return {"prototypes": accumulator.compute(), "class_counts": counts, "num_images": len(dataset)}
+
+
+def warmup_statistics_key(cfg: RunConfig) -> dict[str, Any]:
+    """What :func:`warmup_statistics` depends on: the warm-up's content, the network built, the target and its size."""
+    assert cfg.data.target is not None and cfg.model.checkpoint is not None
     return {
-        "prototypes": accumulator.compute(),
-        "class_counts": counts,
-        "checkpoint": str(cfg.model.checkpoint),
-        "num_images": len(dataset),
+        "model.checkpoint": file_fingerprint(cfg.model.checkpoint, "model.checkpoint"),
+        "model": cfg.model.model_dump(mode="json", exclude={"checkpoint"}),
+        "data.target": cfg.data.target.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"}),
+        "pseudo_label.size": cfg.pseudo_label.size,
     }
 
 
 class CPSL(Recipe):
-    """Class-balanced pixel-level self-labeling, stage 1 of CPSL (paper 001, Algorithm 1, Eq. 1-14).
+    """Class-balanced pixel-level self-labeling, stage 1 of CPSL (CPSL Alg. 1, Eq. 1-14).
 
     Starts from the warm-up network ``model.checkpoint`` (source-only or ``adversarial_warmup``).
     Submodules and buffers, all saved and resumed: the student ``model``, the momentum network
@@ -226,7 +228,7 @@ class CPSL(Recipe):
 
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
-        """Eq. 7 prototypes and Eq. 10 class counts into ``RUN_DIR/cpsl_init.pt`` (reused when already there)."""
+        """Eq. 7 prototypes and Eq. 10 class counts into ``RUN_DIR/cpsl_init.pt``, reused while made from the same inputs."""
         from ..checkpoint import atomic_save
 
         options = parse_options(cls.Options, cfg.method, cls.name)
@@ -240,14 +242,8 @@ class CPSL(Recipe):
                 "(segadapt train benchmark/source_only, or .../adversarial_warmup as in the paper)"
             )
         path = run_dir / INIT_FILE
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("checkpoint") == str(cfg.model.checkpoint):
-                log(f"cpsl: reusing the warm-up statistics in {path}")
-                return cfg
-            log(f"cpsl: {path} was made from {saved.get('checkpoint')}, not {cfg.model.checkpoint}: recomputing")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save(warmup_statistics(cfg, log), path)
+        reuse_or_make(path, warmup_statistics_key(cfg), lambda: atomic_save(warmup_statistics(cfg, log), path), log,
+                      "cpsl: warm-up statistics")
         return cfg
 
     def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
@@ -262,11 +258,10 @@ class CPSL(Recipe):
         prototypes, counts = init["prototypes"], init["class_counts"]
         if prototypes.shape[0] != num_classes:
             raise DataError(f"{path} holds {prototypes.shape[0]} class prototypes but the data has {num_classes} classes; delete it to recompute")
-        # Not a submodule: the fixed warm-up is rebuilt from model.checkpoint on every start instead of
-        # filling every checkpoint with a fourth copy of the network; moved to the data's device lazily.
-        warmup = copy.deepcopy(model).eval().requires_grad_(False) if options.self_training else None
-        object.__setattr__(self, "_warmup", warmup)
-        self.ema_model = ModelEMA(model, options.momentum) if options.momentum_network else None
+        # the fixed warm-up (P_ST), rebuilt from model.checkpoint on every start instead of filling
+        # every checkpoint with a fourth copy of the network
+        self._warmup = FrozenNetwork(copy.deepcopy(model)) if options.self_training else None
+        self.ema_model = ModelEMA(model, options.ema_momentum) if options.momentum_network else None
         self.head: SelfLabelingHead | None = None
         self.ema_head: ModelEMA | None = None
         if options.self_labeling:
@@ -274,7 +269,7 @@ class CPSL(Recipe):
             if options.init_from_prototypes:
                 self.head.init_from_prototypes(prototypes)
             if options.momentum_network:
-                self.ema_head = ModelEMA(self.head, options.momentum)
+                self.ema_head = ModelEMA(self.head, options.ema_momentum)
             self.bank = MemoryBank(prototypes.shape[1], options.queue_size)
             self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
         # a plain attribute, so the network and head are not saved a second time under another name
@@ -287,7 +282,8 @@ class CPSL(Recipe):
 
     def train(self, mode: bool = True) -> "CPSL":
         super().train(mode)
-        # the momentum networks only predict targets: running BatchNorm statistics, no dropout
+        # the momentum networks only predict targets: eval mode (no dropout); BatchNorm statistics
+        # follow method.momentum_batch_norm in _momentum_outputs
         for module in (self.ema_model, self.ema_head):
             if module is not None:
                 module.eval()
@@ -331,29 +327,18 @@ class CPSL(Recipe):
     def _warmup_probabilities(self, weak: torch.Tensor) -> torch.Tensor:
         """``P_ST``: the fixed warm-up network's softmax on the weak view (Eq. 1)."""
         assert self._warmup is not None
-        parameter = next(self._warmup.parameters(), None)
-        if parameter is not None and parameter.device != weak.device:
-            self._warmup.to(weak.device)
-        return torch.softmax(self._warmup(weak).logits.float(), dim=1)
-
-    def _strong_view(self, weak: torch.Tensor) -> torch.Tensor:
-        if not self.options.strong_augmentation:
-            return weak
-        strong, _ = strong_augment(
-            weak, jitter_strength=STRONG_JITTER, jitter_p=STRONG_JITTER_P, blur_sigma=STRONG_BLUR_SIGMA, blur_p=STRONG_BLUR_P
-        )
-        return strong
+        return torch.softmax(self._warmup.logits(weak), dim=1)
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
         source, target = batches["source"], batches["target"]
-        loss_source = self.seg_loss(self.model(source["image"]).logits, source["label"])
+        loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
 
         weak = target["image"]
         teacher = self._momentum_outputs(weak)
-        student = self.model(self._strong_view(weak))
+        student = self.model(strong_view(weak, CPSL_STRONG) if options.strong_augmentation else weak)
         grid = tuple(teacher.logits.shape[-2:])
-        inside = _padding_free(target.get("replay", []), weak.shape[0], grid, weak.device)
+        inside = content_mask(target, grid)
 
         if options.self_training:
             soft = self._warmup_probabilities(weak) * inside.unsqueeze(1)
@@ -371,7 +356,7 @@ class CPSL(Recipe):
         else:  # 'w/o SL': plain self-training on the warm-up's soft labels
             labels = soft.argmax(dim=1).masked_fill(~inside, self.ignore_index)
             loss_sl = student.logits.new_zeros(())
-        loss_target = self.seg_loss(student.logits, labels)  # Eq. 2
+        loss_target = self.supervised_loss(student, labels)  # Eq. 2
         loss_reg = symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
         losses.update(

@@ -1,6 +1,6 @@
 """DACS: domain adaptation via cross-domain mixed sampling (Tranheden et al., WACV 2021), BLV's UDA setting.
 
-The BLV supplement (paper 004, Sec. 2) trains its UDA results "following DACS, using color jitter,
+The BLV supplement (Sec. 2) trains its UDA results "following DACS, using color jitter,
 Gaussian blur, and ClassMix"; with ``loss.name=blv`` every cross-entropy below gets the balanced
 logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` this is DACS. One iteration:
 
@@ -11,8 +11,8 @@ logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` t
    weight of every pseudo-labelled pixel.
 3. ClassMix (:func:`segadapt.data.transforms.classmix_masks`): half of the classes of source image
    ``i`` are pasted onto target image ``i``; labels and weights (1 on pasted source pixels) mix alike.
-4. Colour jitter and Gaussian blur (:func:`~segadapt.data.transforms.strong_augment`, DACS's
-   strengths) on the mixed images; ``loss_mix = mean(weight * CE(student(mixed), mixed labels))``.
+4. Colour jitter and Gaussian blur (:func:`~.common.strong_view` with DACS's strengths,
+   :data:`~.common.DACS_STRONG`) on the mixed images; ``loss_mix = mean(weight * CE(student(mixed), mixed labels))``.
 
 Choices where DACS's paper is silent, from its code: the teacher predicts the un-augmented target
 crop, its logits upsampled to the crop before the softmax. Here the teacher runs in eval mode
@@ -29,10 +29,11 @@ from torch import nn
 
 from ...config import RunConfig
 from ...data.classes import ClassInfo
-from ...data.transforms import classmix_masks, mix, strong_augment, valid_mask
+from ...data.transforms import classmix_masks, mix
 from ...methods.ema import ModelEMA
 from ..losses import upsample_logits
 from .base import Recipe, Stream
+from .common import DACS_STRONG, content_mask, strong_view
 
 
 class DACSOptions(BaseModel):
@@ -44,15 +45,6 @@ class DACSOptions(BaseModel):
     pseudo_threshold: float = Field(0.968, ge=0, le=1, description="confidence counted for the pseudo-label weight")
     mix_weight: float = Field(1.0, ge=0, description="weight of the mixed (pseudo-label) loss")
     strong_augmentation: bool = Field(True, description="colour jitter and blur on the mixed images")
-
-
-def image_content_mask(replay: list[Any], batch: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """``[N, H, W]`` True where a view shows image content (not crop padding), from the loader's replay records."""
-    masks = []
-    for records in replay if replay else [[]] * batch:
-        start = next((r.input_size for r in records if hasattr(r, "input_size")), None)
-        masks.append(torch.ones(size, dtype=torch.bool) if start is None else valid_mask(records, start, output_size=size))
-    return torch.stack(masks).to(device)
 
 
 class DACS(Recipe):
@@ -95,18 +87,18 @@ class DACS(Recipe):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         self.seg_loss.set_iteration(iteration)
         source, target = batches["source"], batches["target"]
-        loss_source = self.supervised_loss(self.model(source["image"]).logits, source["label"])
+        loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
 
         images = target["image"]
-        inside = image_content_mask(target.get("replay", []), images.shape[0], tuple(images.shape[-2:]), images.device)
+        inside = content_mask(target, tuple(images.shape[-2:]))
         labels, image_weight = self.pseudo_labels(images, inside)
         masks = classmix_masks(source["label"], ignore_index=self.ignore_index)
         mixed_images = mix(masks, source["image"], images)
         mixed_labels = mix(masks, source["label"], labels)
         weight = mix(masks, torch.ones_like(labels, dtype=torch.float32), image_weight.view(-1, 1, 1).expand_as(labels).float())
         if self.options.strong_augmentation:
-            mixed_images, _ = strong_augment(mixed_images)
-        loss_mix = self.seg_loss(self.model(mixed_images).logits, mixed_labels, weight=weight)
+            mixed_images = strong_view(mixed_images, DACS_STRONG)
+        loss_mix = self.supervised_loss(self.model(mixed_images), mixed_labels, weight=weight)
         loss = loss_source + self.options.mix_weight * loss_mix
         return {
             "loss": loss,

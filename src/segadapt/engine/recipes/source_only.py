@@ -17,7 +17,7 @@ class SourceOnly(Recipe):
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         batch = batches["source"]
-        loss = self.supervised_loss(self.model(batch["image"]).logits, batch["label"])
+        loss = self.supervised_loss(self.model(batch["image"]), batch["label"])
         return {"loss": loss, "loss_source": loss.detach()}
 
 
@@ -31,5 +31,5 @@ class Oracle(Recipe):
         batch = batches["target"]
         if "label" not in batch:
             raise ValueError("the oracle trains on target labels: set data.target.with_labels=true and give a split with labels")
-        loss = self.supervised_loss(self.model(batch["image"]).logits, batch["label"])
+        loss = self.supervised_loss(self.model(batch["image"]), batch["label"])
         return {"loss": loss, "loss_target": loss.detach()}

@@ -1,14 +1,14 @@
-"""Offline pseudo-label generation: ``segadapt pseudo-label`` and the self-training recipes.
+"""Offline pseudo labelling: the two passes behind ``segadapt pseudo-label`` and the self-training recipes.
 
 Two passes over the dataset, as the DARS reference makes them (REFERENCE_NOTES 3.1), but
 without its 200 GB of saved logits and its in-RAM lists of every pixel's confidence:
 
 1. predict every image (optional flip / multi-scale / sliding window) and stream the
-   max-softmax confidences into a :class:`~segadapt.methods.pseudo_labels.ConfidenceHistogram`
+   max-softmax confidences into a :class:`~segadapt.methods.thresholds.ConfidenceHistogram`
    (fixed size); the rule's per-class thresholds (ST, CBST, DARS) come from it;
 2. predict again, threshold (and, for DARS, randomly subsample) each image, and write
-   ``<name>.png`` (uint8 train ids, the dataset's ignore index = unlabeled), optionally ``<name>.npy`` (float16 class
-   probabilities at ``1/soft_stride`` resolution), while accumulating the quality statistics.
+   ``<name>.png`` (uint8 train ids, the dataset's ignore index = unlabeled), while accumulating
+   the quality statistics.
 
 Predicting twice costs a second inference pass but keeps memory and disk independent of the
 dataset size. Under torchrun with ``shard=True`` each process predicts every ``world_size``-th
@@ -18,6 +18,12 @@ subsampling draws from a generator seeded by ``pseudo_label.seed`` and the image
 ``summary.md`` hold the thresholds, sampling ratios, per-class counts, density, accuracy
 against ground truth when there is some, and the KL divergence of the pseudo-label class
 distribution to the ground truth's and to the rule's reference distribution (DARS Tab. S7).
+
+A run that makes its own labels (recipes ``self_training``, ``bicl``, ``bicl_distill``) keeps them
+in ``RUN_DIR/pseudo_labels`` and reuses them on its next start while they were made by the same
+checkpoint, rule and target data (:func:`with_pseudo_labels`, :mod:`segadapt.engine.run_cache`).
+The ``segadapt pseudo-label`` command itself (a checkpoint's labels into a folder) is
+:mod:`segadapt.commands.pseudo_label`.
 """
 
 from __future__ import annotations
@@ -27,25 +33,25 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from ..config import EvalConfig, PseudoLabelConfig, RunConfig
 from ..data.classes import ClassInfo
-from ..data.pseudo_labeled import pseudo_label_path
+from ..data.pseudo_label_folder import pseudo_label_path
 from ..errors import ConfigError, DataError
 from ..methods.dars import dars_thresholds, given_distribution, label_distribution, predicted_distribution
-from ..methods.pseudo_labels import ConfidenceHistogram, Thresholds, apply_thresholds, cbst_thresholds, st_thresholds
+from ..methods.thresholds import ConfidenceHistogram, Thresholds, apply_thresholds, cbst_thresholds, st_thresholds
 from ..metrics.pseudo_label_quality import PseudoLabelStats, kl_divergence
 from ..progress import bar_enabled, progress
 from . import distributed
 from .builders import build_dataset_from_spec, build_eval_loader
 from .inference import predict_probs
+from .run_cache import file_fingerprint, reuse_or_make
 
 SUMMARY = "summary.json"
 
@@ -53,11 +59,6 @@ SUMMARY = "summary.json"
 def inference_config(cfg: PseudoLabelConfig) -> EvalConfig:
     """The prediction settings of pseudo labelling, in the form :func:`predict_probs` takes."""
     return EvalConfig(size=cfg.size, flip=cfg.flip, scales=cfg.scales, sliding_window=cfg.sliding_window)
-
-
-def is_complete(out_dir: str | Path) -> bool:
-    """Whether ``out_dir`` holds a finished generation (its summary is written last)."""
-    return (Path(out_dir) / SUMMARY).is_file()
 
 
 def _batches(loader: Any) -> Iterator[tuple[list[str], list[torch.Tensor], list[torch.Tensor | None]]]:
@@ -131,13 +132,6 @@ def _write_png(path: Path, label: torch.Tensor) -> None:
     Image.fromarray(label.to(torch.uint8).cpu().numpy(), mode="L").save(path)
 
 
-def _write_soft(path: Path, probs: torch.Tensor, stride: int) -> None:
-    height, width = probs.shape[-2:]
-    size = (max(1, math.ceil(height / stride)), max(1, math.ceil(width / stride)))
-    small = F.interpolate(probs[None].float(), size=size, mode="area")[0] if stride > 1 else probs
-    np.save(path, small.to(torch.float16).cpu().numpy())
-
-
 def image_generator(seed: int, name: str) -> torch.Generator:
     """The random stream of one image's DARS subsampling: the same whichever process labels it, in any order."""
     return torch.Generator(device="cpu").manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
@@ -192,8 +186,6 @@ def generate_pseudo_labels(
                 probs[None].cpu(), *result.thresholds, generator=image_generator(rule.seed, name), ignore_index=classes.ignore_index
             )[0]
             _write_png(pseudo_label_path(out_dir, name), pseudo)
-            if rule.soft:
-                _write_soft(pseudo_label_path(out_dir, name).with_suffix(".npy"), probs, rule.soft_stride)
             stats.update(pseudo, label)
             bar.update(min(world_size, len(dataset) - bar.n))
             if (index + 1) % 100 == 0 and not live:
@@ -277,21 +269,48 @@ def dataset_to_label(cfg: RunConfig, log: Callable[[str], None] = print) -> Any:
         return build_dataset_from_spec(spec.model_copy(update={"with_labels": False}), with_labels=False)
 
 
-def pseudo_label_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, config: str | Path | None = None, overrides: Sequence[str] = (), log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """``segadapt pseudo-label``: label ``data.target`` of the checkpoint's (or the given) config."""
-    from .builders import resolve_device
-    from .label_space import check_config_against_classes
-    from .loading import config_for_checkpoint, load_trained_model
+def pseudo_label_key(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
+    """What a run's pseudo labels depend on: the labelling checkpoint's content, the rule, the images.
 
-    distributed.init_distributed()  # under torchrun the processes share the images
-    cfg = config_for_checkpoint(checkpoint, config, overrides)
-    if cfg.data.target is None:
-        raise ConfigError("nothing to pseudo-label: set data.target.dataset and data.target.root")
-    dataset = dataset_to_label(cfg, log)
-    model, classes = load_trained_model(checkpoint, cfg)
-    if classes is not None and classes.num_classes != dataset.classes.num_classes:
-        raise ConfigError(f"{checkpoint} predicts {classes.num_classes} classes but data.target has {dataset.classes.num_classes}")
-    check_config_against_classes(cfg, dataset.classes)  # e.g. pseudo_label.given_distribution, before the pass
-    return generate_pseudo_labels(model, dataset, cfg, out_dir, resolve_device(cfg.device), log, shard=True)
+    The ``pseudo_label`` section (rule, ratio, inference settings, DARS seed), ``data.target``
+    (without ``pseudo_labels`` and ``with_labels``, which only decide what is measured), the
+    ``model`` keys a raw-weight checkpoint is built with, and ``data.source`` when DARS follows the
+    source class distribution.
+    """
+    assert cfg.data.target is not None
+    key: dict[str, Any] = {
+        "checkpoint": file_fingerprint(checkpoint),
+        "model": cfg.model.model_dump(mode="json", include={"name", "num_classes", "options"}),
+        "pseudo_label": cfg.pseudo_label.model_dump(mode="json"),
+        "data.target": cfg.data.target.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"}),
+    }
+    if cfg.pseudo_label.rule == "dars" and cfg.pseudo_label.distribution == "source" and cfg.data.source is not None:
+        key["data.source"] = cfg.data.source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})
+    return key
+
+
+def with_pseudo_labels(
+    cfg: RunConfig, checkpoint: str | Path, run_dir: Path, log: Callable[[str], None], shard: bool = True
+) -> RunConfig:
+    """``cfg`` training on pseudo labels of ``data.target`` made by ``checkpoint`` in ``RUN_DIR/pseudo_labels``.
+
+    The folder is made unless it holds the labels of the same inputs (:func:`pseudo_label_key`,
+    the rule of :func:`~segadapt.engine.run_cache.reuse_or_make`). ``shard=True``: every torchrun
+    process calls this (a recipe's ``collective_prepare``) and labels its share; rank 0 records the key.
+    """
+    from .builders import resolve_device
+    from .loading import load_trained_model
+
+    out_dir = run_dir / "pseudo_labels"
+
+    def make() -> None:
+        model, _ = load_trained_model(checkpoint, cfg)
+        summary = generate_pseudo_labels(model, dataset_to_label(cfg, log), cfg, out_dir, resolve_device(cfg.device), log, shard=shard)
+        accuracy = summary.get("accuracy")
+        log(f"pseudo labels: density {summary['density']:.3f}" + (f", accuracy {accuracy:.3f}" if accuracy is not None else ""))
+
+    writer = distributed.get_rank() == 0 if shard else True
+    what = f"pseudo labels ({cfg.pseudo_label.rule} from {checkpoint})"
+    reuse_or_make(out_dir, pseudo_label_key(cfg, checkpoint), make, log, what, writer=writer)
+    target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})

@@ -24,13 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import RunConfig, parse_override, save_config
+from ..config import RunConfig, load_config, parse_override, save_config
+from ..engine.checkpoint import load_checkpoint
+from ..engine.distributed import is_main_process
+from ..engine.recipes import check_recipe_config
+from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..methods.dars import ProgressiveSchedule
-from .checkpoint import load_checkpoint
-from .distributed import is_main_process
-from .recipes import check_recipe_config
-from .trainer import Trainer
+from ..progress import write
 
 
 def scale_range_of(transforms: list[dict[str, Any]]) -> tuple[float, float]:
@@ -136,3 +137,16 @@ def run_rounds(cfg: RunConfig, log: Callable[[str], None] = print) -> list[dict[
             results.append(Trainer(round_cfg, resume=done > 0, log=log).fit())
         previous = round_cfg.run_dir / "checkpoints" / "last.pt"
     return results
+
+
+def run(config: str, overrides: Sequence[str] = ()) -> int:
+    """The command: check the plan, train every round, print each round's validation mIoU on the main process."""
+    cfg = load_config(config, overrides)
+    check_rounds_config(cfg, overrides)
+    results = run_rounds(cfg, log=write)  # drawn around a live progress bar in a terminal
+    if is_main_process():
+        for index, scores in enumerate(results):
+            if scores is not None:
+                print(f"round {index}: val mIoU {100 * scores['flat']['miou']:.2f}")
+        print(f"run directory: {cfg.run_dir}")
+    return 0

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from ..data.base import read_image
+from ..engine.builders import resolve_device
+from ..engine.inference import predict_probs
+from ..engine.loading import config_for_checkpoint, load_trained_model
 from ..errors import ConfigError, DataError
-from .builders import resolve_device
-from .inference import predict_probs
-from .loading import config_for_checkpoint, load_trained_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FORMATS = ("color", "trainid", "labelid")
@@ -81,3 +81,12 @@ def predict_folder(
             target.parent.mkdir(parents=True, exist_ok=True)
             outputs[fmt]().save(target)
     return len(images)
+
+
+def run(
+    checkpoint: str, input_dir: str, output_dir: str, config: str | None = None, overrides: Sequence[str] = (), formats: Sequence[str] = ("color", "trainid")
+) -> int:
+    """The command: :func:`predict_folder`, then how many images were predicted."""
+    written = predict_folder(checkpoint, input_dir, output_dir, config, overrides, formats=formats)
+    print(f"wrote predictions for {written} images to {output_dir}")
+    return 0

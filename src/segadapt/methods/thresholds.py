@@ -41,8 +41,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ..collectives import all_reduce_sum
+from ..data.classes import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError
 
 _HALF_BITS_OF_ONE_HALF = 0x3800  # bit pattern of float16 0.5; float16 bit patterns of x >= 0 sort like x
@@ -196,11 +197,11 @@ class ConfidenceHistogram:
         return self
 
     def all_reduce(self) -> ConfidenceHistogram:
-        """Sum the counts over ranks when ``torch.distributed`` is initialised (every rank must call it)."""
-        if dist.is_available() and dist.is_initialized():
-            on_device = self.counts.cuda() if dist.get_backend() == "nccl" else self.counts
-            dist.all_reduce(on_device)
-            self.counts = on_device.to(self.counts.device)
+        """Sum the counts over ranks when ``torch.distributed`` is initialised (every rank must call it).
+
+        :func:`segadapt.collectives.all_reduce_sum`: a no-op in a single process.
+        """
+        all_reduce_sum(self.counts)
         return self
 
     @property
@@ -316,7 +317,7 @@ def apply_thresholds(
     thresholds: torch.Tensor,
     sampling_ratio: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Hard pseudo labels ``[N, H, W]`` (int64) from probabilities ``[N, C, H, W]`` or ``(confidence, prediction)``.
 
@@ -324,7 +325,8 @@ def apply_thresholds(
     ``ignore_index`` otherwise. With a ``sampling_ratio`` (DARS random sampling), in **each image**
     and for each class ``j`` with ratio < 1, ``int(n - n * sampling_ratio[j])`` of the ``n``
     surviving pixels of ``j``, drawn uniformly at random, are set to ``ignore_index`` too: the
-    DARS reference's ``second_forward`` (REFERENCE_NOTES 3.1). All survivors are subsampled, not
+    DARS reference's ``second_forward`` (docs/reference_code.md, "DARS: thresholds and random
+    sampling"). All survivors are subsampled, not
     only those tied at the threshold, because ``sampling_ratio[j] = N_j / #(conf_j >= thr_j)`` is
     the ratio that brings the survivors' count down to the quota ``N_j``. The count is rounded in
     float64 here; the reference multiplies in float32, which can move it by one pixel.

@@ -15,18 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..config import RunConfig, load_config, packaged_config
+from ..engine.trainer import Trainer, TrainingInterrupted
 from ..errors import ConfigError
 from ..metrics import format_table
-from ..viz import colorize, image_grid
-from .builders import build_dataset_from_spec, resolve_device
-from .evaluation import evaluate_checkpoint
-from .inference import predict_probs
-from .loading import load_trained_model
-from .trainer import Trainer
+from .evaluate import evaluate_checkpoint
+from .report import prediction_grid
 
 DEMO_RECIPES = (("source-only", "benchmark/source_only.yaml"), ("oracle", "benchmark/oracle.yaml"))
 QUICK_OVERRIDES = ["train.iters=6", "train.log_every=2", "data.batch_size=2", "data.num_workers=0"]
@@ -44,23 +40,6 @@ def _train_or_reuse(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     final = Trainer(cfg, resume=resume).fit()
     assert final is not None  # the demo configs evaluate on target/val at the last iteration
     return last, final
-
-
-def prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> Any:
-    first_cfg = next(iter(runs.values()))[1]
-    dataset = build_dataset_from_spec(first_cfg.data.val, with_labels=True)
-    device = resolve_device(first_cfg.device)
-    models = {name: load_trained_model(ckpt, cfg)[0].to(device) for name, (ckpt, cfg) in runs.items()}
-    rows = []
-    for index in np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int):
-        sample = dataset[int(index)]
-        image = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        row = [image, colorize(sample["label"].numpy(), dataset.classes)]
-        for model in models.values():
-            probs = predict_probs(model, sample["image"][None].to(device), sample["label"].shape, first_cfg.eval)
-            row.append(colorize(probs.argmax(1)[0].cpu().numpy(), dataset.classes))
-        rows.append(row)
-    return image_grid(rows, ["image", "ground truth", *models])
 
 
 def run_demo(
@@ -109,3 +88,12 @@ def run_demo(
     (report_dir / "report.md").write_text("\n".join(lines) + "\n")
     print(f"report: {report_dir / 'report.md'}", file=sys.stderr)
     return results
+
+
+def run(output: str | Path, seed: int = 0, quick: bool = False, methods: Sequence[str] = ()) -> int:
+    """The command: :func:`run_demo`; an interrupted training says how to continue."""
+    try:
+        run_demo(Path(output), seed=seed, quick=quick, methods=methods)
+    except TrainingInterrupted as err:
+        raise TrainingInterrupted(f"{err}, or run the same `segadapt demo` command again") from None
+    return 0

@@ -1,0 +1,252 @@
+"""Photometric transforms: colour jitter, Gaussian blur, cutout, and the DACS/DAFormer strong augmentation.
+
+They change the image only (cutout may also erase the label), never the geometry, so their records
+are skipped by :func:`~segadapt.data.transforms.geometry.replay_geometric`. The colour maths follows
+torchvision's ColorJitter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError
+from ..classes import IGNORE_INDEX
+from .common import (
+    Sample,
+    _coin,
+    _erase_boxes,
+    _image_of,
+    _interval,
+    _jitter_range,
+    _probability,
+    _randint,
+    _randperm,
+    _round,
+    _uniform,
+    _with_record,
+)
+from .records import BlurRecord, CutoutRecord, JitterRecord, Record
+
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def _grayscale(image: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(_GRAY_WEIGHTS, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return (image * weights).sum(dim=-3, keepdim=True)
+
+
+def _blend(image: torch.Tensor, other: torch.Tensor | float, factor: float) -> torch.Tensor:
+    return (factor * image + (1.0 - factor) * other).clamp(0.0, 1.0)
+
+
+def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, H, W]`` RGB in [0, 1] -> HSV with hue in [0, 1) (the torchvision algorithm)."""
+    red, green, blue = image.unbind(-3)
+    value, _ = image.max(dim=-3)
+    chroma = value - image.min(dim=-3).values
+    gray = chroma == 0
+    saturation = chroma / torch.where(gray, torch.ones_like(value), value)
+    chroma = torch.where(gray, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (value - red) / chroma, (value - green) / chroma, (value - blue) / chroma
+    hue = torch.where(value == red, bc - gc, torch.where(value == green, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(gray, torch.zeros_like(hue), hue)
+    return torch.stack((torch.remainder(hue / 6.0, 1.0), saturation, value), dim=-3)
+
+
+def hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    hue, saturation, value = image.unbind(-3)
+    sector = torch.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    sector = sector.long() % 6
+    p = value * (1.0 - saturation)
+    q = value * (1.0 - saturation * fraction)
+    t = value * (1.0 - saturation * (1.0 - fraction))
+    # Row k holds (r, g, b) for hue sector k.
+    sectors = ((value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q))
+    table = torch.stack([torch.stack(rgb, dim=-3) for rgb in sectors], dim=-4)
+    index = sector.unsqueeze(-3).unsqueeze(-3).expand(*table.shape[:-4], 1, 3, *table.shape[-2:])
+    return table.gather(-4, index).squeeze(-4).clamp(0.0, 1.0)
+
+
+def _shift_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
+    hsv = rgb_to_hsv(image)
+    hsv = torch.stack((torch.remainder(hsv[..., 0, :, :] + shift, 1.0), hsv[..., 1, :, :], hsv[..., 2, :, :]), dim=-3)
+    return hsv_to_rgb(hsv)
+
+
+def apply_color_jitter(image: torch.Tensor, record: JitterRecord) -> torch.Tensor:
+    """Apply recorded colour factors to ``[..., 3, H, W]`` RGB in [0, 1], with torchvision's ColorJitter maths.
+
+    Brightness scales, contrast blends with the image's mean luma, saturation blends with the per-pixel
+    luma, hue rotates the HSV hue by ``record.hue`` turns; each result is clipped to [0, 1].
+    """
+    for op in record.order:
+        if op == 0 and record.brightness != 1.0:
+            image = _blend(image, 0.0, record.brightness)
+        elif op == 1 and record.contrast != 1.0:
+            image = _blend(image, _grayscale(image).mean(dim=(-3, -2, -1), keepdim=True), record.contrast)
+        elif op == 2 and record.saturation != 1.0:
+            image = _blend(image, _grayscale(image), record.saturation)
+        elif op == 3 and record.hue != 0.0:
+            image = _shift_hue(image, record.hue)
+    return image
+
+
+@dataclass
+class ColorJitter:
+    """Random brightness, contrast, saturation and hue in random order, with probability ``p``; image only.
+
+    Each strength ``s`` draws a factor from ``[max(0, 1 - s), 1 + s]`` (hue: a shift in ``[-s, s]`` turns,
+    ``s <= 0.5``), or give an explicit ``[min, max]``, as torchvision's ColorJitter.
+    """
+
+    brightness: float | Sequence[float] = 0.0
+    contrast: float | Sequence[float] = 0.0
+    saturation: float | Sequence[float] = 0.0
+    hue: float | Sequence[float] = 0.0
+    p: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.brightness = _jitter_range(self.brightness, "brightness", 1.0, low=0.0)
+        self.contrast = _jitter_range(self.contrast, "contrast", 1.0, low=0.0)
+        self.saturation = _jitter_range(self.saturation, "saturation", 1.0, low=0.0)
+        self.hue = _jitter_range(self.hue, "hue", 0.0, low=-0.5, high=0.5)
+        self.p = _probability(self.p)
+
+    def draw(self, generator: torch.Generator | None = None) -> JitterRecord:
+        """Draw the factors (identity when the ``p`` coin says no)."""
+        if not _coin(self.p, generator):
+            return JitterRecord()
+        intervals = (self.brightness, self.contrast, self.saturation, self.hue)
+        factors = [_uniform(*interval, generator) for interval in intervals]
+        order = tuple(_randperm(4, generator).tolist())
+        return JitterRecord(*factors, order=order)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        record = self.draw(generator)
+        return _with_record(sample, record, image=apply_color_jitter(_image_of(sample), record))
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The normalised 1-D Gaussian of radius ``ceil(3 sigma)`` (at least 1)."""
+    radius = max(1, math.ceil(3.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[C, H, W]`` or ``[N, C, H, W]`` with reflect padding; ``sigma <= 0`` is identity.
+
+    The kernel radius is ``ceil(3 sigma)``, capped below the image size (reflect padding needs it); it sums
+    to 1, so constant images are unchanged and the mean is preserved up to border effects.
+    """
+    if sigma <= 0:
+        return image
+    batch = image.unsqueeze(0) if image.dim() == 3 else image
+    kernel = gaussian_kernel(sigma).to(batch.device, batch.dtype)
+    radius = min(kernel.numel() // 2, batch.shape[-2] - 1, batch.shape[-1] - 1)
+    if radius < 1:
+        return image
+    kernel = kernel[kernel.numel() // 2 - radius : kernel.numel() // 2 + radius + 1]
+    kernel = kernel / kernel.sum()
+    channels = batch.shape[1]
+    out = F.pad(batch, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return out.reshape(image.shape)
+
+
+@dataclass
+class GaussianBlur:
+    """Blur the image with a sigma drawn from ``sigma`` ``[min, max]`` pixels, with probability ``p``.
+
+    Defaults follow DACS/DAFormer's strong augmentation (sigma U(0.15, 1.15), p = 0.5).
+    """
+
+    sigma: Sequence[float] = (0.15, 1.15)
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.sigma = _interval(self.sigma, "sigma", low=0.0)
+        self.p = _probability(self.p)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        sigma = _uniform(*self.sigma, generator) if _coin(self.p, generator) else 0.0
+        return _with_record(sample, BlurRecord(sigma), image=gaussian_blur(_image_of(sample), sigma))
+
+
+@dataclass
+class Cutout:
+    """Fill ``num_boxes`` random boxes of the image with ``fill``, with probability ``p``.
+
+    Each box side is a fraction drawn from ``size`` ``[min, max]`` of the image side; boxes lie inside
+    the image. ``erase_label`` also sets ``label`` to ``ignore_index`` there (other maps are left alone;
+    :func:`valid_mask` gives the boxes to a recipe). ``fill`` is one value or RGB, in [0, 1].
+    """
+
+    num_boxes: int = 1
+    size: Sequence[float] = (0.1, 0.3)
+    fill: float | Sequence[float] = 0.5
+    p: float = 0.5
+    erase_label: bool = False
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_boxes, int) or self.num_boxes < 1:
+            raise ConfigError(f"num_boxes must be a positive int, got {self.num_boxes!r}")
+        self.size = _interval(self.size, "size", low=0.0, high=1.0)
+        fill = (self.fill,) if isinstance(self.fill, (int, float)) else tuple(self.fill)
+        if len(fill) not in (1, 3) or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in fill):
+            raise ConfigError(f"fill must be a value or [r, g, b] in [0, 1], got {self.fill!r}")
+        self.fill = tuple(float(v) for v in fill)
+        self.p = _probability(self.p)
+
+    def _draw_box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+        box_height = max(1, _round(_uniform(*self.size, generator) * height))
+        box_width = max(1, _round(_uniform(*self.size, generator) * width))
+        return _randint(height - box_height, generator), _randint(width - box_width, generator), box_height, box_width
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        image = _image_of(sample)
+        boxes: tuple[tuple[int, int, int, int], ...] = ()
+        if _coin(self.p, generator):
+            boxes = tuple(self._draw_box(*image.shape[-2:], generator) for _ in range(self.num_boxes))
+        erase = self.erase_label and "label" in sample
+        record = CutoutRecord(boxes, self.fill, erase)
+        fill = torch.tensor(self.fill, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        updates = {"image": _erase_boxes(image, boxes, fill)}
+        if erase:
+            updates["label"] = _erase_boxes(sample["label"], boxes, self.ignore_index)
+        return _with_record(sample, record, **updates)
+
+
+# --------------------------------------------------------------------------- batch-level strong augmentation (self-training)
+
+
+def strong_augment(images: torch.Tensor, generator: torch.Generator | None = None, *,
+                   jitter_strength: float = 0.2, jitter_p: float = 0.8, blur_sigma: Sequence[float] = (0.15, 1.15),
+                   blur_p: float = 0.5) -> tuple[torch.Tensor, list[list[Record]]]:
+    """DACS/DAFormer strong augmentation of a batch: colour jitter then Gaussian blur, drawn per image.
+
+    DACS jitters with strength 0.2 on brightness, contrast, saturation and hue when ``U(0, 1) > 0.2``
+    (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. The blur kernel here
+    is ``2 ceil(3 sigma) + 1`` wide instead of DACS's 10% of the image, which only drops weights below 1e-2.
+
+    Returns:
+        the augmented ``[N, 3, H, W]`` batch and, per image, ``[JitterRecord, BlurRecord]``.
+    """
+    jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p)
+    blur = GaussianBlur(blur_sigma, p=blur_p)
+    outputs, params = [], []
+    for image in images:
+        view = blur(jitter({"image": image}, generator), generator)
+        outputs.append(view["image"])
+        params.append(view["replay"])
+    return torch.stack(outputs), params

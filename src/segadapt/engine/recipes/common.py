@@ -1,0 +1,152 @@
+"""What several recipes share; recipes import this module and :mod:`.base`, never each other.
+
+- :func:`content_mask`: where a training view shows image content (not crop padding or cutout boxes);
+- :class:`FrozenNetwork` and :func:`load_teacher`: a fixed network a recipe predicts with (CPSL's
+  warm-up, a distillation teacher), never trained, never saved, moved to the data's device lazily;
+- :func:`forward_streams`: one forward of several streams' images concatenated, split back per
+  stream (logits, features and auxiliary logits), so each stream gets its own supervised loss;
+- :func:`strong_view` with :data:`CPSL_STRONG` and :data:`DACS_STRONG`: the photometric strong
+  augmentation of the student's view.
+
+The supervised-loss rule (the segmentation loss plus the auxiliary head's) is
+:meth:`.base.Recipe.supervised_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from ...data.transforms import strong_augment, valid_mask
+from ...errors import ConfigError
+from ...models.base import SegOutput
+from ..losses import upsample_logits
+
+if TYPE_CHECKING:
+    from ...config import RunConfig
+    from .base import Recipe
+
+
+# --------------------------------------------------------------------------- image content
+
+
+def view_start_size(records: Sequence[Any]) -> tuple[int, int] | None:
+    """``(H, W)`` of the image a view's replay records start from; None without geometric records."""
+    return next((tuple(r.input_size) for r in records if hasattr(r, "input_size")), None)
+
+
+def content_mask(batch: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+    """``[N, *size]`` bool, True where each view of ``batch`` shows image content, on ``batch["image"]``'s device.
+
+    False in crop padding and cutout boxes, from the loader's replay records
+    (:func:`~segadapt.data.transforms.valid_mask`, resized nearest to ``size``: the crop, or a
+    network's output grid). A view without records is all content. Pseudo labels are never made
+    and consistency losses are never taken there (ProDA masks its padding value the same way;
+    docs/reference_code.md, "CPSL: consistency loss").
+    """
+    images = batch["image"]
+    masks = []
+    for records in batch.get("replay") or [[]] * len(images):
+        start = view_start_size(records)
+        masks.append(torch.ones(size, dtype=torch.bool) if start is None else valid_mask(records, start, output_size=size))
+    return torch.stack(masks).to(images.device)
+
+
+# --------------------------------------------------------------------------- frozen networks
+
+
+class FrozenNetwork:
+    """A fixed network a recipe predicts with but never trains or saves.
+
+    Deliberately not an ``nn.Module``: held as a recipe attribute it is no submodule, so it stays out
+    of ``state_dict`` (checkpoints rebuild it from its source: ``model.checkpoint`` for CPSL's warm-up,
+    ``method.teacher`` for a distillation teacher), out of ``recipe.train()`` (always eval mode) and
+    out of ``recipe.to(device)``: it moves to the images' device at its first call. Calls run without
+    gradients. ``network`` is the wrapped module.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> SegOutput:
+        parameter = next(self.network.parameters(), None)
+        if parameter is not None and parameter.device != images.device:
+            self.network.to(images.device)
+        return self.network(images)
+
+    def logits(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Its float logits on ``images``, bilinearly resized to ``size`` when given (a student's output
+        grid: teacher and student may differ in stride)."""
+        logits = self(images).logits.float()
+        return logits if size is None else upsample_logits(logits, size)
+
+
+def load_teacher(recipe: "Recipe", cfg: "RunConfig", hint: str) -> FrozenNetwork:
+    """The frozen network of ``method.teacher`` (a distillation stage's teacher); ``hint`` is the path to suggest."""
+    from ..loading import load_trained_model
+
+    path = recipe.options.teacher
+    if path is None:
+        raise ConfigError(f"recipe {recipe.name} distils an adapted model: set method.teacher={hint}")
+    teacher, classes = load_trained_model(path, cfg)
+    if classes is not None and classes.num_classes != recipe.num_classes:
+        raise ConfigError(f"method.teacher {path} predicts {classes.num_classes} classes but the data has {recipe.num_classes}")
+    return FrozenNetwork(teacher)
+
+
+# --------------------------------------------------------------------------- one forward, several streams
+
+
+def forward_streams(model: nn.Module, *images: torch.Tensor) -> tuple[SegOutput, ...]:
+    """One forward of the streams' images concatenated (one BatchNorm batch), split back per stream.
+
+    Every field of the output is split (``logits``, ``features`` and, from networks with an
+    auxiliary head in training, ``aux_logits``), so each stream's
+    :meth:`~.base.Recipe.supervised_loss` includes its auxiliary term. Self-training (the DARS
+    reference's labelled and pseudo-labelled half-batches) and BiCL forward source and target this way.
+    """
+    sizes = [len(batch) for batch in images]
+    output = model(torch.cat(images))
+    fields = [[None] * len(sizes) if value is None else value.split(sizes) for value in output]
+    return tuple(type(output)(*parts) for parts in zip(*fields))
+
+
+# --------------------------------------------------------------------------- strong augmentation
+
+
+@dataclass(frozen=True)
+class StrongAugmentation:
+    """Colour jitter (strength on brightness, contrast, saturation and hue, with probability ``jitter_p``)
+    then Gaussian blur (sigma drawn from ``blur_sigma``, with probability ``blur_p``), per image."""
+
+    jitter: float
+    jitter_p: float
+    blur_sigma: tuple[float, float]
+    blur_p: float
+
+
+CPSL_STRONG = StrongAugmentation(jitter=0.4, jitter_p=0.5, blur_sigma=(1.0, 1.0), blur_p=0.5)
+"""The photometric part of the CPSL/ProDA authors' ``RandAugmentMC``: ColorJitter(0.4, 0.4, 0.4, 0.4)
+with p = 0.5 and PIL GaussianBlur(radius 1) with p = 0.5 (docs/reference_code.md, "CPSL: data and
+augmentation"); recipes ``cpsl`` and ``cpsl_distill``. Geometry is left alone, so labels of the weak view fit the strong one."""
+
+DACS_STRONG = StrongAugmentation(jitter=0.2, jitter_p=0.8, blur_sigma=(0.15, 1.15), blur_p=0.5)
+"""DACS's (Tranheden et al. 2021, its code): jitter 0.2 when ``U(0, 1) > 0.2``, blur sigma
+``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``; recipe ``dacs``, on the mixed images."""
+
+
+def strong_view(images: torch.Tensor, augmentation: StrongAugmentation) -> torch.Tensor:
+    """``images`` ``[N, 3, H, W]`` under ``augmentation``, drawn per image from the global RNG
+    (:func:`~segadapt.data.transforms.strong_augment`)."""
+    view, _ = strong_augment(
+        images,
+        jitter_strength=augmentation.jitter,
+        jitter_p=augmentation.jitter_p,
+        blur_sigma=augmentation.blur_sigma,
+        blur_p=augmentation.blur_p,
+    )
+    return view
