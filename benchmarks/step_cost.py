@@ -46,7 +46,9 @@ from segadapt.engine.recipes.cpsl import INIT_FILE
 IGNORE_INDEX = 255
 
 
-def synthetic_batches(streams: dict[str, Any], batch: int, size: tuple[int, int], num_classes: int, device: torch.device) -> dict[str, dict[str, Any]]:
+def synthetic_batches(
+    streams: dict[str, Any], batch: int, size: tuple[int, int], num_classes: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
     """Random images in [0, 1] and, for labelled streams, label maps of square class blocks."""
     height, width = size
     batches = {}
@@ -133,7 +135,9 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["benchmark/source_only", "benchmark/st", "benchmark/cpsl", "benchmark/dacs", "benchmark/dacs_blv", "benchmark/bicl_hybrid"],
+    parser.add_argument("--configs", nargs="+",
+                        default=["benchmark/source_only", "benchmark/st", "benchmark/cpsl",
+                                 "benchmark/dacs", "benchmark/dacs_blv", "benchmark/bicl_hybrid"],
                         help="packaged configs or files; the first is the baseline of the ratios")
     parser.add_argument("--set", nargs="*", default=[], help="overrides applied to every config, e.g. model.name=deeplabv2_r101_proda")
     parser.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"), help="crop size of every stream")
@@ -149,7 +153,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"# {name}; torch {torch.__version__}; {datetime.date.today()}; crops {args.size[0]}x{args.size[1]}, batch {args.batch} per stream")
     print(f"# overrides: {' '.join(args.set) or 'none'}")
     print("| config | amp | ms/step | x first config | peak GPU memory (GiB) |")

@@ -20,9 +20,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 from data_fixtures import make_toy  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def segadapt_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``SEGADAPT_HOME`` in the session's temp folder, for every test and the processes it starts.
+
+    The tiny benchmark is generated there once and shared by the whole session; no test writes to
+    the user's ``~/.cache/segadapt``. A test may still point ``SEGADAPT_HOME`` elsewhere with
+    ``monkeypatch``, which restores this value afterwards.
+    """
+    home = tmp_path_factory.getbasetemp() / "segadapt_home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGADAPT_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(scope="session")

@@ -1,32 +1,37 @@
-"""Tiny dataset trees in the real on-disk formats (DATASETS.md section 8), with the values a
-correct loader must return.
+"""Tiny dataset trees in the real on-disk formats (the "Layout" and "Labels" sections of each page
+in docs/datasets/), with the values a correct loader must return.
 
-The expected train ids are computed here from the tables of DATASETS.md, typed again on
+The expected train ids are computed here from the tables of those pages, typed again on
 purpose rather than imported from segadapt, so the tests compare the loaders with the spec.
+The end of the file holds the config overrides the end-to-end tests share (:data:`TINY`,
+:data:`FAST`, :func:`tiny_config`).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-# DATASETS.md 1.4: Cityscapes label id -> train id (GTA5 labels use the same ids).
+from segadapt.config import RunConfig, load_config
+
+# docs/datasets/cityscapes.md, "Labels": Cityscapes label id -> train id (GTA5 labels use the same ids).
 CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                           25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# DATASETS.md 3.3: SYNTHIA id -> 19-way train id (DAFormer dict) and the compact 16-way ids.
+# docs/datasets/synthia.md, "Labels": SYNTHIA id -> 19-way train id (DAFormer dict) and the compact 16-way ids.
 SYNTHIA_ID_TO_TRAIN19 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
                          8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
 SYNTHIA_ID_TO_TRAIN16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12,
                          19: 13, 12: 14, 11: 15}
-# DATASETS.md 4.3: the 20 ScanNet benchmark classes as NYU40 ids, in train-id order.
+# docs/datasets/scannet.md, "Labels": the 20 ScanNet benchmark classes as NYU40 ids, in train-id order.
 SCANNET_VALID_NYU40 = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39]
 
-# Rows of scannetv2-labels.combined.tsv (real header; nyu40 ids as listed in DATASETS.md 4.3).
+# Rows of scannetv2-labels.combined.tsv (real header; nyu40 ids as listed in docs/datasets/scannet.md, "Labels").
 SCANNET_TSV = (
     "id\traw_category\tcategory\tcount\tnyu40id\teigen13id\tnyuClass\tnyu40class\teigen13class\tModelNet40\t"
     "ModelNet10\tShapeNetCore55\tsynsetoffset\twnsynsetid\twnsynsetkey\tmpcat40\tmpcat40index\n"
@@ -149,7 +154,8 @@ def gta_palette() -> np.ndarray:
 
 
 def make_gta5(root: Path, seed: int = 1) -> Tree:
-    """``images/NNNNN.png`` + mode-P ``labels/NNNNN.png`` (32x18), with DATASETS.md 2.3's quirks:
+    """``images/NNNNN.png`` + mode-P ``labels/NNNNN.png`` (32x18), with the quirks of docs/datasets/gta5.md,
+    "Options and defaults":
 
     - ``00001``, ``00002``: regular; ids 0, 7, 26, 33 and 34 (outside the table) present;
     - ``00003``: label 32x17 for a 32x18 image (as frames 20801-20860);
@@ -307,3 +313,26 @@ def toy_overrides(root: Path) -> list[str]:
         "data.crop_size=[32,48]", "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0",
         "train.iters=2", "train.log_every=1", "schedule.warmup_iters=0", "train.threads=1",
     ]  # fmt: skip
+
+
+# Overrides shared by the end-to-end tests on the embedded benchmark (generated once per session
+# under the ``segadapt_home`` fixture of conftest.py). Later overrides win, so a test appends its own.
+TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
+"""The tiny benchmark for every data split."""
+
+FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
+"""Small batches read in the main process, a metrics record every iteration, no warm-up."""
+
+FAST_LOG2 = [*FAST, "train.log_every=2", "optim.lr=0.01"]
+"""FAST with a record every 2nd iteration and lr 0.01: the metrics logs and learning rates the
+training-loop tests (test_train, test_distributed) assert."""
+
+
+def tiny_args(tmp_path: Path, *extra: str, fast: Sequence[str] = FAST) -> list[str]:
+    """Overrides of a run on the tiny benchmark that writes under ``tmp_path``; ``extra`` come last."""
+    return [*TINY, *fast, f"output_dir={tmp_path}", *extra]
+
+
+def tiny_config(tmp_path: Path, *extra: str, config: str = "benchmark/source_only", fast: Sequence[str] = FAST) -> RunConfig:
+    """The packaged ``config`` on the tiny benchmark (:func:`tiny_args`), validated."""
+    return load_config(config, tiny_args(tmp_path, *extra, fast=fast))

@@ -1,4 +1,4 @@
-"""BiCL (paper 003): prototypes, contrastive losses, dynamic/hybrid labels, weighted sampling, the recipe."""
+"""BiCL (ECCV 2022, docs/bicl.md): prototypes, contrastive losses, dynamic/hybrid labels, weighted sampling, the recipe."""
 
 from __future__ import annotations
 
@@ -29,15 +29,7 @@ from segadapt.methods.bicl import (
     self_distillation_loss,
 )
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
-FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
-
-
-@pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
-    return home
+from data_fixtures import tiny_args, tiny_config
 
 
 def test_prototype_memory_momentum_arithmetic() -> None:
@@ -143,8 +135,8 @@ def test_self_distillation_and_entropy_values() -> None:
 
 
 def run_args(tmp_path: Path, name: str, config: str, *extra: str) -> list[str]:
-    return ["train", config, *TINY, *FAST, f"output_dir={tmp_path}", f"name={name}", "schedule.name=constant",
-            "data.train_transforms=[{name: random_crop, size: [24, 48]}, {name: random_horizontal_flip}]", *extra]  # fmt: skip
+    crop = "data.train_transforms=[{name: random_crop, size: [24, 48]}, {name: random_horizontal_flip}]"
+    return ["train", config, *tiny_args(tmp_path, f"name={name}", "schedule.name=constant", crop, *extra)]
 
 
 def test_bicl_dynamic_trains_and_resumes_exactly(tmp_path: Path) -> None:
@@ -169,10 +161,10 @@ def test_bicl_dynamic_trains_and_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:
-    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=warmup", "train.iters=1"]) == 0
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=warmup", "train.iters=1")]) == 0
     warmup = tmp_path / "warmup" / "checkpoints" / "last.pt"
     with pytest.raises(ConfigError, match=r"method.labels=hybrid uses static \(CBST\) pseudo labels .* set model.checkpoint="):
-        Trainer(load_config("benchmark/bicl_hybrid", TINY + FAST + [f"output_dir={tmp_path}", "name=x"]))
+        Trainer(tiny_config(tmp_path, "name=x", config="benchmark/bicl_hybrid"))
     args = run_args(tmp_path, "hybrid", "benchmark/bicl_hybrid", "train.iters=2", f"model.checkpoint={warmup}", "method.threshold=0")
     assert main(args) == 0
     run = tmp_path / "hybrid"
@@ -182,7 +174,7 @@ def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:
     # T = 0 labels every pixel with a source prototype: the union is (nearly) dense, and it is measured
     assert all(r["label_density"] > 0.5 and 0.0 <= r["label_accuracy"] <= 1.0 for r in records)
     with pytest.raises(ConfigError, match=r"unknown key 'method.lambda_cf'; did you mean 'method.lambda_fc'"):
-        Trainer(load_config("benchmark/bicl_dynamic", TINY + FAST + [f"output_dir={tmp_path}", "name=y", "method.lambda_cf=1"]))
+        Trainer(tiny_config(tmp_path, "name=y", "method.lambda_cf=1", config="benchmark/bicl_dynamic"))
 
 
 def test_self_distillation_kl_averages_over_valid_pixels_only() -> None:
@@ -198,11 +190,11 @@ def test_self_distillation_kl_averages_over_valid_pixels_only() -> None:
 
 
 def test_bicl_distill_minimises_eq2_with_the_teachers_cbst_labels(tmp_path: Path) -> None:
-    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=teacher", "train.iters=2"]) == 0
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=teacher", "train.iters=2")]) == 0
     teacher = tmp_path / "teacher" / "checkpoints" / "last.pt"
     teacher_state = {k: v.clone() for k, v in load_checkpoint(teacher)["model"].items()}
     with pytest.raises(ConfigError, match=r"set method.teacher=runs/<bicl run>/checkpoints/last.pt"):
-        Trainer(load_config("benchmark/bicl_distill", TINY + FAST + [f"output_dir={tmp_path}", "name=x"]))
+        Trainer(tiny_config(tmp_path, "name=x", config="benchmark/bicl_distill"))
     assert main(run_args(tmp_path, "kd", "benchmark/bicl_distill", "train.iters=2", f"method.teacher={teacher}")) == 0
     run = tmp_path / "kd"
     summary = json.loads((run / "pseudo_labels" / "summary.json").read_text())

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_fixtures import make_folder
 from segadapt.data.folder import FolderDataset
 from segadapt.errors import DataError
 from segadapt.methods import blv
@@ -25,11 +24,15 @@ from segadapt.methods.blv import (
 )
 from segadapt.methods.common import class_pixel_counts
 
-# The list hard-coded in every *_blv.py config of grantword8/BLV (GTA5 pixel counts, REFERENCE_NOTES.md 5.1).
+from data_fixtures import make_folder
+
+# The list hard-coded in every *_blv.py config of grantword8/BLV (GTA5 pixel counts; docs/reference_code.md,
+# "BLV: class counts").
 REFERENCE_COUNTS = [16099193283, 4155428633, 8478285320, 925367586, 317481282, 531401266, 67288808, 40463971,
                     3810296251, 1074861777, 6784666433, 181828023, 15321782, 259269812, 564950248, 184638969,
                     32522117, 15799033, 2718199]
-# f_c / max f for that list with the authors' fixed formula, as REFERENCE_NOTES.md 5.1 lists them (3 decimals).
+# f_c / max f for that list with the authors' fixed formula (docs/reference_code.md, "BLV: offsets"), to 3
+# decimals.
 REFERENCE_OFFSETS = [0.103, 0.243, 0.169, 0.398, 0.508, 0.455, 0.669, 0.721, 0.252, 0.382, 0.192, 0.566, 0.821,
                      0.529, 0.449, 0.564, 0.744, 0.818, 1.0]
 

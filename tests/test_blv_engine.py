@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segadapt.config import RunConfig, SubsetSpec, load_config
+from segadapt.config import RunConfig, SubsetSpec
 from segadapt.engine.builders import build_dataset_from_spec
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
@@ -22,15 +22,7 @@ from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 from segadapt.methods.blv import blv_logits, blv_offsets
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
-FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
-
-
-@pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
-    return home
+from data_fixtures import tiny_config
 
 
 def make_trainer(monkeypatch: pytest.MonkeyPatch, cfg: RunConfig, resume: bool = False) -> Trainer:
@@ -38,7 +30,7 @@ def make_trainer(monkeypatch: pytest.MonkeyPatch, cfg: RunConfig, resume: bool =
 
 
 def config(tmp_path: Path, name: str, *extra: str, path: str = "benchmark/source_only") -> RunConfig:
-    return load_config(path, TINY + FAST + [f"output_dir={tmp_path}", f"name={name}", *extra])
+    return tiny_config(tmp_path, f"name={name}", *extra, config=path)
 
 
 def test_blv_with_sigma_zero_is_cross_entropy_in_a_training_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_fixtures import make_cityscapes, make_folder, make_gta5
 from segadapt.data import GTA5, check_dataset, check_folder_root, check_named_dataset, class_pixel_counts, format_report
 from segadapt.errors import DataError
+
+from data_fixtures import make_cityscapes, make_folder, make_gta5
 
 
 def numpy_counts(labels: list[np.ndarray], num_classes: int) -> tuple[np.ndarray, int]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from segadapt.config import PACKAGED_CONFIGS, deep_merge, load_config, parse_override, resolved_yaml, save_config
 from segadapt.data.transforms import build_transforms
-from segadapt.config import PACKAGED_CONFIGS, RunConfig, deep_merge, load_config, parse_override, resolved_yaml, save_config
 from segadapt.errors import ConfigError
 
 
@@ -94,13 +94,20 @@ def test_deep_merge_replaces_lists() -> None:
     assert deep_merge({"a": {"b": [1, 2], "c": 1}}, {"a": {"b": [3]}}) == {"a": {"b": [3], "c": 1}}
 
 
-def test_every_shipped_config_validates() -> None:
+def test_every_shipped_config_validates_and_round_trips(tmp_path: Path) -> None:
+    from segadapt.engine.recipes import check_recipe_config
+    from segadapt.models import MODELS
+
     configs = sorted(PACKAGED_CONFIGS.rglob("*.yaml"))
+    assert len(configs) > 20  # the settings' folders are found
     for path in configs:
         if path.name.startswith("_"):
             continue  # partial bases are validated through the files that use them
         cfg = load_config(path)
-        assert isinstance(cfg, RunConfig), path
+        check_recipe_config(cfg)  # a known recipe, and its method section matches the recipe's options
+        assert cfg.model.name in MODELS, path
+        save_config(cfg, tmp_path / "resolved.yaml")  # what a run directory stores reproduces the config
+        assert load_config(tmp_path / "resolved.yaml") == cfg, path
         for transforms in (cfg.data.train_transforms, cfg.data.val_transforms):
             if transforms:
                 build_transforms(transforms)  # a misspelt transform or key in a shipped config fails here

@@ -1,4 +1,4 @@
-"""CPSL's algorithms (paper 001): Sinkhorn marginals and parity, memory bank, sampling, losses."""
+"""CPSL's algorithms (CVPR 2022, docs/cpsl.md): Sinkhorn marginals and parity, memory bank, sampling, losses."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from segadapt.methods.cpsl import (
 from segadapt.methods.sinkhorn import class_marginal_error, normalized_marginal, sinkhorn
 
 PARITY = Path(__file__).parent / "fixtures" / "parity" / "cpsl_sinkhorn.npz"  # recorded from the authors' code
-# CPSL's shipped warm-up class distribution (REFERENCE_NOTES.md 1.1 step 3): road 38%, motorbike 0.12%
+# CPSL's shipped warm-up class distribution (docs/reference_code.md, "CPSL: class distribution"):
+# road 38%, motorbike 0.12%
 CITYSCAPES_R = torch.tensor(
     [0.37922, 0.049299, 0.226651, 0.015507, 0.017205, 0.014027, 0.002186, 0.002213, 0.133376, 0.024243,
      0.043411, 0.013146, 0.001615, 0.066048, 0.004075, 0.002789, 0.001847, 0.001229, 0.001912]
@@ -45,7 +46,7 @@ CITYSCAPES_R = torch.tensor(
 
 
 def plain_sinkhorn(scores: torch.Tensor, r: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """The authors' formulation (REFERENCE_NOTES.md 1.3 item 9), in the linear domain."""
+    """The authors' formulation (docs/reference_code.md, "CPSL: Sinkhorn"), in the linear domain."""
     q = torch.exp(scores / epsilon).T
     q = q / q.sum()
     num_samples = q.shape[1]
@@ -356,8 +357,14 @@ def test_rectification_follows_eq1_on_hand_computed_values() -> None:
     # pixel 1: P_ST ties, P_SL decides: class 0; pixel 2: no soft-label mass (padding): ignore
     assert rectify_pseudo_labels(soft, scores, temperature=0.08).tolist() == [[[1, 0, 255]]]
     assert rectify_pseudo_labels(soft, scores, temperature=1.0).tolist() == [[[0, 0, 255]]]
-    p_sl = torch.softmax(torch.tensor([0.0, 0.1]) / 1.0, dim=0)
-    assert 0.6 * p_sl[0] > 0.4 * p_sl[1]  # the hand computation above
+    # pixel 0 changes class where 0.6 * exp(0 / tau) = 0.4 * exp(0.1 / tau): tau = 0.1 / ln 1.5 = 0.2466
+    assert rectify_pseudo_labels(soft, scores, temperature=0.24)[0, 0, 0] == 1
+    assert rectify_pseudo_labels(soft, scores, temperature=0.25)[0, 0, 0] == 0
+    # equal cluster scores leave P_ST's argmax (a tie goes to the first class), equal soft labels the scores'
+    assert rectify_pseudo_labels(soft, torch.zeros_like(scores)).tolist() == [[[0, 0, 255]]]
+    assert rectify_pseudo_labels(torch.full_like(soft, 0.5), scores).tolist() == [[[1, 0, 1]]]
+    assert torch.equal(rectify_pseudo_labels(3 * soft, scores), rectify_pseudo_labels(soft, scores))  # P_ST's scale
+    assert rectify_pseudo_labels(soft, scores, ignore_index=7)[0, 0, 2] == 7
     with pytest.raises(DataError, match="same grid"):
         rectify_pseudo_labels(soft, scores[..., :2])
 

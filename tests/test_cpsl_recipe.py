@@ -23,31 +23,22 @@ from segadapt.errors import ConfigError
 from segadapt.methods.cpsl import class_pixel_counts
 from segadapt.methods.ema import batch_norm_as
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
-FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
+from data_fixtures import FAST, TINY, tiny_args, tiny_config
+
 # crops inside the 32x64 tiny images: the small network's 8x16 output grid has 128 pixels
 CROP = ["data.train_transforms=[{name: random_crop, size: [32, 64]}, {name: random_horizontal_flip}]"]
-
-
-@pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
-    return home
 
 
 @pytest.fixture(scope="module")
 def warmup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A source-only warm-up checkpoint (a few iterations: only its role matters here)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SEGADAPT_HOME", str(tmp_path_factory.getbasetemp() / "segadapt_home"))
-        out = tmp_path_factory.mktemp("warmup")
-        assert main(["train", "benchmark/source_only", *TINY, *FAST, *CROP, f"output_dir={out}", "name=w", "train.iters=3"]) == 0
+    out = tmp_path_factory.mktemp("warmup")
+    assert main(["train", "benchmark/source_only", *tiny_args(out, *CROP, "name=w", "train.iters=3")]) == 0
     return out / "w" / "checkpoints" / "last.pt"
 
 
 def cpsl_config(tmp_path: Path, warmup: Path, *extra: str, config: str = "benchmark/cpsl"):
-    return load_config(config, TINY + FAST + CROP + [f"output_dir={tmp_path}", f"model.checkpoint={warmup}", "method.pixels_per_image=16", "method.queue_size=64", *extra])
+    return tiny_config(tmp_path, *CROP, f"model.checkpoint={warmup}", "method.pixels_per_image=16", "method.queue_size=64", *extra, config=config)
 
 
 # ---------------------------------------------------------------------------------------------- cpsl
@@ -95,7 +86,10 @@ def test_cpsl_warmup_statistics_are_remade_only_when_what_made_them_changes(tmp_
 
     lines: list[str] = []
     run_dir = tmp_path / "r"
-    prepare = lambda *extra: cpsl_recipe.CPSL.prepare(cpsl_config(tmp_path, warmup, *extra), run_dir, lines.append)
+
+    def prepare(*extra):
+        return cpsl_recipe.CPSL.prepare(cpsl_config(tmp_path, warmup, *extra), run_dir, lines.append)
+
     prepare()
     stamp = (run_dir / "cpsl_init.pt").stat().st_mtime_ns
     copied = tmp_path / "copy.pt"
@@ -180,7 +174,9 @@ def one_step(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, name
     r_before = recipe.class_distribution.distribution.clone() if hasattr(recipe, "class_distribution") else None
     supervised = recipe.supervised_loss
     spy.calls["supervised_loss"] = []
-    monkeypatch.setattr(recipe, "supervised_loss", lambda output, labels, **kw: spy.calls["supervised_loss"].append(labels) or supervised(output, labels, **kw))
+    monkeypatch.setattr(
+        recipe, "supervised_loss", lambda output, labels, **kw: spy.calls["supervised_loss"].append(labels) or supervised(output, labels, **kw)
+    )
     recipe.train()
     torch.manual_seed(0)
     losses = recipe.training_step(batches, 0)
@@ -315,7 +311,7 @@ def test_batch_norm_as_keeps_frozen_layers_frozen() -> None:
 
 def test_cpsl_errors_name_the_key_and_the_fix(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"set model.checkpoint=runs/<warm-up run>/checkpoints/last.pt"):
-        Trainer(load_config("benchmark/cpsl", TINY + FAST + [f"output_dir={tmp_path}", "name=e1"]))
+        Trainer(tiny_config(tmp_path, "name=e1", config="benchmark/cpsl"))
     with pytest.raises(ConfigError, match=r"unknown key 'method.lamda1'; did you mean 'method.lambda1'"):
         Trainer(cpsl_config(tmp_path, warmup, "name=e2", "method.lamda1=0.2"))
     with pytest.raises(ConfigError, match=r"keep at least one of them true"):
@@ -328,7 +324,7 @@ def test_cpsl_errors_name_the_key_and_the_fix(tmp_path: Path, warmup: Path, monk
 
 
 def adversarial_config(tmp_path: Path, *extra: str):
-    return load_config("benchmark/adversarial_warmup", TINY + FAST + CROP + [f"output_dir={tmp_path}", *extra])
+    return tiny_config(tmp_path, *CROP, *extra, config="benchmark/adversarial_warmup")
 
 
 @pytest.mark.parametrize("gan", ["ls", "bce"])

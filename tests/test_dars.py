@@ -236,7 +236,7 @@ def test_given_and_predicted_distributions_are_normalised():
 # ---------------------------------------------------------------------- progressive rounds
 
 
-REFERENCE_CONFIG_TABLE = {  # REFERENCE_NOTES 3.2: alpha round 1 -> 2, RandScale rounds 0/1 -> 2
+REFERENCE_CONFIG_TABLE = {  # docs/reference_code.md, "DARS: progressive rounds": alpha round 1 -> 2, RandScale rounds 0/1 -> 2
     "deeplabv2_cityscapes8_crop361": ((0.2, 0.45), (0.25, 1.0), (0.25, 1.0)),
     "pspnet50_cityscapes8_crop361": ((0.2, 0.5), (0.25, 1.0), (0.2, 1.5)),
     "pspnet50_cityscapes8_crop713": ((0.4, 0.65), (0.5, 2.0), (0.5, 3.0)),

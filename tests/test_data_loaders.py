@@ -10,17 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from data_fixtures import (
-    SYNTHIA_ID_TO_TRAIN16,
-    lut,
-    make_cityscapes,
-    make_folder,
-    make_gta5,
-    make_scannet_25k,
-    make_scannet_raw,
-    make_synthia,
-    write_png16,
-)
 from segadapt.data import (
     GTA5,
     Cityscapes,
@@ -35,6 +24,18 @@ from segadapt.data import (
 from segadapt.data.classes import CITYSCAPES_CLASSES, SCANNET20_CLASSES, SYNTHIA16_CLASSES
 from segadapt.data.synthia import read_png_channel
 from segadapt.errors import ConfigError, DataError
+
+from data_fixtures import (
+    SYNTHIA_ID_TO_TRAIN16,
+    lut,
+    make_cityscapes,
+    make_folder,
+    make_gta5,
+    make_scannet_25k,
+    make_scannet_raw,
+    make_synthia,
+    write_png16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,8 @@ def test_gta5_size_mismatch_policies(gta5, caplog) -> None:
     resized_image = GTA5(gta5.root, names=["00003"], size_mismatch="resize_image")[0]
     assert resized_image["image"].shape == (3, 17, 32) and resized_image["label"].shape == (17, 32)
 
-    with pytest.raises(DataError, match=r"00003.png is 32x17 \(WxH\) but its image .*00003.png is 32x18.*options.size_mismatch=resize_label.*or skip"):
+    message = r"00003.png is 32x17 \(WxH\) but its image .*00003.png is 32x18.*options.size_mismatch=resize_label.*or skip"
+    with pytest.raises(DataError, match=message):
         GTA5(gta5.root, names=["00003"], size_mismatch="error")[0]
 
     skipping = GTA5(gta5.root, size_mismatch="skip")
@@ -274,8 +276,8 @@ def test_synthia_class_ids_beyond_22_are_an_error(tmp_path) -> None:
 def test_synthia_protocol_class_ids() -> None:
     from segadapt.data import MIOU13_CLASS_IDS, MIOU13_CLASS_IDS_OF_16, MIOU16_CLASS_IDS
 
-    assert MIOU16_CLASS_IDS == (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # DATASETS.md 3.3 to19
-    assert MIOU13_CLASS_IDS == (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # DATASETS.md 3.4 to19
+    assert MIOU16_CLASS_IDS == (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # docs/datasets/synthia.md, "Evaluation protocols"
+    assert MIOU13_CLASS_IDS == (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # same section: mIoU13
     assert [SYNTHIA16_CLASSES.names[i] for i in MIOU13_CLASS_IDS_OF_16] == [
         CITYSCAPES_CLASSES.names[i] for i in MIOU13_CLASS_IDS
     ]

@@ -25,16 +25,14 @@ from segadapt.engine.logging import read_metrics
 from segadapt.engine.sampling import ResumableStreamSampler
 from segadapt.engine.trainer import Trainer
 
-from test_train import FAST, TINY  # tests/ is on sys.path (rootdir conftest, no package)
+from data_fixtures import FAST_LOG2, TINY, tiny_config
 
 
 @pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"  # shared with test_train: one tiny benchmark per session
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
+def single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No launcher variables from the environment: each test starts its own ranks."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    return home
 
 
 # Runs on each rank: the real ``segadapt train`` command line, with a hook that saves what this
@@ -97,13 +95,13 @@ def run_two_ranks(tmp_path: Path, *args: str) -> None:
 def test_two_processes_train_one_model_that_resumes_and_evaluates_like_one_process(tmp_path: Path) -> None:
     ensure_benchmark(seed=0, size="tiny")  # before the ranks start: neither pays for generating it
     run = tmp_path / "ddp"
-    run_two_ranks(tmp_path, "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}")
+    run_two_ranks(tmp_path, "benchmark/source_only", *TINY, *FAST_LOG2, f"output_dir={tmp_path}")
 
     # both ranks hold the same weights and optimiser state, and they are what rank 0 saved
     ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [state["rank"] for state in ranks] == [0, 1] and ranks[0]["world_size"] == 2
     checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
-    initial = Trainer(load_config("benchmark/source_only", TINY + FAST + [f"output_dir={tmp_path}", "name=fresh"])).recipe.model
+    initial = Trainer(tiny_config(tmp_path, "name=fresh", fast=FAST_LOG2)).recipe.model
     moved = 0
     for key, value in checkpoint["model"].items():
         assert torch.equal(ranks[0]["model"][key], value) and torch.equal(ranks[1]["model"][key], value), key
@@ -256,18 +254,20 @@ def test_two_processes_share_pseudo_labelling_and_write_what_one_process_writes(
     from segadapt.engine.pseudo_labelling import SUMMARY
 
     ensure_benchmark(seed=0, size="tiny")
-    warmup = Trainer(load_config("benchmark/source_only", TINY + FAST + [f"output_dir={tmp_path}", "name=warmup", "train.iters=2"]))
+    warmup = Trainer(tiny_config(tmp_path, "name=warmup", "train.iters=2", fast=FAST_LOG2))
     warmup.fit()
     checkpoint = tmp_path / "warmup" / "checkpoints" / "last.pt"
     script = tmp_path / "pseudo_label_script.py"
     script.write_text(PSEUDO_LABEL_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(checkpoint), str(tmp_path), *TINY, *FAST]
+               str(checkpoint), str(tmp_path), *TINY, *FAST_LOG2]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
-    single = pseudo_label_checkpoint(checkpoint, tmp_path / "single", overrides=["pseudo_label.rule=dars", "pseudo_label.ratio=0.5"], log=lambda _: None)
+    single = pseudo_label_checkpoint(
+        checkpoint, tmp_path / "single", overrides=["pseudo_label.rule=dars", "pseudo_label.ratio=0.5"], log=lambda _: None
+    )
     sharded = tmp_path / "sharded"
     assert json.loads((sharded / SUMMARY).read_text()) == single  # thresholds, counts, accuracy, KL: summed over both
     names = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*.png"))

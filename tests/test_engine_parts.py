@@ -68,7 +68,10 @@ def test_poly_schedule_with_warmup() -> None:
 
 def test_scheduler_keeps_group_ratios_and_resumes() -> None:
     params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
-    make = lambda: torch.optim.SGD([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 10.0}])
+
+    def make():
+        return torch.optim.SGD([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 10.0}])
+
     optimizer = make()
     scheduler = build_scheduler(optimizer, 10, ScheduleConfig(power=1.0))
     for _ in range(4):

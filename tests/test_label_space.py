@@ -111,7 +111,9 @@ def test_cityscapes_protocols_on_other_data_fail_before_the_run_directory(toy: P
     assert not (tmp_path / "p").exists()
 
 
-def test_per_class_list_of_another_length_names_its_key_before_any_work(toy: Path, warmup: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_per_class_list_of_another_length_names_its_key_before_any_work(
+    toy: Path, warmup: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = main(["train", "benchmark/dars_td", *data_overrides(toy), f"model.checkpoint={warmup}", f"output_dir={tmp_path}", "name=td"])
     err = capsys.readouterr().err
     assert code == 2

@@ -110,7 +110,7 @@ def test_bn_clr_appends_bn_pretrain_keys_after_the_head():
 
 
 def test_proda_parameter_count_matches_reference():
-    # REFERENCE_NOTES 0.1: 65.06 M parameters for 19 classes.
+    # docs/reference_code.md, "Networks: ProDA/CPSL DeepLab-V2 head": 65.06 M parameters for 19 classes.
     model = build_on_meta(DeepLabV2ProDA, NUM_CLASSES)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 65.06
 

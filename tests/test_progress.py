@@ -22,7 +22,8 @@ from segadapt.engine.logging import Progress, format_duration
 from segadapt.models.base import SegOutput
 from segadapt.progress import bar_enabled, progress, write
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
+from data_fixtures import TINY, tiny_config
+
 BAR_END = re.compile(r"(\d+)/(\d+) \[(\d\d:\d\d)<(\d\d:\d\d), +[\d.]+(\w+)/s")  # "5/5 [00:00<00:00, 812.3img/s"
 
 
@@ -34,10 +35,9 @@ class FakeTTY(io.StringIO):
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SEGADAPT_PROGRESS", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setenv("SEGADAPT_HOME", str(tmp_path_factory.getbasetemp() / "segadapt_home"))
 
 
 class PointwiseNet(nn.Module):
@@ -190,11 +190,7 @@ def test_a_training_run_in_a_terminal(tmp_path: Path, monkeypatch: pytest.Monkey
 
     tty = FakeTTY()
     monkeypatch.setattr(sys, "stderr", tty)
-    cfg = load_config(
-        "benchmark/source_only",
-        TINY + ["data.batch_size=2", "data.num_workers=0", "train.log_every=2", "schedule.warmup_iters=0",
-                f"output_dir={tmp_path}", "train.iters=4", "train.eval_every=2", "name=run"],
-    )  # fmt: skip
+    cfg = tiny_config(tmp_path, "train.log_every=2", "train.iters=4", "train.eval_every=2", "name=run")
     Trainer(cfg).fit()
     text = tty.getvalue()
     assert "[run]: 100%" in text and "4/4" in text and "loss " in text

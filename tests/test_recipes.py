@@ -89,7 +89,10 @@ def test_forward_streams_splits_logits_features_and_aux_logits_per_stream() -> N
 def test_self_training_adds_each_streams_auxiliary_term_with_its_weight() -> None:
     batches, model = toy_batches(), AuxNet()
     losses = step(SelfTraining, model, batches, "method.source_weight=0.5", "method.target_weight=2")
-    ce = lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=255)
+
+    def ce(logits, labels):
+        return F.cross_entropy(logits, labels, ignore_index=255)
+
     with torch.no_grad():
         source, target = (model(batches[k]["image"]) for k in ("source", "target"))
         expected = 0.5 * (ce(source.logits, batches["source"]["label"]) + 0.4 * ce(source.aux_logits, batches["source"]["label"])) + 2 * (

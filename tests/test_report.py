@@ -12,15 +12,7 @@ from PIL import Image
 from segadapt.cli import main
 from segadapt.viz.figures import pca_2d
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
-FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0", "train.eval_every=1"]
-
-
-@pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
-    return home
+from data_fixtures import tiny_args
 
 
 def test_pca_finds_the_direction_of_largest_variance() -> None:
@@ -33,7 +25,7 @@ def test_pca_finds_the_direction_of_largest_variance() -> None:
 
 
 def test_report_draws_every_figure_of_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    common = [*TINY, *FAST, f"output_dir={tmp_path}", "train.iters=2"]
+    common = tiny_args(tmp_path, "train.eval_every=1", "train.iters=2")
     assert main(["train", "benchmark/source_only", *common, "name=warmup"]) == 0
     warmup = tmp_path / "warmup" / "checkpoints" / "last.pt"
     assert main(["train", "benchmark/cbst", *common, "name=cbst", f"model.checkpoint={warmup}"]) == 0

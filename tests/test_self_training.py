@@ -24,15 +24,7 @@ from segadapt.errors import ConfigError, DataError
 from segadapt.methods.thresholds import apply_thresholds, cbst_thresholds_exact
 from segadapt.models.base import SegOutput
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
-FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=1", "schedule.warmup_iters=0"]
-
-
-@pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
-    return home
+from data_fixtures import tiny_args, tiny_config
 
 
 class PixelwiseModel(nn.Module):
@@ -52,7 +44,7 @@ class PixelwiseModel(nn.Module):
 
 
 def target_set(tmp_path: Path, *extra: str):
-    cfg = load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}", *extra])
+    cfg = tiny_config(tmp_path, *extra, config="benchmark/cbst")
     spec = cfg.data.target.model_copy(update={"with_labels": True})
     return cfg, build_dataset_from_spec(spec, with_labels=True)
 
@@ -124,12 +116,12 @@ def test_pseudo_labelled_dataset_reports_missing_and_foreign_files(tmp_path: Pat
 
 
 def test_self_training_generates_its_labels_once_and_trains_on_them(tmp_path: Path) -> None:
-    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=warmup", "train.iters=2"]) == 0
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=warmup", "train.iters=2")]) == 0
     warmup = tmp_path / "warmup" / "checkpoints" / "last.pt"
     assert main(["pseudo-label", str(warmup), str(tmp_path / "st"), "pseudo_label.rule=st", "pseudo_label.threshold=0"]) == 0
     st = json.loads((tmp_path / "st" / "summary.json").read_text())
     assert st["rule"] == "st" and st["density"] == 1.0 and st["num_images"] == 4 and 0 <= st["accuracy"] <= 1
-    args = ["train", "benchmark/dars_sd", *TINY, *FAST, f"output_dir={tmp_path}", "name=dars", f"model.checkpoint={warmup}"]
+    args = ["train", "benchmark/dars_sd", *tiny_args(tmp_path, "name=dars", f"model.checkpoint={warmup}")]
     assert main([*args, "train.iters=2"]) == 0
     run = tmp_path / "dars"
     summary = json.loads((run / "pseudo_labels" / "summary.json").read_text())
@@ -149,9 +141,9 @@ def test_run_pseudo_labels_are_remade_when_the_checkpoint_or_the_rule_changes(tm
     from segadapt.engine.pseudo_labelling import with_pseudo_labels
     from segadapt.engine.run_cache import key_path
 
-    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=w", "train.iters=2"]) == 0
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=w", "train.iters=2")]) == 0
     first = tmp_path / "w" / "checkpoints" / "last.pt"
-    cfg = load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}", "name=st", f"model.checkpoint={first}"])
+    cfg = tiny_config(tmp_path, "name=st", f"model.checkpoint={first}", config="benchmark/cbst")
     run_dir, summary = tmp_path / "st", tmp_path / "st" / "pseudo_labels" / "summary.json"
     lines: list[str] = []
 
@@ -170,7 +162,7 @@ def test_run_pseudo_labels_are_remade_when_the_checkpoint_or_the_rule_changes(tm
     ratio = cfg.model_copy(update={"pseudo_label": cfg.pseudo_label.model_copy(update={"ratio": 0.2})})
     assert "changed: pseudo_label)" in label(ratio, first) and json.loads(summary.read_text())["ratio"] == 0.2
     assert "reusing" in label(ratio, first)
-    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=w2", "train.iters=1"]) == 0
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=w2", "train.iters=1")]) == 0
     assert "changed: checkpoint)" in label(ratio, tmp_path / "w2" / "checkpoints" / "last.pt")
     key_path(run_dir / "pseudo_labels").unlink()  # e.g. a folder of an earlier version: no record of its inputs
     assert "no record of what made it" in label(ratio, first)
@@ -178,9 +170,9 @@ def test_run_pseudo_labels_are_remade_when_the_checkpoint_or_the_rule_changes(tm
 
 def test_self_training_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"set model.checkpoint=runs/<warm-up run>/checkpoints/best.pt"):
-        Trainer(load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}"]))
+        Trainer(tiny_config(tmp_path, config="benchmark/cbst"))
     with pytest.raises(ConfigError, match=r"unknown key 'method.target_wieght'; did you mean 'method.target_weight'"):
-        Trainer(load_config("benchmark/cbst", TINY + FAST + [f"output_dir={tmp_path}", "method.target_wieght=2", "name=b"]))
+        Trainer(tiny_config(tmp_path, "method.target_wieght=2", "name=b", config="benchmark/cbst"))
     with pytest.raises(ConfigError, match=r"given_distribution: one value per class"):
         cfg, dataset = target_set(tmp_path, "pseudo_label.rule=dars", "pseudo_label.distribution=given")
         generate_pseudo_labels(PixelwiseModel(), dataset, cfg, tmp_path / "x", torch.device("cpu"), log=lambda _: None)
@@ -188,7 +180,7 @@ def test_self_training_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
 
 def test_rounds_follow_the_progressive_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = [
-        "rounds", "benchmark/semi_supervised", *TINY, *FAST, f"output_dir={tmp_path}", "name=ssl",
+        "rounds", "benchmark/semi_supervised", *tiny_args(tmp_path, "name=ssl"),
         "rounds.labeling_ratios=[0.2,0.5]", "rounds.scale_growth=[0.2,0.5]", "rounds.iters=[2,1,1]",
     ]  # fmt: skip
     assert main(args) == 0

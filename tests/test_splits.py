@@ -1,4 +1,4 @@
-"""Split files: the published formats (DATASETS.md 5.2), make_split, write/read, dataset restriction."""
+"""Split files: the published formats (docs/datasets/cityscapes.md, "Semi-supervised splits"), make_split, write/read, dataset restriction."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import random
 
 import pytest
 
-from data_fixtures import make_cityscapes, make_gta5
 from segadapt.data import GTA5, Cityscapes, make_split, read_split, read_split_entries, write_split
 from segadapt.data.splits import SplitEntry
 from segadapt.errors import ConfigError, DataError
+
+from data_fixtures import make_cityscapes, make_gta5
 
 UNIMATCH = (
     "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png "
@@ -74,7 +75,7 @@ CITYSCAPES_TRAIN_NAMES = [f"city{i % 18:02d}_{i:06d}_000019" for i in range(2975
 
 @pytest.mark.parametrize(("ratio", "labeled"), [(1 / 16, 186), (1 / 8, 372), (1 / 4, 744), (1 / 2, 1488), (1 / 30, 99)])
 def test_make_split_counts_follow_the_published_rounding(ratio: float, labeled: int) -> None:
-    # DATASETS.md 5.1: labeled = round(2975 / k); 2975/30 = 99.17 (UniMatch's 1/30 uses 100 instead)
+    # docs/datasets/cityscapes.md, "Semi-supervised splits": labeled = round(2975 / k); 2975/30 = 99.17 (UniMatch's 1/30 uses 100 instead)
     part, rest = make_split(CITYSCAPES_TRAIN_NAMES, ratio=ratio)
     assert (len(part), len(rest)) == (labeled, 2975 - labeled)
 

@@ -22,19 +22,7 @@ from segadapt.engine.logging import read_metrics
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 
-TINY = [f"data.{part}.benchmark_size=tiny" for part in ("source", "target", "val")]
-FAST = ["data.batch_size=2", "data.num_workers=0", "train.log_every=2", "schedule.warmup_iters=0", "optim.lr=0.01"]
-
-
-@pytest.fixture(autouse=True)
-def segadapt_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path_factory.getbasetemp() / "segadapt_home"  # one tiny benchmark for the whole session
-    monkeypatch.setenv("SEGADAPT_HOME", str(home))
-    return home
-
-
-def tiny_config(tmp_path: Path, *extra: str):
-    return load_config("benchmark/source_only", TINY + FAST + [f"output_dir={tmp_path}", *extra])
+from data_fixtures import FAST_LOG2, TINY, tiny_args, tiny_config
 
 
 def weights(state: dict) -> dict[str, torch.Tensor]:
@@ -42,7 +30,7 @@ def weights(state: dict) -> dict[str, torch.Tensor]:
 
 
 def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, "train.iters=4", "train.eval_every=2", "name=run")
+    cfg = tiny_config(tmp_path, "train.iters=4", "train.eval_every=2", "name=run", fast=FAST_LOG2)
     final = Trainer(cfg).fit()
     run = tmp_path / "run"
     assert load_config(run / "config.yaml") == cfg  # the resolved config reproduces the run
@@ -59,10 +47,10 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
 
 
 def test_existing_run_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = tiny_config(tmp_path, "train.iters=2", "name=run")
+    cfg = tiny_config(tmp_path, "train.iters=2", "name=run", fast=FAST_LOG2)
     Trainer(cfg).fit()
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
-    code = main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=run", "train.iters=2"])
+    code = main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=run", "train.iters=2", fast=FAST_LOG2)])
     assert code == 2
     assert "already holds checkpoints; pass resume=true" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
@@ -91,7 +79,7 @@ KILLED_RUN = textwrap.dedent(
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     # dropout-free model, but random augmentations and shuffling must resume exactly
-    common = TINY + FAST + [
+    common = TINY + FAST_LOG2 + [
         f"output_dir={tmp_path}", "train.iters=8", "train.checkpoint_every=3", "train.ema_momentum=0.9",
         "data.train_transforms=[{name: random_scale, min: 0.8, max: 1.2}, {name: random_crop, size: [24, 48]}, {name: random_horizontal_flip}]",
     ]
@@ -116,7 +104,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
 
 
 def test_eval_and_predict_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    Trainer(tiny_config(tmp_path, "train.iters=2", "name=run")).fit()
+    Trainer(tiny_config(tmp_path, "train.iters=2", "name=run", fast=FAST_LOG2)).fit()
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     assert main(["eval", str(checkpoint), "eval.flip=true", "--json", str(tmp_path / "scores.json")]) == 0
     out = capsys.readouterr().out
@@ -144,7 +132,7 @@ def test_folder_datasets_by_override(tmp_path: Path) -> None:
     from segadapt.data.benchmark import ensure_benchmark
 
     root = ensure_benchmark(seed=0, size="tiny")
-    overrides = FAST + [
+    overrides = FAST_LOG2 + [
         f"output_dir={tmp_path}", "name=folder", "train.iters=2",
         "data.source.dataset=folder", f"data.source.root={root / 'source'}",
         "data.val.dataset=folder", f"data.val.root={root / 'target'}", "data.val.split=val",

@@ -17,8 +17,7 @@ from segadapt.config import PACKAGED_CONFIGS, load_config
 from segadapt.engine.builders import build_dataset_from_spec
 from segadapt.errors import ConfigError, DataError
 
-from data_fixtures import make_folder
-from test_train import FAST, TINY, segadapt_home  # noqa: F401  (segadapt_home: autouse, one tiny benchmark per session)
+from data_fixtures import TINY, make_folder, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +138,7 @@ def test_every_subcommand_documents_its_positionals_without_markup(capsys: pytes
 
 
 def test_options_and_overrides_in_any_order_and_predict_into_its_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", "benchmark/source_only", *TINY, *FAST, f"output_dir={tmp_path}", "name=run", "train.iters=1"]) == 0
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=run", "train.iters=1")]) == 0
     checkpoint = str(tmp_path / "run" / "checkpoints" / "last.pt")
     scores = tmp_path / "scores.json"
     assert main(["eval", checkpoint, "--json", str(scores), "eval.flip=true", *TINY]) == 0

@@ -255,7 +255,7 @@ class BLVConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _needed_keys(self) -> "BLVConfig":
+    def _needed_keys(self) -> BLVConfig:
         if self.schedule == "temporal" and self.t_mid is None:
             raise ValueError("loss.blv.schedule=temporal needs loss.blv.t_mid (e.g. 3/4 of train.iters)")
         if self.schedule == "constant" and self.t_mid is not None:
@@ -348,7 +348,7 @@ class RunConfig(_Strict):
         return Path(self.output_dir) / self.name
 
     @model_validator(mode="after")
-    def _name_dataset_specs(self) -> "RunConfig":
+    def _name_dataset_specs(self) -> RunConfig:
         for field in DataConfig.model_fields:
             spec = getattr(self.data, field)
             if isinstance(spec, DatasetSpec):

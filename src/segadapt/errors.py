@@ -85,7 +85,7 @@ def writing(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         Traceback (most recent call last):
         ...
         segadapt.errors.OutputError: cannot write checkpoint /runs/x/checkpoints/last.pt: No space left on device; free space on that disk, or set output_dir= to another disk
-    """
+    """  # noqa: E501 (the doctest's exception message is one line)
     try:
         yield
     except OutputError:

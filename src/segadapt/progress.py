@@ -82,7 +82,7 @@ class PlainProgress:
     def __len__(self) -> int:
         return self.total if self.total is not None else len(self.iterable)  # type: ignore[arg-type]
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:

@@ -53,9 +53,12 @@ def run_demo(
             raise ConfigError(f"demo --methods: {method!r} is not an adaptation config of the benchmark; choose from {', '.join(choices)}")
     common = [f"output_dir={output}", f"seed={seed}"]
     common += [f"data.{part}.benchmark_size={benchmark_size}" for part in ("source", "target", "val")]
-    plan = [(DEMO_RECIPES[0][0], DEMO_RECIPES[0][1], [])]
+    plan: list[tuple[str, str, list[str]]] = [(DEMO_RECIPES[0][0], DEMO_RECIPES[0][1], [])]
     warmup = output / load_config(packaged_config(DEMO_RECIPES[0][1]), common).name / "checkpoints" / "last.pt"
-    plan += [(method, f"benchmark/{method}.yaml", [f"model.checkpoint={warmup}", *(QUICK_METHOD_OVERRIDES.get(method, []) if quick else [])]) for method in methods]
+    plan += [
+        (method, f"benchmark/{method}.yaml", [f"model.checkpoint={warmup}", *(QUICK_METHOD_OVERRIDES.get(method, []) if quick else [])])
+        for method in methods
+    ]
     plan += [(DEMO_RECIPES[1][0], DEMO_RECIPES[1][1], [])]
     runs: dict[str, tuple[Path, RunConfig]] = {}
     results: dict[str, Any] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def predict_folder(
         from ..data.classes import CITYSCAPES_CLASSES
 
         classes = CITYSCAPES_CLASSES  # raw authors' weights: the papers' 19-class Cityscapes label space
-    to_label_id = None
+    to_label_id: Callable[[np.ndarray], np.ndarray] | None = None
     if "labelid" in formats:
         from ..data.cityscapes import train_id_to_label_id
 
@@ -66,25 +66,32 @@ def predict_folder(
     device = resolve_device(cfg.device)
     model.to(device)
     palette = classes.palette()
+    renderers: dict[str, Callable[[np.ndarray], Image.Image]] = {
+        "color": lambda train_ids: Image.fromarray(palette[train_ids]),
+        "trainid": lambda train_ids: Image.fromarray(train_ids),
+    }
+    if to_label_id is not None:  # "labelid" is among the formats
+        label_ids = to_label_id
+        renderers["labelid"] = lambda train_ids: Image.fromarray(label_ids(train_ids).astype(np.uint8))
     for path in images:
         image = _read_rgb(path)
         prediction = predict_probs(model, image[None].to(device), image.shape[-2:], cfg.eval).argmax(1)[0]
         train_ids = prediction.cpu().numpy().astype(np.uint8)
         relative = path.relative_to(input_dir).with_suffix(".png")
-        outputs = {
-            "color": lambda: Image.fromarray(palette[train_ids]),
-            "trainid": lambda: Image.fromarray(train_ids),
-            "labelid": lambda: Image.fromarray(to_label_id(train_ids).astype(np.uint8)),
-        }
         for fmt in formats:
             target = output_dir / fmt / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            outputs[fmt]().save(target)
+            renderers[fmt](train_ids).save(target)
     return len(images)
 
 
 def run(
-    checkpoint: str, input_dir: str, output_dir: str, config: str | None = None, overrides: Sequence[str] = (), formats: Sequence[str] = ("color", "trainid")
+    checkpoint: str,
+    input_dir: str,
+    output_dir: str,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    formats: Sequence[str] = ("color", "trainid"),
 ) -> int:
     """The command: :func:`predict_folder`, then how many images were predicted."""
     written = predict_folder(checkpoint, input_dir, output_dir, config, overrides, formats=formats)

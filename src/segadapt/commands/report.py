@@ -52,6 +52,8 @@ def prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> 
     ``runs``: run name -> (checkpoint, its config). Returns a PIL image.
     """
     first_cfg = next(iter(runs.values()))[1]
+    if first_cfg.data.val is None:
+        raise ConfigError("the prediction grid draws data.val images, but the first run's config has no data.val")
     dataset = build_dataset_from_spec(first_cfg.data.val, with_labels=True)
     device = resolve_device(first_cfg.device)
     models = {name: load_trained_model(ckpt, cfg)[0].to(device) for name, (ckpt, cfg) in runs.items()}
@@ -88,15 +90,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
     """Draw every figure the runs allow into ``out_dir`` and write ``out_dir/report.md``; returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dirs = [Path(r) for r in run_dirs]
-    runs = {r.name: _records(r) for r in run_dirs}
-    lines = ["# segadapt report", "", "Runs: " + ", ".join(f"`{r}`" for r in run_dirs), ""]
+    run_paths = [Path(r) for r in run_dirs]
+    runs = {r.name: _records(r) for r in run_paths}
+    lines = ["# segadapt report", "", "Runs: " + ", ".join(f"`{r}`" for r in run_paths), ""]
 
     plot_curves(runs, out_dir / "curves.png")
     lines += ["## Training curves", "", "![curves](curves.png)", ""]
 
     scores = {name: ev for name, records in runs.items() if (ev := _last_eval(records)) is not None}
-    cfg = load_config(run_dirs[0] / "config.yaml")
+    cfg = load_config(run_paths[0] / "config.yaml")
     if scores and cfg.data.val is not None:
         dataset = build_dataset_from_spec(cfg.data.val, with_labels=True)
         names = list(dataset.classes.names)
@@ -105,7 +107,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
         lines += ["| run | mIoU | MPA |", "|---|---:|---:|"]
         lines += [f"| {n} | {100 * s['val/miou']:.1f} | {100 * s.get('val/mpa', math.nan):.1f} |" for n, s in scores.items()]
         lines.append("")
-        checkpoints = {r.name: (r / "checkpoints" / "last.pt", load_config(r / "config.yaml")) for r in run_dirs if (r / "checkpoints" / "last.pt").exists()}
+        checkpoints = {
+            r.name: (r / "checkpoints" / "last.pt", load_config(r / "config.yaml")) for r in run_paths if (r / "checkpoints" / "last.pt").exists()
+        }
         if checkpoints:
             prediction_grid(checkpoints, count=images).save(out_dir / "predictions.png")
             lines += ["## Predictions on validation images", "", "![predictions](predictions.png)", "",
@@ -115,16 +119,20 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
             model = load_trained_model(first_ckpt, first_cfg)[0].to(device)
             features, labels = pixel_features(model, dataset, device)
             plot_features(features, labels, dataset.classes, out_dir / "features.png")
-            lines += ["## Feature space", "", f"PCA of `{next(iter(checkpoints))}`'s pixel features, coloured by class.", "", "![features](features.png)", ""]
+            lines += ["## Feature space", "", f"PCA of `{next(iter(checkpoints))}`'s pixel features, coloured by class.", "",
+                      "![features](features.png)", ""]
 
-    summaries = {r.name: json.loads((r / "pseudo_labels" / "summary.json").read_text()) for r in run_dirs if (r / "pseudo_labels" / "summary.json").exists()}
+    summaries = {
+        r.name: json.loads((r / "pseudo_labels" / "summary.json").read_text()) for r in run_paths if (r / "pseudo_labels" / "summary.json").exists()
+    }
     if summaries:
         plot_class_distribution(summaries, out_dir / "class_distribution.png")
         lines += ["## Pseudo-label class distribution", "", "![class distribution](class_distribution.png)", ""]
         lines += ["| run | rule | density | accuracy | KL(labels ‖ truth) |", "|---|---|---:|---:|---:|"]
         for name, s in summaries.items():
             acc, kl = s.get("accuracy"), s.get("kl_to_target")
-            lines.append(f"| {name} | {s['rule']} | {s['density']:.3f} | {'-' if acc is None else f'{acc:.3f}'} | {'-' if kl is None else f'{kl:.3f}'} |")
+            accuracy, kl_text = "-" if acc is None else f"{acc:.3f}", "-" if kl is None else f"{kl:.3f}"
+            lines.append(f"| {name} | {s['rule']} | {s['density']:.3f} | {accuracy} | {kl_text} |")
         lines.append("")
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -6,12 +6,13 @@ final weights, ``pseudo_label.ratio = rounds.labeling_ratios[k-1]``, then trains
 ``self_training`` on labelled + pseudo-labelled data starting from those weights, with the
 ``random_scale`` range of the progressive schedule
 (:class:`~segadapt.methods.dars.ProgressiveSchedule`). The authors resume the previous round's
-optimiser and let the poly schedule continue (REFERENCE_NOTES 3.2). ``rounds.schedule:
-restart`` (default) restarts each round's schedule from ``optim.lr``, which keeps rounds
-independent runs that can be evaluated, resumed and compared one by one; ``continue`` gives
-round ``k`` the stretch of the poly schedule the reference gives it: its rounds are equally many
-epochs (200) and round ``k`` resumes epoch ``200k`` of ``200(k+1)``, so here round ``k`` runs
-iterations ``k * iters_k .. (k+1) * iters_k`` of a ``(k+1) * iters_k`` schedule
+optimiser and let the poly schedule continue (docs/reference_code.md, "DARS: progressive
+rounds"). ``rounds.schedule: restart`` (default) restarts each round's schedule from
+``optim.lr``, which keeps rounds independent runs that can be evaluated, resumed and compared
+one by one; ``continue`` gives round ``k`` the stretch of the poly schedule the reference gives
+it: its rounds are equally many epochs (200) and round ``k`` resumes epoch ``200k`` of
+``200(k+1)``, so here round ``k`` runs iterations ``k * iters_k .. (k+1) * iters_k`` of a
+``(k+1) * iters_k`` schedule
 (``schedule.offset = k * iters_k``; round 1 starts at ``0.5 ** 0.9`` of ``optim.lr``). The
 optimiser's momentum buffers start afresh in every round either way.
 
@@ -53,7 +54,7 @@ def with_scale_range(transforms: list[dict[str, Any]], scale_range: tuple[float,
 def schedule_of(cfg: RunConfig) -> ProgressiveSchedule:
     if not cfg.rounds.labeling_ratios:
         raise ConfigError("segadapt rounds needs rounds.labeling_ratios, one per round after round 0 (e.g. [0.2, 0.5])")
-    return ProgressiveSchedule(tuple(cfg.rounds.labeling_ratios), scale_range_of(cfg.data.train_transforms), tuple(cfg.rounds.scale_growth))
+    return ProgressiveSchedule(tuple(cfg.rounds.labeling_ratios), scale_range_of(cfg.data.train_transforms), cfg.rounds.scale_growth)
 
 
 def round_config(cfg: RunConfig, index: int, previous: Path | None) -> RunConfig:

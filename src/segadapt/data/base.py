@@ -3,7 +3,7 @@
 A loader (Cityscapes, GTA5, ...) only finds its files and says how its labels are encoded;
 :class:`SegDataset` pairs images with labels, restricts to a split list, applies the
 dataset's policies for incomplete or inconsistent data, and returns the sample dict of the
-project contract (DESIGN.md "Contracts"):
+project contract (docs/architecture.md, "Contract: sample and label space"):
 
 - ``image``: float32 ``[3, H, W]``, RGB in ``[0, 1]`` (models normalise their own input);
 - ``label``: int64 ``[H, W]`` train ids ``0..C-1``, ``ignore_index`` (255) elsewhere; absent
@@ -98,7 +98,7 @@ def read_label(path: str | Path) -> np.ndarray:
     """Read a single-channel label PNG as the ids it stores (mode ``L``, ``P`` or 16-bit gray).
 
     Palette (``P``) PNGs such as GTA5's are read as their palette indices, never converted
-    to colours (DATASETS.md 2.2).
+    to colours (docs/datasets/gta5.md, "Labels").
 
     Shape:
         ``[H, W]``, uint8 (8-bit files) or uint16 (16-bit files)
@@ -258,7 +258,7 @@ class SegDataset(Dataset):
         elif names is not None:
             listed, source = list(names), "names"
         wanted = None if listed is None else set(listed)
-        if wanted is not None:
+        if listed is not None and wanted is not None:  # both or neither
             items = self._select(items, listed, wanted, source)
         if with_labels:
             orphans = [
@@ -320,6 +320,7 @@ class SegDataset(Dataset):
         return kept
 
     def _size_detail(self, item: SampleFiles) -> str:
+        assert item.label is not None  # only labelled items are compared
         (image_h, image_w), (label_h, label_w) = image_size(item.image), image_size(item.label)
         return f"label is {label_w}x{label_h} (WxH) but its image {item.image} is {image_w}x{image_h}"
 

@@ -17,7 +17,7 @@ Counts are int64: exact for any dataset (float64 is exact only up to 2**53 pixel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..errors import DataError
 IGNORE_INDEX = 255
 """The label value of pixels without a class (Cityscapes' train-id convention); every ``ignore_index`` default."""
 
-LabelMap = Union[torch.Tensor, np.ndarray]
+LabelMap = torch.Tensor | np.ndarray
 """Integer class ids of any shape: a tensor, or a numpy array (as datasets load labels)."""
 
 
@@ -64,7 +64,7 @@ class ClassInfo:
         palette[: self.num_classes] = np.asarray(self.colors, dtype=np.uint8)
         return palette
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "ClassInfo":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> ClassInfo:
         """The classes at ``indices`` (e.g. the 16- or 13-class SYNTHIA protocols)."""
         return ClassInfo(
             name or f"{self.name}-{len(indices)}",
@@ -82,8 +82,9 @@ def lookup_table(mapping: dict[int, int], size: int = 256, default: int = IGNORE
     return lut
 
 
-# The 19 Cityscapes training classes (DATASETS.md 1.4): the label space of GTA5, SYNTHIA (19-class
-# map) and Cityscapes, and of the embedded benchmark. Official colours (sky is 70,130,180).
+# The 19 Cityscapes training classes (docs/datasets/cityscapes.md, "Labels"): the label space of
+# GTA5, SYNTHIA (19-class map) and Cityscapes, and of the embedded benchmark. Official colours
+# (sky is 70,130,180).
 CITYSCAPES_CLASSES = ClassInfo(
     "cityscapes",
     (
@@ -100,15 +101,17 @@ CITYSCAPES_CLASSES = ClassInfo(
 )
 
 # SYNTHIA's compact 16 classes (CBST/CRST, ProDA n_class=16): the 19 Cityscapes classes without
-# terrain, truck and train, which SYNTHIA never labels (DATASETS.md 3.3-3.4). A 16-output model's
-# class k is train id k of this set; its mIoU16 is the mean over all 16.
+# terrain, truck and train, which SYNTHIA never labels (docs/datasets/synthia.md, "Labels" and
+# "Evaluation protocols"). A 16-output model's class k is train id k of this set; its mIoU16 is
+# the mean over all 16.
 SYNTHIA16_CLASSES = CITYSCAPES_CLASSES.subset(
     tuple(i for i, name in enumerate(CITYSCAPES_CLASSES.names) if name not in ("terrain", "truck", "train")),
     name="synthia16",
 )
 
-# The 20 ScanNet benchmark classes, in NYU40-id order (DATASETS.md 4.3). "refrigerator" is spelled
-# "refridgerator" in ScanNet's own files; colours are ScanNet's util.create_color_palette()[nyu40].
+# The 20 ScanNet benchmark classes, in NYU40-id order (docs/datasets/scannet.md, "Labels").
+# "refrigerator" is spelled "refridgerator" in ScanNet's own files; colours are ScanNet's
+# util.create_color_palette()[nyu40].
 SCANNET20_CLASSES = ClassInfo(
     "scannet20",
     (
@@ -171,7 +174,7 @@ def check_label_ids(labels: LabelMap, num_classes: int, ignore_index: int = IGNO
         Traceback (most recent call last):
             ...
         segadapt.errors.DataError: labels hold ids [-1, 7] outside 0..2 that are not the ignore index 255; map raw label ids to train ids first (the dataset's label map), or fix num_classes
-    """
+    """  # noqa: E501 (the doctest's exception message is one line)
     flat = _as_integer_tensor(labels, what).reshape(-1).long()
     _raise_unknown_ids(flat[flat != ignore_index], num_classes, ignore_index, what)
 

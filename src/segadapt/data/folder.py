@@ -1,6 +1,7 @@
 """The generic folder dataset: any data a user converts to train ids, and the embedded benchmark.
 
-Layout (DESIGN.md "Contracts", docs/datasets/folder.md)::
+Layout (docs/datasets/folder.md, "Layout"; docs/architecture.md, "Contract: sample and label
+space")::
 
     ROOT/dataset.yaml                     name, ignore_index, classes: [{name, color: [r, g, b]}, ...],
                                           optionally a free-text description

@@ -1,6 +1,6 @@
 """GTA5 (Playing for Data, Richter et al. ECCV 2016): the usual synthetic source domain.
 
-Layout, label encoding and quirks: DATASETS.md section 2, docs/datasets/gta5.md.
+Layout, label encoding and quirks: docs/datasets/gta5.md.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from .cityscapes import LABEL_ID_TO_TRAIN_ID, LABEL_IDS
 from .classes import CITYSCAPES_CLASSES
 
 KNOWN_BAD_FRAMES: dict[str, str] = {
-    "15188": "all-white 957x526 frame (DATASETS.md 2.3)",
-    "17705": "all-black 957x526 frame (DATASETS.md 2.3)",
+    "15188": "all-white 957x526 frame (docs/datasets/gta5.md)",
+    "17705": "all-black 957x526 frame (docs/datasets/gta5.md)",
 }
 """Frames no loader should train on; dropped by default (``drop_known_bad``)."""
 
@@ -25,7 +25,7 @@ _FRAME = re.compile(r"^\d+\.png$")  # not DAFormer's converted NNNNN_labelTrainI
 
 class GTA5(SegDataset):
     """GTA5: ``images/NNNNN.png`` (RGB) with ``labels/NNNNN.png`` (palette PNGs whose indices are
-    Cityscapes label ids, DATASETS.md 2.1-2.2), mapped to the 19 Cityscapes train classes.
+    Cityscapes label ids; docs/datasets/gta5.md, "Layout" and "Labels"), mapped to the 19 Cityscapes train classes.
 
     Args:
         root: the folder holding ``images/`` and ``labels/``.
@@ -33,12 +33,13 @@ class GTA5(SegDataset):
             folders; restrict with ``split_file`` (e.g. RobustNet's ``gtav_split_val.txt``).
         drop_known_bad: drop :data:`KNOWN_BAD_FRAMES` (counted and logged).
         unknown_ids: ``ignore`` by default, as every reference loader maps ids outside the table
-            to 255 and ProDA's void list includes 34 (DATASETS.md 2.2).
+            to 255 and ProDA's void list includes 34 (docs/datasets/gta5.md, "Labels").
         size_mismatch: ``resize_label`` by default: frames 20801-20860 have labels of another size
-            than their images (DATASETS.md 2.3); the reference UDA loaders (AdaptSegNet, DAFormer,
+            than their images (docs/datasets/gta5.md, "Options and defaults"); the reference UDA loaders (AdaptSegNet, DAFormer,
             ProDA) resize label and image independently, so these frames are kept with the label
             resized by nearest neighbour, each logged once. ``skip`` drops them as RobustNet does.
-        missing_files: ``skip`` by default: some downloads miss 25 frames (DATASETS.md 2.3); the
+        missing_files: ``skip`` by default: some downloads miss 25 frames (docs/datasets/gta5.md, "Options and
+            defaults"); the
             file list is the intersection of ``images/`` and ``labels/``, the rest counted and logged.
 
     The other arguments are those of :class:`~segadapt.data.base.SegDataset`. Names are the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError, SegadaptError, did_you_mean
 from .base import SPEC_KEY, SegDataset
@@ -42,6 +42,7 @@ def build_dataset(name: str, root: str | Path, split: str, *, config_key: str | 
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}")
     cls = DATASETS[name]
+    construct: Callable[..., SegDataset] = cls  # the registered classes take (root, split, **options), not SegDataset's arguments
     valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "split")]
     for option in options:
         if option not in valid:
@@ -51,9 +52,9 @@ def build_dataset(name: str, root: str | Path, split: str, *, config_key: str | 
                 f"(valid options: {', '.join(valid)})"
             )
     if config_key is None:
-        return cls(root, split, **options)
+        return construct(root, split, **options)
     try:
-        dataset = cls(root, split, **options)
+        dataset = construct(root, split, **options)
     except SegadaptError as err:
         if SPEC_KEY not in str(err):
             raise

@@ -1,6 +1,5 @@
 """ScanNet v2 2D semantic segmentation (20 benchmark classes), as used for semi-supervised
-segmentation by DARS. Layouts, label pipeline and caveats: DATASETS.md section 4,
-docs/datasets/scannet.md.
+segmentation by DARS. Layouts, label pipeline and caveats: docs/datasets/scannet.md.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from .base import SPEC_KEY, MissingFiles, Problem, SampleFiles, SegDataset, Size
 from .classes import IGNORE_INDEX, SCANNET20_CLASSES
 
 SCANNET20_NYU40_IDS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
-"""NYU40 ids of the 20 benchmark classes, in train-id order (ScanNet ``VALID_CLASS_IDS``, DATASETS.md 4.3)."""
+"""NYU40 ids of the 20 benchmark classes, in train-id order (ScanNet ``VALID_CLASS_IDS``; docs/datasets/scannet.md, "Labels")."""
 
 NYU40_TO_TRAIN_ID: dict[int, int] = {nyu40: train_id for train_id, nyu40 in enumerate(SCANNET20_NYU40_IDS)}
 """NYU40 id -> train id 0..19; every other NYU40 id (0 = unlabeled, 13, 15, ...) -> 255."""
@@ -50,7 +49,7 @@ def read_label_tsv(path: str | Path) -> dict[int, int]:
 class ScanNet2D(SegDataset):
     """ScanNet 2D frames: ``<scene>/color/<frame>.jpg`` with ``<scene>/<label_dir>/<frame>.png``.
 
-    Two label encodings (DATASETS.md 4.1, 4.3):
+    Two label encodings (docs/datasets/scannet.md, "Layout" and "Labels"):
 
     - ``label_type="nyu40"`` (default): 8-bit NYU40 ids in ``label/``, as in the preprocessed
       ``scannet_frames_25k`` subset and 3DMV/BPNet's exports;
@@ -66,9 +65,9 @@ class ScanNet2D(SegDataset):
         label_dir: the label folder inside each scene; ``label`` (nyu40) or ``label-filt`` (raw) by default.
         label_tsv: the raw -> NYU40 table; ``ROOT/scannetv2-labels.combined.tsv`` by default (raw only).
         unknown_ids: ``error`` for nyu40 labels (ids above 40 mean another encoding), ``ignore`` for raw
-            ones (ids absent from the table are unannotated, DATASETS.md 4.3) by default.
+            ones (ids absent from the table are unannotated; docs/datasets/scannet.md, "Labels") by default.
         size_mismatch: ``resize_label`` by default: label and colour sizes may differ (1296x968 colour,
-            possibly 640x480 labels; DATASETS.md 4.2). ``resize_image`` resizes the image instead.
+            possibly 640x480 labels; docs/datasets/scannet.md, "Resolutions"). ``resize_image`` resizes the image instead.
 
     The other arguments are those of :class:`~segadapt.data.base.SegDataset`. Names are
     ``<scene>/<frame>``, e.g. ``scene0000_00/000000``; a scene name in ``names`` or a split file

@@ -1,9 +1,9 @@
 """Split lists: read the published semi-supervised splits, make and write new ones.
 
-The same "1/8 split" means different image sets in different papers (DATASETS.md 5.3), so
-segadapt reads each provenance's files in their native format and reduces every line to the
-item *name* the datasets use (``aachen_000000_000019``, ``00001``, ``scene0000_00/000000``).
-Line formats recognised (DATASETS.md 5.2), one item per line:
+The same "1/8 split" means different image sets in different papers (docs/datasets/cityscapes.md,
+"Semi-supervised splits"), so segadapt reads each provenance's files in their native format and
+reduces every line to the item *name* the datasets use (``aachen_000000_000019``, ``00001``,
+``scene0000_00/000000``). Line formats recognised (same section), one item per line:
 
 - UniMatch / DARS: ``leftImg8bit/train/<city>/<name>_leftImg8bit.png gtFine/.../<name>_gtFine_labelTrainIds.png``
   (space-separated, often no newline at the end of the file);
@@ -52,11 +52,11 @@ def parse_split_line(line: str) -> SplitEntry:
         image, label = (column.strip() for column in columns)
         return SplitEntry(name_from_path(image), image, label)
     if len(columns) == 1 and _is_file_path(line):
-        label = None
+        label_path: str | None = None
         if line.startswith("leftImg8bit/") and line.endswith(_CITYSCAPES_IMAGE_SUFFIX):
             # U2PL u2pl/dataset/base.py: "gtFine/" + line[12:-15] + "gtFine_labelTrainIds.png"
-            label = "gtFine/" + line[12:-15] + "gtFine_labelTrainIds.png"
-        return SplitEntry(name_from_path(line), line, label)
+            label_path = "gtFine/" + line[12:-15] + "gtFine_labelTrainIds.png"
+        return SplitEntry(name_from_path(line), line, label_path)
     return SplitEntry(line, None, None)
 
 
@@ -116,8 +116,8 @@ def make_split(
     """Split ``names`` into a labeled and an unlabeled part, deterministically.
 
     ``count = floor(len * ratio + 0.5)`` when a ratio is given, which reproduces the published
-    Cityscapes counts (2975 images: 1/16 -> 186, 1/8 -> 372, 1/4 -> 744, 1/2 -> 1488,
-    DATASETS.md 5.1). Names are ranked by a hash of (seed, name), so the result depends only on
+    Cityscapes counts (2975 images: 1/16 -> 186, 1/8 -> 372, 1/4 -> 744, 1/2 -> 1488;
+    docs/datasets/cityscapes.md, "Semi-supervised splits"). Names are ranked by a hash of (seed, name), so the result depends only on
     the set of names and the seed (not on their order, nor on the numpy or Python version), and
     for one seed a smaller labeled part is a subset of a larger one (1/16 within 1/8 within 1/4).
     These are not the image sets of UniMatch, U2PL or DARS: read those with :func:`read_split`.

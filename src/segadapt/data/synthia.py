@@ -1,7 +1,6 @@
 """SYNTHIA-RAND-CITYSCAPES (Ros et al. CVPR 2016): the second synthetic source domain.
 
-Layout, label encoding, class maps and evaluation protocols: DATASETS.md section 3,
-docs/datasets/synthia.md.
+Layout, label encoding, class maps and evaluation protocols: docs/datasets/synthia.md.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from ..errors import ConfigError, DataError
 from .base import (
@@ -31,7 +30,7 @@ SYNTHIA_CLASS_NAMES: tuple[str, ...] = (
     "pedestrian", "bicycle", "motorcycle", "parking-slot", "road-work", "traffic light", "terrain", "rider",
     "truck", "bus", "train", "wall", "lanemarking",
 )
-"""The 23 SYNTHIA class ids (R channel of ``GT/LABELS``), DATASETS.md 3.3."""
+"""The 23 SYNTHIA class ids (R channel of ``GT/LABELS``; docs/datasets/synthia.md, "Labels")."""
 
 SYNTHIA_TO_CITYSCAPES_TRAIN_ID: dict[int, int] = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15,
@@ -40,13 +39,15 @@ SYNTHIA_TO_CITYSCAPES_TRAIN_ID: dict[int, int] = {
 """SYNTHIA id -> 19-way Cityscapes train id (DAFormer, RobustNet, ProDA n_class=19); others -> 255."""
 
 MIOU16_CLASS_IDS: tuple[int, ...] = tuple(CITYSCAPES_CLASSES.names.index(n) for n in SYNTHIA16_CLASSES.names)
-"""Cityscapes train ids averaged by the SYNTHIA mIoU16 protocol: all 19 but terrain, truck, train (DATASETS.md 3.4)."""
+"""Cityscapes train ids averaged by the SYNTHIA mIoU16 protocol: all 19 but terrain, truck, train
+(docs/datasets/synthia.md, "Evaluation protocols")."""
 
 _MIOU13_DROPPED = ("wall", "fence", "pole")
 MIOU13_CLASS_IDS: tuple[int, ...] = tuple(
     i for i in MIOU16_CLASS_IDS if CITYSCAPES_CLASSES.names[i] not in _MIOU13_DROPPED
 )
-"""Cityscapes train ids of mIoU13 (``mIoU*``): the 16 without wall, fence and pole (DATASETS.md 3.4)."""
+"""Cityscapes train ids of mIoU13 (``mIoU*``): the 16 without wall, fence and pole
+(docs/datasets/synthia.md, "Evaluation protocols")."""
 
 MIOU13_CLASS_IDS_OF_16: tuple[int, ...] = tuple(
     i for i, name in enumerate(SYNTHIA16_CLASSES.names) if name not in _MIOU13_DROPPED
@@ -67,7 +68,7 @@ def read_png_channel(path: str | Path, channel: int = 0) -> np.ndarray:
     """One channel of a PNG at its full bit depth, including 16-bit RGB(A) files.
 
     Pillow decodes 16-bit RGB PNGs to 8-bit RGB keeping only the high byte of each sample
-    (DATASETS.md 3.2: small SYNTHIA class ids then all read 0). Pillow's PNG decoder can also
+    (docs/datasets/synthia.md, "Labels": small SYNTHIA class ids then all read 0). Pillow's PNG decoder can also
     unpack the same data keeping the *low* byte of each big-endian sample (raw mode
     ``RGB;16L``), so two decodes give the full 16-bit values without cv2 or FreeImage.
 
@@ -100,7 +101,9 @@ def read_png_channel(path: str | Path, channel: int = 0) -> np.ndarray:
 
 
 def _raw_mode(image: Image.Image) -> str:
+    assert isinstance(image, ImageFile.ImageFile)  # decode_file passes what Image.open returned
     args = image.tile[0][3] if image.tile else ""
+    assert args is not None  # a PNG tile always names its raw mode
     return args if isinstance(args, str) else str(args[0])
 
 
@@ -112,7 +115,8 @@ def _with_raw_mode(tile, raw_mode: str):
 
 class Synthia(SegDataset):
     """SYNTHIA-RAND-CITYSCAPES: ``RGB/NNNNNNN.png`` with ``GT/LABELS/NNNNNNN.png`` (16-bit, 3-channel,
-    class id in the first channel, instance id in the second; DATASETS.md 3.1-3.2).
+    class id in the first channel, instance id in the second; docs/datasets/synthia.md, "Layout"
+    and "Labels").
 
     Args:
         root: the folder holding ``RGB/`` and ``GT/LABELS/``.

@@ -21,7 +21,9 @@ from .label_space import check_protocols
 
 
 @torch.no_grad()
-def confusion_over(model: nn.Module, loader: DataLoader, num_classes: int, cfg: EvalConfig, device: torch.device, ignore_index: int) -> ConfusionMatrix:
+def confusion_over(
+    model: nn.Module, loader: DataLoader, num_classes: int, cfg: EvalConfig, device: torch.device, ignore_index: int
+) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``loader`` (labels at their own size)."""
     was_training = model.training
     model.eval()
@@ -73,7 +75,9 @@ def summarize(matrix: ConfusionMatrix, classes: ClassInfo, protocols: Sequence[i
     return {"scores": scores, "flat": flat, "table": summary, "matrix": matrix.state_dict()}
 
 
-def evaluate(model: nn.Module, loader: DataLoader, classes: ClassInfo, cfg: EvalConfig, device: torch.device, run_name: str = "model") -> dict[str, Any]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, classes: ClassInfo, cfg: EvalConfig, device: torch.device, run_name: str = "model"
+) -> dict[str, Any]:
     """Scores of ``model`` on ``loader``; under torchrun ``loader`` holds this rank's share and the
     confusion matrices of all ranks are summed first (a collective: every rank must call it), so
     every rank returns the scores of the whole dataset."""

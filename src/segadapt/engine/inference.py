@@ -2,7 +2,8 @@
 
 Every path returns class probabilities at the size the caller asks for (the label size),
 upsampled bilinearly from the network's output stride, as the papers score predictions
-against full-resolution labels (DATASETS.md section 7).
+against full-resolution labels (docs/datasets/cityscapes.md, "Preprocessing and evaluation in the
+reference code").
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def predict_probs(
     each scale multiplies that size; ``cfg.sliding_window`` runs windows of that size.
     """
     cfg = cfg or EvalConfig()
-    out_size = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
+    out_height, out_width = out_size if out_size is not None else images.shape[-2:]
     base = tuple(cfg.size) if cfg.size is not None else tuple(images.shape[-2:])
     total: torch.Tensor | None = None
     views = 0
@@ -82,9 +83,9 @@ def predict_probs(
         for flip in (False, True) if cfg.flip else (False,):
             view = scaled.flip(-1) if flip else scaled
             if cfg.sliding_window is not None:
-                probs = _sliding_window_probs(model, view, tuple(cfg.sliding_window), out_size)
+                probs = _sliding_window_probs(model, view, cfg.sliding_window, (out_height, out_width))
             else:
-                probs = _forward_probs(model, view, out_size)
+                probs = _forward_probs(model, view, (out_height, out_width))
             probs = probs.flip(-1) if flip else probs
             total = probs if total is None else total + probs
             views += 1

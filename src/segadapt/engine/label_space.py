@@ -64,7 +64,7 @@ def check_config_against_classes(cfg: BaseModel, classes: ClassInfo) -> None:
         Traceback (most recent call last):
         ...
         segadapt.errors.ConfigError: pseudo_label.given_distribution has 3 entries but the data ('toy') has 2 classes (a, b); give one value per class, in train-id order
-    """
+    """  # noqa: E501 (the doctest's exception message is one line)
     for key, values in per_class_values(cfg):
         if len(values) != classes.num_classes:
             names = ", ".join(classes.names[:6]) + (", ..." if classes.num_classes > 6 else "")

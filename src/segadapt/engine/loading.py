@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -39,7 +39,8 @@ def load_trained_model(checkpoint: str | Path, cfg: RunConfig) -> tuple[nn.Modul
             raise ConfigError(f"{checkpoint} holds raw weights: set model.name and model.num_classes to build the network") from None
         model = build_model(cfg.model.model_copy(update={"checkpoint": str(checkpoint), "pretrained": None}), cfg.model.num_classes)
         return model.eval(), None
-    classes = ClassInfo(**{k: tuple(map(tuple, v)) if k == "colors" else (tuple(v) if k == "names" else v) for k, v in state["classes"].items()})
+    fields: dict[str, Any] = {k: tuple(map(tuple, v)) if k == "colors" else (tuple(v) if k == "names" else v) for k, v in state["classes"].items()}
+    classes = ClassInfo(**fields)
     model_cfg = cfg.model.model_copy(update={"name": state["model_name"], "options": state["model_options"], "pretrained": None, "checkpoint": None})
     model = build_model(model_cfg, classes.num_classes)
     model.load_state_dict(state["eval_model"] if state.get("eval_model") is not None else state["model"])

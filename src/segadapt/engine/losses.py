@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,14 @@ from .run_cache import atomic_write_text, file_fingerprint, reuse_or_make
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-SegLoss = Callable[..., torch.Tensor]
-"""``seg_loss(logits [N,C,h,w], labels [N,H,W], weight=None) -> scalar``."""
+
+class SegLoss(Protocol):
+    """``seg_loss(logits [N,C,h,w], labels [N,H,W], weight=None) -> scalar``; ``set_iteration(i)`` before iteration ``i``."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def set_iteration(self, iteration: int) -> None: ...
+
 
 COUNTS_FILE = "blv_class_counts.json"
 """Where :func:`blv_class_counts` caches the counts in the run directory (:mod:`segadapt.engine.run_cache`)."""
@@ -71,7 +77,8 @@ class CrossEntropySegLoss(nn.Module):
         return logits
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits = upsample_logits(logits, tuple(labels.shape[-2:])).float()
+        height, width = labels.shape[-2:]
+        logits = upsample_logits(logits, (height, width)).float()
         if self.training:
             logits = self.perturb(logits)
         if weight is not None:
@@ -100,6 +107,8 @@ class BLVSegLoss(CrossEntropySegLoss):
         t_mid, total_iters: the temporal schedule (supplement Sec. 3,
             :func:`~segadapt.methods.blv.sigma_schedule`); ``t_mid=None`` keeps ``sigma`` constant.
     """
+
+    offsets: torch.Tensor  # a registered buffer, declared for type checkers
 
     def __init__(
         self,

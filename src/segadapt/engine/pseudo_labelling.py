@@ -1,7 +1,8 @@
 """Offline pseudo labelling: the two passes behind ``segadapt pseudo-label`` and the self-training recipes.
 
-Two passes over the dataset, as the DARS reference makes them (REFERENCE_NOTES 3.1), but
-without its 200 GB of saved logits and its in-RAM lists of every pixel's confidence:
+Two passes over the dataset, as the DARS reference makes them (docs/reference_code.md, "DARS:
+thresholds and random sampling"), but without its 200 GB of saved logits and its in-RAM lists
+of every pixel's confidence:
 
 1. predict every image (optional flip / multi-scale / sliding window) and stream the
    max-softmax confidences into a :class:`~segadapt.methods.thresholds.ConfidenceHistogram`
@@ -14,7 +15,8 @@ Predicting twice costs a second inference pass but keeps memory and disk indepen
 dataset size. Under torchrun with ``shard=True`` each process predicts every ``world_size``-th
 image in both passes; the histograms and statistics are summed over the processes, so the
 thresholds, the files and the summary are those of a single-process run (DARS's random
-subsampling draws from a generator seeded by ``pseudo_label.seed`` and the image name). ``summary.json`` (written last, so its presence marks a complete folder) and
+subsampling draws from a generator seeded by ``pseudo_label.seed`` and the image name).
+``summary.json`` (written last, so its presence marks a complete folder) and
 ``summary.md`` hold the thresholds, sampling ratios, per-class counts, density, accuracy
 against ground truth when there is some, and the KL divergence of the pseudo-label class
 distribution to the ground truth's and to the rule's reference distribution (DARS Tab. S7).
@@ -312,5 +314,6 @@ def with_pseudo_labels(
     writer = distributed.get_rank() == 0 if shard else True
     what = f"pseudo labels ({cfg.pseudo_label.rule} from {checkpoint})"
     reuse_or_make(out_dir, pseudo_label_key(cfg, checkpoint), make, log, what, writer=writer)
+    assert cfg.data.target is not None  # pseudo_label_key asserted it
     target = cfg.data.target.model_copy(update={"pseudo_labels": str(out_dir)})
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})

@@ -25,6 +25,7 @@ from ..config import RunConfig, save_config, with_absolute_paths
 from ..data.transforms import crop_and_largest_view
 from ..errors import CheckpointError, ConfigError, writing
 from ..methods.ema import ModelEMA
+from ..progress import write as write_line
 from . import distributed
 from .builders import (
     build_dataset_from_spec,
@@ -36,9 +37,8 @@ from .builders import (
     resolve_device,
 )
 from .checkpoint import atomic_save, load_checkpoint, remove_partial_saves, rng_state, seed_everything, set_rng_state
-from .label_space import check_config_against_classes, run_classes
 from .evaluation import evaluate
-from ..progress import write as write_line
+from .label_space import check_config_against_classes, run_classes
 from .logging import MetricsLog, Progress, read_metrics
 from .losses import build_seg_loss
 from .recipes import Recipe, recipe_class
@@ -121,9 +121,11 @@ class Trainer:
         if cfg.train.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_bn=true needs GPUs (SyncBatchNorm has no CPU kernel); set train.sync_bn=false on CPU")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm
+            converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm
+            assert converted is model  # it converts the children in place; only a bare BatchNorm is replaced
         if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            # Module.to(memory_format=...) exists (it is documented); torch's stubs list only its other overloads
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
         self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.classes).to(self.device)
         # the saved config spells out every recipe option, defaults included: a run keeps its behaviour
@@ -219,7 +221,7 @@ class Trainer:
 
     def _loaders(self) -> dict[str, Iterator[dict[str, Any]]]:
         cfg = self.cfg
-        loaders = {}
+        loaders: dict[str, Iterator[dict[str, Any]]] = {}
         for index, (name, stream) in enumerate(self.recipe_class.streams.items()):
             spec = getattr(cfg.data, _transforms_key(cfg, stream))
             seed = cfg.seed * 1000 + index

@@ -4,7 +4,7 @@
   :mod:`~segadapt.methods.bicl` (BiCL), :mod:`~segadapt.methods.blv` (BLV);
 - shared by them: :mod:`~segadapt.methods.common` (pixels per class, class prototypes, per-pixel
   KL and entropy), :mod:`~segadapt.methods.sinkhorn` (Sinkhorn-Knopp with unequal marginals),
-  :mod:`~segadapt.methods.pseudo_labels` (ST/CBST thresholds, confidence histograms),
+  :mod:`~segadapt.methods.thresholds` (ST/CBST thresholds, confidence histograms),
   :mod:`~segadapt.methods.ema` (momentum copies of a network).
 
 A paper module imports the shared modules, never another paper module.

@@ -109,6 +109,9 @@ class PrototypeMemory(nn.Module):
         ([0.5, 0.5], [True, False])
     """
 
+    prototypes: torch.Tensor  # registered buffers, declared for type checkers
+    initialized: torch.Tensor
+
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.999, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:

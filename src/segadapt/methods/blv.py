@@ -182,6 +182,8 @@ class ClassCounter(nn.Module):
         tensor([3, 1, 1])
     """
 
+    counts: torch.Tensor  # a registered buffer, declared for type checkers
+
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.num_classes = num_classes

@@ -173,7 +173,7 @@ class PrototypeAccumulator:
         self.sums += batch_sums.cpu()
         self.counts += batch_counts.cpu()
 
-    def merge(self, other: "PrototypeAccumulator") -> "PrototypeAccumulator":
+    def merge(self, other: PrototypeAccumulator) -> PrototypeAccumulator:
         """Add another accumulator's sums and counts into this one (e.g. from another data shard)."""
         if other.sums.shape != self.sums.shape:
             raise DataError(f"cannot merge prototype accumulators of shapes {tuple(self.sums.shape)} and {tuple(other.sums.shape)}")
@@ -576,7 +576,9 @@ def symmetric_kl_consistency(
     if valid_mask is None:
         return per_pixel.mean()
     if valid_mask.shape != per_pixel.shape or valid_mask.dtype != torch.bool:
-        raise DataError(f"valid_mask must be a bool [N, h, w] tensor of shape {tuple(per_pixel.shape)}, got {valid_mask.dtype} {tuple(valid_mask.shape)}")
+        raise DataError(
+            f"valid_mask must be a bool [N, h, w] tensor of shape {tuple(per_pixel.shape)}, got {valid_mask.dtype} {tuple(valid_mask.shape)}"
+        )
     if not valid_mask.any():
         return per_pixel.sum() * 0.0  # keeps the graph connected for DDP
     return per_pixel[valid_mask].mean()

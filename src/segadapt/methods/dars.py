@@ -13,7 +13,7 @@ this project, so the thresholding follows the authors' code (CVMI-Lab/DARS @ 0cf
    one when ``N_j`` exceeds their count);
 3. confidences tie massively (float16 softmax), so ``#(conf_j >= thr_j)`` can exceed ``N_j``;
    ``sp_j = min(1, N_j / #(conf_j >= thr_j))`` is the fraction of the survivors kept at random
-   (:func:`~segadapt.methods.pseudo_labels.apply_thresholds`).
+   (:func:`~segadapt.methods.thresholds.apply_thresholds`).
 
 Departures from the reference, all in corner cases it does not handle: ``N_j = 0`` gives
 ``thr_j = inf`` (the reference indexes ``conf[-1]`` and relies on ``sp_j = 0``; both label
@@ -75,7 +75,7 @@ def dars_thresholds(
 
     ``num_pixels`` defaults to every pixel the histogram counted. A threshold is the lower edge of
     the bin holding the ``N_j``-th largest confidence (exact for float16 confidences; see
-    :mod:`~segadapt.methods.pseudo_labels` for the bin tolerance), and ``sp_j`` divides by the
+    :mod:`~segadapt.methods.thresholds` for the bin tolerance), and ``sp_j`` divides by the
     pixels in that bin and above, which is exactly what the threshold keeps on the counted data.
     """
     _check_length(prior, histogram.num_classes)

@@ -104,7 +104,7 @@ def protocol_indices(protocol: int | str | Protocol, label_space: int | Sequence
         Traceback (most recent call last):
         ...
         ValueError: protocol mIoU13 needs Cityscapes classes that this 3-class label space lacks (building, traffic light, traffic sign, ...); it applies to Cityscapes-labelled data only
-    """
+    """  # noqa: E501 (the doctest's exception message is one line)
     protocol = get_protocol(protocol)
     if not isinstance(label_space, int):
         names = tuple(label_space)

@@ -66,7 +66,7 @@ class Normalization:
     channel_order: str = "rgb"
 
     @classmethod
-    def preset(cls, name: str) -> "Normalization":
+    def preset(cls, name: str) -> Normalization:
         """``imagenet`` (DARS), ``proda`` (ProDA/CPSL: RGB in [0,1]), ``caffe`` (BiCL/AdaptSegNet)."""
         presets = {
             "imagenet": cls(),
@@ -80,6 +80,9 @@ class Normalization:
 
 class InputNormalizer(nn.Module):
     """Applies a :class:`Normalization` to ``[N, 3, H, W]`` RGB images in ``[0, 1]``. Has no state_dict entries."""
+
+    mean: torch.Tensor  # buffers registered in __init__, declared for type checkers
+    std: torch.Tensor
 
     def __init__(self, norm: Normalization) -> None:
         super().__init__()

@@ -156,7 +156,9 @@ class ProDAClassifier(nn.Module):
             nn.GroupNorm(32, dim),
         )
         self.head = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(dim, num_classes, kernel_size=1, bias=False))
-        nn.init.zeros_(self.bottleneck[1].bias)  # the reference zeroes it; the other conv biases keep PyTorch's init
+        bottleneck_conv = self.bottleneck[1]
+        assert isinstance(bottleneck_conv, nn.Conv2d) and bottleneck_conv.bias is not None  # built just above
+        nn.init.zeros_(bottleneck_conv.bias)  # the reference zeroes it; the other conv biases keep PyTorch's init
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         concatenated = torch.cat([branch(x) for branch in self.conv2d_list], dim=1)

@@ -210,7 +210,9 @@ class PSPNet50(SegmentationModel):
         return SegOutput(self.cls[4](features), features, aux_logits)
 
     def _check_batch_norm_batch(self, images: torch.Tensor) -> None:
-        global_branch_bn = self.ppm.features[0][2]
+        global_branch = self.ppm.features[0]
+        assert isinstance(global_branch, nn.Sequential)  # pool, conv, bn, relu (PyramidPoolingModule)
+        global_branch_bn = global_branch[2]
         # SyncBatchNorm pools over ranks and is not an nn.BatchNorm2d, so it passes.
         if images.shape[0] == 1 and isinstance(global_branch_bn, nn.BatchNorm2d) and global_branch_bn.training:
             raise ValueError(

@@ -1,18 +1,21 @@
-"""The embedded benchmark: procedurally generated two-domain street scenes (DESIGN.md).
+"""The embedded benchmark: procedurally generated two-domain street scenes (docs/datasets/benchmark.md).
 
 Each image is a street seen from a car: sky, façades of buildings and tree rows along both
 sides, road and sidewalks in perspective, terrain strips, poles with traffic lights and
 signs, vehicles, pedestrians and cyclists, labelled with the 19 Cityscapes train ids and
-colours (DATASETS.md 1.4). Two domains share the scene geometry and differ in everything a
-camera sees:
+colours (docs/datasets/cityscapes.md, "Labels"). Two domains share the scene geometry and
+differ in everything a camera sees:
 
 - **source** looks synthetic: flat, saturated per-class colours, hard edges, no noise, and
-  a GTA5-like class prior (more sky and heavy vehicles, fewer pedestrians; DATASETS.md 6.2);
+  a GTA5-like class prior (more sky and heavy vehicles, fewer pedestrians; docs/datasets/gta5.md,
+  "Class distribution");
 - **target** looks real: a different per-class palette, texture, lighting and colour
   casts, sensor noise, blur, an ego-vehicle hood (labelled 255, as in Cityscapes), objects
-  at a slightly different scale, and a Cityscapes-like class prior (DATASETS.md 6.1).
+  at a slightly different scale, and a Cityscapes-like class prior (docs/datasets/cityscapes.md,
+  "Class distribution").
 
-The output uses the folder-dataset format (DESIGN.md "Contracts")::
+The output uses the folder-dataset format (docs/datasets/folder.md, "Layout"; docs/architecture.md,
+"Contract: sample and label space")::
 
     ROOT/benchmark.json                  seed, size, generator version, counts, class shares
     ROOT/source/dataset.yaml

@@ -3,9 +3,11 @@
 Each domain is a :class:`~segadapt.data.benchmark.scene.ScenePrior` (how often and how large
 things are: the label shift) and a :class:`~segadapt.data.benchmark.style.DomainStyle` (how they
 look: the appearance shift). The source has flat, saturated per-class colours, hard edges, no
-noise and a GTA5-like class prior (DATASETS.md 6.2); the target a camera look (desaturated,
-textured, lit, noisy, blurred), some repainted classes, an ego-vehicle hood and a Cityscapes-like
-class prior (DATASETS.md 6.1).
+noise and a GTA5-like class prior (docs/datasets/gta5.md, "Class distribution"); the target a
+camera look (desaturated, textured, lit, noisy, blurred), some repainted classes, an ego-vehicle
+hood and a Cityscapes-like class prior (docs/datasets/cityscapes.md, "Class distribution"). The
+measured shares and how the generator is tuned: docs/datasets/benchmark.md, "The two domains"
+and "Calibration".
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def _camera_look(materials: dict[str, Material], saturation: float, brightness: 
     def convert(color: tuple[float, float, float]) -> tuple[float, float, float]:
         rgb = np.asarray(color)
         luminance = float(rgb @ np.asarray([0.299, 0.587, 0.114]))
-        return tuple(float(v) for v in np.clip((luminance + saturation * (rgb - luminance)) * brightness, 0, 1))
+        red, green, blue = (float(v) for v in np.clip((luminance + saturation * (rgb - luminance)) * brightness, 0, 1))
+        return red, green, blue
 
     return {
         name: Material(tuple(convert(c) for c in m.colors), m.jitter, max(m.texture, texture))

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -113,7 +114,9 @@ def _write_tree(root: Path, seed: int, size: str, num_workers: int) -> None:
     for domain in ("source", "target"):
         (root / domain / "dataset.yaml").write_text(_dataset_yaml(domain))
     # a bar in a terminal, one "generated N images in MM:SS" line in a log file
-    shown = {"total": len(jobs), "desc": f"benchmark ({size})", "unit": "img", "done": f"benchmark ({size}): generated {{n}} images in {{elapsed}}"}
+    shown: dict[str, Any] = {
+        "total": len(jobs), "desc": f"benchmark ({size})", "unit": "img", "done": f"benchmark ({size}): generated {{n}} images in {{elapsed}}"
+    }
     if num_workers > 0:
         with get_context("spawn").Pool(num_workers) as pool:
             histograms = list(progress(pool.imap(_write_sample, jobs, chunksize=8), **shown))

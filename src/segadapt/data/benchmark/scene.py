@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -146,7 +147,7 @@ class _Canvas:
             self.facade_z[window] = np.where(mask, z, self.facade_z[window])
             self.facade_depth[window] = np.where(mask, depth, self.facade_depth[window])
 
-    def overlay(self, layer: "_Canvas") -> None:
+    def overlay(self, layer: _Canvas) -> None:
         """Paint ``layer``'s non-sky regions over this canvas, keeping their materials."""
         offset = len(self.materials) - 1
         painted = layer.region > 0
@@ -357,42 +358,48 @@ def _place_objects(canvas: _Canvas, street: _Street, prior: ScenePrior, rng: np.
         for _ in count(kind):
             x = 0.0 if kind == "train" else in_lane(_VEHICLE_SIZE[kind][0])  # trams run in the middle
             depth = _log_uniform(rng, near * (1.3 if kind == "car" else 2.5), 40.0)  # no wall-filling trucks
-            add(depth, lambda k=kind, x=x, d=depth: _vehicle(canvas, k, x, d, scale))
+            add(depth, partial(_vehicle, canvas, kind, x, depth, scale))
     for _ in count("parked_car"):
         side = int(rng.integers(2))
         x, depth = street.kerb(side) * (1.0 - 1.1 / street.road[side]), _log_uniform(rng, near, 35.0)
-        add(depth, lambda x=x, d=depth: _vehicle(canvas, "car", x, d, scale))
+        add(depth, partial(_vehicle, canvas, "car", x, depth, scale))
     for _ in count("pole"):
         x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.08, 0.3)), _log_uniform(rng, near, 30.0)
-        add(depth, lambda x=x, d=depth: _pole(canvas, x, d, rng))
+        add(depth, partial(_pole, canvas, x, depth, rng))
     for _ in count("tree"):
         x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.3, 0.7)), _log_uniform(rng, near, 40.0)
-        add(depth, lambda x=x, d=depth: _tree(canvas, x, d, rng))
+        add(depth, partial(_tree, canvas, x, depth, rng))
     for _ in count("person"):
         crossing = rng.random() < 0.15
         x = in_lane(0.6) if crossing else street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.95))
         depth = _log_uniform(rng, near, 16.0)
-        add(depth, lambda x=x, d=depth: _person(canvas, _ID["person"], x, d, scale, rng))
+        add(depth, partial(_person, canvas, _ID["person"], x, depth, scale, rng))
     for kind, key in (("bicycle", "cyclist"), ("motorcycle", "motorcyclist")):
         for _ in count(key):
             side = int(rng.integers(2))
             x = in_lane(1.0) if kind == "motorcycle" else street.kerb(side) * (1.0 - 0.9 / street.road[side])
             depth = _log_uniform(rng, near * 1.2, 20.0)
-            add(depth, lambda k=kind, x=x, d=depth: _two_wheeler(canvas, k, x, d, scale, rng, rider=True))
+            add(depth, partial(_two_wheeler, canvas, kind, x, depth, scale, rng, rider=True))
     for _ in count("bicycle"):
         x, depth = street.on_sidewalk(int(rng.integers(2)), rng.uniform(0.1, 0.3)), _log_uniform(rng, near, 20.0)
-        add(depth, lambda x=x, d=depth: _two_wheeler(canvas, "bicycle", x, d, scale, rng, rider=False))
+        add(depth, partial(_two_wheeler, canvas, "bicycle", x, depth, scale, rng, rider=False))
     for _, draw in sorted(drawers, key=lambda item: -item[0]):
         draw()
+
+
+def _sides(values: Iterable[float]) -> tuple[float, float]:
+    """``(left, right)`` of two values."""
+    left, right = values
+    return left, right
 
 
 def sample_scene(height: int, width: int, prior: ScenePrior, rng: np.random.Generator) -> _Canvas:
     """Lay out one street scene: its label map and the region map the renderer colours."""
     horizon, vanish_x = height * rng.uniform(*prior.horizon), width * rng.uniform(0.38, 0.62)
     focal = width * rng.uniform(*prior.focal)
-    road = tuple(float(rng.uniform(*prior.road_half_width)) for _ in range(2))
-    sidewalk = tuple(float(rng.uniform(*prior.sidewalk_width)) for _ in range(2))
-    facade = tuple(r + s + rng.uniform(*prior.verge_width) for r, s in zip(road, sidewalk))
+    road = _sides(float(rng.uniform(*prior.road_half_width)) for _ in range(2))
+    sidewalk = _sides(float(rng.uniform(*prior.sidewalk_width)) for _ in range(2))
+    facade = _sides(r + s + rng.uniform(*prior.verge_width) for r, s in zip(road, sidewalk))
     street = _Street(road, sidewalk, facade)
     # The blocks decide which verges are grass, and are painted over the ground.
     blocks = _Canvas(height, width, horizon, vanish_x, focal)

@@ -46,7 +46,7 @@ def _value_noise(rng: np.random.Generator, height: int, width: int, cell: float)
     for octave_cell, weight in ((cell, 0.65), (cell * 4, 0.35)):
         grid_h, grid_w = int(height / octave_cell) + 2, int(width / octave_cell) + 2
         grid = Image.fromarray(rng.uniform(-1, 1, (grid_h, grid_w)).astype(np.float32), mode="F")
-        scaled = grid.resize((int(grid_w * octave_cell), int(grid_h * octave_cell)), Image.BILINEAR)
+        scaled = grid.resize((int(grid_w * octave_cell), int(grid_h * octave_cell)), Image.Resampling.BILINEAR)
         total += weight * np.asarray(scaled)[:height, :width]
     return total
 

@@ -7,7 +7,8 @@ Geometric transforms move every dense map with the image: float maps are resampl
 padded with 0, integer maps take the nearest value and are padded with the ignore index. Photometric
 transforms touch the image only. Every transform appends one record of its drawn parameters to
 ``sample["replay"]`` (an identity record when its coin flip said no), so that a recipe can replay the
-geometry on pseudo labels, soft labels or features (ProDA/CPSL ``full2weak``, REFERENCE_NOTES.md 1.3).
+geometry on pseudo labels, soft labels or features (ProDA/CPSL ``full2weak``; docs/reference_code.md,
+"CPSL: momentum network and views").
 
 Random draws come from the ``torch.Generator`` passed to the call, or from the global torch RNG when
 none is given (DataLoader workers seed that one per worker), so runs are reproducible.

@@ -33,6 +33,13 @@ def _uniform(low: float, high: float, generator: torch.Generator | None) -> floa
     return low + (high - low) * _rand(generator)
 
 
+def _uniform_in(interval: float | Sequence[float], generator: torch.Generator | None) -> float:
+    """:func:`_uniform` over a transform's ``(low, high)`` field, which its ``__post_init__`` checked."""
+    assert not isinstance(interval, (int, float)), interval  # _interval / _jitter_range made it (low, high)
+    low, high = interval
+    return _uniform(low, high, generator)
+
+
 def _randint(high_inclusive: int, generator: torch.Generator | None) -> int:
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, high_inclusive + 1, (), generator=generator, device=device))
@@ -83,7 +90,7 @@ def _pair(value: Any, key: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ConfigError(f"{key} must be a positive int or [height, width] of positive ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _interval(value: Any, key: str, low: float, high: float = math.inf) -> tuple[float, float]:

@@ -4,8 +4,8 @@ Float maps are resampled bilinearly and padded with 0, integer maps take the nea
 padded with the ignore index. Each transform appends a record of what it drew
 (:mod:`segadapt.data.transforms.records`); :func:`replay_geometric` replays those records on any
 tensor at the view's input resolution, :func:`to_augmented_view` at any resolution (ProDA/CPSL
-``full2weak``, REFERENCE_NOTES.md 1.3), and :func:`valid_mask` gives the pixels that show real
-image content.
+``full2weak``; docs/reference_code.md, "CPSL: momentum network and views"), and
+:func:`valid_mask` gives the pixels that show real image content.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def _replay_batch(records: Sequence[Record], x: torch.Tensor, kind: Kind, output
         for record in geometric:
             x = _apply_geometry(record, x, kind, ratio)
     if output_size is not None and tuple(x.shape[-2:]) != tuple(output_size):
-        x = resize(x, tuple(output_size), kind)
+        out_height, out_width = output_size
+        x = resize(x, (out_height, out_width), kind)
     return x
 
 
@@ -207,8 +208,9 @@ def to_augmented_view(records: Sequence[Any], tensor: torch.Tensor, kind: Kind =
 
     The teacher sees the un-augmented image and the student an augmented view; this moves the teacher's
     logits, soft labels or features (e.g. at output stride 8) onto the student's grid, as ProDA/CPSL's
-    ``full2weak`` does (REFERENCE_NOTES.md 1.3 step 6): every recorded size and box is scaled by the
-    tensor's resolution relative to the records' input, so nothing is upsampled to full resolution.
+    ``full2weak`` does (docs/reference_code.md, "CPSL: momentum network and views"): every recorded
+    size and box is scaled by the tensor's resolution relative to the records' input, so nothing is
+    upsampled to full resolution.
     On the records' own grid this equals :func:`replay_geometric`. For a strong view built on top of a
     weak one, pass only the strong view's records, ``view["replay"][len(weak_view["replay"]):]``.
 
@@ -231,7 +233,7 @@ def valid_mask(records: Sequence[Any], input_size: Sequence[int],
     """True where the augmented view shows real image content: False in crop padding and cutout boxes.
 
     Losses on replayed soft maps use it to skip padded and erased pixels, as ProDA masks its padding
-    value (REFERENCE_NOTES.md 1.3 step 11).
+    value (docs/reference_code.md, "CPSL: consistency loss").
 
     Args:
         records: one record list, or per-sample lists (the result is then ``[N, h, w]``).
@@ -298,7 +300,8 @@ class Resize:
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         height, width = _image_of(sample).shape[-2:]
         if self.long_side is None:
-            return _apply_geometric_record(sample, ScaleRecord((height, width), tuple(self.size), None, "resize"))
+            assert isinstance(self.size, tuple)  # __post_init__ made it (h, w)
+            return _apply_geometric_record(sample, ScaleRecord((height, width), self.size, None, "resize"))
         factor = self.long_side / max(height, width)
         output = (max(1, _round(height * factor)), max(1, _round(width * factor)))
         return _apply_geometric_record(sample, ScaleRecord((height, width), output, factor, "resize"))
@@ -340,6 +343,7 @@ class RandomCrop:
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         height, width = _image_of(sample).shape[-2:]
+        assert isinstance(self.size, tuple)  # __post_init__ made it (h, w)
         crop_height, crop_width = self.size
         padding = (max(0, crop_height - height), max(0, crop_width - width))
         top = _randint(height + padding[0] - crop_height, generator)
@@ -360,8 +364,8 @@ class RandomHorizontalFlip:
         self.p = _probability(self.p)
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        size = tuple(_image_of(sample).shape[-2:])
-        return _apply_geometric_record(sample, FlipRecord(size, _coin(self.p, generator)))
+        height, width = _image_of(sample).shape[-2:]
+        return _apply_geometric_record(sample, FlipRecord((height, width), _coin(self.p, generator)))
 
 
 @dataclass
@@ -369,8 +373,8 @@ class RandomRotate:
     """Rotate by an angle drawn uniformly from ``[min, max]`` degrees with probability ``p``.
 
     DARS trains with ``rotate: [-10, 10]`` at ``p = 0.5`` (the semseg ``RandRotate`` of its
-    configs, REFERENCE_NOTES.md 3.2). The image's new corners get ``pad_value``, labels
-    ``ignore_index``, so they are never learnt from.
+    configs; docs/reference_code.md, "DARS: training settings"). The image's new corners get
+    ``pad_value``, labels ``ignore_index``, so they are never learnt from.
     """
 
     min: float = -10.0
@@ -384,6 +388,6 @@ class RandomRotate:
         self.p = _probability(self.p)
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        size = tuple(_image_of(sample).shape[-2:])
+        height, width = _image_of(sample).shape[-2:]
         angle = _uniform(self.min, self.max, generator) if _coin(self.p, generator) else 0.0
-        return _apply_geometric_record(sample, RotateRecord(size, angle, self.pad_value, self.ignore_index))
+        return _apply_geometric_record(sample, RotateRecord((height, width), angle, self.pad_value, self.ignore_index))

@@ -27,7 +27,7 @@ from .common import (
     _randint,
     _randperm,
     _round,
-    _uniform,
+    _uniform_in,
     _with_record,
 )
 from .records import BlurRecord, CutoutRecord, JitterRecord, Record
@@ -124,9 +124,9 @@ class ColorJitter:
         if not _coin(self.p, generator):
             return JitterRecord()
         intervals = (self.brightness, self.contrast, self.saturation, self.hue)
-        factors = [_uniform(*interval, generator) for interval in intervals]
+        brightness, contrast, saturation, hue = [_uniform_in(interval, generator) for interval in intervals]
         order = tuple(_randperm(4, generator).tolist())
-        return JitterRecord(*factors, order=order)
+        return JitterRecord(brightness, contrast, saturation, hue, order=order)
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         record = self.draw(generator)
@@ -178,7 +178,7 @@ class GaussianBlur:
         self.p = _probability(self.p)
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        sigma = _uniform(*self.sigma, generator) if _coin(self.p, generator) else 0.0
+        sigma = _uniform_in(self.sigma, generator) if _coin(self.p, generator) else 0.0
         return _with_record(sample, BlurRecord(sigma), image=gaussian_blur(_image_of(sample), sigma))
 
 
@@ -209,16 +209,18 @@ class Cutout:
         self.p = _probability(self.p)
 
     def _draw_box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
-        box_height = max(1, _round(_uniform(*self.size, generator) * height))
-        box_width = max(1, _round(_uniform(*self.size, generator) * width))
+        box_height = max(1, _round(_uniform_in(self.size, generator) * height))
+        box_width = max(1, _round(_uniform_in(self.size, generator) * width))
         return _randint(height - box_height, generator), _randint(width - box_width, generator), box_height, box_width
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         image = _image_of(sample)
         boxes: tuple[tuple[int, int, int, int], ...] = ()
         if _coin(self.p, generator):
-            boxes = tuple(self._draw_box(*image.shape[-2:], generator) for _ in range(self.num_boxes))
+            height, width = image.shape[-2:]
+            boxes = tuple(self._draw_box(height, width, generator) for _ in range(self.num_boxes))
         erase = self.erase_label and "label" in sample
+        assert isinstance(self.fill, tuple)  # __post_init__ made it one
         record = CutoutRecord(boxes, self.fill, erase)
         fill = torch.tensor(self.fill, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         updates = {"image": _erase_boxes(image, boxes, fill)}

@@ -11,7 +11,6 @@ so a collated batch of them can be stored and compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from ..classes import IGNORE_INDEX
 
@@ -103,6 +102,6 @@ class RotateRecord:
     name: str = "random_rotate"
 
 
-Record = Union[ScaleRecord, CropRecord, FlipRecord, RotateRecord, JitterRecord, BlurRecord, CutoutRecord]
-GeometricRecord = Union[ScaleRecord, CropRecord, FlipRecord, RotateRecord]
+Record = ScaleRecord | CropRecord | FlipRecord | RotateRecord | JitterRecord | BlurRecord | CutoutRecord
+GeometricRecord = ScaleRecord | CropRecord | FlipRecord | RotateRecord
 _GEOMETRIC = (ScaleRecord, CropRecord, FlipRecord, RotateRecord)

@@ -13,7 +13,9 @@ from .distill import CPSLDistill
 from .self_training import SelfTraining
 from .source_only import Oracle, SourceOnly
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, BiCL, BiCLDistill)}
+RECIPES: dict[str, type[Recipe]] = {
+    cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, BiCL, BiCLDistill)
+}
 
 
 def recipe_class(name: str) -> type[Recipe]:

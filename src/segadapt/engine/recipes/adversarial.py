@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ...data.classes import ClassInfo
 from ...config import RunConfig
+from ...data.classes import ClassInfo
 from ...errors import DataError
+from ...models.base import SegmentationModel
 from ..losses import upsample_logits
 from ..schedule import lr_factor
 from .base import Recipe, Stream
@@ -108,7 +109,7 @@ class AdversarialWarmup(Recipe):
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = AdversarialOptions
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         options = self.options
         self.discriminator = FCDiscriminator(self.num_classes, options.disc_channels)

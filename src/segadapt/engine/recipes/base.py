@@ -15,7 +15,7 @@ from torch.utils.data import Sampler
 from ...config import RunConfig, validate
 from ...data.classes import ClassInfo
 from ...errors import ConfigError
-from ...models.base import SegOutput
+from ...models.base import SegmentationModel, SegOutput
 from ..losses import SegLoss
 
 
@@ -68,7 +68,7 @@ class Recipe(nn.Module, abc.ABC):
     """True: under torchrun every process runs :meth:`prepare` at once and shares its work (pseudo
     labels); False: rank 0 prepares alone and the others then reuse what it wrote."""
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: SegLoss, classes: ClassInfo) -> None:
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: SegLoss, classes: ClassInfo) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model

@@ -41,7 +41,6 @@ from typing import Any, Callable, ClassVar, Iterator, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 from torch.utils.data import Sampler
 
 from ...config import PATH, RunConfig
@@ -60,12 +59,12 @@ from ...methods.bicl import (
     self_distillation_loss,
 )
 from ...metrics.pseudo_label_quality import pseudo_label_stats
-from ...models.base import SegOutput
+from ...models.base import SegmentationModel, SegOutput
 from ..distributed import all_gather_cat
 from ..pseudo_labelling import with_pseudo_labels
 from ..run_cache import reuse_or_make
 from .base import Recipe, Stream, parse_options
-from .common import content_mask, forward_streams, load_teacher, view_start_size
+from .common import content_mask, forward_streams, load_teacher, spatial_size, view_start_size
 
 OCCURRENCE_FILE = "bicl_source_occurrence.pt"
 """The source class-occurrence table of weighted sampling, cached in the run directory."""
@@ -186,15 +185,16 @@ class BiCL(Recipe):
         (:mod:`segadapt.engine.run_cache`).
         """
         options = parse_options(cls.Options, cfg.method, cls.name)
-        if cfg.data.target is None:
+        target = cfg.data.target
+        if target is None:
             raise ConfigError("recipe bicl needs data.target (the unlabelled target images)")
         if cfg.data.source is None:
             raise ConfigError("recipe bicl needs data.source (the labelled source images)")
         if options.labels == "dynamic":
             # dynamic labels come from the prototypes alone: the target's own labels must never reach training
-            target = cfg.data.target.model_copy(update={"with_labels": False, "pseudo_labels": None})
+            target = target.model_copy(update={"with_labels": False, "pseudo_labels": None})
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
-        elif cfg.data.target.pseudo_labels is None:
+        elif target.pseudo_labels is None:
             if cfg.model.checkpoint is None:
                 raise ConfigError(
                     f"method.labels={options.labels} uses static (CBST) pseudo labels made by the source-only model: set "
@@ -204,11 +204,12 @@ class BiCL(Recipe):
             cfg = with_pseudo_labels(cfg, cfg.model.checkpoint, run_dir, log, shard=False)
         if options.weighted_sampling:
             path = run_dir / OCCURRENCE_FILE
+            assert cfg.data.source is not None  # checked above; the copies of cfg keep it
             key = {"data.source": cfg.data.source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})}
             reuse_or_make(path, key, lambda: _count_occurrence(cfg, path, log), log, "bicl: source class occurrence")
         return cfg
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         options = self.options
         self.source_memory = PrototypeMemory(self.num_classes, model.feature_dim, options.prototype_momentum, self.ignore_index)
@@ -269,8 +270,8 @@ class BiCL(Recipe):
         source, target = batches["source"], batches["target"]
         source_output, target_output = forward_streams(self.model, source["image"], target["image"])
         source_features, target_features = source_output.features, target_output.features
-        grid = tuple(target_features.shape[-2:])
-        size = tuple(target["image"].shape[-2:])
+        grid = spatial_size(target_features)
+        size = spatial_size(target["image"])
 
         source_grid = resize_labels(source["label"], grid)
         # every rank's pixels update the prototypes, so the ranks keep identical memories
@@ -308,7 +309,7 @@ class BiCL(Recipe):
             truth = torch.from_numpy(np.asarray(self._truth.load_label(index)).astype(np.int64))
             start = view_start_size(records)
             if start is not None and tuple(truth.shape) != tuple(start):
-                truth = resize_labels(truth, tuple(start))
+                truth = resize_labels(truth, start)
             truths.append(replay_geometric(records, truth, "label") if records else truth)
         truth = torch.stack(truths).to(labels.device)
         if truth.shape != labels.shape:
@@ -380,7 +381,7 @@ class BiCLDistill(Recipe):
             raise ConfigError(f"recipe {cls.name} distils an adapted model: set method.teacher=runs/<bicl run>/checkpoints/last.pt")
         return with_pseudo_labels(cfg, options.teacher, run_dir, log)
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         self.teacher = load_teacher(self, cfg, "runs/<bicl run>/checkpoints/last.pt")
 
@@ -389,7 +390,7 @@ class BiCLDistill(Recipe):
         source, target = batches["source"], batches["target"]
         source_output, target_output = forward_streams(self.model, source["image"], target["image"])
         base, losses = baseline_losses(options, self.supervised_loss, source_output, source["label"], target_output, target["label"])
-        grid = tuple(target_output.logits.shape[-2:])
+        grid = spatial_size(target_output.logits)
         teacher = self.teacher.logits(target["image"], grid)
         total, kl = self_distillation_loss(target_output.logits, teacher, base, valid=content_mask(target, grid), kl_weight=options.kl_weight)
         losses.update(loss=total, loss_kd=kl.detach())

@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- image content
 
 
+def spatial_size(x: torch.Tensor) -> tuple[int, int]:
+    """``(H, W)`` of a ``[..., H, W]`` tensor."""
+    height, width = x.shape[-2:]
+    return height, width
+
+
 def view_start_size(records: Sequence[Any]) -> tuple[int, int] | None:
     """``(H, W)`` of the image a view's replay records start from; None without geometric records."""
     return next((tuple(r.input_size) for r in records if hasattr(r, "input_size")), None)
@@ -85,7 +91,7 @@ class FrozenNetwork:
         return logits if size is None else upsample_logits(logits, size)
 
 
-def load_teacher(recipe: "Recipe", cfg: "RunConfig", hint: str) -> FrozenNetwork:
+def load_teacher(recipe: Recipe, cfg: RunConfig, hint: str) -> FrozenNetwork:
     """The frozen network of ``method.teacher`` (a distillation stage's teacher); ``hint`` is the path to suggest."""
     from ..loading import load_trained_model
 

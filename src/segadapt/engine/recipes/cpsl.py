@@ -80,12 +80,12 @@ from ...methods.cpsl import (
     symmetric_kl_consistency,
 )
 from ...methods.ema import ModelEMA, batch_norm_as
-from ...models.base import BackboneHeadSplit, SegOutput
+from ...models.base import BackboneHeadSplit, SegmentationModel, SegOutput
 from ...progress import progress
 from ..distributed import all_gather_cat
 from ..run_cache import file_fingerprint, reuse_or_make
 from .base import Recipe, Stream, parse_options
-from .common import CPSL_STRONG, FrozenNetwork, content_mask, strong_view
+from .common import CPSL_STRONG, FrozenNetwork, content_mask, spatial_size, strong_view
 
 INIT_FILE = "cpsl_init.pt"
 """What :meth:`CPSL.prepare` writes into the run directory: Eq. 7 prototypes and Eq. 10 class counts."""
@@ -140,7 +140,7 @@ class _SegmentationWithHead(nn.Module, BackboneHeadSplit):
     the authors' code also gives the classifier 5x).
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module | None) -> None:
+    def __init__(self, model: SegmentationModel, head: nn.Module | None) -> None:
         super().__init__()
         self.model = model
         self.head = head
@@ -186,7 +186,7 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
         for image in images:  # one at a time: the target images may differ in size
             image = image[None].to(device)
             if cfg.pseudo_label.size is not None:
-                image = resize(image, tuple(cfg.pseudo_label.size), "image")
+                image = resize(image, cfg.pseudo_label.size, "image")
             output = model(image)
             hard = output.logits.argmax(dim=1)
             if accumulator is None:
@@ -246,7 +246,9 @@ class CPSL(Recipe):
                       "cpsl: warm-up statistics")
         return cfg
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+    _trainable: _SegmentationWithHead  # set with object.__setattr__ in __init__ (not a submodule), declared for type checkers
+
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         num_classes = self.num_classes
         options = self.options
@@ -280,7 +282,7 @@ class CPSL(Recipe):
     def trainable_model(self) -> nn.Module:
         return self._trainable
 
-    def train(self, mode: bool = True) -> "CPSL":
+    def train(self, mode: bool = True) -> CPSL:
         super().train(mode)
         # the momentum networks only predict targets: eval mode (no dropout); BatchNorm statistics
         # follow method.momentum_batch_norm in _momentum_outputs
@@ -337,7 +339,7 @@ class CPSL(Recipe):
         weak = target["image"]
         teacher = self._momentum_outputs(weak)
         student = self.model(strong_view(weak, CPSL_STRONG) if options.strong_augmentation else weak)
-        grid = tuple(teacher.logits.shape[-2:])
+        grid = spatial_size(teacher.logits)
         inside = content_mask(target, grid)
 
         if options.self_training:

@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from ...config import RunConfig
 from ...data.classes import ClassInfo
 from ...data.transforms import classmix_masks, mix
 from ...methods.ema import ModelEMA
+from ...models.base import SegmentationModel
 from ..losses import upsample_logits
 from .base import Recipe, Stream
-from .common import DACS_STRONG, content_mask, strong_view
+from .common import DACS_STRONG, content_mask, spatial_size, strong_view
 
 
 class DACSOptions(BaseModel):
@@ -58,11 +58,11 @@ class DACS(Recipe):
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = DACSOptions
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         self.teacher = ModelEMA(model, self.options.ema_momentum)
 
-    def train(self, mode: bool = True) -> "DACS":
+    def train(self, mode: bool = True) -> DACS:
         super().train(mode)
         self.teacher.eval()  # the teacher only predicts: running BatchNorm statistics, no dropout
         return self
@@ -77,7 +77,7 @@ class DACS(Recipe):
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's hard labels ``[N, H, W]`` and DACS's pseudo-label weight (the batch's, per image ``[N]``)."""
-        probs = torch.softmax(upsample_logits(self.teacher(images).logits.float(), tuple(images.shape[-2:])), dim=1)
+        probs = torch.softmax(upsample_logits(self.teacher(images).logits.float(), spatial_size(images)), dim=1)
         confidence, labels = probs.max(dim=1)
         labels = labels.masked_fill(~inside, self.ignore_index)
         # DACS's code: one number for the batch, the share of its pixels above the threshold
@@ -90,7 +90,7 @@ class DACS(Recipe):
         loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
 
         images = target["image"]
-        inside = content_mask(target, tuple(images.shape[-2:]))
+        inside = content_mask(target, spatial_size(images))
         labels, image_weight = self.pseudo_labels(images, inside)
         masks = classmix_masks(source["label"], ignore_index=self.ignore_index)
         mixed_images = mix(masks, source["image"], images)

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from ...config import PATH, RunConfig
 from ...data.classes import ClassInfo
 from ...methods.cpsl import distillation_loss
+from ...models.base import SegmentationModel
 from .base import Recipe, Stream
 from .common import CPSL_STRONG, content_mask, load_teacher, strong_view
 
@@ -67,7 +67,7 @@ class CPSLDistill(Recipe):
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = DistillOptions
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, seg_loss: Any, classes: ClassInfo) -> None:
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         self.teacher = load_teacher(self, cfg, "runs/<cpsl run>/checkpoints/last.pt (stage 3: the stage-2 distillation run's checkpoint)")
 

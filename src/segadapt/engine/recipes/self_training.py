@@ -2,7 +2,7 @@
 
 The pseudo labels are made once, before training, by the model the run starts from
 (``model.checkpoint``: the source-only warm-up in UDA, the previous round in semi-supervised
-rounds), with the rule of ``pseudo_label`` (:mod:`segadapt.engine.pseudo_label`). Training is
+rounds), with the rule of ``pseudo_label`` (:mod:`segadapt.engine.pseudo_labelling`). Training is
 then plain cross-entropy: ``CE(source labels) + target_weight * CE(target pseudo labels)``, the
 DARS reference's ``CE_lab + 1.0 * CE_pseudo`` with a labelled and a pseudo-labelled half-batch
 each (docs/reference_code.md, "DARS: training settings"), and CBST's source + target objective
@@ -37,7 +37,7 @@ class SelfTraining(Recipe):
     ``data.target.pseudo_labels`` names the pseudo-label folder; when it is unset, the labels
     are generated into ``RUN_DIR/pseudo_labels`` from ``model.checkpoint`` before training, and
     reused on later starts (a resume) while the checkpoint, ``pseudo_label`` and ``data.target``
-    are those that made them (:func:`~segadapt.engine.pseudo_label.with_pseudo_labels`).
+    are those that made them (:func:`~segadapt.engine.pseudo_labelling.with_pseudo_labels`).
     """
 
     name = "self_training"
