@@ -6,7 +6,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -16,27 +16,32 @@ from ..errors import CheckpointError, writing
 TEMPORARY_SUFFIX = ".tmp"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], what: str) -> None:
+    """``write`` into a temporary file in the same folder, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the previous file or the new one, never a torn file (a
     kill leaves the temporary ``.NAME.*.tmp`` behind: :func:`remove_partial_saves` clears it). A
-    full or read-only disk raises one :class:`~segadapt.errors.OutputError` line and leaves the
-    previous file as it was.
+    full or read-only disk raises one :class:`~segadapt.errors.OutputError` line naming ``what``
+    and leaves the previous file as it was.
     """
     path = Path(path)
-    with writing(path, "checkpoint"):
+    with writing(path, what):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                torch.save(obj, handle)
+                write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` of ``obj`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle), "checkpoint")
 
 
 def remove_partial_saves(folder: str | Path) -> list[Path]:

@@ -23,12 +23,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..errors import CheckpointError, writing
+from ..errors import CheckpointError
+from .checkpoint import atomic_write
 
 KEY_SUFFIX = ".key.json"
 
@@ -67,19 +66,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def atomic_write_text(path: str | Path, text: str, what: str = "file") -> None:
     """Write ``text`` to a temporary file in the same folder and rename it over ``path`` (never a torn file)."""
-    path = Path(path)
-    with writing(path, what):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), what)
 
 
 def _normalised(key: Mapping[str, Any]) -> dict[str, Any]:
