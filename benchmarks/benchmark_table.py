@@ -8,6 +8,14 @@ runs in ``--output`` are reused, so the script can be interrupted and run again.
     python benchmarks/benchmark_table.py --output runs/table --seeds 0 1 2 \
         --methods st cbst dars_sd dars_td
 
+``--warmup`` names another warm-up config: the DAFormer network's table is ::
+
+    python benchmarks/benchmark_table.py --output runs/daformer --warmup source_only_mitb0 --no-oracle \
+        --methods dacs_mitb0 daformer daformer_blv
+
+Two processes with different ``--seeds`` and the same ``--output`` share the work on two cores; a
+last call with all the seeds prints the table from the finished runs.
+
 Prints markdown: mIoU mean +- std over seeds per method, per-class IoU means, the tail classes,
 and for pseudo-label methods the density, accuracy and KL divergence of their labels (DARS
 Tab. S7's form). ``--json`` also writes every number.
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/table"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=["st", "cbst", "dars_sd", "dars_td"])
+    parser.add_argument("--warmup", default="source_only", help="the warm-up config every method starts from")
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
@@ -73,14 +82,14 @@ def main() -> None:
     labels: dict[str, list[dict[str, Any]]] = {}
     walls: dict[str, list[float]] = {}
     for seed in args.seeds:
-        warmup, wall = train("benchmark/source_only", args.output, seed, [], args.threads)
+        warmup, wall = train(f"benchmark/{args.warmup}", args.output, seed, [], args.threads)
         results.setdefault("source-only", []).append(warmup)
         walls.setdefault("source-only", []).append(wall)
         if not args.no_oracle:
             oracle, wall = train("benchmark/oracle", args.output, seed, [], args.threads)
             results.setdefault("oracle", []).append(oracle)
             walls.setdefault("oracle", []).append(wall)
-        checkpoint = args.output / f"source_only_s{seed}" / "checkpoints" / "last.pt"
+        checkpoint = args.output / f"{args.warmup}_s{seed}" / "checkpoints" / "last.pt"
         for method in args.methods:
             scores, wall = train(f"benchmark/{method}", args.output, seed, [f"model.checkpoint={checkpoint}"], args.threads)
             results.setdefault(method, []).append(scores)

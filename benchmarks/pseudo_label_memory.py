@@ -3,7 +3,7 @@
 Each size runs in a fresh subprocess (so ``ru_maxrss`` is that run's peak) that labels a
 synthetic dataset of N images at reduced Cityscapes resolution (default 256x512, 19 classes,
 with ground truth so accuracy and KL are measured too) with ``SmallSegNet`` and the DARS rule,
-writing the PNGs (and optionally float16 soft labels) to a temporary folder. The images are
+writing the PNGs to a temporary folder. The images are
 made on the fly from their index: the measurement is of the generator (histograms, thresholds,
 writing), not of an input cache. Usage::
 
@@ -31,7 +31,7 @@ from segadapt.data.classes import CITYSCAPES_CLASSES
 from segadapt.engine.pseudo_labelling import generate_pseudo_labels
 from segadapt.models import create_model
 
-count, height, width, out, soft, threads = sys.argv[1:7]
+count, height, width, out, threads = sys.argv[1:6]
 count, height, width, threads = int(count), int(height), int(width), int(threads)
 torch.set_num_threads(threads)
 
@@ -48,7 +48,7 @@ class Synthetic(torch.utils.data.Dataset):
         return {"image": image, "label": label, "name": self.names[index], "replay": []}
 
 cfg = load_config(None, ["pseudo_label.rule=dars", "pseudo_label.distribution=predicted", "pseudo_label.ratio=0.5",
-                         f"pseudo_label.soft={soft}", "data.val_batch_size=4", "data.num_workers=0"])
+                         "data.val_batch_size=4", "data.num_workers=0"])
 model = create_model("small", 19)
 start = time.perf_counter()
 summary = generate_pseudo_labels(model, Synthetic(), cfg, out, torch.device("cpu"), log=lambda _: None)
@@ -63,15 +63,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000, 2975])
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--soft", action="store_true", help="also write float16 soft labels")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
-          f"{datetime.date.today()} | {args.height}x{args.width} | soft={args.soft}")
+          f"{datetime.date.today()} | {args.height}x{args.width}")
     print(f"{'images':>7} {'wall (s)':>9} {'peak RSS (MiB)':>15}")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as out:
-            argv = [str(size), str(args.height), str(args.width), out, str(args.soft).lower(), str(args.threads)]
+            argv = [str(size), str(args.height), str(args.width), out, str(args.threads)]
             result = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, check=True)
             record = json.loads(result.stdout.strip().splitlines()[-1])
             print(f"{record['images']:>7} {record['wall_s']:>9.1f} {record['peak_rss_mib']:>15.1f}")

@@ -27,6 +27,7 @@ from data_fixtures import TOY_IGNORE as IGNORE
 from data_fixtures import toy_overrides as data_overrides
 
 WARMED_UP = {"st", "cbst", "dars_sd", "dars_td", "dacs", "dacs_blv", "bicl_static", "bicl_dynamic", "bicl_hybrid"}
+WARMED_UP_MITB0 = {"dacs_mitb0", "daformer", "daformer_blv"}  # start from benchmark/source_only_mitb0
 DISTILLED = {"cpsl_distill", "bicl_distill"}
 BENCHMARK_CONFIGS = sorted(
     path.stem for path in (PACKAGED_CONFIGS / "benchmark").glob("*.yaml") if not path.stem.startswith("_") and path.stem != "semi_supervised"
@@ -40,8 +41,19 @@ def warmup(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "warmup" / "checkpoints" / "last.pt"
 
 
-def recipe_overrides(config: str, warmup: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def warmup_mitb0(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("warmup_mitb0")
+    assert main(["train", "benchmark/source_only_mitb0", *data_overrides(toy), f"output_dir={out}", "name=warmup"]) == 0
+    return out / "warmup" / "checkpoints" / "last.pt"
+
+
+def recipe_overrides(config: str, warmup: Path, warmup_mitb0: Path) -> list[str]:
     extra = []
+    if config in WARMED_UP_MITB0:
+        extra.append(f"model.checkpoint={warmup_mitb0}")
+    if config.startswith("daformer"):  # the toy data's thing classes (the configs name Cityscapes'), and its small images
+        extra += ["method.feature_distance_classes=[car,sign]", "method.rare_class_min_pixels=10"]
     if config in WARMED_UP or config.startswith("cpsl") and config not in DISTILLED:
         extra.append(f"model.checkpoint={warmup}")
     if config in DISTILLED:
@@ -60,9 +72,10 @@ def test_every_recipe_has_a_benchmark_config_run_here() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", BENCHMARK_CONFIGS)
-def test_recipe_end_to_end_on_five_classes_with_ignore_7(config: str, toy: Path, warmup: Path, tmp_path: Path) -> None:
+def test_recipe_end_to_end_on_five_classes_with_ignore_7(config: str, toy: Path, warmup: Path, warmup_mitb0: Path, tmp_path: Path) -> None:
     run = tmp_path / config
-    args = ["train", f"benchmark/{config}", *data_overrides(toy), *recipe_overrides(config, warmup), f"output_dir={tmp_path}", f"name={config}"]
+    overrides = recipe_overrides(config, warmup, warmup_mitb0)
+    args = ["train", f"benchmark/{config}", *data_overrides(toy), *overrides, f"output_dir={tmp_path}", f"name={config}"]
     assert main(args) == 0
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["iteration"] == 2 and tuple(state["classes"]["names"]) == CLASSES and state["classes"]["ignore_index"] == IGNORE

@@ -359,11 +359,23 @@ def small_net() -> SmallSegNet:
     return SmallSegNet(NUM_CLASSES, feature_dim=16, width=8).eval()
 
 
+def _quarter(height: int, width: int) -> tuple[int, int]:
+    return -(-height // 4), -(-width // 4)
+
+
+@pytest.fixture(scope="module")
+def daformer_nets() -> dict[str, SegmentationModel]:
+    """Every DAFormer encoder size with a 16-channel decoder, built once for the module."""
+    torch.manual_seed(0)
+    return {f"daformer_mitb{k}": MODELS[f"daformer_mitb{k}"](NUM_CLASSES, embed_dim=16).eval() for k in range(6)}
+
+
 REGISTERED = {  # registry name -> (module fixture, the model's exact output-size rule)
     "deeplabv2_r101": ("classic", deeplabv2_output_size),
     "deeplabv2_r101_proda": ("proda", deeplabv2_output_size),
     "pspnet50": ("pspnet", pspnet_output_size),
-    "small": ("small_net", lambda height, width: (-(-height // 4), -(-width // 4))),
+    "small": ("small_net", _quarter),
+    **{f"daformer_mitb{k}": ("daformer_nets", _quarter) for k in range(6)},
 }
 """Every registered model; a new one must be added here (and so gets the contract tests)."""
 
@@ -371,7 +383,8 @@ CONTRACT_INPUT = (2, 3, 65, 49)  # odd sides: the rounding of each stride-2 laye
 
 
 def registered_model(request: pytest.FixtureRequest, name: str) -> SegmentationModel:
-    return request.getfixturevalue(REGISTERED[name][0])
+    model = request.getfixturevalue(REGISTERED[name][0])
+    return model[name] if isinstance(model, dict) else model
 
 
 @contextmanager
@@ -433,7 +446,8 @@ def test_aux_logits_come_in_train_mode_and_only_from_pspnet(request, name):
 @pytest.mark.parametrize("name", sorted(REGISTERED))
 @pytest.mark.parametrize("freeze_bn", [None, "all"])
 def test_backbone_and_head_parameters_partition_the_parameters(name, freeze_bn):
-    options = {} if freeze_bn is None or name == "small" else {"freeze_bn": freeze_bn}
+    has_freeze_bn = name.startswith(("deeplabv2", "pspnet"))  # small and DAFormer have no freeze_bn option
+    options = {"freeze_bn": freeze_bn} if freeze_bn is not None and has_freeze_bn else {}
     model = build_on_meta(MODELS[name], NUM_CLASSES, **options)
     backbone = [id(p) for p in model.backbone_parameters()]
     head = [id(p) for p in model.head_parameters()]
@@ -461,7 +475,8 @@ def test_contract_is_abstract_until_implemented():
 
 
 def test_registry_names_and_small_model():
-    assert available_models() == ["deeplabv2_r101", "deeplabv2_r101_proda", "pspnet50", "small"]
+    daformers = [f"daformer_mitb{k}" for k in range(6)]
+    assert available_models() == [*daformers, "deeplabv2_r101", "deeplabv2_r101_proda", "pspnet50", "small"]
     model = create_model("small", 5, feature_dim=16)
     assert isinstance(model, SmallSegNet)
     out = model.eval()(torch.rand(1, 3, 32, 32))

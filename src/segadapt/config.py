@@ -180,6 +180,10 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(5e-4, ge=0)
+    no_decay_keys: list[str] = Field(
+        default_factory=list,
+        description="parameters whose name contains one of these strings get no weight decay (DAFormer: [norm])",
+    )
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; none = no clipping")
 
 
@@ -202,6 +206,16 @@ class TrainConfig(_Strict):
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
     grad_accum: int = Field(1, ge=1)
+    compile: bool = Field(
+        False,
+        description="torch.compile the trained network's forward in place (nn.Module.compile; same state-dict keys); "
+        "docs/training.md says when it pays",
+    )
+    stream_backward: bool = Field(
+        True,
+        description="two-stream recipes back-propagate the source terms before building the target graph "
+        "(same gradients, the peak memory of one stream)",
+    )
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)"
     )
@@ -215,6 +229,19 @@ class TrainConfig(_Strict):
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` (train.amp=off) as false
 
 
+def _amp_yaml_off(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``off`` (``eval.amp=off``) as false: it means ``"off"``."""
+    return "off" if value is False else value
+
+
+WINDOW_BATCH_HELP = (
+    "sliding window: window positions per forward pass (each holds that many crops of every image of the batch); "
+    "1 = one window at a time"
+)
+INFERENCE_AMP_HELP = "autocast of the inference forward: off (fp32), bf16 or fp16; softmax and averaging stay fp32"
+CHANNELS_LAST_HELP = "run the inference forward in channels-last memory format (faster convolutions on GPUs)"
+
+
 class EvalConfig(_Strict):
     size: tuple[int, int] | None = Field(None, description="resize images to (h, w) before the network")
     flip: bool = False
@@ -225,6 +252,9 @@ class EvalConfig(_Strict):
         description="extra Cityscapes-class mIoUs (19, 16, 13) beside the dataset's own mIoU; the validation classes "
         "must hold the protocol's classes (Cityscapes-labelled data)",
     )
+    window_batch: int = Field(1, ge=1, description=WINDOW_BATCH_HELP)
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description=INFERENCE_AMP_HELP)
+    channels_last: bool = Field(False, description=CHANNELS_LAST_HELP)
 
     @field_validator("protocols")
     @classmethod
@@ -233,6 +263,11 @@ class EvalConfig(_Strict):
         if bad:
             raise ValueError(f"unknown protocol(s) {bad}; use 19, 16 or 13")
         return value
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return _amp_yaml_off(value)
 
 
 class BLVConfig(_Strict):
@@ -301,6 +336,14 @@ class PseudoLabelConfig(_Strict):
     scales: list[float] = Field(default_factory=lambda: [1.0])
     sliding_window: tuple[int, int] | None = None
     seed: int = Field(0, description="seed of the random sampling of dars")
+    window_batch: int = Field(1, ge=1, description=WINDOW_BATCH_HELP)
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description=INFERENCE_AMP_HELP)
+    channels_last: bool = Field(False, description=CHANNELS_LAST_HELP)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return _amp_yaml_off(value)
 
 
 class RoundsConfig(_Strict):

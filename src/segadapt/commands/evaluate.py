@@ -34,6 +34,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
         cfg.data.num_workers,
         info.rank,
         info.world_size,
+        pin_memory=device.type == "cuda",
     )
     return evaluate(model.to(device), loader, classes, cfg.eval, device, run_name=Path(checkpoint).stem)
 

@@ -125,11 +125,22 @@ def build_train_loader(
     )
 
 
-def build_eval_loader(dataset: Any, transform: Any, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_eval_loader(
+    dataset: Any,
+    transform: Any,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+) -> DataLoader:
     """Items ``rank::world_size`` of ``dataset`` in order (all of them single-process).
 
     Each item's transform seed depends on its index only, so a sharded evaluation sees exactly
-    the inputs of a single-process one.
+    the inputs of a single-process one. ``pin_memory`` (default: when CUDA is available) lets the
+    copies to the GPU overlap the forward pass; ``persistent_workers`` keeps the ``num_workers``
+    worker processes between passes over the loader (the two passes of pseudo labelling).
     """
     return DataLoader(
         SeededTransformDataset(dataset, transform),
@@ -137,6 +148,8 @@ def build_eval_loader(dataset: Any, transform: Any, batch_size: int, num_workers
         sampler=range(rank, len(dataset), world_size),
         num_workers=num_workers,
         collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -155,14 +168,26 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Backbone at ``lr``, head at ``lr * head_lr_mult`` (10x in DeepLab-V2 practice)."""
+    """Backbone at ``lr``, head at ``lr * head_lr_mult`` (10x in DeepLab-V2 practice).
+
+    Parameters whose name contains one of ``cfg.no_decay_keys`` go to groups of their own without
+    weight decay (``backbone_no_decay``, ``head_no_decay``): DAFormer's ``norm`` layers, as its
+    optimiser's custom keys do.
+    """
     from ..models import param_groups
 
-    groups = param_groups(model)
-    params = [
-        {"params": groups["backbone"], "lr": cfg.lr, "name": "backbone"},
-        {"params": groups["head"], "lr": cfg.lr * cfg.head_lr_mult, "name": "head"},
-    ]
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+
+    def decays(parameter: nn.Parameter) -> bool:
+        return not any(key in names[id(parameter)] for key in cfg.no_decay_keys)
+
+    multipliers = {"backbone": 1.0, "head": cfg.head_lr_mult}
+    params: list[dict] = []
+    for part, members in param_groups(model).items():
+        lr = cfg.lr * multipliers[part]
+        params.append({"params": [p for p in members if decays(p)], "lr": lr, "name": part})
+        if cfg.no_decay_keys:
+            params.append({"params": [p for p in members if not decays(p)], "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"})
     params = [group for group in params if group["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -5,7 +5,7 @@ The trainer's validation and ``segadapt eval`` (:mod:`segadapt.commands.evaluate
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from ..data.classes import ClassInfo
 from ..metrics import ConfusionMatrix, compute_scores, format_table, get_protocol, scores_for_protocol
 from ..progress import progress
 from . import distributed
-from .inference import predict_probs
+from .inference import inference_model, predict_probs, same_shape_groups
 from .label_space import check_protocols
 
 
@@ -24,26 +24,44 @@ from .label_space import check_protocols
 def confusion_over(
     model: nn.Module, loader: DataLoader, num_classes: int, cfg: EvalConfig, device: torch.device, ignore_index: int
 ) -> ConfusionMatrix:
-    """Accumulate the confusion matrix of ``model`` over ``loader`` (labels at their own size)."""
-    was_training = model.training
-    model.eval()
+    """Accumulate the confusion matrix of ``model`` over ``loader`` (labels at their own size).
+
+    The images of a batch that share their size (and their label's) go through
+    :func:`predict_probs` together; ``cfg`` sets the views and the speed options (``window_batch``,
+    ``amp``, ``channels_last``: :func:`inference_model`).
+    """
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     shards = distributed.get_world_size()  # under torchrun rank 0 shows its share of the images
     done = "evaluated {n} images in {elapsed}" if shards == 1 else f"evaluated {{n}} images (rank 0's share of {shards}) in {{elapsed}}"
-    with progress(total=_images_of(loader), desc="evaluate", unit="img", done=done) as bar:
+    with inference_model(model, cfg), progress(total=_images_of(loader), desc="evaluate", unit="img", done=done) as bar:
         for batch in loader:
-            images = batch["image"].to(device) if isinstance(batch["image"], torch.Tensor) else None
-            labels = batch["label"]
-            if images is None or not isinstance(labels, torch.Tensor):  # images of different sizes: one at a time
-                for image, label in zip(batch["image"], batch["label"]):
-                    probs = predict_probs(model, image[None].to(device), label.shape[-2:], cfg)
-                    matrix.update(probs.argmax(1), label[None].to(device))
-            else:
+            for images, labels in _stacked(batch["image"], batch["label"], device):
                 probs = predict_probs(model, images, labels.shape[-2:], cfg)
-                matrix.update(probs.argmax(1), labels.to(device))
+                matrix.update(probs.argmax(1), labels)
             bar.update(len(batch["label"]))
-    model.train(was_training)
     return matrix
+
+
+def _stacked(
+    images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor | list[torch.Tensor], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` on ``device`` per group of a batch's items whose image and label sizes agree.
+
+    Shape:
+        - images, labels: ``[N, 3, H, W]`` and ``[N, H', W']`` tensors, or lists of ``[3, H, W]`` / ``[H', W']``
+        - yields: ``[n, 3, H, W]`` and ``[n, H', W']``
+    """
+    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):  # collate stacked both
+        yield _to(images, device), _to(labels, device)
+        return
+    shapes = [(*image.shape, *label.shape) for image, label in zip(images, labels)]
+    for group in same_shape_groups(shapes):
+        yield _to(torch.stack([images[i] for i in group]), device), _to(torch.stack([labels[i] for i in group]), device)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without waiting for the copy from pinned memory."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())
 
 
 def _images_of(loader: DataLoader) -> int | None:

@@ -4,12 +4,20 @@ Every path returns class probabilities at the size the caller asks for (the labe
 upsampled bilinearly from the network's output stride, as the papers score predictions
 against full-resolution labels (docs/datasets/cityscapes.md, "Preprocessing and evaluation in the
 reference code").
+
+Speed options of :class:`~segadapt.config.EvalConfig` (and of ``pseudo_label``): ``window_batch``
+window positions go through the network in one forward pass; ``amp`` autocasts the network's
+forward (bf16 / fp16; the upsampling, softmax and averaging stay fp32); ``channels_last`` feeds the
+network channels-last inputs (and, inside :func:`inference_model`, converts its weights). With the
+defaults (fp32, one window at a time) the results are today's, bit for bit; batched windows give
+the same probabilities up to float rounding (``tests/test_inference_batching.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +25,37 @@ from torch import nn
 
 from ..config import EvalConfig
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-def _forward_probs(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    logits = model(images).logits.float()
-    logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``amp`` (``bf16`` / ``fp16``) on ``device``; nothing for ``off``."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _forward_probs(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int], cfg: EvalConfig) -> torch.Tensor:
+    """Softmax of the network's logits, upsampled to ``out_size``.
+
+    Shape:
+        - images: ``[N, 3, H, W]``
+        - returns: ``[N, C, *out_size]``, float32
+    """
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast_for(images.device, cfg.amp):
+        logits = model(images).logits
+    logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
     return logits.softmax(dim=1)
 
 
-def _sliding_window_probs(
-    model: nn.Module, images: torch.Tensor, window: tuple[int, int], out_size: tuple[int, int]
-) -> torch.Tensor:
-    """Average of window predictions, stride 2/3 of the window (DARS/PSPNet evaluation)."""
-    height, width = images.shape[-2:]
+def window_positions(height: int, width: int, window: Sequence[int]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Top-left corners of the sliding windows over an image, and the window size.
+
+    Stride 2/3 of the window (DARS/PSPNet evaluation); when the grid does not reach the border,
+    a last row / column of windows is shifted to it. A window larger than the image shrinks to it.
+    """
     win_h, win_w = min(window[0], height), min(window[1], width)
     stride_h, stride_w = max(1, math.ceil(win_h * 2 / 3)), max(1, math.ceil(win_w * 2 / 3))
     tops = list(range(0, max(height - win_h, 0) + 1, stride_h))
@@ -37,15 +64,34 @@ def _sliding_window_probs(
         tops.append(height - win_h)
     if lefts[-1] + win_w < width:
         lefts.append(width - win_w)
+    return [(top, left) for top in tops for left in lefts], (win_h, win_w)
+
+
+def _sliding_window_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    window: Sequence[int],
+    out_size: tuple[int, int],
+    cfg: EvalConfig,
+) -> torch.Tensor:
+    """Average of window predictions; ``cfg.window_batch`` window positions per forward pass.
+
+    Shape:
+        - images: ``[N, 3, H, W]``
+        - returns: ``[N, C, *out_size]``
+    """
+    batch, (height, width) = images.shape[0], images.shape[-2:]
+    positions, (win_h, win_w) = window_positions(height, width, window)
     total: torch.Tensor | None = None
     count = torch.zeros(1, 1, height, width, device=images.device)
-    for top in tops:
-        for left in lefts:
-            crop = images[..., top : top + win_h, left : left + win_w]
-            probs = _forward_probs(model, crop, (win_h, win_w))
-            if total is None:
-                total = torch.zeros(images.shape[0], probs.shape[1], height, width, device=images.device)
-            total[..., top : top + win_h, left : left + win_w] += probs
+    for start in range(0, len(positions), cfg.window_batch):
+        chunk = positions[start : start + cfg.window_batch]
+        crops = [images[..., top : top + win_h, left : left + win_w] for top, left in chunk]
+        probs = _forward_probs(model, crops[0] if len(crops) == 1 else torch.cat(crops), (win_h, win_w), cfg)
+        if total is None:
+            total = torch.zeros(batch, probs.shape[1], height, width, device=images.device)
+        for index, (top, left) in enumerate(chunk):  # the crops are position-major: N per position
+            total[..., top : top + win_h, left : left + win_w] += probs[index * batch : (index + 1) * batch]
             count[..., top : top + win_h, left : left + win_w] += 1
     assert total is not None
     probs = total / count
@@ -65,13 +111,16 @@ def predict_probs(
 
     Shape:
         - images: ``[N, 3, H, W]`` RGB in [0, 1]
-        - returns: ``[N, C, *out_size]`` (``out_size`` defaults to ``(H, W)``)
+        - returns: ``[N, C, *out_size]`` float32 (``out_size`` defaults to ``(H, W)``)
 
     ``cfg.size`` resizes the input first (e.g. 512x1024 for a 1024x2048 Cityscapes image),
-    each scale multiplies that size; ``cfg.sliding_window`` runs windows of that size.
+    each scale multiplies that size; ``cfg.sliding_window`` runs windows of that size,
+    ``cfg.window_batch`` window positions per forward pass. ``cfg.amp`` autocasts the forward
+    pass, ``cfg.channels_last`` makes its input channels-last. The model should be in eval mode
+    (:func:`inference_model`).
     """
     cfg = cfg or EvalConfig()
-    out_height, out_width = out_size if out_size is not None else images.shape[-2:]
+    out = (int(out_size[0]), int(out_size[1])) if out_size is not None else (images.shape[-2], images.shape[-1])
     base = tuple(cfg.size) if cfg.size is not None else tuple(images.shape[-2:])
     total: torch.Tensor | None = None
     views = 0
@@ -83,11 +132,58 @@ def predict_probs(
         for flip in (False, True) if cfg.flip else (False,):
             view = scaled.flip(-1) if flip else scaled
             if cfg.sliding_window is not None:
-                probs = _sliding_window_probs(model, view, cfg.sliding_window, (out_height, out_width))
+                probs = _sliding_window_probs(model, view, cfg.sliding_window, out, cfg)
             else:
-                probs = _forward_probs(model, view, (out_height, out_width))
+                probs = _forward_probs(model, view, out, cfg)
             probs = probs.flip(-1) if flip else probs
             total = probs if total is None else total + probs
             views += 1
     assert total is not None
     return total / views
+
+
+def _tensor_strides(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The strides of every 4-d parameter and buffer of ``model`` (what a memory-format change alters)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {name: tensor.stride() for name, tensor in tensors if tensor.dim() == 4}
+
+
+def _restore_strides(model: nn.Module, strides: dict[str, tuple[int, ...]]) -> None:
+    """Give every 4-d parameter and buffer back the strides of :func:`_tensor_strides` (same objects, same values)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in strides and tensor.stride() != strides[name]:
+            restored = torch.empty_strided(tensor.shape, strides[name], dtype=tensor.dtype, device=tensor.device)
+            tensor.data = restored.copy_(tensor.data)
+
+
+@contextlib.contextmanager
+def inference_model(model: nn.Module, cfg: EvalConfig) -> Iterator[nn.Module]:
+    """``model`` in eval mode, its weights channels-last when ``cfg.channels_last``, for the block.
+
+    On exit the training mode and the memory format of every weight are what they were, so a
+    model that goes on training (the trainer's validation) is untouched.
+    """
+    was_training = model.training
+    strides = _tensor_strides(model) if cfg.channels_last else None
+    model.eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    try:
+        yield model
+    finally:
+        if strides is not None:
+            _restore_strides(model, strides)
+        model.train(was_training)
+
+
+def same_shape_groups(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """Indices of equal shapes, in order of first appearance: the items one forward pass can stack.
+
+    Examples:
+        >>> same_shape_groups([(3, 4), (5, 6), (3, 4)])
+        [[0, 2], [1]]
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(index)
+    return list(groups.values())

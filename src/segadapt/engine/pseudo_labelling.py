@@ -52,7 +52,7 @@ from ..metrics.pseudo_label_quality import PseudoLabelStats, kl_divergence
 from ..progress import bar_enabled, progress
 from . import distributed
 from .builders import build_dataset_from_spec, build_eval_loader
-from .inference import predict_probs
+from .inference import inference_model, predict_probs, same_shape_groups
 from .run_cache import file_fingerprint, reuse_or_make
 
 SUMMARY = "summary.json"
@@ -60,28 +60,44 @@ SUMMARY = "summary.json"
 
 def inference_config(cfg: PseudoLabelConfig) -> EvalConfig:
     """The prediction settings of pseudo labelling, in the form :func:`predict_probs` takes."""
-    return EvalConfig(size=cfg.size, flip=cfg.flip, scales=cfg.scales, sliding_window=cfg.sliding_window)
+    return EvalConfig(
+        size=cfg.size,
+        flip=cfg.flip,
+        scales=cfg.scales,
+        sliding_window=cfg.sliding_window,
+        window_batch=cfg.window_batch,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+    )
 
 
-def _batches(loader: Any) -> Iterator[tuple[list[str], list[torch.Tensor], list[torch.Tensor | None]]]:
-    """Names, images ``[3, H, W]`` and labels (or None) of each batch, whatever their sizes."""
+def _batches(loader: Any) -> Iterator[tuple[list[str], torch.Tensor | list[torch.Tensor], list[torch.Tensor | None]]]:
+    """Names, images (``[N, 3, H, W]`` as collated, or a list of ``[3, H, W]`` of several sizes) and labels (or None)."""
     for batch in loader:
-        images = list(batch["image"]) if isinstance(batch["image"], torch.Tensor) else batch["image"]
+        images = batch["image"]
         labels = batch.get("label")
         labels = [None] * len(images) if labels is None else list(labels)
         yield batch["name"], images, labels
 
 
 def _predictions(model: nn.Module, loader: Any, cfg: EvalConfig, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """``(name, probs [C, H, W], label [H, W] or None)`` per image, at the image's own size."""
+    """``(name, probs [C, H, W], label [H, W] or None)`` per image, at the image's own size.
+
+    The images of a batch that share their size go through the network together.
+    """
     for names, images, labels in _batches(loader):
-        sizes = {tuple(image.shape) for image in images}
-        if len(sizes) == 1:
-            probs = predict_probs(model, torch.stack(images).to(device), None, cfg)
-            yield from zip(names, probs, labels)
-        else:
-            for name, image, label in zip(names, images, labels):
-                yield name, predict_probs(model, image[None].to(device), None, cfg)[0], label
+        for group, stacked in _size_groups(images):
+            probs = predict_probs(model, stacked.to(device, non_blocking=stacked.is_pinned()), None, cfg)
+            yield from zip([names[i] for i in group], probs, [labels[i] for i in group])
+
+
+def _size_groups(images: torch.Tensor | list[torch.Tensor]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``(indices, images [n, 3, H, W])`` per size; a collated batch (pinned, maybe) is one group as it is."""
+    if isinstance(images, torch.Tensor):
+        yield list(range(len(images))), images
+        return
+    for group in same_shape_groups([tuple(image.shape) for image in images]):
+        yield group, torch.stack([images[i] for i in group])
 
 
 def source_class_counts(cfg: RunConfig, num_classes: int) -> torch.Tensor:
@@ -155,7 +171,6 @@ def generate_pseudo_labels(
     torchrun processes, every one of which must call this (module docstring); rank 0 writes the
     summary. Without it the calling process labels everything alone.
     """
-    rule = cfg.pseudo_label
     out_dir = Path(out_dir)
     if len(dataset) == 0:
         raise ConfigError(f"{dataset!r} is empty: nothing to pseudo-label")
@@ -164,10 +179,35 @@ def generate_pseudo_labels(
     if rank == 0:
         (out_dir / SUMMARY).unlink(missing_ok=True)
     classes: ClassInfo = dataset.classes
-    infer = inference_config(rule)
-    loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers, rank=rank, world_size=world_size)
-    model = model.to(device).eval()
+    infer = inference_config(cfg.pseudo_label)
+    loader = build_eval_loader(
+        dataset, None, cfg.data.val_batch_size, cfg.data.num_workers, rank=rank, world_size=world_size,
+        pin_memory=device.type == "cuda", persistent_workers=True,  # the two passes share the workers
+    )
+    with inference_model(model.to(device), infer):
+        result, stats = _label_passes(model, dataset, loader, cfg, infer, out_dir, device, log, world_size)
+    summary = summarize_pseudo_labels(cfg, classes, result, stats, len(dataset))
+    if rank == 0:
+        (out_dir / "summary.md").write_text(summary_markdown(summary))
+        (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if world_size > 1:
+        distributed.barrier()  # every file is on disk before any process reads the folder
+    return summary
 
+
+def _label_passes(
+    model: nn.Module,
+    dataset: Any,
+    loader: Any,
+    cfg: RunConfig,
+    infer: EvalConfig,
+    out_dir: Path,
+    device: torch.device,
+    log: Callable[[str], None],
+    world_size: int,
+) -> tuple[RuleResult, PseudoLabelStats]:
+    """The two passes of :func:`generate_pseudo_labels` (module docstring): the thresholds, then the files."""
+    rule, classes = cfg.pseudo_label, dataset.classes
     live = bar_enabled()  # in a terminal a bar replaces the every-100-images lines
 
     histogram = ConfidenceHistogram(classes.num_classes, device=device)
@@ -184,8 +224,10 @@ def generate_pseudo_labels(
     stats = PseudoLabelStats(classes.num_classes, classes.ignore_index)
     with _pass_bar(2, len(dataset)) as bar:
         for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device)):
+            confidence, prediction = probs.max(dim=0)  # on the device: 2 maps, not C, cross to the CPU
             pseudo = apply_thresholds(
-                probs[None].cpu(), *result.thresholds, generator=image_generator(rule.seed, name), ignore_index=classes.ignore_index
+                (confidence[None].cpu(), prediction[None].cpu()), *result.thresholds,
+                generator=image_generator(rule.seed, name), ignore_index=classes.ignore_index,
             )[0]
             _write_png(pseudo_label_path(out_dir, name), pseudo)
             stats.update(pseudo, label)
@@ -194,13 +236,7 @@ def generate_pseudo_labels(
                 log(f"pseudo-label pass 2/2: {(index + 1) * world_size}/{len(dataset)} images")
     if world_size > 1:
         stats.all_reduce()
-    summary = summarize_pseudo_labels(cfg, classes, result, stats, len(dataset))
-    if rank == 0:
-        (out_dir / "summary.md").write_text(summary_markdown(summary))
-        (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
-    if world_size > 1:
-        distributed.barrier()  # every file is on disk before any process reads the folder
-    return summary
+    return result, stats
 
 
 def _pass_bar(number: int, total: int) -> Any:
@@ -277,13 +313,16 @@ def pseudo_label_key(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
     The ``pseudo_label`` section (rule, ratio, inference settings, DARS seed), ``data.target``
     (without ``pseudo_labels`` and ``with_labels``, which only decide what is measured), the
     ``model`` keys a raw-weight checkpoint is built with, and ``data.source`` when DARS follows the
-    source class distribution.
+    source class distribution. The speed options that leave the labels as they are
+    (``window_batch``, ``channels_last``) are no part of it; ``amp`` is, once it is not ``off``
+    (so labels made before the option existed stay valid).
     """
     assert cfg.data.target is not None
+    speed_only = {"window_batch", "channels_last"} | ({"amp"} if cfg.pseudo_label.amp == "off" else set())
     key: dict[str, Any] = {
         "checkpoint": file_fingerprint(checkpoint),
         "model": cfg.model.model_dump(mode="json", include={"name", "num_classes", "options"}),
-        "pseudo_label": cfg.pseudo_label.model_dump(mode="json"),
+        "pseudo_label": cfg.pseudo_label.model_dump(mode="json", exclude=speed_only),
         "data.target": cfg.data.target.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"}),
     }
     if cfg.pseudo_label.rule == "dars" and cfg.pseudo_label.distribution == "source" and cfg.data.source is not None:

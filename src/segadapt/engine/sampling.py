@@ -10,10 +10,13 @@ DistributedDataParallel each rank takes every ``world_size``-th element.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from ..methods.common import sample_by_class
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates neighbouring seeds
 
@@ -68,12 +71,67 @@ class ResumableStreamSampler(Sampler):
         return 1 << 62
 
 
+@dataclass(frozen=True)
+class CropRequirement:
+    """What a sample's random view must show: more than ``min_pixels`` pixels of class ``class_id``.
+
+    DAFormer's rare-class sampling draws an image for a class, then re-draws the random crop up to
+    ``attempts`` times until the class is in it (:class:`SeededTransformDataset`).
+    """
+
+    class_id: int
+    min_pixels: float
+    attempts: int = 10
+
+
+class ClassBalancedSampler(Sampler):
+    """Endless, resumable stream of source samples drawn class first (:func:`~segadapt.methods.common.sample_by_class`).
+
+    BiCL's weighted sampling (supplement Eq. 1) and DAFormer's rare-class sampling (Eq. 6) are this
+    sampler with their class probabilities and candidate tables. Position ``k`` of the stream draws
+    from ``torch.Generator().manual_seed(seed * 1000003 + k)`` only, so a stream restarted at
+    ``start`` continues exactly. Items are ``(index, sample_seed)``, or ``(index, sample_seed,
+    CropRequirement)`` with ``crop_min_pixels`` (the view must show the drawn class), which
+    :class:`SeededTransformDataset` reads.
+
+    Examples:
+        >>> candidates = torch.tensor([[True, False], [False, True]])
+        >>> sampler = ClassBalancedSampler(candidates, torch.tensor([0.0, 1.0]), seed=0, crop_min_pixels=5)
+        >>> index, _, requirement = next(iter(sampler))
+        >>> index, requirement.class_id
+        (1, 1)
+    """
+
+    def __init__(
+        self, candidates: torch.Tensor, class_probabilities: torch.Tensor, seed: int, start: int = 0, crop_min_pixels: float | None = None
+    ) -> None:
+        self.candidates, self.class_probabilities = candidates, class_probabilities
+        self.seed, self.start, self.crop_min_pixels = seed, start, crop_min_pixels
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        position = self.start
+        while True:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (1 << 63))
+            indices, classes = sample_by_class(self.candidates, self.class_probabilities, 1, generator)
+            sample_seed = int(torch.randint(0, 1 << 62, (1,), generator=generator))
+            if self.crop_min_pixels is None:
+                yield int(indices[0]), sample_seed
+            else:
+                yield int(indices[0]), sample_seed, CropRequirement(int(classes[0]), self.crop_min_pixels)
+            position += 1
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+
 class SeededTransformDataset(Dataset):
     """Wraps a dataset so that ``dataset[(index, seed)]`` applies ``transform`` with its own generator.
 
     The inner dataset must return untransformed samples; the transform receives
     ``generator=torch.Generator().manual_seed(seed)`` so augmentations depend on the stream
-    position only (not on worker processes or the global RNG).
+    position only (not on worker processes or the global RNG). A key
+    ``(index, seed, CropRequirement)`` re-draws the view (with seeds derived from ``seed``) until its
+    label shows enough of the required class, at most ``attempts`` times, keeping the last view.
     """
 
     def __init__(self, dataset: Any, transform: Callable[..., dict] | None) -> None:
@@ -83,9 +141,16 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, _mix(key))
+    def __getitem__(self, key: tuple[Any, ...] | int) -> dict:
+        index, seed, *requirement = key if isinstance(key, tuple) else (key, _mix(key))
         sample = self.dataset[index]
-        if self.transform is not None:
-            sample = self.transform(sample, generator=torch.Generator().manual_seed(seed))
-        return sample
+        if self.transform is None:
+            return sample
+        view = self.transform(sample, generator=torch.Generator().manual_seed(seed))
+        if requirement and requirement[0] is not None:
+            need: CropRequirement = requirement[0]
+            for attempt in range(1, need.attempts + 1):
+                if int((view["label"] == need.class_id).sum()) > need.min_pixels:
+                    break
+                view = self.transform(sample, generator=torch.Generator().manual_seed(_mix(seed, attempt)))
+        return view

@@ -94,6 +94,7 @@ class Trainer:
         self.classes = run_classes(cfg, dict(unlabelled, **({"val": self.val_set} if self.val_set is not None else {})))
         self.num_classes = self.classes.num_classes
         check_config_against_classes(cfg, self.classes)
+        self.recipe_class.check_classes(options, self.classes)
 
         self._prepare_run_dir(resume)
         seed_everything(cfg.seed, cfg.deterministic)
@@ -128,6 +129,10 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
         self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.classes).to(self.device)
+        if cfg.train.compile:
+            # in place, after the recipe copied its EMA networks (they stay eager): the module keeps its type,
+            # attributes and state-dict keys, so checkpoints and resumes are those of an eager run
+            model.compile()
         # the saved config spells out every recipe option, defaults included: a run keeps its behaviour
         # (and its config.yaml says what it did) when a later version changes a default
         options = {"method": self.recipe.options.model_dump(mode="json")}
@@ -306,6 +311,19 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.train.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at iteration {self.iteration}; lower optim.lr or enable "
+                f"optim.grad_clip (last good checkpoint: {self.checkpoint_dir / 'last.pt'})"
+            )
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate (a term of) this step's loss, scaled for AMP and gradient accumulation."""
+        self._check_finite(loss)
+        with torch.autocast(self.device.type, enabled=False):  # a recipe may call this inside its autocast forward
+            self.scaler.scale(loss / self.cfg.train.grad_accum).backward()
+
     def _step(self, loaders: dict[str, Iterator[dict[str, Any]]]) -> dict[str, float]:
         cfg = self.cfg.train
         self.recipe.train()
@@ -317,14 +335,16 @@ class Trainer:
             for name, loader in loaders.items():
                 batches[name] = _to_device(next(loader), self.device)
                 self.consumed[name] += self.cfg.data.batch_size * self.dist.world_size  # positions of the shared stream
-            with self._autocast():
-                losses = self.recipe.training_step(batches, self.iteration)
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(
-                    f"loss is {losses['loss'].item()} at iteration {self.iteration}; lower optim.lr or enable "
-                    f"optim.grad_clip (last good checkpoint: {self.checkpoint_dir / 'last.pt'})"
-                )
-            self.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+            self.recipe.backward_hook = self._backward if cfg.stream_backward else None
+            try:
+                with self._autocast():
+                    losses = self.recipe.training_step(batches, self.iteration)
+            finally:
+                self.recipe.backward_hook = None
+            if losses["loss"].requires_grad:  # what the recipe did not back-propagate already
+                self._backward(losses["loss"])
+            else:
+                self._check_finite(losses["loss"])
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
         # once per step, after all accumulated backward passes: the gradient of the global batch

@@ -50,7 +50,7 @@ from torch import nn
 from ..data.classes import IGNORE_INDEX
 from ..errors import DataError
 from ..progress import progress
-from .common import class_feature_means, class_pixel_counts, pixel_entropy, pixel_kl_divergence
+from .common import class_feature_means, class_pixel_counts, pixel_entropy, pixel_kl_divergence, sample_by_class
 from .thresholds import ConfidenceHistogram, apply_thresholds, cbst_thresholds
 
 
@@ -337,14 +337,7 @@ def sample_source_indices(occurrence: torch.Tensor, num_samples: int, generator:
     Returns:
         int64 ``[num_samples]``.
     """
-    probabilities = class_sampling_probabilities(occurrence)
-    classes = torch.multinomial(probabilities, num_samples, replacement=True, generator=generator)
-    picks = torch.rand(num_samples, generator=generator, dtype=torch.float64)
-    indices = torch.empty(num_samples, dtype=torch.long)
-    members = {int(c): occurrence[:, c].nonzero().squeeze(1) for c in classes.unique()}
-    for i, (c, u) in enumerate(zip(classes.tolist(), picks.tolist())):
-        images = members[c]
-        indices[i] = images[min(int(u * images.numel()), images.numel() - 1)]
+    indices, _ = sample_by_class(occurrence, class_sampling_probabilities(occurrence), num_samples, generator)
     return indices
 
 

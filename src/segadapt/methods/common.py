@@ -13,6 +13,7 @@ per-class mean feature            :func:`class_feature_sums`, :func:`class_featu
 (a class prototype)               :func:`class_means_from_sums`
 per-pixel ``KL(p_t || p_s)``      :func:`pixel_kl_divergence`
 per-pixel Shannon entropy         :func:`pixel_entropy`
+class-first source sampling       :func:`sample_by_class` (BiCL supplement Eq. 1, DAFormer Eq. 6)
 ================================  ===================================================================
 
 Examples:
@@ -43,6 +44,7 @@ __all__ = [
     "class_pixel_counts",
     "pixel_entropy",
     "pixel_kl_divergence",
+    "sample_by_class",
 ]
 
 
@@ -212,3 +214,37 @@ def pixel_entropy(logits: torch.Tensor, normalized: bool = False) -> torch.Tenso
     if normalized:
         entropy = entropy / float(np.log(logits.shape[1]))
     return entropy
+
+
+def sample_by_class(
+    candidates: torch.Tensor, class_probabilities: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``num_samples`` images class first: ``c ~ class_probabilities``, then uniformly among ``candidates[:, c]``.
+
+    The class-balanced source sampling of BiCL (supplement Eq. 1) and DAFormer (Eq. 6) differ only in
+    the class probabilities and in what makes an image a candidate; both draw through here. Depends
+    only on ``generator``. Classes without a candidate must have probability 0.
+
+    Returns:
+        ``(indices, classes)``, int64 ``[num_samples]`` each.
+
+    Raises:
+        DataError: a class with positive probability has no candidate image.
+
+    Examples:
+        >>> candidates = torch.tensor([[True, False], [True, True], [False, True]])
+        >>> indices, classes = sample_by_class(candidates, torch.tensor([0.0, 1.0]), 4, torch.Generator().manual_seed(0))
+        >>> classes.tolist(), all(i in (1, 2) for i in indices.tolist())
+        ([1, 1, 1, 1], True)
+    """
+    without = ((class_probabilities > 0) & ~candidates.any(dim=0)).nonzero().flatten().tolist()
+    if without:
+        raise DataError(f"class-balanced sampling: classes {without} have a positive probability but no candidate image")
+    classes = torch.multinomial(class_probabilities, num_samples, replacement=True, generator=generator)
+    picks = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+    indices = torch.empty(num_samples, dtype=torch.long)
+    members = {int(c): candidates[:, c].nonzero().squeeze(1) for c in classes.unique()}
+    for i, (c, u) in enumerate(zip(classes.tolist(), picks.tolist())):
+        images = members[c]
+        indices[i] = images[min(int(u * images.numel()), images.numel() - 1)]
+    return indices, classes

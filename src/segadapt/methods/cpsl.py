@@ -8,7 +8,7 @@ paper                           here
 Eq. 1 (rectified pseudo label)  :func:`rectify_pseudo_labels`
 Eq. 4, 5 (self-labeling loss)   :class:`SelfLabelingHead`, :func:`self_labeling_loss`,
                                 :func:`online_self_labeling_loss`
-Eq. 6, Alg. 1 l.11-13           :func:`~segadapt.methods.sinkhorn.sinkhorn` (log-domain Sinkhorn-Knopp,
+Eq. 6, Alg. 1 l.11-13           :func:`~segadapt.methods.sinkhorn.sinkhorn` (stabilised Sinkhorn-Knopp,
                                 unequal marginals; its own module, :mod:`segadapt.methods.sinkhorn`)
 Eq. 7 (prototype init)          :class:`PrototypeAccumulator`, :func:`class_prototypes` (built on
                                 :func:`~segadapt.methods.common.class_feature_sums`)

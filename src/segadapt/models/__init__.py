@@ -6,10 +6,12 @@ The registry turns ``model.name`` / ``model.options`` of a config into a network
     >>> groups = param_groups(model)  # {"backbone": [...], "head": [...]}, for the head LR multiplier
 
 Names: ``deeplabv2_r101`` (:class:`DeepLabV2`), ``deeplabv2_r101_proda``
-(:class:`DeepLabV2ProDA`), ``pspnet50`` (:class:`PSPNet50`), ``small`` (:class:`SmallSegNet`).
-The contract (``SegOutput(logits, features, aux_logits)``, ``feature_dim``, ``output_stride``,
-``aux_weight``, ``normalization``, ``backbone_parameters()`` / ``head_parameters()``) is in
-:mod:`segadapt.models.base`. See docs/models.md.
+(:class:`DeepLabV2ProDA`), ``pspnet50`` (:class:`PSPNet50`), ``daformer_mitb0`` ..
+``daformer_mitb5`` (:class:`DAFormer` on MiT-B0 .. B5: :class:`DAFormerMiTB0` ..), ``small``
+(:class:`SmallSegNet`). The contract (``SegOutput(logits, features, aux_logits)``,
+``feature_dim``, ``output_stride``, ``aux_weight``, ``normalization``,
+``backbone_parameters()`` / ``head_parameters()``, and :class:`EncoderDecoder` for networks
+that expose their encoder's features) is in :mod:`segadapt.models.base`. See docs/models.md.
 """
 
 from __future__ import annotations
@@ -22,18 +24,36 @@ from torch import nn
 from ..errors import ConfigError, SegadaptError, did_you_mean
 from .base import (
     BackboneHeadSplit,
+    EncoderDecoder,
     InputNormalizer,
     Normalization,
     SegmentationModel,
     SegOutput,
     check_num_classes,
 )
+from .daformer import (
+    DAFormer,
+    DAFormerHead,
+    DAFormerMiTB0,
+    DAFormerMiTB1,
+    DAFormerMiTB2,
+    DAFormerMiTB3,
+    DAFormerMiTB4,
+    DAFormerMiTB5,
+)
 from .deeplabv2 import DeepLabV2, DeepLabV2ProDA, deeplabv2_output_size
+from .mit import MixTransformer
 from .pspnet import PSPNet50, pspnet_output_size
 from .small import SmallSegNet
 from .weights import LoadReport, load_backbone_weights, load_checkpoint_weights, read_state_dict
 
 MODELS: dict[str, type[SegmentationModel]] = {
+    "daformer_mitb0": DAFormerMiTB0,
+    "daformer_mitb1": DAFormerMiTB1,
+    "daformer_mitb2": DAFormerMiTB2,
+    "daformer_mitb3": DAFormerMiTB3,
+    "daformer_mitb4": DAFormerMiTB4,
+    "daformer_mitb5": DAFormerMiTB5,
     "deeplabv2_r101": DeepLabV2,
     "deeplabv2_r101_proda": DeepLabV2ProDA,
     "pspnet50": PSPNet50,
@@ -132,10 +152,20 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 __all__ = [
     "MODELS",
     "BackboneHeadSplit",
+    "DAFormer",
+    "DAFormerHead",
+    "DAFormerMiTB0",
+    "DAFormerMiTB1",
+    "DAFormerMiTB2",
+    "DAFormerMiTB3",
+    "DAFormerMiTB4",
+    "DAFormerMiTB5",
     "DeepLabV2",
     "DeepLabV2ProDA",
+    "EncoderDecoder",
     "InputNormalizer",
     "LoadReport",
+    "MixTransformer",
     "Normalization",
     "PSPNet50",
     "SegOutput",

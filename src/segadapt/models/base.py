@@ -151,6 +151,25 @@ class BackboneHeadSplit(abc.ABC):
         """The parameters trained at ``optim.lr * optim.head_lr_mult``."""
 
 
+class EncoderDecoder(abc.ABC):
+    """A network whose forward is decode(encode(images)): the recipes that need the encoder's own
+    features (DAFormer's ImageNet feature distance) call the two halves.
+
+    A :class:`SegmentationModel` that derives from it too (``class Net(SegmentationModel,
+    EncoderDecoder)``, e.g. :class:`~segadapt.models.DAFormer`) guarantees
+    ``net(images) == net.decode(net.encode(images))``; a recipe checks
+    ``isinstance(net, EncoderDecoder)`` and names this class in its error otherwise.
+    """
+
+    @abc.abstractmethod
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps, shallow to deep, from RGB images in [0, 1] (normalised inside)."""
+
+    @abc.abstractmethod
+    def decode(self, features: list[torch.Tensor]) -> SegOutput:
+        """The decoder's output from encode()'s features."""
+
+
 class SegmentationModel(nn.Module, BackboneHeadSplit):
     """The contract of every segadapt network: RGB images in ``[0, 1]`` -> :class:`SegOutput`.
 

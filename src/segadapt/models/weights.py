@@ -5,10 +5,13 @@ Two entry points, matching the two config keys (docs/models.md):
 - :func:`load_backbone_weights` (``model.pretrained``): a torchvision-format ImageNet
   ResNet-101 file (``resnet101-5d3b4d8f.pth``, ``resnet101-63fe2227.pth``, ...) into the
   backbone of a DeepLab-V2 model, or another format a model declares (:class:`BackboneFormat`;
-  semseg's deep-stem ``resnet50_v2.pth`` for ``pspnet50``); the head keeps its initialisation.
+  semseg's deep-stem ``resnet50_v2.pth`` for ``pspnet50``, SegFormer's ``mit_b5.pth`` etc. for
+  the ``daformer_*`` models); the head keeps its initialisation.
 - :func:`load_checkpoint_weights` (``model.checkpoint``): a whole model, from a plain
   state dict, ``{'state_dict': ...}``, ``{'model': ...}`` (segadapt checkpoints) or ProDA/CPSL's
-  ``{'ResNet101': {'model_state': ...}}``, with DataParallel/DDP ``module.`` prefixes removed.
+  ``{'ResNet101': {'model_state': ...}}``, with DataParallel/DDP ``module.`` prefixes removed;
+  from DAFormer's UDA checkpoints (student, EMA teacher and ImageNet copy in one state dict)
+  it takes the student, ``model.*``.
 
 Files are read with ``torch.load(weights_only=True)``, which runs no pickled code; the numpy
 scalars and arrays that the references and segadapt store beside the weights (best mIoU, RNG
@@ -44,6 +47,10 @@ STATE_DICT_LOCATIONS: tuple[tuple[str, ...], ...] = (
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "Scale.")
 """Key prefixes added by DataParallel/DDP, torch.compile and AdaptSegNet's ``DeepLab_init.pth``."""
 
+UDA_NETWORK_PREFIXES = ("model.", "ema_model.", "imnet_model.")
+"""The three networks of a DAFormer UDA checkpoint's state dict: the student (loaded, as DAFormer's
+test script evaluates it), the EMA teacher and the frozen ImageNet copy (skipped)."""
+
 TORCHVISION_DROPPED_PREFIXES = ("fc.",)
 """torchvision ResNet keys with no place in a segmentation network (the ImageNet classifier)."""
 
@@ -52,17 +59,34 @@ _SHOWN_KEYS = 6
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What a load did: keys copied, model keys left at their initialisation, file keys not used."""
+    """What a load did: keys copied, model keys left at their initialisation, file keys not used.
+
+    ``skipped`` lists the file keys of other networks stored beside the one loaded (the
+    ``ema_model.*`` and ``imnet_model.*`` tensors of a DAFormer UDA checkpoint); empty otherwise.
+    """
 
     loaded: tuple[str, ...]
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        return (
+        text = (
             f"loaded {len(self.loaded)} tensors; {len(self.missing)} model keys keep their initialisation"
             f"{_preview(self.missing)}; {len(self.unexpected)} file keys unused{_preview(self.unexpected)}"
         )
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} tensors of the other networks in the file ({_count_by_prefix(self.skipped)})"
+        return text
+
+
+def _count_by_prefix(keys: tuple[str, ...]) -> str:
+    """``ema_model.: 1110, imnet_model.: 1110``: how many keys each top-level prefix has, in order of appearance."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        prefix = key.split(".")[0] + "."
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return ", ".join(f"{prefix}: {count}" for prefix, count in counts.items())
 
 
 def _preview(keys: tuple[str, ...] | list[str]) -> str:
@@ -213,6 +237,40 @@ TORCHVISION_RESNET101 = BackboneFormat(
     key_map=torchvision_to_deeplab_key,
 )
 
+SEGFORMER_DROPPED_PREFIXES = ("head.",)
+"""SegFormer ImageNet MiT keys with no place in a segmentation network (the ImageNet classifier)."""
+
+
+def segformer_to_daformer_key(key: str) -> str | None:
+    """The DAFormer key receiving a tensor of SegFormer's ImageNet MiT file, or ``None`` to drop it.
+
+    SegFormer's ``mit_b*.pth`` files hold the encoder without a prefix; DAFormer keeps it as
+    ``backbone``. The ImageNet classifier ``head.*`` is dropped.
+
+    Examples:
+        >>> segformer_to_daformer_key("block1.0.attn.q.weight")
+        'backbone.block1.0.attn.q.weight'
+        >>> segformer_to_daformer_key("head.weight") is None
+        True
+    """
+    if key.startswith(SEGFORMER_DROPPED_PREFIXES):
+        return None
+    return f"backbone.{key}"
+
+
+def segformer_imagenet_format(encoder: str) -> BackboneFormat:
+    """The ``model.pretrained`` format of a DAFormer model: SegFormer's ImageNet file of its encoder.
+
+    Examples:
+        >>> segformer_imagenet_format("mit_b5").file_hint
+        "SegFormer's ImageNet mit_b5.pth (docs/models.md)"
+    """
+    return BackboneFormat(
+        name=f"MiT (SegFormer ImageNet {encoder})",
+        file_hint=f"SegFormer's ImageNet {encoder}.pth (docs/models.md)",
+        key_map=segformer_to_daformer_key,
+    )
+
 
 def _is_bn_counter(key: str) -> bool:
     # Files saved before PyTorch 0.4.1 (torchvision's resnet101-5d3b4d8f.pth) lack this
@@ -257,12 +315,36 @@ def _layout_hints(missing: list[str], unexpected: list[str]) -> str:
     return "; ".join(hints) if hints else "check model.name and its options"
 
 
+def _select_student(
+    state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The student of a DAFormer UDA state dict, unprefixed, and the skipped keys of the other networks.
+
+    A state dict is one when every key starts with one of :data:`UDA_NETWORK_PREFIXES`, some
+    with ``model.``, and the model has no ``model.`` keys of its own; any other is returned as it is.
+    Prefixes are matched with ``startswith``: ``ema_model.`` contains ``model.``.
+    """
+    student = UDA_NETWORK_PREFIXES[0]
+    is_uda = (
+        all(key.startswith(UDA_NETWORK_PREFIXES) for key in state)
+        and any(key.startswith(student) for key in state)
+        and not any(key.startswith(student) for key in expected)
+    )
+    if not is_uda:
+        return state, ()
+    selected = {key[len(student) :]: value for key, value in state.items() if key.startswith(student)}
+    return selected, tuple(key for key in state if not key.startswith(student))
+
+
 def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
     """Load a whole model (backbone and head) from segadapt's or the authors' checkpoint formats.
 
     Every model tensor must be in the file with the same shape and no file tensor may be
     left over (BatchNorm's ``num_batches_tracked`` counters excepted: old files lack them),
-    because a half-loaded network trains or evaluates silently wrong.
+    because a half-loaded network trains or evaluates silently wrong. A DAFormer UDA
+    checkpoint (``{'meta': ..., 'state_dict': ...}`` with ``model.``, ``ema_model.`` and
+    ``imnet_model.`` keys) loads its student ``model.*`` under these rules; the other two
+    networks' tensors are listed in the report's ``skipped``.
 
     Args:
         model: the freshly created model (not wrapped in DDP).
@@ -278,8 +360,8 @@ def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool
         >>> load_checkpoint_weights(model, checkpoint)  # doctest: +SKIP
     """
     path = Path(path)
-    state = read_state_dict(path, trusted=trusted)
     expected = model.state_dict()
+    state, skipped = _select_student(read_state_dict(path, trusted=trusted), expected)
     mismatched = [
         (key, value.shape, expected[key].shape)
         for key, value in state.items()
@@ -296,7 +378,7 @@ def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool
             f" {_layout_hints(missing, unexpected)}"
         )
     model.load_state_dict(state, strict=False)
-    report = LoadReport(loaded=tuple(state), missing=(), unexpected=())
+    report = LoadReport(loaded=tuple(state), missing=(), unexpected=(), skipped=skipped)
     logger.info("model weights from %s: %s", path, report.summary())
     return report
 
@@ -307,7 +389,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool =
     The model's ``backbone_format`` (:class:`BackboneFormat`) says which file and how its keys
     map: a torchvision-format ResNet-101 for the DeepLab-V2 models (:data:`TORCHVISION_RESNET101`,
     :func:`torchvision_to_deeplab_key`, ``fc.*`` dropped), semseg's deep-stem ResNet-50 for
-    ``pspnet50``. File keys of
+    ``pspnet50``, SegFormer's ImageNet MiT for the ``daformer_*`` models
+    (:func:`segformer_imagenet_format`, ``head.*`` dropped). File keys of
     other top-level modules (e.g. the ``layer5`` of AdaptSegNet's ``DeepLab_init.pth``) are
     reported as unexpected and not loaded; the head keeps its initialisation. Every backbone
     tensor must be in the file with the right shape (a ResNet-50 file, say, is refused).
@@ -317,7 +400,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool =
         ``unexpected`` the file keys not used (``fc.*`` among them).
 
     Raises:
-        ConfigError: the model has no ResNet-101 backbone.
+        ConfigError: the model declares no backbone (``backbone_module_names``).
         CheckpointError: unreadable file, shape mismatch or backbone keys missing from it.
     """
     path = Path(path)
@@ -325,7 +408,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool =
     if backbone_modules is None:
         raise ConfigError(
             f"model.pretrained={path}: model {type(model).__name__} has no ResNet-101 backbone to initialise;"
-            " unset model.pretrained or choose a deeplabv2_* or pspnet50 model"
+            " unset model.pretrained or choose a deeplabv2_*, pspnet50 or daformer_* model"
         )
     file_format: BackboneFormat = getattr(model, "backbone_format", TORCHVISION_RESNET101)
     state = read_state_dict(path, trusted=trusted)

@@ -332,14 +332,27 @@ class RandomCrop:
     """Crop a random ``size`` ``(h, w)`` box, first padding the bottom/right when the view is smaller.
 
     The image is padded with ``pad_value``, labels with ``ignore_index`` and soft maps with 0.
+    With ``cat_max_ratio < 1`` (mmsegmentation's option, 0.75 in DAFormer's source pipeline) the box
+    is re-drawn, up to 10 times, while one class covers ``cat_max_ratio`` or more of its labelled
+    pixels or it shows fewer than two classes.
     """
 
     size: int | Sequence[int]
     ignore_index: int = IGNORE_INDEX
     pad_value: float = 0.0
+    cat_max_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.size = _pair(self.size, "size")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ConfigError(f"random_crop: cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+
+    def _varied(self, label: torch.Tensor, top: int, left: int) -> bool:
+        assert isinstance(self.size, tuple)
+        box = label[..., top : top + self.size[0], left : left + self.size[1]]
+        counts = torch.bincount(box[box != self.ignore_index].flatten().long())
+        counts = counts[counts > 0]
+        return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < self.cat_max_ratio
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         height, width = _image_of(sample).shape[-2:]
@@ -348,6 +361,13 @@ class RandomCrop:
         padding = (max(0, crop_height - height), max(0, crop_width - width))
         top = _randint(height + padding[0] - crop_height, generator)
         left = _randint(width + padding[1] - crop_width, generator)
+        label = sample.get("label")
+        if self.cat_max_ratio < 1 and isinstance(label, torch.Tensor):
+            for _ in range(10):
+                if self._varied(label, top, left):
+                    break
+                top = _randint(height + padding[0] - crop_height, generator)
+                left = _randint(width + padding[1] - crop_width, generator)
         record = CropRecord(
             (height, width), top, left, crop_height, crop_width, padding, self.pad_value, self.ignore_index
         )

@@ -120,10 +120,9 @@ class AdversarialWarmup(Recipe):
         options = self.options
         source, target = batches["source"], batches["target"]
         source_output = self.model(source["image"])
-        target_logits = self.model(target["image"]).logits
-        loss_source = self.supervised_loss(source_output, source["label"])
-        source_logits = upsample_logits(source_output.logits, tuple(source["image"].shape[-2:]))
-        target_logits = upsample_logits(target_logits, tuple(target["image"].shape[-2:]))
+        loss_source = self.backward_now(self.supervised_loss(source_output, source["label"]))  # frees the source graph
+        source_logits = upsample_logits(source_output.logits.detach(), tuple(source["image"].shape[-2:]))
+        target_logits = upsample_logits(self.model(target["image"]).logits, tuple(target["image"].shape[-2:]))
 
         self.discriminator.requires_grad_(False)  # the generator term must not train the discriminator
         try:
@@ -133,7 +132,7 @@ class AdversarialWarmup(Recipe):
             self.discriminator.requires_grad_(True)
 
         with torch.autocast(source_logits.device.type, enabled=False):
-            on_source = self.discriminator(torch.softmax(source_logits.detach().float(), dim=1))
+            on_source = self.discriminator(torch.softmax(source_logits.float(), dim=1))
             on_target = self.discriminator(torch.softmax(target_logits.detach().float(), dim=1))
             loss_disc = 0.5 * gan_loss(on_source, SOURCE_LABEL, options.gan) + 0.5 * gan_loss(on_target, TARGET_LABEL, options.gan)
         self._pending.append(loss_disc)

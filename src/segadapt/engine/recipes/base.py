@@ -88,9 +88,35 @@ class Recipe(nn.Module, abc.ABC):
         parse_options(cls.Options, cfg.method, cls.name)
         return cfg
 
+    @classmethod
+    def check_classes(cls, options: Any, classes: ClassInfo) -> None:
+        """Check the options tied to the label space (class names, say) against the data's classes.
+
+        The trainer calls it with the parsed ``method`` options before the run directory exists; a
+        recipe with such options raises a ConfigError naming the key. Nothing to check by default.
+        """
+
     @abc.abstractmethod
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         """Losses of one iteration; ``batches[stream]`` holds collated samples on the device."""
+
+    backward_hook: Callable[[torch.Tensor], None] | None = None
+    """Set by the trainer during a step (``train.stream_backward``): back-propagates one finished term."""
+
+    def backward_now(self, loss: torch.Tensor) -> torch.Tensor:
+        """Back-propagate a finished term of this step's loss at once; returns it detached, for the total's log.
+
+        A two-stream recipe calls it on its source terms before it builds the target graph, so the
+        source graph (its activations) is freed first and the step's peak memory is that of one
+        stream (DAFormer back-propagates its source loss early the same way). The gradients are those
+        of back-propagating the sum once: the trainer scales this term exactly as the total (the AMP
+        scaler, ``train.grad_accum``). Outside the trainer's step, or with ``train.stream_backward:
+        false``, the term is returned unchanged and goes back with the total.
+        """
+        if self.backward_hook is None or not loss.requires_grad:
+            return loss
+        self.backward_hook(loss)
+        return loss.detach()
 
     def supervised_loss(self, output: SegOutput, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of the trained network's output against labels (ground truth, pseudo or mixed labels).

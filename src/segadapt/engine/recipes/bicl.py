@@ -36,7 +36,7 @@ Tab. 1); the ground truth is read only for that measurement, never for training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -49,13 +49,13 @@ from ...data.transforms import replay_geometric, resize
 from ...errors import ConfigError, DataError
 from ...methods.bicl import (
     PrototypeMemory,
+    class_sampling_probabilities,
     domain_biases,
     dynamic_pseudo_labels,
     entropy_loss,
     hybrid_pseudo_labels,
     occurrence_table,
     pixel_prototype_contrastive_loss,
-    sample_source_indices,
     self_distillation_loss,
 )
 from ...metrics.pseudo_label_quality import pseudo_label_stats
@@ -63,6 +63,7 @@ from ...models.base import SegmentationModel, SegOutput
 from ..distributed import all_gather_cat
 from ..pseudo_labelling import with_pseudo_labels
 from ..run_cache import reuse_or_make
+from ..sampling import ClassBalancedSampler
 from .base import Recipe, Stream, parse_options
 from .common import content_mask, forward_streams, load_teacher, spatial_size, view_start_size
 
@@ -126,29 +127,6 @@ class BiCLOptions(BaseModel):
     weighted_sampling: bool = Field(
         True, description="draw source images by supplement Eq. 1 (class ~ inverse image occurrence, then an image of it)"
     )
-
-
-class InverseOccurrenceSampler(Sampler):
-    """Endless, resumable stream of ``(index, sample_seed)`` pairs drawn by BiCL's weighted sampling.
-
-    Position ``k`` of the stream draws from ``torch.Generator().manual_seed(seed + k)`` only
-    (:func:`sample_source_indices` with one sample), so a stream restarted at ``start`` continues
-    exactly; the pairs are what the engine's ``SeededTransformDataset`` reads.
-    """
-
-    def __init__(self, occurrence: torch.Tensor, seed: int, start: int = 0) -> None:
-        self.occurrence, self.seed, self.start = occurrence, seed, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.start
-        while True:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + position) % (1 << 63))
-            index = int(sample_source_indices(self.occurrence, 1, generator)[0])
-            yield index, int(torch.randint(0, 1 << 62, (1,), generator=generator))
-            position += 1
-
-    def __len__(self) -> int:
-        return 1 << 62
 
 
 def _count_occurrence(cfg: RunConfig, path: Path, log: Callable[[str], None]) -> None:
@@ -241,7 +219,8 @@ class BiCL(Recipe):
             raise DataError(
                 f"{self.cfg.run_dir / OCCURRENCE_FILE} was made for another source split; delete it to recount"
             )
-        return InverseOccurrenceSampler(saved["occurrence"], seed, start)
+        occurrence = saved["occurrence"]
+        return ClassBalancedSampler(occurrence, class_sampling_probabilities(occurrence), seed, start)
 
     # ------------------------------------------------------------------ one iteration
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...data.transforms import strong_augment, valid_mask
 from ...errors import ConfigError
-from ...models.base import SegOutput
+from ...models.base import EncoderDecoder, SegOutput
 from ..losses import upsample_logits
 
 if TYPE_CHECKING:
@@ -77,12 +77,23 @@ class FrozenNetwork:
     def __init__(self, network: nn.Module) -> None:
         self.network = network.eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> SegOutput:
+    def _follow(self, images: torch.Tensor) -> None:
         parameter = next(self.network.parameters(), None)
         if parameter is not None and parameter.device != images.device:
             self.network.to(images.device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> SegOutput:
+        self._follow(images)
         return self.network(images)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps of a wrapped :class:`~segadapt.models.base.EncoderDecoder` (DAFormer's ImageNet features)."""
+        if not isinstance(self.network, EncoderDecoder):
+            raise TypeError(f"{type(self.network).__name__} is no EncoderDecoder: it has no encoder features to give")
+        self._follow(images)
+        return self.network.encode(images)
 
     def logits(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Its float logits on ``images``, bilinearly resized to ``size`` when given (a student's output

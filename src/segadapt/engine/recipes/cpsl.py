@@ -334,7 +334,7 @@ class CPSL(Recipe):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
         source, target = batches["source"], batches["target"]
-        loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
+        loss_source = self.backward_now(self.supervised_loss(self.model(source["image"]), source["label"]))
 
         weak = target["image"]
         teacher = self._momentum_outputs(weak)

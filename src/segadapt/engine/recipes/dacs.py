@@ -1,8 +1,9 @@
-"""DACS: domain adaptation via cross-domain mixed sampling (Tranheden et al., WACV 2021), BLV's UDA setting.
+"""DACS self-training (Tranheden et al., WACV 2021), BLV's UDA setting, and DAFormer's training on top of it.
 
-The BLV supplement (Sec. 2) trains its UDA results "following DACS, using color jitter,
-Gaussian blur, and ClassMix"; with ``loss.name=blv`` every cross-entropy below gets the balanced
-logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` this is DACS. One iteration:
+Recipe ``dacs``: the BLV supplement (Sec. 2) trains its UDA results "following DACS, using color
+jitter, Gaussian blur, and ClassMix"; with ``loss.name=blv`` every cross-entropy below gets the
+balanced logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` this is
+DACS. One iteration:
 
 1. ``loss_source``: the segmentation loss on the labelled source crop.
 2. The EMA teacher (momentum ``method.ema_momentum``, 0.99 as DACS, with DACS's warm-up
@@ -14,58 +15,199 @@ logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` t
 4. Colour jitter and Gaussian blur (:func:`~.common.strong_view` with DACS's strengths,
    :data:`~.common.DACS_STRONG`) on the mixed images; ``loss_mix = mean(weight * CE(student(mixed), mixed labels))``.
 
+Recipe ``daformer`` (Hoyer et al., CVPR 2022, Sec. 3.3; docs/daformer.md) is the same loop with
+DAFormer's three additions switched on (each is an option of both recipes, off in ``dacs``):
+rare-class sampling of the source stream (``method.rare_class_sampling``), the thing-class ImageNet
+feature distance (``method.feature_distance_weight``) and the pseudo-label crop
+(``method.pseudo_ignore_top`` / ``pseudo_ignore_bottom``), with DAFormer's teacher momentum 0.999.
+Its network is :class:`segadapt.models.DAFormer`; the feature distance needs a model that is an
+:class:`~segadapt.models.base.EncoderDecoder`.
+
 Choices where DACS's paper is silent, from its code: the teacher predicts the un-augmented target
 crop, its logits upsampled to the crop before the softmax. Here the teacher runs in eval mode
-(running BatchNorm statistics; DACS leaves it in train mode) and crop padding is never pseudo-labelled.
+(running BatchNorm statistics, no dropout or stochastic depth; DACS and DAFormer leave BatchNorm in
+train mode) and crop padding is never pseudo-labelled.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import Sampler
 
 from ...config import RunConfig
-from ...data.classes import ClassInfo
+from ...data.classes import ClassInfo, class_pixel_counts
 from ...data.transforms import classmix_masks, mix
+from ...errors import ConfigError, DataError
+from ...methods.daformer import (
+    downscale_labels_by_ratio,
+    feature_distance,
+    ignore_border_rows,
+    rare_class_distribution,
+    thing_class_mask,
+)
 from ...methods.ema import ModelEMA
-from ...models.base import SegmentationModel
+from ...models.base import EncoderDecoder, SegmentationModel, SegOutput
 from ..losses import upsample_logits
-from .base import Recipe, Stream
-from .common import DACS_STRONG, content_mask, spatial_size, strong_view
+from ..run_cache import reuse_or_make
+from ..sampling import ClassBalancedSampler
+from .base import Recipe, Stream, parse_options
+from .common import DACS_STRONG, FrozenNetwork, content_mask, spatial_size, strong_view
+
+CLASS_PIXELS_FILE = "source_class_pixels.pt"
+"""The per-image class pixel counts of the source labels (rare-class sampling), cached in the run directory."""
+
+CITYSCAPES_THING_CLASSES = (
+    "traffic light", "traffic sign", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+"""DAFormer's thing classes for the feature distance (Cityscapes train ids 6, 7 and 11-18), by name."""
 
 
 class DACSOptions(BaseModel):
-    """``method.*`` of recipe ``dacs``; defaults are DACS's."""
+    """``method.*`` of recipe ``dacs``; defaults are DACS's (DAFormer's additions off)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    ema_momentum: float = Field(0.99, ge=0, lt=1, description="EMA teacher momentum (DACS: 0.99)")
+    ema_momentum: float = Field(0.99, ge=0, lt=1, description="EMA teacher momentum (DACS: 0.99, DAFormer: 0.999)")
     pseudo_threshold: float = Field(0.968, ge=0, le=1, description="confidence counted for the pseudo-label weight")
     mix_weight: float = Field(1.0, ge=0, description="weight of the mixed (pseudo-label) loss")
     strong_augmentation: bool = Field(True, description="colour jitter and blur on the mixed images")
+    pseudo_ignore_top: int = Field(0, ge=0, description="rows at the top of a target crop with pseudo-label weight 0 (DAFormer: 15)")
+    pseudo_ignore_bottom: int = Field(0, ge=0, description="rows at the bottom of a target crop with weight 0 (DAFormer: 120)")
+    rare_class_sampling: bool = Field(False, description="draw source images by the rarity of their classes (DAFormer Eq. 6)")
+    rare_class_temperature: float = Field(0.01, gt=0, description="T of DAFormer Eq. 6; smaller draws rare classes more")
+    rare_class_min_pixels: float = Field(
+        3000, ge=0, description="an image is drawn for a class when its full-size label holds more pixels of it (DAFormer: 3000)"
+    )
+    rare_class_min_crop_ratio: float = Field(
+        0.5, ge=0, description="the crop is re-drawn (up to 10 times) until it holds min_crop_ratio * min_pixels of the class"
+    )
+    feature_distance_weight: float = Field(0.0, ge=0, description="lambda_FD of DAFormer Eq. 9 (0.005); 0 = off")
+    feature_distance_classes: list[str] | None = Field(
+        list(CITYSCAPES_THING_CLASSES), description="class names whose pixels get the feature distance; null = every pixel"
+    )
+    feature_distance_min_ratio: float = Field(
+        0.75, ge=0, le=1, description="a bottleneck cell counts for a class that fills this share of it (DAFormer's r)"
+    )
+
+
+class DAFormerOptions(DACSOptions):
+    """``method.*`` of recipe ``daformer``: DAFormer's values (its code and Sec. 3.3)."""
+
+    ema_momentum: float = Field(0.999, ge=0, lt=1, description="EMA teacher momentum (DAFormer: 0.999)")
+    pseudo_ignore_top: int = Field(15, ge=0, description="rows at the top of a target crop with pseudo-label weight 0")
+    pseudo_ignore_bottom: int = Field(120, ge=0, description="rows at the bottom of a target crop with pseudo-label weight 0")
+    rare_class_sampling: bool = Field(True, description="draw source images by the rarity of their classes (Eq. 6)")
+    feature_distance_weight: float = Field(0.005, ge=0, description="lambda_FD of Eq. 9; 0 = off")
+
+
+def _count_class_pixels(cfg: RunConfig, path: Path, log: Callable[[str], None]) -> None:
+    """Pixels of each class in each full-size ``data.source`` label map, into ``path`` (``{"names", "pixels" [I, C]}``)."""
+    from ...progress import progress
+    from ..builders import build_dataset_from_spec
+    from ..checkpoint import atomic_save
+
+    assert cfg.data.source is not None
+    dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
+    log(f"rare-class sampling: counting the classes of {len(dataset)} source label maps")
+    classes = dataset.classes
+    rows = [
+        class_pixel_counts(dataset.load_label(i), classes.num_classes, classes.ignore_index)
+        for i in progress(range(len(dataset)), desc="class pixels", unit="label")
+    ]
+    atomic_save({"pixels": torch.stack(rows), "names": list(dataset.names)}, path)
 
 
 class DACS(Recipe):
     """Source CE + confidence-weighted CE on ClassMix source/target images with EMA-teacher pseudo labels.
 
     Submodules (saved and resumed): the student ``model`` and the teacher ``teacher`` (``ModelEMA``).
-    The student is evaluated, as in DACS.
+    With the feature distance on, a frozen copy of the network as the run starts (its ImageNet
+    encoder in DAFormer; rebuilt from ``model.pretrained`` / ``model.checkpoint`` on resume, never
+    saved) gives the reference features. The student is evaluated, as in DACS and DAFormer.
     """
 
     name = "dacs"
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = DACSOptions
 
+    @classmethod
+    def check_classes(cls, options: Any, classes: ClassInfo) -> None:
+        if options.feature_distance_weight > 0 and options.feature_distance_classes is not None:
+            missing = [name for name in options.feature_distance_classes if name not in classes.names]
+            if missing:
+                raise ConfigError(
+                    f"method.feature_distance_classes: {missing} are not classes of the data ({classes.name!r}: "
+                    f"{', '.join(classes.names)}); list the data's thing classes, or set "
+                    "method.feature_distance_classes=null to take every pixel"
+                )
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
+        """Counts the source classes once for rare-class sampling, kept in the run directory while its inputs stay the same."""
+        options = parse_options(cls.Options, cfg.method, cls.name)
+        if options.feature_distance_weight > 0 and cfg.model.pretrained is None and cfg.model.checkpoint is None:
+            raise ConfigError(
+                f"recipe {cls.name}: method.feature_distance_weight>0 keeps features close to the network the run starts "
+                "from, but it starts from random weights: set model.pretrained (the ImageNet encoder) or model.checkpoint, "
+                "or method.feature_distance_weight=0"
+            )
+        if options.rare_class_sampling:
+            if cfg.data.source is None:
+                raise ConfigError(f"recipe {cls.name} needs data.source (the labelled source images)")
+            path = run_dir / CLASS_PIXELS_FILE
+            key = {"data.source": cfg.data.source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})}
+            reuse_or_make(path, key, lambda: _count_class_pixels(cfg, path, log), log, "rare-class sampling: source class pixels")
+            table = torch.load(path, map_location="cpu", weights_only=True)["pixels"]
+            probabilities, _ = rare_class_distribution(table, options.rare_class_temperature, options.rare_class_min_pixels)
+            present = table.sum(dim=0) > 0
+            unreachable = (present & (probabilities == 0)).nonzero().flatten().tolist()
+            if unreachable:
+                log(
+                    f"rare-class sampling: classes {unreachable} are in no source image with more than "
+                    f"{options.rare_class_min_pixels:g} pixels of them and are not drawn (method.rare_class_min_pixels)"
+                )
+        return cfg
+
     def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         self.teacher = ModelEMA(model, self.options.ema_momentum)
+        self.start_network: FrozenNetwork | None = None
+        self.thing_classes: list[int] | None = None
+        if self.options.feature_distance_weight > 0:
+            if not isinstance(model, EncoderDecoder):
+                raise ConfigError(
+                    f"method.feature_distance_weight>0 needs the encoder's features, which model {cfg.model.name!r} does not "
+                    "expose (it is no segadapt.models.base.EncoderDecoder): use a daformer_* model or "
+                    "method.feature_distance_weight=0"
+                )
+            self.start_network = FrozenNetwork(copy.deepcopy(model))
+            names = self.options.feature_distance_classes
+            self.thing_classes = None if names is None else [classes.names.index(name) for name in names]
 
     def train(self, mode: bool = True) -> DACS:
         super().train(mode)
         self.teacher.eval()  # the teacher only predicts: running BatchNorm statistics, no dropout
         return self
+
+    def train_sampler(self, stream: str, dataset: Any, seed: int, start: int) -> Sampler | None:
+        """The source stream's rare-class sampler under ``method.rare_class_sampling``; None otherwise."""
+        if stream != "source" or not self.options.rare_class_sampling:
+            return None
+        saved = torch.load(self.cfg.run_dir / CLASS_PIXELS_FILE, map_location="cpu", weights_only=True)
+        if saved["names"] != list(dataset.names):
+            raise DataError(f"{self.cfg.run_dir / CLASS_PIXELS_FILE} was made for another source split; delete it to recount")
+        options = self.options
+        probabilities, candidates = rare_class_distribution(
+            saved["pixels"], options.rare_class_temperature, options.rare_class_min_pixels
+        )
+        crop_min = options.rare_class_min_pixels * options.rare_class_min_crop_ratio
+        return ClassBalancedSampler(candidates, probabilities, seed, start, crop_min_pixels=crop_min if crop_min > 0 else None)
 
     @torch.no_grad()
     def after_optimizer_step(self, iteration: int) -> None:
@@ -76,33 +218,72 @@ class DACS(Recipe):
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's hard labels ``[N, H, W]`` and DACS's pseudo-label weight (the batch's, per image ``[N]``)."""
+        """The teacher's hard labels ``[N, H, W]`` and DACS's pseudo-label weight ``[N, H, W]``.
+
+        The weight is one number for the batch (DACS's code: the share of its pixels above
+        ``pseudo_threshold``), 0 in the rows of DAFormer's pseudo-label crop.
+        """
         probs = torch.softmax(upsample_logits(self.teacher(images).logits.float(), spatial_size(images)), dim=1)
         confidence, labels = probs.max(dim=1)
         labels = labels.masked_fill(~inside, self.ignore_index)
-        # DACS's code: one number for the batch, the share of its pixels above the threshold
         share = (confidence.ge(self.options.pseudo_threshold) & inside).float().mean()
-        return labels, share.expand(images.shape[0])
+        weight = share.expand_as(confidence)
+        return labels, ignore_border_rows(weight, self.options.pseudo_ignore_top, self.options.pseudo_ignore_bottom)
+
+    def source_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The supervised source loss, plus DAFormer's feature distance (Eq. 9) on the same forward's bottleneck."""
+        if self.start_network is None:
+            return {"loss_source": self.supervised_loss(self.model(images), labels)}
+        assert isinstance(self.model, EncoderDecoder)  # checked in __init__
+        encoded = self.model.encode(images)
+        output: SegOutput = self.model.decode(encoded)
+        reference = self.start_network.encode(images)[-1]
+        student = encoded[-1]
+        mask = None
+        if self.thing_classes is not None:
+            factor = max(1, labels.shape[-1] // student.shape[-1])
+            cells = downscale_labels_by_ratio(labels, factor, self.options.feature_distance_min_ratio, self.num_classes, self.ignore_index)
+            if cells.shape[-2:] != student.shape[-2:]:
+                cells = F.interpolate(cells[:, None].float(), size=student.shape[-2:], mode="nearest")[:, 0].long()
+            mask = thing_class_mask(cells, self.thing_classes)
+        return {
+            "loss_source": self.supervised_loss(output, labels),
+            "loss_feature_distance": self.options.feature_distance_weight * feature_distance(student, reference, mask),
+        }
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         self.seg_loss.set_iteration(iteration)
         source, target = batches["source"], batches["target"]
-        loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
+        terms = self.source_step(source["image"], source["label"])
+        released = self.backward_now(sum(terms.values(), torch.zeros(())))  # the source graph is freed here
 
         images = target["image"]
         inside = content_mask(target, spatial_size(images))
-        labels, image_weight = self.pseudo_labels(images, inside)
+        labels, pseudo_weight = self.pseudo_labels(images, inside)
         masks = classmix_masks(source["label"], ignore_index=self.ignore_index)
         mixed_images = mix(masks, source["image"], images)
         mixed_labels = mix(masks, source["label"], labels)
-        weight = mix(masks, torch.ones_like(labels, dtype=torch.float32), image_weight.view(-1, 1, 1).expand_as(labels).float())
+        weight = mix(masks, torch.ones_like(pseudo_weight), pseudo_weight)
         if self.options.strong_augmentation:
             mixed_images = strong_view(mixed_images, DACS_STRONG)
         loss_mix = self.supervised_loss(self.model(mixed_images), mixed_labels, weight=weight)
-        loss = loss_source + self.options.mix_weight * loss_mix
+        loss = released + self.options.mix_weight * loss_mix
         return {
             "loss": loss,
-            "loss_source": loss_source.detach(),
+            **{name: value.detach() for name, value in terms.items()},
             "loss_mix": loss_mix.detach(),
-            "pseudo_weight": image_weight.mean().detach(),
+            "pseudo_weight": pseudo_weight.mean().detach(),
         }
+
+
+class DAFormer(DACS):
+    """DACS with DAFormer's rare-class sampling, thing-class ImageNet feature distance and pseudo-label crop.
+
+    Hoyer et al., CVPR 2022, Sec. 3.3: the defaults are the paper's (teacher momentum 0.999, T = 0.01,
+    lambda_FD = 0.005 on the thing classes at r = 0.75, crop 15 / 120 rows). Meant for the
+    :class:`segadapt.models.DAFormer` network with DAFormer's optimiser (AdamW, lr 6e-5, 10x head,
+    no weight decay on norms, warm-up then poly 1.0: the ``gta5_to_cityscapes/daformer`` config).
+    """
+
+    name = "daformer"
+    Options = DAFormerOptions

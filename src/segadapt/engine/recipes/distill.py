@@ -75,6 +75,7 @@ class CPSLDistill(Recipe):
         options = self.options
         source, target = batches["source"], batches["target"]
         loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
+        weighted_source = self.backward_now(options.source_weight * loss_source)  # frees the source graph
 
         weak = target["image"]
         view = strong_view(weak, CPSL_STRONG) if options.strong_augmentation else weak
@@ -90,7 +91,7 @@ class CPSLDistill(Recipe):
             student_logits, view_teacher, labels, confidence, options.confidence_threshold, options.kl_weight, self.ignore_index
         )
         return {
-            "loss": options.source_weight * loss_source + parts.total,
+            "loss": weighted_source + parts.total,
             "loss_source": loss_source.detach(),
             "loss_target": parts.cross_entropy.detach(),
             "loss_kd": parts.kl_divergence.detach(),
