@@ -42,6 +42,19 @@ def segadapt_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield home
 
 
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests, whatever an earlier test set (``train.threads`` sets it in-process).
+
+    On a shared 2-core machine two intra-op threads fight other processes and run the big networks'
+    forwards 10-30x slower than one thread does. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory: pytest.TempPathFactory):
     """The 5-class, ignore-7 folder dataset of :func:`data_fixtures.make_toy` (read-only: shared by the session)."""

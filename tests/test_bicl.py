@@ -140,10 +140,11 @@ def run_args(tmp_path: Path, name: str, config: str, *extra: str) -> list[str]:
 
 
 def test_bicl_dynamic_trains_and_resumes_exactly(tmp_path: Path) -> None:
-    weighted = "method.weighted_sampling=true"  # the recipe's own source sampler must resume exactly too
-    assert main(run_args(tmp_path, "straight", "benchmark/bicl_dynamic", "train.iters=3", weighted)) == 0
-    assert main(run_args(tmp_path, "resumed", "benchmark/bicl_dynamic", "train.iters=2", weighted)) == 0
-    assert main(run_args(tmp_path, "resumed", "benchmark/bicl_dynamic", "train.iters=3", "resume=true", weighted)) == 0
+    # the recipe's own source sampler must resume exactly too; dynamic labels alone, no static labels read
+    weighted, alone = "method.weighted_sampling=true", "method.target_ce_labels=same"
+    assert main(run_args(tmp_path, "straight", "benchmark/bicl_dynamic", "train.iters=3", weighted, alone)) == 0
+    assert main(run_args(tmp_path, "resumed", "benchmark/bicl_dynamic", "train.iters=2", weighted, alone)) == 0
+    assert main(run_args(tmp_path, "resumed", "benchmark/bicl_dynamic", "train.iters=3", "resume=true", weighted, alone)) == 0
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert a["iteration"] == b["iteration"] == 3
@@ -175,6 +176,49 @@ def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:
     assert all(r["label_density"] > 0.5 and 0.0 <= r["label_accuracy"] <= 1.0 for r in records)
     with pytest.raises(ConfigError, match=r"unknown key 'method.lambda_cf'; did you mean 'method.lambda_fc'"):
         Trainer(tiny_config(tmp_path, "name=y", "method.lambda_cf=1", config="benchmark/bicl_dynamic"))
+
+
+def test_label_kinds_feed_the_contrastive_learning_and_the_target_ce_keeps_the_static_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BiCL supplement Tab. 1-2: static / dynamic / hybrid are the labels of the contrastive learning (L_FC, L_BC,
+    the target memory); the CCM baseline's target cross-entropy keeps its CBST labels (``target_ce_labels: static``)."""
+    import segadapt.engine.recipes.bicl as bicl_recipe
+
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=warmup", "train.iters=1")]) == 0
+    warmup = tmp_path / "warmup" / "checkpoints" / "last.pt"
+    with pytest.raises(ConfigError, match=r"method.target_ce_labels=static \(the baseline's cross-entropy\) uses static \(CBST\)"):
+        Trainer(tiny_config(tmp_path, "name=x", config="benchmark/bicl_dynamic"))
+    seen: dict[str, torch.Tensor] = {}
+    contrastive = bicl_recipe.pixel_prototype_contrastive_loss
+    baseline = bicl_recipe.baseline_losses
+
+    def spy_contrastive(features: torch.Tensor, labels: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.setdefault("contrastive", labels)  # the first call is L_FC, on the target grid
+        return contrastive(features, labels, *args)
+
+    def spy_baseline(options, supervised, source, source_labels, target, target_labels):  # type: ignore[no-untyped-def]
+        seen["ce"] = target_labels
+        return baseline(options, supervised, source, source_labels, target, target_labels)
+
+    monkeypatch.setattr(bicl_recipe, "pixel_prototype_contrastive_loss", spy_contrastive)
+    monkeypatch.setattr(bicl_recipe, "baseline_losses", spy_baseline)
+    for mode in ("static", "same"):
+        cfg = tiny_config(tmp_path, f"name=dyn_{mode}", f"model.checkpoint={warmup}", f"method.target_ce_labels={mode}",
+                          "method.threshold=0", config="benchmark/bicl_dynamic")  # fmt: skip
+        trainer = Trainer(cfg, log=lambda _: None)
+        batches = {name: next(loader) for name, loader in trainer._loaders().items()}
+        seen.clear()
+        trainer.recipe.train()
+        trainer.recipe.training_step(batches, 0)
+        dynamic = bicl_recipe.resize_labels(seen["contrastive"], tuple(seen["ce"].shape[-2:]))
+        if mode == "static":  # the CE trains on the CBST labels read from the pseudo-label folder ...
+            assert torch.equal(seen["ce"], batches["target"]["label"])
+            assert (trainer.run_dir / "pseudo_labels" / "summary.json").is_file()
+            assert not torch.equal(seen["ce"], dynamic)  # ... while L_FC uses the dynamic labels (T = 0: dense)
+        else:  # former reading: the CE on the dynamic labels themselves
+            assert "label" not in batches["target"]
+            assert torch.equal(bicl_recipe.resize_labels(seen["ce"], tuple(seen["contrastive"].shape[-2:])), seen["contrastive"])
 
 
 def test_self_distillation_kl_averages_over_valid_pixels_only() -> None:

@@ -201,7 +201,7 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
     sampling = spy.one("sample_pixels")
     assert sampling["m"] == 16 and sampling["class_balanced"] is True and torch.equal(sampling["labels"], labels)
     sl = spy.one("online_self_labeling_loss")
-    assert sl["features"].requires_grad and sl["features"].shape == (2 * 16, 64)  # student features (paper)
+    assert not sl["features"].requires_grad and sl["features"].shape == (2 * 16, 64)  # momentum features (paper, Alg. 1 l. 15)
     assert torch.equal(sl["marginal"], r0)  # Eq. 12: r before this iteration's update
     counts = class_pixel_counts(labels, 19).float()
     assert torch.allclose(recipe.class_distribution.distribution, 0.99 * r0 + 0.01 * counts / counts.sum(), atol=1e-7)  # Eq. 11
@@ -227,7 +227,7 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
      "sl_through_ema_features_only", "distribution"],
 )
 def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
-    override = {"sl_through_ema_features_only": "true", "distribution": "fixed"}.get(switch, "false")
+    override = {"distribution": "fixed"}.get(switch, "false")
     trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, switch, f"method.{switch}={override}")
     weak = batches["target"]["image"]
     inside = torch.ones(weak.shape[0], 8, 16, dtype=torch.bool)
@@ -269,10 +269,30 @@ def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Pa
         training, seen, logits = forwards[1]
         assert training and torch.equal(seen, weak) and torch.equal(spy.one("symmetric_kl_consistency")["weak"], logits)
         assert spy.one("online_self_labeling_loss")["head"] is recipe.head
-    elif switch == "sl_through_ema_features_only":  # authors' code: L_SL cannot reach the network
-        assert not spy.one("online_self_labeling_loss")["features"].requires_grad
+    elif switch == "sl_through_ema_features_only":  # false: L_SL on the student's features reaches the network
+        assert spy.one("online_self_labeling_loss")["features"].requires_grad
     elif switch == "distribution":  # authors' code: r stays the warm-up histogram
         assert torch.equal(recipe.class_distribution.distribution, r0)
+
+
+def test_self_labeling_loss_trains_only_the_head_by_default(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPSL Fig. 1: "The f'_SEG is followed by a self-labeling head f_SL"; Sec. 3.2: "the self-labeling head f_SL
+    is updated by minimizing L_SL"; Algorithm 1, line 15: "Train the self-labeling head f_SL using loss L_SL",
+    line 19: "Update f_SEG using loss L^t_SEG". So L_SL sees the momentum network's features and reaches no
+    parameter of the segmentation network: its weight lambda1 changes the head's gradient, not the network's."""
+    gradients = {}
+    for lambda1 in ("0.1", "0.0"):
+        _, recipe, _, spy, _, losses, _ = one_step(tmp_path, warmup, monkeypatch, f"paper_{lambda1}", f"method.lambda1={lambda1}")
+        assert recipe.options.sl_through_ema_features_only is True
+        assert not spy.one("online_self_labeling_loss")["features"].requires_grad  # momentum features
+        losses["loss"].backward()
+        network = [p.grad.clone() for p in recipe.model.parameters() if p.grad is not None]
+        head = [p.grad.clone() for p in recipe.head.parameters() if p.grad is not None]
+        gradients[lambda1] = network, head
+    (network, head), (network_without, head_without) = gradients["0.1"], gradients["0.0"]
+    assert network and len(network) == len(network_without)
+    assert all(torch.equal(a, b) for a, b in zip(network, network_without))
+    assert any(not torch.equal(a, b) for a, b in zip(head, head_without))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

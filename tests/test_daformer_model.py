@@ -32,12 +32,7 @@ NUM_CLASSES = 19
 SMALL_EMBED = 16  # decoder width for the CPU tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 def small_model(seed: int = 0, num_classes: int = NUM_CLASSES, **options) -> DAFormer:

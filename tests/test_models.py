@@ -62,14 +62,7 @@ def build_on_meta(model_class: type[nn.Module], *args, **kwargs) -> nn.Module:
         return model_class(*args, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # On a shared 2-core machine two intra-op threads fight other processes and run the
-    # ResNet-101 forwards 10-30x slower than one thread does.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from segadapt.models.pspnet import semseg_resnet_to_pspnet_key
 NUM_CLASSES = 19
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

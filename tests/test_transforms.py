@@ -365,7 +365,7 @@ def test_factory_builds_the_configured_transforms() -> None:
         ([{"name": "sharpen"}], r"transforms\[0\]: unknown transform 'sharpen' \(valid names: resize, "),
         ([{"name": "random_crop", "size": 8}, {"name": "random_crop", "szie": 8}],
          r"transforms\[1\] \(random_crop\): unknown key 'szie'; did you mean 'size'\? "
-         r"\(valid keys: size, ignore_index, pad_value\)"),
+         r"\(valid keys: size, ignore_index, pad_value, cat_max_ratio\)"),
         ([{"name": "random_crop"}], r"transforms\[0\] \(random_crop\): missing required key\(s\) size"),
         ([{"name": "random_scale", "min": 2.0, "max": 1.0}],
          r"transforms\[0\] \(random_scale\): need 0 < min <= max, got min=2.0, max=1.0"),

@@ -8,14 +8,16 @@ paper                                                  here
 =====================================================  ==================================================
 source prototypes ``m_S`` (momentum 0.999)             ``source_memory.update(f_S, y_S)`` (``prototype_momentum``)
 target labels ``y_T``: static / dynamic / hybrid        ``method.labels``: the offline CBST labels
-                                                       (``data.target.pseudo_labels``, made in
-                                                       :meth:`BiCL.prepare`), :func:`dynamic_pseudo_labels`
+(of the contrastive learning: ``L_FC``, ``L_BC``,      (``data.target.pseudo_labels``, made in
+``m_T``; supplement Tab. 1)                            :meth:`BiCL.prepare`), :func:`dynamic_pseudo_labels`
                                                        with calibration and T, :func:`hybrid_pseudo_labels`
 target prototypes ``m_T``                              ``target_memory.update(f_T, y_T)``
 ``L_FC`` (target pixels vs ``m_S``), weight 0.5        :func:`pixel_prototype_contrastive_loss`
 ``L_BC`` (source pixels vs ``m_T``), weight 0.5        the same, other direction
 baseline (CCM [3]): ``L_seg^S + L_seg^T`` (weights 1)  :func:`baseline_losses`: ``supervised_loss`` (CE, or BLV
-and ``0.4 (L_ent^S + L_ent^T)``                        with ``loss.name=blv``) and :func:`entropy_loss`
+and ``0.4 (L_ent^S + L_ent^T)``                        with ``loss.name=blv``) and :func:`entropy_loss`; ``L_seg^T``
+                                                       on the static CBST labels whatever ``method.labels``
+                                                       (``method.target_ce_labels=same``: on ``y_T``)
 weighted source sampling (supplement Eq. 1)            :meth:`BiCL.train_sampler`
 self-distillation (supplement Eq. 2)                   :func:`segadapt.methods.bicl.self_distillation_loss`
                                                        in recipe ``bicl_distill`` (:class:`BiCLDistill`, a
@@ -28,8 +30,8 @@ prototypes and contrastive losses and kept at crop resolution for the target CE 
 are upsampled, nearest). Within an iteration the source memory is updated first, then the target
 labels are made, then the target memory is updated, then the losses use the updated prototypes,
 so every class present in the batch has a prototype from iteration 0 on. When the target split
-has ground truth on disk (the benchmark, Cityscapes), the density and accuracy of the labels used
-for the target CE are logged every iteration (``label_density``, ``label_accuracy``; supplement
+has ground truth on disk (the benchmark, Cityscapes), the density and accuracy of the ``method.labels``
+kind (the contrastive learning's labels) are logged every iteration (``label_density``, ``label_accuracy``; supplement
 Tab. 1); the ground truth is read only for that measurement, never for training.
 """
 
@@ -110,7 +112,14 @@ class BiCLOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     renamed: ClassVar[dict[str, str]] = {"momentum": "prototype_momentum"}  # the former name: run directories still resume
 
-    labels: Literal["static", "dynamic", "hybrid"] = Field("hybrid", description="target labels (supplement Tab. 1)")
+    labels: Literal["static", "dynamic", "hybrid"] = Field(
+        "hybrid", description="target labels of the contrastive learning: L_FC, L_BC and the target memory (supplement Tab. 1)"
+    )
+    target_ce_labels: Literal["static", "same"] = Field(
+        "static",
+        description="labels of the baseline's target cross-entropy: the static CBST labels (supplement: the label kinds "
+        "feed the contrastive learning) or the same kind as method.labels (segadapt before 2026-12)",
+    )
     lambda_fc: float = Field(0.5, ge=0, description="weight of the forward contrastive loss L_FC")
     lambda_bc: float = Field(0.5, ge=0, description="weight of the backward contrastive loss L_BC")
     prototype_momentum: float = Field(0.999, ge=0, lt=1, description="momentum lambda of the prototype memories")
@@ -168,16 +177,20 @@ class BiCL(Recipe):
             raise ConfigError("recipe bicl needs data.target (the unlabelled target images)")
         if cfg.data.source is None:
             raise ConfigError("recipe bicl needs data.source (the labelled source images)")
-        if options.labels == "dynamic":
+        if options.labels == "dynamic" and options.target_ce_labels == "same":
             # dynamic labels come from the prototypes alone: the target's own labels must never reach training
             target = target.model_copy(update={"with_labels": False, "pseudo_labels": None})
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"target": target})})
         elif target.pseudo_labels is None:
             if cfg.model.checkpoint is None:
+                needs = (
+                    f"method.labels={options.labels}" if options.labels != "dynamic"
+                    else "method.target_ce_labels=static (the baseline's cross-entropy)"
+                )
                 raise ConfigError(
-                    f"method.labels={options.labels} uses static (CBST) pseudo labels made by the source-only model: set "
+                    f"{needs} uses static (CBST) pseudo labels made by the source-only model: set "
                     "model.checkpoint=runs/<source-only run>/checkpoints/last.pt, or give ready labels with "
-                    "data.target.pseudo_labels=DIR, or use method.labels=dynamic"
+                    "data.target.pseudo_labels=DIR, or use method.labels=dynamic method.target_ce_labels=same"
                 )
             cfg = with_pseudo_labels(cfg, cfg.model.checkpoint, run_dir, log, shard=False)
         if options.weighted_sampling:
@@ -259,7 +272,9 @@ class BiCL(Recipe):
         target_grid = resize_labels(labels, grid)
         self.target_memory.update(all_gather_cat(target_features.detach()), all_gather_cat(target_grid))
 
-        base, losses = baseline_losses(options, self.supervised_loss, source_output, source["label"], target_output, labels)
+        # the supplement ties the label kinds to the contrastive learning; the baseline's CE keeps its CBST labels
+        ce_labels = target["label"] if options.target_ce_labels == "static" else labels
+        base, losses = baseline_losses(options, self.supervised_loss, source_output, source["label"], target_output, ce_labels)
         loss_fc = pixel_prototype_contrastive_loss(
             target_features, target_grid, self.source_memory.prototypes, options.temperature, self.source_memory.initialized
         )

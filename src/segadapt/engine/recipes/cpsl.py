@@ -46,10 +46,12 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
 - ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
   ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
   authors' code does. A class the warm-up never predicts starts with ``r_k = 0``.
-- L_SL features come from the student (paper: Eq. 14 is minimised over the whole model), so L_SL
-  also trains the network; ``method.sl_through_ema_features_only=true`` uses the momentum network's
-  features instead, as the authors' code does (then L_SL trains only the head; docs/reference_code.md,
-  "CPSL: self-labeling loss").
+- L_SL is computed on the momentum network's features and trains only the self-labeling head:
+  Fig. 1 puts ``f_SL`` after ``f'_SEG``, Sec. 3.2 says "the self-labeling head f_SL is updated by
+  minimizing L_SL", and Algorithm 1 trains ``f_SL`` with L_SL (line 15) and ``f_SEG`` with
+  ``L^t_SEG`` alone (line 19); the authors' code does the same (docs/reference_code.md, "CPSL:
+  self-labeling loss"). ``method.sl_through_ema_features_only=false`` feeds the student's features
+  instead, so that L_SL also trains the network (a reading of Eq. 14 as one loss over the whole model).
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ class CPSLOptions(BaseModel):
         "train-mode teacher) or its running statistics (eval mode)",
     )
     sl_through_ema_features_only: bool = Field(
-        False, description="authors' code: L_SL on momentum-network features, so it trains only the head"
+        True,
+        description="L_SL on the momentum network's features, so it trains only the head (paper Fig. 1, Alg. 1 l. 15/19, "
+        "and the authors' code); false: on the student's features, training the network too",
     )
 
 
