@@ -56,7 +56,6 @@ from ...methods.bicl import (
     dynamic_pseudo_labels,
     entropy_loss,
     hybrid_pseudo_labels,
-    occurrence_table,
     pixel_prototype_contrastive_loss,
     self_distillation_loss,
 )
@@ -64,13 +63,17 @@ from ...metrics.pseudo_label_quality import pseudo_label_stats
 from ...models.base import SegmentationModel, SegOutput
 from ..distributed import all_gather_cat
 from ..pseudo_labelling import with_pseudo_labels
-from ..run_cache import reuse_or_make
 from ..sampling import ClassBalancedSampler
 from .base import Recipe, Stream, parse_options
-from .common import content_mask, forward_streams, load_teacher, spatial_size, view_start_size
-
-OCCURRENCE_FILE = "bicl_source_occurrence.pt"
-"""The source class-occurrence table of weighted sampling, cached in the run directory."""
+from .common import (
+    cache_source_class_pixels,
+    content_mask,
+    forward_streams,
+    load_teacher,
+    source_class_pixels,
+    spatial_size,
+    view_start_size,
+)
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -138,20 +141,6 @@ class BiCLOptions(BaseModel):
     )
 
 
-def _count_occurrence(cfg: RunConfig, path: Path, log: Callable[[str], None]) -> None:
-    """Supplement Eq. 1's table: in how many ``data.source`` label maps each class occurs, into ``path``."""
-    from ..builders import build_dataset_from_spec
-    from ..checkpoint import atomic_save
-
-    assert cfg.data.source is not None
-    dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
-    log(f"bicl: class occurrence of {len(dataset)} source label maps (weighted sampling)")
-    table = occurrence_table(
-        (dataset.load_label(i) for i in range(len(dataset))), dataset.classes.num_classes, dataset.classes.ignore_index
-    )
-    atomic_save({"occurrence": table, "names": list(dataset.names)}, path)
-
-
 class BiCL(Recipe):
     """Bi-directional pixel-prototype contrastive adaptation (BiCL supplement), on top of the CCM-style baseline.
 
@@ -194,10 +183,7 @@ class BiCL(Recipe):
                 )
             cfg = with_pseudo_labels(cfg, cfg.model.checkpoint, run_dir, log, shard=False)
         if options.weighted_sampling:
-            path = run_dir / OCCURRENCE_FILE
-            assert cfg.data.source is not None  # checked above; the copies of cfg keep it
-            key = {"data.source": cfg.data.source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})}
-            reuse_or_make(path, key, lambda: _count_occurrence(cfg, path, log), log, "bicl: source class occurrence")
+            cache_source_class_pixels(cfg, run_dir, log, "bicl: weighted sampling")
         return cfg
 
     def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
@@ -227,12 +213,7 @@ class BiCL(Recipe):
         """The source stream's sampler under ``method.weighted_sampling`` (supplement Eq. 1); None otherwise."""
         if stream != "source" or not self.options.weighted_sampling:
             return None
-        saved = torch.load(self.cfg.run_dir / OCCURRENCE_FILE, map_location="cpu", weights_only=True)
-        if saved["names"] != list(dataset.names):
-            raise DataError(
-                f"{self.cfg.run_dir / OCCURRENCE_FILE} was made for another source split; delete it to recount"
-            )
-        occurrence = saved["occurrence"]
+        occurrence = source_class_pixels(self.cfg.run_dir, dataset) > 0  # supplement Eq. 1's occurrence table
         return ClassBalancedSampler(occurrence, class_sampling_probabilities(occurrence), seed, start)
 
     # ------------------------------------------------------------------ one iteration

@@ -6,7 +6,10 @@
 - :func:`forward_streams`: one forward of several streams' images concatenated, split back per
   stream (logits, features and auxiliary logits), so each stream gets its own supervised loss;
 - :func:`strong_view` with :data:`CPSL_STRONG` and :data:`DACS_STRONG`: the photometric strong
-  augmentation of the student's view.
+  augmentation of the student's view;
+- :func:`cache_source_class_pixels` and :func:`source_class_pixels`: the pixels of each class in each
+  source label map, counted once into the run directory, for class-balanced source sampling (BiCL's
+  weighted sampling, DAFormer's rare-class sampling).
 
 The supervised-loss rule (the segmentation loss plus the auxiliary head's) is
 :meth:`.base.Recipe.supervised_loss`.
@@ -15,13 +18,14 @@ The supervised-loss rule (the segmentation loss plus the auxiliary head's) is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ...data.transforms import strong_augment, valid_mask
-from ...errors import ConfigError
+from ...errors import ConfigError, DataError
 from ...models.base import EncoderDecoder, SegOutput
 from ..losses import upsample_logits
 
@@ -167,3 +171,48 @@ def strong_view(images: torch.Tensor, augmentation: StrongAugmentation) -> torch
         blur_p=augmentation.blur_p,
     )
     return view
+
+
+# --------------------------------------------------------------------------- source class table
+
+SOURCE_CLASS_PIXELS_FILE = "source_class_pixels.pt"
+"""Pixels of each class in each ``data.source`` label map (``{"pixels": [I, C], "names"}``), in the run directory."""
+
+
+def cache_source_class_pixels(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], what: str) -> None:
+    """Count the classes of every full-size ``data.source`` label map once, reused while ``data.source`` is the same.
+
+    The run-cache rule (:func:`~segadapt.engine.run_cache.reuse_or_make`); ``what`` names the user in the log.
+    """
+    from ...data.classes import class_pixel_counts
+    from ...progress import progress
+    from ..builders import build_dataset_from_spec
+    from ..checkpoint import atomic_save
+    from ..run_cache import reuse_or_make
+
+    if cfg.data.source is None:
+        raise ConfigError(f"recipe {cfg.recipe} samples the source by class: it needs data.source (the labelled source images)")
+    source = cfg.data.source
+    path = run_dir / SOURCE_CLASS_PIXELS_FILE
+
+    def count() -> None:
+        dataset = build_dataset_from_spec(source, with_labels=True)
+        log(f"{what}: counting the classes of {len(dataset)} source label maps")
+        classes = dataset.classes
+        rows = [
+            class_pixel_counts(dataset.load_label(i), classes.num_classes, classes.ignore_index)
+            for i in progress(range(len(dataset)), desc="class pixels", unit="label")
+        ]
+        atomic_save({"pixels": torch.stack(rows), "names": list(dataset.names)}, path)
+
+    key = {"data.source": source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})}
+    reuse_or_make(path, key, count, log, f"{what}: source class pixels")
+
+
+def source_class_pixels(run_dir: Path, dataset: Any) -> torch.Tensor:
+    """int64 ``[I, C]``, the table :func:`cache_source_class_pixels` wrote, checked to be ``dataset``'s."""
+    path = run_dir / SOURCE_CLASS_PIXELS_FILE
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["names"] != list(dataset.names):
+        raise DataError(f"{path} was made for another source split; delete it to recount")
+    return saved["pixels"]

@@ -41,9 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Sampler
 
 from ...config import RunConfig
-from ...data.classes import ClassInfo, class_pixel_counts
+from ...data.classes import ClassInfo
 from ...data.transforms import classmix_masks, mix
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError
 from ...methods.daformer import (
     downscale_labels_by_ratio,
     feature_distance,
@@ -54,13 +54,18 @@ from ...methods.daformer import (
 from ...methods.ema import ModelEMA
 from ...models.base import EncoderDecoder, SegmentationModel, SegOutput
 from ..losses import upsample_logits
-from ..run_cache import reuse_or_make
 from ..sampling import ClassBalancedSampler
 from .base import Recipe, Stream, parse_options
-from .common import DACS_STRONG, FrozenNetwork, content_mask, spatial_size, strong_view
-
-CLASS_PIXELS_FILE = "source_class_pixels.pt"
-"""The per-image class pixel counts of the source labels (rare-class sampling), cached in the run directory."""
+from .common import (
+    DACS_STRONG,
+    SOURCE_CLASS_PIXELS_FILE,
+    FrozenNetwork,
+    cache_source_class_pixels,
+    content_mask,
+    source_class_pixels,
+    spatial_size,
+    strong_view,
+)
 
 CITYSCAPES_THING_CLASSES = (
     "traffic light", "traffic sign", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
@@ -106,23 +111,6 @@ class DAFormerOptions(DACSOptions):
     feature_distance_weight: float = Field(0.005, ge=0, description="lambda_FD of Eq. 9; 0 = off")
 
 
-def _count_class_pixels(cfg: RunConfig, path: Path, log: Callable[[str], None]) -> None:
-    """Pixels of each class in each full-size ``data.source`` label map, into ``path`` (``{"names", "pixels" [I, C]}``)."""
-    from ...progress import progress
-    from ..builders import build_dataset_from_spec
-    from ..checkpoint import atomic_save
-
-    assert cfg.data.source is not None
-    dataset = build_dataset_from_spec(cfg.data.source, with_labels=True)
-    log(f"rare-class sampling: counting the classes of {len(dataset)} source label maps")
-    classes = dataset.classes
-    rows = [
-        class_pixel_counts(dataset.load_label(i), classes.num_classes, classes.ignore_index)
-        for i in progress(range(len(dataset)), desc="class pixels", unit="label")
-    ]
-    atomic_save({"pixels": torch.stack(rows), "names": list(dataset.names)}, path)
-
-
 class DACS(Recipe):
     """Source CE + confidence-weighted CE on ClassMix source/target images with EMA-teacher pseudo labels.
 
@@ -158,12 +146,8 @@ class DACS(Recipe):
                 "or method.feature_distance_weight=0"
             )
         if options.rare_class_sampling:
-            if cfg.data.source is None:
-                raise ConfigError(f"recipe {cls.name} needs data.source (the labelled source images)")
-            path = run_dir / CLASS_PIXELS_FILE
-            key = {"data.source": cfg.data.source.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"})}
-            reuse_or_make(path, key, lambda: _count_class_pixels(cfg, path, log), log, "rare-class sampling: source class pixels")
-            table = torch.load(path, map_location="cpu", weights_only=True)["pixels"]
+            cache_source_class_pixels(cfg, run_dir, log, "rare-class sampling")
+            table = torch.load(run_dir / SOURCE_CLASS_PIXELS_FILE, map_location="cpu", weights_only=True)["pixels"]
             probabilities, _ = rare_class_distribution(table, options.rare_class_temperature, options.rare_class_min_pixels)
             present = table.sum(dim=0) > 0
             unreachable = (present & (probabilities == 0)).nonzero().flatten().tolist()
@@ -199,12 +183,9 @@ class DACS(Recipe):
         """The source stream's rare-class sampler under ``method.rare_class_sampling``; None otherwise."""
         if stream != "source" or not self.options.rare_class_sampling:
             return None
-        saved = torch.load(self.cfg.run_dir / CLASS_PIXELS_FILE, map_location="cpu", weights_only=True)
-        if saved["names"] != list(dataset.names):
-            raise DataError(f"{self.cfg.run_dir / CLASS_PIXELS_FILE} was made for another source split; delete it to recount")
         options = self.options
         probabilities, candidates = rare_class_distribution(
-            saved["pixels"], options.rare_class_temperature, options.rare_class_min_pixels
+            source_class_pixels(self.cfg.run_dir, dataset), options.rare_class_temperature, options.rare_class_min_pixels
         )
         crop_min = options.rare_class_min_pixels * options.rare_class_min_crop_ratio
         return ClassBalancedSampler(candidates, probabilities, seed, start, crop_min_pixels=crop_min if crop_min > 0 else None)
