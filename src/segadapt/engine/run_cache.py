@@ -2,7 +2,8 @@
 
 Some results take minutes to make and are needed again on every start of a run (a resume, a
 restarted round): CPSL's warm-up statistics (``cpsl_init.pt``), BiCL's source class-occurrence
-table (``source_class_pixels.pt``, the per-image class pixels behind BiCL's weighted and DAFormer's rare-class sampling), BLV's class counts (``blv_class_counts.json``) and offline
+table (``source_class_pixels.pt``, the per-image class pixels behind BiCL's weighted and DAFormer's
+rare-class sampling), BLV's class counts (``blv_class_counts.json``) and offline
 pseudo labels (``pseudo_labels/``). Each goes through :func:`reuse_or_make` with a *key*: a JSON
 record of everything that made the result (the content of a checkpoint, the config sections read,
 the datasets). One rule for all of them:
