@@ -8,6 +8,18 @@ runs in ``--output`` are reused, so the script can be interrupted and run again.
     python benchmarks/benchmark_table.py --output runs/table --seeds 0 1 2 \
         --methods st cbst dars_sd dars_td
 
+``--variant LABEL CONFIG OVERRIDE...`` adds a method with overrides (an ablation of one option)::
+
+    python benchmarks/benchmark_table.py --output runs/table --methods cpsl \
+        --variant cpsl_adamw_head cpsl optim.method_head_optimizer=same
+
+``{seed}`` and ``{output}`` in an override name the seed's earlier runs: CPSL's pipeline (adversarial
+warm-up, stage 1, distillation into a fresh student, CPSL Sec. 4.1-4.2) is ::
+
+    python benchmarks/benchmark_table.py --output runs/pipeline --warmup adversarial_warmup --no-oracle \
+        --methods cpsl --variant cpsl_distill cpsl_distill model.checkpoint=null \
+        "method.teacher={output}/cpsl_s{seed}/checkpoints/last.pt"
+
 ``--warmup`` names another warm-up config: the DAFormer network's table is ::
 
     python benchmarks/benchmark_table.py --output runs/daformer --warmup source_only_mitb0 --no-oracle \
@@ -40,9 +52,9 @@ from segadapt.data.benchmark import CLASSES
 TAIL = ("traffic light", "traffic sign", "rider", "train", "motorcycle", "bicycle")
 
 
-def train(config: str, output: Path, seed: int, extra: list[str], threads: int) -> tuple[dict[str, Any], float]:
+def train(config: str, output: Path, seed: int, extra: list[str], threads: int, label: str | None = None) -> tuple[dict[str, Any], float]:
     """Run ``segadapt train`` (reusing a finished run); returns the final evaluation and the wall time."""
-    name = f"{Path(config).stem}_s{seed}"
+    name = f"{label or Path(config).stem}_s{seed}"
     run = output / name
     scores_file = run / "final_scores.json"
     if scores_file.exists():
@@ -76,7 +88,20 @@ def main() -> None:
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("LABEL CONFIG", "OVERRIDE"),
+        help="a method with overrides, run as LABEL_s<seed>: --variant cpsl_adamw_head cpsl optim.method_head_optimizer=same; "
+        "{seed} and {output} in an override are filled in",
+    )
     args = parser.parse_args()
+    for variant in args.variant:
+        if len(variant) < 2:
+            parser.error(f"--variant {' '.join(variant)}: give a label, a benchmark config and overrides")
+    plan = [(method, method, []) for method in args.methods] + [(v[0], v[1], v[2:]) for v in args.variant]
 
     results: dict[str, list[dict[str, Any]]] = {}
     labels: dict[str, list[dict[str, Any]]] = {}
@@ -90,8 +115,9 @@ def main() -> None:
             results.setdefault("oracle", []).append(oracle)
             walls.setdefault("oracle", []).append(wall)
         checkpoint = args.output / f"{args.warmup}_s{seed}" / "checkpoints" / "last.pt"
-        for method in args.methods:
-            scores, wall = train(f"benchmark/{method}", args.output, seed, [f"model.checkpoint={checkpoint}"], args.threads)
+        for method, config, overrides in plan:
+            filled = [override.format(seed=seed, output=args.output) for override in overrides]
+            scores, wall = train(f"benchmark/{config}", args.output, seed, [f"model.checkpoint={checkpoint}", *filled], args.threads, method)
             results.setdefault(method, []).append(scores)
             walls.setdefault(method, []).append(wall)
             summary = args.output / f"{method}_s{seed}" / "pseudo_labels" / "summary.json"

@@ -158,7 +158,9 @@ def test_bicl_dynamic_trains_and_resumes_exactly(tmp_path: Path) -> None:
     saved = load_config(tmp_path / "resumed" / "config.yaml")
     assert saved.data.target.with_labels is False and saved.data.target.pseudo_labels is None
     # every recipe option is written out, defaults included, so a later default change cannot alter the run
-    assert saved.method["labels"] == "dynamic" and saved.method["prototype_momentum"] == 0.999 and saved.method["weighted_sampling"] is True
+    assert saved.method["labels"] == "dynamic" and saved.method["weighted_sampling"] is True
+    # the benchmark's 0.999 over BiCL's 100,000 iterations, scaled to this 3-iteration run, as a number
+    assert saved.method["prototype_momentum"] == pytest.approx(0.999 ** (100000 / 3)) and saved.method["threshold"] == 0.7
 
 
 def test_bicl_hybrid_uses_the_static_cbst_labels(tmp_path: Path) -> None:

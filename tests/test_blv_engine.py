@@ -147,8 +147,9 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
 
 
 def test_dacs_blv_trains_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    common = [  # a constant learning rate: the poly schedule depends on train.iters, which the resume raises
-        "schedule.name=constant", "loss.blv.sigma=4",
+    common = [  # a constant learning rate and teacher momentum: the poly schedule and the time-constant rule depend on
+        # train.iters, which the resume raises
+        "schedule.name=constant", "loss.blv.sigma=4", "method.ema_momentum=0.99",
         "data.train_transforms=[{name: random_crop, size: [24, 48]}, {name: random_horizontal_flip}]",
     ]
     straight = make_trainer(monkeypatch, config(tmp_path, "straight", "train.iters=3", *common, path="benchmark/dacs_blv"))

@@ -46,3 +46,15 @@ def test_config_errors_are_one_line_messages(capsys: pytest.CaptureFixture) -> N
     assert "did you mean 'optim.lr'" in err and "Traceback" not in err
     assert main(["train", "benchmark/source_onyl"]) == 2
     assert "did you mean 'benchmark/source_only.yaml'" in capsys.readouterr().err
+
+
+def test_demo_adapts_with_the_strongest_benchmark_method_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from segadapt.commands import demo
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(demo, "run", lambda output, seed, quick, methods: calls.append(tuple(methods)) or 0)
+    assert main(["demo", "--output", str(tmp_path)]) == 0
+    assert main(["demo", "--output", str(tmp_path), "--methods"]) == 0
+    assert main(["demo", "--output", str(tmp_path), "--methods", "cpsl", "st"]) == 0
+    assert calls == [demo.DEFAULT_METHODS, (), ("cpsl", "st")]
+    assert all((demo.packaged_config(f"benchmark/{method}")).exists() for method in demo.DEFAULT_METHODS)

@@ -111,3 +111,84 @@ def test_every_shipped_config_validates_and_round_trips(tmp_path: Path) -> None:
         for transforms in (cfg.data.train_transforms, cfg.data.val_transforms):
             if transforms:
                 build_transforms(transforms)  # a misspelt transform or key in a shipped config fails here
+
+
+# ---------------------------------------------------------------- the time-constant rule (issue 16, finding 1)
+
+from segadapt.config import scaled_iterations, scaled_momentum  # noqa: E402
+
+
+def test_scaled_momentum_keeps_the_half_life_as_the_same_fraction_of_the_run() -> None:
+    import math
+
+    for paper, paper_iters, iters in [(0.999, 90000, 300), (0.99, 250000, 400), (0.999, 40000, 400), (0.9, 100, 1000)]:
+        scaled = scaled_momentum(paper, paper_iters, iters)
+        half_life_fraction = math.log(0.5) / math.log(paper) / paper_iters
+        assert math.log(0.5) / math.log(scaled) / iters == pytest.approx(half_life_fraction, rel=1e-9)
+        # what is left of an old contribution after the same fraction of either run is the same
+        assert scaled ** (iters / 10) == pytest.approx(paper ** (paper_iters / 10), rel=1e-9)
+    assert scaled_momentum(0.999, 90000, 300) == pytest.approx(0.7407, abs=1e-4)
+    assert scaled_iterations(1500, 40000, 400) == 15 and scaled_iterations(30000, 40000, 400) == 300
+    assert scaled_iterations(1, 40000, 400) == 1 and scaled_iterations(0, 40000, 400) == 0
+    with pytest.raises(ValueError, match="momentum"):
+        scaled_momentum(1.0, 100, 10)
+
+
+def test_time_constant_tags_resolve_against_the_runs_train_iters(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "recipe: cpsl\ntrain: {iters: 300}\n"
+        "method: {ema_momentum: !scaled_momentum {paper: 0.999, paper_iters: 90000}}\n"
+        "schedule: {warmup_iters: !scaled_iterations {paper: 1500, paper_iters: 40000}}\n"
+    )
+    cfg = load_config(path)
+    assert cfg.method["ema_momentum"] == pytest.approx(0.999**300) and cfg.schedule.warmup_iters == 11
+    longer = load_config(path, ["train.iters=900"])  # a longer run rescales them
+    assert longer.method["ema_momentum"] == pytest.approx(0.999**100) and longer.schedule.warmup_iters == 34
+    assert load_config(path, ["method.ema_momentum=0.5"]).method["ema_momentum"] == 0.5  # a plain value replaces it
+    saved = tmp_path / "saved.yaml"
+    save_config(cfg, saved)  # the run directory's config.yaml holds the number the run used
+    assert "!scaled" not in saved.read_text() and load_config(saved).method["ema_momentum"] == cfg.method["ema_momentum"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("!scaled_momentum {paper: 0.999}", "exactly the keys paper and paper_iters"),
+        ("!scaled_momentum 0.999", "takes a mapping"),
+        ("!scaled_momentum {paper: 0.999, paper_iters: many}", "paper_iters an integer"),
+        ("!scaled_momentum {paper: 1.5, paper_iters: 100}", "'method.ema_momentum': !scaled_momentum"),
+        ("!scaled_iterations {paper: 2.5, paper_iters: 100}", "whole number"),
+    ],
+)
+def test_a_bad_time_constant_tag_names_the_file_or_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"recipe: cpsl\nmethod: {{ema_momentum: {text}}}\n" if "iterations" not in text else f"schedule: {{warmup_iters: {text}}}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value) or "'method." in str(err.value) or "'schedule." in str(err.value)
+
+
+PAPER_TIME_CONSTANTS = {
+    # benchmark config: (momentum key, the paper's momentum, the paper's iterations)
+    "cpsl": ("ema_momentum", 0.999, 90000),  # CPSL Sec. 4.1
+    "bicl_static": ("prototype_momentum", 0.999, 100000),  # BiCL supplement Sec. 1
+    "bicl_dynamic": ("prototype_momentum", 0.999, 100000),
+    "bicl_hybrid": ("prototype_momentum", 0.999, 100000),
+    "dacs": ("ema_momentum", 0.99, 250000),  # DACS
+    "dacs_blv": ("ema_momentum", 0.99, 250000),
+    "dacs_mitb0": ("ema_momentum", 0.999, 40000),  # DAFormer
+    "daformer": ("ema_momentum", 0.999, 40000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TIME_CONSTANTS))
+def test_every_benchmark_momentum_follows_the_time_constant_rule(name: str) -> None:
+    key, paper, paper_iters = PAPER_TIME_CONSTANTS[name]
+    cfg = load_config(f"benchmark/{name}")
+    assert cfg.method[key] == pytest.approx(scaled_momentum(paper, paper_iters, cfg.train.iters))
+    if cfg.recipe == "cpsl":
+        assert cfg.method["distribution_momentum"] == pytest.approx(scaled_momentum(0.999, 90000, cfg.train.iters))
+    if cfg.recipe == "daformer" or name == "dacs_mitb0":
+        assert cfg.schedule.warmup_iters == scaled_iterations(1500, 40000, cfg.train.iters)
+    assert load_config("benchmark/dacs_blv_tv").loss.blv.t_mid == scaled_iterations(30000, 40000, 400)

@@ -524,3 +524,33 @@ def test_pixel_kl_and_entropy_are_the_formulas_bicl_and_cpsl_used() -> None:
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     assert torch.equal(pixel_entropy(student), entropy)
     assert torch.equal(pixel_entropy(student, normalized=True), entropy / float(np.log(5)))  # BiCL's entropy_loss
+
+
+def test_a_class_without_eq7_prototype_gets_a_trainable_random_row_not_a_frozen_zero() -> None:
+    """CPSL is silent on a class the warm-up never predicts (Eq. 7 has no pixel to average).
+
+    ``empty="random"`` keeps the head's random unit row (as without Init, Tab. 3), so Eq. 4-6 see a
+    cluster centre on the sphere and the row learns; ``"zero"`` copies the zero row, whose gradient
+    through ``normalize`` is scaled by 1/eps, so one SGD step throws it ~1e10 away: an absorbing state.
+    """
+    prototypes = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    features = F.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.arange(64) % 3
+    rows = {}
+    for empty in ("random", "zero"):
+        torch.manual_seed(0)
+        head = SelfLabelingHead(num_classes=3, feature_dim=3)
+        random_row = head.prototypes[1].detach().clone()
+        head.init_from_prototypes(prototypes, empty=empty)
+        if empty == "random":
+            assert torch.allclose(head.prototypes[1], F.normalize(random_row, dim=0))
+            assert head.prototypes[1].norm().item() == pytest.approx(1.0)
+        else:
+            assert torch.equal(head.prototypes[1].detach(), torch.zeros(3))
+        assert torch.allclose(head.prototypes[[0, 2]].detach(), F.normalize(prototypes[[0, 2]], dim=1))  # Eq. 7 rows either way
+        F.cross_entropy(head(features) / 0.08, labels).backward()
+        rows[empty] = head.prototypes.grad[1].norm().item()
+    assert 1e-3 < rows["random"] < 10.0  # an ordinary gradient: the row can move towards the class
+    assert rows["zero"] > 1e8  # 1/eps: the row leaves the unit sphere's scale at any learning rate
+    with pytest.raises(ValueError, match="random"):
+        SelfLabelingHead(3, 3).init_from_prototypes(prototypes, empty="mean")  # type: ignore[arg-type]

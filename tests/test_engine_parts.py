@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import subprocess
 import sys
@@ -181,3 +182,54 @@ def test_inference_resizes_input_and_output() -> None:
     probs = predict_probs(model, images, out_size=(32, 32), cfg=EvalConfig(size=(8, 8), scales=[1.0, 2.0]))
     assert probs.shape == (1, 4, 32, 32)
     assert torch.allclose(probs.sum(1), torch.ones(1, 32, 32), atol=1e-5)
+
+
+def test_a_method_head_optimiser_steps_its_group_by_its_own_rule_and_resumes() -> None:
+    """``optim.method_head_optimizer``: AdamW for the network, SGD (CPSL Sec. 4.1) for a method's head."""
+    from segadapt.config import OptimConfig
+    from segadapt.engine.builders import CombinedOptimizer, build_optimizer
+    from segadapt.engine.recipes.cpsl import _SegmentationWithHead
+    from segadapt.methods.cpsl import SelfLabelingHead
+    from segadapt.models import create_model
+
+    def build(seed: int, which: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        wrapper = _SegmentationWithHead(create_model("small", num_classes=3, width=4, feature_dim=8), SelfLabelingHead(3, 8))
+        cfg = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=5.0, momentum=0.9, weight_decay=1e-4, method_head_optimizer=which)
+        return wrapper, build_optimizer(wrapper, cfg)
+
+    def step(wrapper: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        out = wrapper.model(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+        loss = out.logits.square().mean() + wrapper.head(out.features).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    same_wrapper, same = build(0, "same")
+    assert not isinstance(same, CombinedOptimizer) and [g["name"] for g in same.param_groups] == ["backbone", "head"]
+    assert same.param_groups[1]["params"][-1] is same_wrapper.head.prototypes  # one head group, as before the option
+    wrapper, combined = build(0, "sgd")
+    assert isinstance(combined, CombinedOptimizer) and [g["name"] for g in combined.param_groups] == ["backbone", "head", "method_head"]
+    before = wrapper.head.prototypes.detach().clone()
+    step(wrapper, combined)
+    grad = wrapper.head.prototypes.grad
+    # SGD's first step: p - lr * (grad + wd * p) (the momentum buffer starts at the gradient)
+    assert torch.allclose(wrapper.head.prototypes.detach(), before - 5e-3 * (grad + 1e-4 * before), atol=1e-7)
+    step(same_wrapper, same)
+    for mine, reference in zip(wrapper.model.parameters(), same_wrapper.model.parameters()):
+        assert torch.equal(mine, reference)  # the network is still AdamW's, step for step
+    # a scheduler scales every group; the state dict resumes both optimisers exactly
+    scheduler = build_scheduler(combined, 10, ScheduleConfig(name="poly", power=1.0))
+    scheduler.step()
+    assert [g["lr"] for g in combined.param_groups] == pytest.approx([0.9e-3, 4.5e-3, 4.5e-3])
+    saved = copy.deepcopy(combined.state_dict())  # as a checkpoint on disk: the live state moves on
+    saved_weights = {k: v.clone() for k, v in wrapper.state_dict().items()}
+    step(wrapper, combined)
+    resumed_wrapper, resumed = build(1, "sgd")
+    resumed_wrapper.load_state_dict(saved_weights)
+    resumed.load_state_dict(saved)
+    step(resumed_wrapper, resumed)
+    for p, q in zip(resumed_wrapper.parameters(), wrapper.parameters()):
+        assert torch.equal(p, q)  # AdamW moments and SGD momentum buffer both came back
+    with pytest.raises(ValueError, match="method_head_optimizer the run was started with"):
+        resumed.load_state_dict(same.state_dict())

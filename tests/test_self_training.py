@@ -116,7 +116,8 @@ def test_pseudo_labelled_dataset_reports_missing_and_foreign_files(tmp_path: Pat
 
 
 def test_self_training_generates_its_labels_once_and_trains_on_them(tmp_path: Path) -> None:
-    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=warmup", "train.iters=2")]) == 0
+    # 10 iterations: a 2-iteration model's argmax falls almost only on classes DARS-SD's source share gives no pixel
+    assert main(["train", "benchmark/source_only", *tiny_args(tmp_path, "name=warmup", "train.iters=10")]) == 0
     warmup = tmp_path / "warmup" / "checkpoints" / "last.pt"
     assert main(["pseudo-label", str(warmup), str(tmp_path / "st"), "pseudo_label.rule=st", "pseudo_label.threshold=0"]) == 0
     st = json.loads((tmp_path / "st" / "summary.json").read_text())

@@ -97,6 +97,14 @@ def test_a_few_steps_fit_a_layout_that_needs_context() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    # 30 large Adam steps leave the running statistics behind the weights: estimate them once for the
+    # final weights (as any evaluation after so short a run would), so the test checks the layout only
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None
+        model(images)
     model.eval()
     logits = torch.nn.functional.interpolate(model(images[:1]).logits, size=(32, 32), mode="bilinear")
     accuracy = (logits.argmax(1) == labels[:1]).float().mean().item()
@@ -110,3 +118,21 @@ def test_rejects_bad_input_and_bad_arguments(model: SmallSegNet) -> None:
         SmallSegNet(num_classes=0)
     with pytest.raises(ValueError, match="unknown normalization preset"):
         SmallSegNet(num_classes=3, normalization="bogus")
+
+
+def test_the_embedding_is_signed_by_default_like_the_proda_head_and_relu_on_request() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 64)
+    signed = SmallSegNet(num_classes=5, feature_dim=16, width=8).train()
+    relu = SmallSegNet(num_classes=5, feature_dim=16, width=8, embedding="relu").train()
+    relu.load_state_dict(signed.state_dict())  # the same keys either way: checkpoints load across the option
+    features = signed(images).features
+    assert (features < 0).float().mean() > 0.3 and not (features == 0).any()  # batch-norm output, no ReLU
+    assert torch.equal(relu(images).features, features.clamp(min=0))  # the former embedding is its ReLU
+    pixels = torch.nn.functional.normalize(features.permute(0, 2, 3, 1).reshape(-1, 16), dim=1)
+    assert (pixels @ pixels.T).min() < -0.2  # cosines span negative values, which Sinkhorn scores and prototypes use
+    # the logits are the classifier on the embedding the recipes see
+    out = signed(images)
+    assert torch.allclose(out.logits, signed.classifier(out.features), atol=1e-6)
+    with pytest.raises(ValueError, match="embedding"):
+        SmallSegNet(num_classes=5, embedding="tanh")  # type: ignore[arg-type]

@@ -100,7 +100,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .commands import demo
 
-    return demo.run(args.output, seed=args.seed, quick=args.quick, methods=args.methods)
+    methods = demo.DEFAULT_METHODS if args.methods is None else args.methods
+    return demo.run(args.output, seed=args.seed, quick=args.quick, methods=methods)
 
 
 def cmd_make_benchmark(args: argparse.Namespace) -> int:
@@ -145,12 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--formats", default="color,trainid", help="comma list of color, trainid, labelid (Cityscapes ids)")
     pr.set_defaults(func=cmd_predict)
 
-    demo = sub.add_parser("demo", help="source-only vs oracle on the embedded benchmark, with a report")
+    demo = sub.add_parser("demo", help="source-only, the strongest adaptation method and the oracle on the embedded benchmark, with a report")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test, not the calibration)")
-    demo.add_argument("--methods", nargs="*", default=[], metavar="METHOD",
-                      help="adaptation methods to add from the source-only model, e.g. cpsl dars_td (benchmark/<METHOD>.yaml; about 4 min each)")
+    demo.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
+                      help="adaptation methods trained from the source-only model (benchmark/<METHOD>.yaml; about 2-7 min each); "
+                      "default: the strongest on the benchmark (docs/RESULTS.md); --methods with no name: none")
     demo.set_defaults(func=cmd_demo)
 
     pl = sub.add_parser("pseudo-label", help="pseudo-label data.target with a checkpoint (ST, CBST, DARS)")

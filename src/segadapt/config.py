@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -185,6 +186,11 @@ class OptimConfig(_Strict):
         description="parameters whose name contains one of these strings get no weight decay (DAFormer: [norm])",
     )
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; none = no clipping")
+    method_head_optimizer: Literal["same", "sgd", "adamw", "adam"] = Field(
+        "same",
+        description="optimiser of the parameters a method adds to the network (CPSL's self-labeling head; lr * "
+        "head_lr_mult) when it differs from optim.name, e.g. the paper's SGD beside the benchmark's AdamW network",
+    )
 
 
 class ScheduleConfig(_Strict):
@@ -465,7 +471,122 @@ def load_config(
         if _is_text_field(schema, parts):
             value = _as_text(override.partition("=")[2].strip(), value)
         set_dotted(raw, key, value)
+    raw = resolve_time_constants(raw)
     return validate(raw, schema, source=str(path) if path else "overrides")
+
+
+# ---------------------------------------------------------------- the time-constant rule
+# A paper's momentum or iteration count, translated to a run of another length (the embedded benchmark
+# runs a few hundred iterations where the papers run 40,000 to 100,000): a momentum keeps its half-life
+# as the same fraction of the run, an iteration count (a warm-up, BLV's t_mid) the same fraction of the
+# run. Configs write it with the YAML tags !scaled_momentum and !scaled_iterations (docs/training.md,
+# "Time constants"), resolved against the run's train.iters when the config is loaded.
+
+
+def scaled_momentum(momentum: float, paper_iters: int, iters: int) -> float:
+    """The EMA momentum that keeps ``momentum``'s half-life as the same fraction of a run of ``iters``.
+
+    An EMA with momentum ``m`` halves an old contribution every ``ln 0.5 / ln m`` iterations; over
+    ``paper_iters`` that is the fraction ``ln 0.5 / (paper_iters ln m)`` of the run, and
+    ``m ** (paper_iters / iters)`` has the same fraction over ``iters``.
+
+    Examples:
+        >>> round(scaled_momentum(0.999, 90000, 300), 4)  # CPSL's momentum networks, 300 iterations
+        0.7407
+        >>> scaled_momentum(0.999, 1000, 1000)
+        0.999
+    """
+    if not 0.0 <= momentum < 1.0 or paper_iters < 1 or iters < 1:
+        raise ValueError(f"need 0 <= momentum < 1 and positive iteration counts, got {momentum}, {paper_iters}, {iters}")
+    return momentum ** (paper_iters / iters)
+
+
+def scaled_iterations(length: int, paper_iters: int, iters: int) -> int:
+    """The iteration count that is the same fraction of a run of ``iters`` as ``length`` of ``paper_iters``.
+
+    Rounded to the nearest iteration; a positive length stays at least 1.
+
+    Examples:
+        >>> scaled_iterations(1500, 40000, 400)  # DAFormer's learning-rate warm-up
+        15
+        >>> scaled_iterations(30000, 40000, 400)  # BLV's t_mid (supplement, temporal sigma)
+        300
+    """
+    if length < 0 or paper_iters < 1 or iters < 1:
+        raise ValueError(f"need a length >= 0 and positive iteration counts, got {length}, {paper_iters}, {iters}")
+    scaled = round(length * iters / paper_iters)
+    return max(scaled, 1) if length > 0 else 0
+
+
+@dataclass(frozen=True)
+class PaperTimeConstant:
+    """A paper's momentum or iteration count written in a config, scaled to the run when loaded.
+
+    Written ``!scaled_momentum {paper: 0.999, paper_iters: 90000}`` or ``!scaled_iterations
+    {paper: 1500, paper_iters: 40000}``; :func:`resolve_time_constants` replaces it by
+    :func:`scaled_momentum` / :func:`scaled_iterations` of the run's
+    ``train.iters``, so that overriding ``train.iters`` rescales it and the saved ``config.yaml``
+    holds the number the run used.
+    """
+
+    kind: Literal["momentum", "iterations"]
+    paper: float
+    paper_iters: int
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` plus the time-constant tags."""
+
+
+def _time_constant_constructor(kind: Literal["momentum", "iterations"]) -> Any:
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> PaperTimeConstant:
+        tag = f"!scaled_{kind}"
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(None, None, f"{tag} takes a mapping {{paper: ..., paper_iters: ...}}", node.start_mark)
+        fields = loader.construct_mapping(node)
+        if set(fields) != {"paper", "paper_iters"}:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{tag} needs exactly the keys paper and paper_iters, got {sorted(map(str, fields))}", node.start_mark
+            )
+        if not isinstance(fields["paper"], (int, float)) or not isinstance(fields["paper_iters"], int):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{tag}: paper must be a number and paper_iters an integer, got {fields}", node.start_mark
+            )
+        return PaperTimeConstant(kind, float(fields["paper"]), fields["paper_iters"])
+
+    return construct
+
+
+_ConfigLoader.add_constructor("!scaled_momentum", _time_constant_constructor("momentum"))
+_ConfigLoader.add_constructor("!scaled_iterations", _time_constant_constructor("iterations"))
+
+
+def resolve_time_constants(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every :class:`PaperTimeConstant` replaced by its value for the run's ``train.iters``."""
+    train = raw.get("train")
+    iters = train.get("iters") if isinstance(train, dict) else None
+    if iters is None:
+        iters = TrainConfig.model_fields["iters"].default
+    if not isinstance(iters, int) or iters < 1:
+        return raw  # validation names the bad train.iters; nothing can be scaled to it
+
+    def resolve(node: Any, key: str) -> Any:
+        if isinstance(node, dict):
+            return {name: resolve(value, f"{key}.{name}" if key else str(name)) for name, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value, f"{key}.{index}") for index, value in enumerate(node)]
+        if isinstance(node, PaperTimeConstant):
+            try:
+                if node.kind == "momentum":
+                    return scaled_momentum(node.paper, node.paper_iters, iters)
+                if node.paper != int(node.paper):
+                    raise ValueError(f"an iteration count must be a whole number, got {node.paper}")
+                return scaled_iterations(int(node.paper), node.paper_iters, iters)
+            except ValueError as err:
+                raise ConfigError(f"'{key}': !scaled_{node.kind} {{paper: {node.paper:g}, paper_iters: {node.paper_iters}}}: {err}") from None
+        return node
+
+    return resolve(raw, "")
 
 
 def _is_text_field(schema: type[BaseModel], parts: Sequence[str]) -> bool:
@@ -547,7 +668,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
         raise ConfigError(f"config file {path} {what}; pass a YAML file, or a packaged config such as benchmark/source_only")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):

@@ -1,11 +1,11 @@
-"""``segadapt demo``: source-only vs oracle on the embedded benchmark, with a report.
+"""``segadapt demo``: source-only, an adaptation method and the oracle on the embedded benchmark.
 
-Generates the benchmark if absent, trains the two recipes of the packaged configs
-``benchmark/source_only.yaml`` and ``benchmark/oracle.yaml``, evaluates both on the target
-validation split, prints the per-class IoU table and writes ``report/report.md`` and
-``report/predictions.png`` (image, ground truth, predictions). ``methods`` adds adaptation
-methods (packaged ``benchmark/<method>.yaml`` configs, e.g. ``cpsl``, ``dars_td``), each
-started from the demo's source-only model and compared in the same table and figure. A
+Generates the benchmark if absent, trains the packaged configs ``benchmark/source_only.yaml``
+and ``benchmark/oracle.yaml`` and the adaptation ``methods`` (packaged ``benchmark/<method>.yaml``
+configs; the command's default is :data:`DEFAULT_METHODS`, the strongest method on the benchmark),
+each method started from the demo's source-only model, evaluates them on the target validation
+split, prints the per-class IoU table and writes ``report/report.md`` and
+``report/predictions.png`` (image, ground truth, predictions), all in one table and figure. A
 finished run found in the output folder is reused; an interrupted one is resumed.
 """
 
@@ -25,6 +25,9 @@ from .evaluate import evaluate_checkpoint
 from .report import prediction_grid
 
 DEMO_RECIPES = (("source-only", "benchmark/source_only.yaml"), ("oracle", "benchmark/oracle.yaml"))
+DEFAULT_METHODS = ("dars_td",)
+"""What ``segadapt demo`` adapts with when ``--methods`` is not given: the method with the highest mean mIoU
+on the benchmark over 3 warm-ups (docs/RESULTS.md, claims table)."""
 QUICK_OVERRIDES = ["train.iters=6", "train.log_every=2", "data.batch_size=2", "data.num_workers=0"]
 QUICK_METHOD_OVERRIDES = {"cpsl": ["method.pixels_per_image=8", "method.queue_size=64"]}
 """What the smoke-test schedule also changes for a method: CPSL's sampling must fit tiny crops."""

@@ -8,11 +8,15 @@ Figures (PNG, drawn by :mod:`segadapt.viz.figures`):
   made pseudo labels (CPSL Fig. 6, DARS Tab. S7), on a log scale so tail classes show;
 - ``predictions.png``: image, ground truth and each run's prediction on validation images;
 - ``features.png``: a PCA view of the first run's pixel features on validation images, coloured by
-  ground-truth class (BLV supplement Fig. 2 uses t-SNE; PCA is deterministic and dependency-free).
+  ground-truth class (exact, with no seed or perplexity to choose, and dependency-free);
+- ``features_tsne.png``: a t-SNE view of the same pixels, as BLV supplement Fig. 2 draws them, when
+  scikit-learn is installed (``pip install "segadapt[tsne]"``); without it the page says how to
+  get it and the rest of the report is unchanged.
 
 This module reads the run directories, rebuilds the validation data and the networks, and runs
 them; :mod:`segadapt.viz` only draws. matplotlib is an optional dependency (``pip install
-segadapt[report]``): the rest of segadapt never imports it.
+segadapt[report]``): the rest of segadapt never imports it; scikit-learn likewise, imported only
+for the t-SNE view.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..engine.loading import load_trained_model
 from ..engine.logging import read_metrics
 from ..errors import ConfigError
 from ..viz import colorize, image_grid
-from ..viz.figures import plot_class_distribution, plot_class_iou, plot_curves, plot_features
+from ..viz.figures import plot_class_distribution, plot_class_iou, plot_curves, plot_features, tsne_available
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -121,6 +125,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
             plot_features(features, labels, dataset.classes, out_dir / "features.png")
             lines += ["## Feature space", "", f"PCA of `{next(iter(checkpoints))}`'s pixel features, coloured by class.", "",
                       "![features](features.png)", ""]
+            if tsne_available():
+                plot_features(features, labels, dataset.classes, out_dir / "features_tsne.png", method="tsne")
+                lines += ["t-SNE of the same pixels, as BLV supplement Fig. 2 draws them (the PCA above stays: it depends on no seed or "
+                          "perplexity and needs no extra dependency).", "", "![features t-SNE](features_tsne.png)", ""]
+            else:
+                lines += ['For the t-SNE view of the same pixels (BLV supplement Fig. 2): `pip install "segadapt[tsne]"` (scikit-learn).', ""]
 
     summaries = {
         r.name: json.loads((r / "pseudo_labels" / "summary.json").read_text()) for r in run_paths if (r / "pseudo_labels" / "summary.json").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -172,7 +172,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     Parameters whose name contains one of ``cfg.no_decay_keys`` go to groups of their own without
     weight decay (``backbone_no_decay``, ``head_no_decay``): DAFormer's ``norm`` layers, as its
-    optimiser's custom keys do.
+    optimiser's custom keys do. Parameters a method adds (``method_head_parameters``, CPSL's
+    self-labeling head) join the head group, or with ``cfg.method_head_optimizer`` form a
+    ``method_head`` group stepped by that optimiser (a :class:`CombinedOptimizer`).
     """
     from ..models import param_groups
 
@@ -181,18 +183,76 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     def decays(parameter: nn.Parameter) -> bool:
         return not any(key in names[id(parameter)] for key in cfg.no_decay_keys)
 
-    multipliers = {"backbone": 1.0, "head": cfg.head_lr_mult}
+    multipliers = {"backbone": 1.0, "head": cfg.head_lr_mult, "method_head": cfg.head_lr_mult}
+    groups = param_groups(model)
+    if cfg.method_head_optimizer == "same" and "method_head" in groups:
+        groups["head"] = groups["head"] + groups.pop("method_head")  # one head group, as before the option
     params: list[dict] = []
-    for part, members in param_groups(model).items():
+    for part, members in groups.items():
         lr = cfg.lr * multipliers[part]
         params.append({"params": [p for p in members if decays(p)], "lr": lr, "name": part})
         if cfg.no_decay_keys:
             params.append({"params": [p for p in members if not decays(p)], "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"})
     params = [group for group in params if group["params"]]
-    if cfg.name == "sgd":
+    own = [group["name"].startswith("method_head") for group in params]
+    if not any(own):
+        return _optimizer(cfg.name, params, cfg)
+    return CombinedOptimizer(
+        [
+            _optimizer(cfg.name, [group for group, mine in zip(params, own) if not mine], cfg),
+            _optimizer(cfg.method_head_optimizer, [group for group, mine in zip(params, own) if mine], cfg),
+        ]
+    )
+
+
+def _optimizer(name: str, params: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     return optimizer_class(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimisers over disjoint parameter groups, stepped, scheduled and saved as one.
+
+    Its ``param_groups`` are the inner optimisers' own group dicts, so a learning-rate scheduler
+    or a grad scaler acting on it acts on them; ``state_dict`` holds one entry per inner optimiser.
+    ``optim.method_head_optimizer`` builds one (e.g. AdamW for the network, SGD for CPSL's head).
+
+    Examples:
+        >>> a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+        >>> opt = CombinedOptimizer([torch.optim.AdamW([a], lr=0.1), torch.optim.SGD([b], lr=0.1)])
+        >>> (a.sum() + b.sum()).backward(); opt.step()
+        >>> b.detach()  # SGD: 1 - 0.1 * 1
+        tensor([0.9000, 0.9000])
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        # the same dicts: the base class keeps a group dict it is given, it does not copy it
+        super().__init__([group for optimizer in self.optimizers for group in optimizer.param_groups], defaults={})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("CombinedOptimizer.step takes no closure")
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("optimizers")
+        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
+            raise ValueError(
+                f"the saved optimiser state is not one of {len(self.optimizers)} combined optimisers; "
+                "resume with the optim.method_head_optimizer the run was started with"
+            )
+        for optimizer, state in zip(self.optimizers, saved):
+            optimizer.load_state_dict(state)
+        # loading gives the inner optimisers new group dicts: share them again with schedulers and scalers
+        self.param_groups = [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
 
 def resolve_device(name: str) -> torch.device:

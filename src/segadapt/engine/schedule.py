@@ -1,4 +1,9 @@
-"""Learning-rate schedules: poly (DeepLab, every paper here), cosine, constant; linear warm-up."""
+"""Learning-rate schedules: poly (DeepLab, every paper here), cosine, constant; linear warm-up.
+
+The time-constant rule that maps a paper's momenta and iteration counts to a shorter run is
+:func:`segadapt.config.scaled_momentum` / :func:`~segadapt.config.scaled_iterations`, applied when a
+config is loaded.
+"""
 
 from __future__ import annotations
 

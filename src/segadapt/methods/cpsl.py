@@ -116,13 +116,27 @@ class SelfLabelingHead(nn.Module):
         return self.prototypes.shape[0]
 
     @torch.no_grad()
-    def init_from_prototypes(self, prototypes: torch.Tensor) -> None:
-        """Copy class prototypes ``[K, D]`` (Eq. 7, e.g. from :func:`class_prototypes`) in, L2-normalised."""
+    def init_from_prototypes(self, prototypes: torch.Tensor, empty: Literal["random", "zero"] = "random") -> None:
+        """Copy class prototypes ``[K, D]`` (Eq. 7, e.g. from :func:`class_prototypes`) in, L2-normalised.
+
+        A class with no pixel under the warm-up has no Eq. 7 mean (its row of ``prototypes`` is 0);
+        the paper is silent. ``empty="random"`` (default) keeps that row's random unit vector, the
+        head's initialisation without Init (Tab. 3 "w/o Init"), so that every row is a cluster centre
+        on the sphere as Eq. 4-6 assume. ``"zero"`` copies the zero row in: ``normalize(0)`` then
+        scores 0 against every feature and its gradient is scaled by ``1 / eps`` (about 1e12), which
+        freezes the row at any learning rate (the behaviour before 2026-12-02).
+        """
         if prototypes.shape != self.prototypes.shape:
             raise DataError(
                 f"prototypes must have shape {tuple(self.prototypes.shape)} (classes x feature dim), got {tuple(prototypes.shape)}"
             )
-        self.prototypes.copy_(F.normalize(prototypes.to(self.prototypes), dim=1))
+        if empty not in ("random", "zero"):
+            raise ValueError(f"empty must be 'random' or 'zero', got {empty!r}")
+        given = F.normalize(prototypes.to(self.prototypes), dim=1)
+        if empty == "random":
+            missing = prototypes.norm(dim=1) == 0
+            given[missing] = F.normalize(self.prototypes[missing], dim=1)
+        self.prototypes.copy_(given)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         weights = F.normalize(self.prototypes, dim=1)

@@ -139,6 +139,9 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         "backbone": [p for p in model.backbone_parameters() if p.requires_grad],
         "head": [p for p in model.head_parameters() if p.requires_grad],
     }
+    method_head = [p for p in model.method_head_parameters() if p.requires_grad]
+    if method_head:
+        groups["method_head"] = method_head
     grouped = [id(p) for group in groups.values() for p in group]
     if len(grouped) != len(set(grouped)):
         raise ValueError(f"{type(model).__name__}: a parameter is in both the backbone and the head group")

@@ -150,6 +150,14 @@ class BackboneHeadSplit(abc.ABC):
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters trained at ``optim.lr * optim.head_lr_mult``."""
 
+    def method_head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters a method adds on top of the network (CPSL's self-labeling head); none by default.
+
+        They train at the head's learning rate, in the head group unless ``optim.method_head_optimizer``
+        gives them an optimiser of their own.
+        """
+        return iter(())
+
 
 class EncoderDecoder(abc.ABC):
     """A network whose forward is decode(encode(images)): the recipes that need the encoder's own

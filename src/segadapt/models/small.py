@@ -13,7 +13,7 @@ that fuses the context with the stride-4 encoder features.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,12 @@ class SmallSegNet(SegmentationModel):
         width: channels of the first stage; later stages use ``2 * width`` and ``4 * width``.
         normalization: a :class:`Normalization` or a preset name (``imagenet``, ``proda``,
             ``caffe``); applied inside the model to RGB input in ``[0, 1]``.
+        embedding: ``signed`` (default): the feature map is the decoder's batch-norm output,
+            with no ReLU after it, like the ProDA/CPSL DeepLab-V2 head's GroupNorm bottleneck, so
+            cosine similarities between pixel features span ``[-1, 1]`` (CPSL's Sinkhorn scores and
+            Eq. 7 prototypes, BiCL's label transfer work on them). ``relu``: a ReLU after it, as
+            before 2026-12-02 (about half of the features exactly 0, cosines never negative); the
+            state-dict keys are the same either way.
 
     Shape:
         - input: ``[N, 3, H, W]`` RGB in ``[0, 1]``
@@ -92,7 +98,10 @@ class SmallSegNet(SegmentationModel):
         feature_dim: int = 64,
         width: int = 32,
         normalization: str | Normalization = "imagenet",
+        embedding: Literal["signed", "relu"] = "signed",
     ) -> None:
+        if embedding not in ("signed", "relu"):
+            raise ValueError(f"embedding must be 'signed' or 'relu', got {embedding!r}")
         if num_classes < 1 or feature_dim < 1 or width < 1:
             raise ValueError(
                 f"num_classes, feature_dim and width must be positive, got {num_classes}, {feature_dim}, {width}"
@@ -107,6 +116,9 @@ class SmallSegNet(SegmentationModel):
             PyramidPooling(4 * width, width),
         )
         self.decoder = conv_bn_relu(4 * width + 2 * width, feature_dim)
+        if embedding == "signed":
+            del self.decoder[2]  # keeps the keys decoder.0 (conv) and decoder.1 (batch norm)
+        self.embedding = embedding
         self.classifier = nn.Conv2d(feature_dim, num_classes, 1)
 
     def forward(self, images: torch.Tensor) -> SegOutput:

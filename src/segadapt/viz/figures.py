@@ -5,13 +5,14 @@ features) and a path; reading run directories, loading checkpoints and running n
 command's part (:mod:`segadapt.commands.report`).
 
 matplotlib is an optional dependency (``pip install segadapt[report]``): the rest of segadapt
-never imports it.
+never imports it. scikit-learn, for the t-SNE view of the features (:func:`tsne_2d`), is another
+(``pip install segadapt[tsne]``), imported by that function only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -106,18 +107,67 @@ def pca_2d(features: torch.Tensor) -> torch.Tensor:
     return centred @ vectors[:2].T
 
 
-def plot_features(features: torch.Tensor, labels: torch.Tensor, classes: ClassInfo, path: Path, pixels: int = 4000, seed: int = 0) -> None:
-    """PCA of pixel ``features [M, D]`` (up to ``pixels`` of them, drawn with ``seed``), coloured by their ground-truth ``labels [M]``."""
+def _tsne_class() -> Any:
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError as err:
+        raise SegadaptError(f'the t-SNE view of the features needs scikit-learn: pip install "segadapt[tsne]" ({err})') from None
+    return TSNE
+
+
+def tsne_available() -> bool:
+    """Whether :func:`tsne_2d` can run: scikit-learn imports."""
+    try:
+        _tsne_class()
+    except SegadaptError:
+        return False
+    return True
+
+
+def tsne_2d(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> torch.Tensor:
+    """A t-SNE embedding of ``features [M, D]`` (L2-normalised first, as the PCA view's), ``[M, 2]``.
+
+    scikit-learn's ``TSNE`` (Barnes-Hut), started from the PCA of the points (``init="pca"``) with
+    ``random_state=seed``: the same inputs and seed give the same embedding. ``perplexity`` (about
+    the number of neighbours each point keeps close) is capped at ``(M - 1) / 3``: Barnes-Hut looks
+    at ``3 * perplexity`` neighbours per point, which must be fewer than ``M``, so a small ``M``
+    still runs, with every other point as a neighbour. Fewer than 2 points are returned at 0.
+    Raises :class:`~segadapt.errors.SegadaptError` naming ``pip install "segadapt[tsne]"`` when
+    scikit-learn is missing.
+    """
+    tsne = _tsne_class()
+    if len(features) < 2:
+        return torch.zeros(len(features), 2)
+    points = torch.nn.functional.normalize(features.detach().float().cpu(), dim=1).numpy()
+    embedding = tsne(n_components=2, perplexity=min(perplexity, (len(points) - 1) / 3), init="pca", random_state=seed).fit_transform(points)
+    return torch.from_numpy(np.ascontiguousarray(embedding, dtype=np.float32))
+
+
+_PROJECTION_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
+
+
+def plot_features(
+    features: torch.Tensor, labels: torch.Tensor, classes: ClassInfo, path: Path, pixels: int = 4000, seed: int = 0,
+    method: Literal["pca", "tsne"] = "pca",
+) -> None:
+    """A 2-D view of pixel ``features [M, D]`` (up to ``pixels`` of them, drawn with ``seed``), coloured by their ground-truth ``labels [M]``.
+
+    ``method``: ``"pca"`` (:func:`pca_2d`, deterministic, no extra dependency) or ``"tsne"``
+    (:func:`tsne_2d` with ``seed``, scikit-learn; BLV supplement Fig. 2). Both project the same
+    pixels, L2-normalised.
+    """
+    name = _PROJECTION_NAMES[method]
     plt = _pyplot()
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(labels), generator=generator)[:pixels]
-    points = pca_2d(torch.nn.functional.normalize(features[chosen], dim=1)).numpy()
+    normalised = torch.nn.functional.normalize(features[chosen], dim=1)
+    points = (tsne_2d(normalised, seed=seed) if method == "tsne" else pca_2d(normalised)).numpy()
     palette = np.asarray(classes.palette(), dtype=np.float64).reshape(-1, 3)[: classes.num_classes] / 255.0
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(points[:, 0], points[:, 1], c=palette[labels[chosen].numpy()], s=3)
     for class_id in labels[chosen].unique().tolist():
         ax.scatter([], [], c=[palette[class_id]], label=classes.names[class_id], s=12)
-    ax.set(title="pixel features (PCA of L2-normalised features)", xticks=[], yticks=[])
+    ax.set(title=f"pixel features ({name} of L2-normalised features)", xticks=[], yticks=[])
     ax.legend(fontsize=6, ncol=2, markerscale=1.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

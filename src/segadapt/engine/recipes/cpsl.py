@@ -115,6 +115,11 @@ class CPSLOptions(BaseModel):
     self_training: bool = Field(True, description="false = 'w/o ST': labels argmax P_SL, no warm-up soft labels")
     class_balanced: bool = Field(True, description="false = 'w/o CB' (PSL): equipartition + uniform sampling")
     init_from_prototypes: bool = Field(True, description="false = 'w/o Init': random self-labeling head")
+    empty_class_prototype: Literal["random", "zero"] = Field(
+        "random",
+        description="head row of a class the warm-up never predicts (no Eq. 7 mean; the paper is silent): a random unit "
+        "vector as without Init, or zero (before 2026-12-02: normalize(0) freezes that row)",
+    )
     strong_augmentation: bool = Field(True, description="false = 'w/o Aug': the student sees the weak view")
     momentum_network: bool = Field(True, description="false = 'w/o Mom': targets from the current networks")
     momentum_batch_norm: Literal["as_student", "running"] = Field(
@@ -154,6 +159,8 @@ class _SegmentationWithHead(nn.Module, BackboneHeadSplit):
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.model.head_parameters()
+
+    def method_head_parameters(self) -> Iterator[nn.Parameter]:
         if self.head is not None:
             yield from self.head.parameters()
 
@@ -201,7 +208,10 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
         raise DataError(f"data.target ({spec.dataset}, split {spec.split}) has no images to compute the CPSL prototypes from")
     unseen = [dataset.classes.names[k] for k in range(num_classes) if counts[k] == 0]
     if unseen:
-        log(f"cpsl: the warm-up predicts no pixel of {', '.join(unseen)}: their prototypes are zero and r starts at 0 for them")
+        log(
+            f"cpsl: the warm-up predicts no pixel of {', '.join(unseen)}: they have no Eq. 7 prototype "
+            "(method.empty_class_prototype) and r starts at 0 for them"
+        )
     return {"prototypes": accumulator.compute(), "class_counts": counts, "num_images": len(dataset)}
 
 
@@ -273,7 +283,7 @@ class CPSL(Recipe):
         if options.self_labeling:
             self.head = SelfLabelingHead(num_classes, prototypes.shape[1])
             if options.init_from_prototypes:
-                self.head.init_from_prototypes(prototypes)
+                self.head.init_from_prototypes(prototypes, empty=options.empty_class_prototype)
             if options.momentum_network:
                 self.ema_head = ModelEMA(self.head, options.ema_momentum)
             self.bank = MemoryBank(prototypes.shape[1], options.queue_size)
