@@ -173,8 +173,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     Parameters whose name contains one of ``cfg.no_decay_keys`` go to groups of their own without
     weight decay (``backbone_no_decay``, ``head_no_decay``): DAFormer's ``norm`` layers, as its
     optimiser's custom keys do. Parameters a method adds (``method_head_parameters``, CPSL's
-    self-labeling head) join the head group, or with ``cfg.method_head_optimizer`` form a
-    ``method_head`` group stepped by that optimiser (a :class:`CombinedOptimizer`).
+    self-labeling head) join the head group, or with a ``cfg.method_head_optimizer`` other than
+    ``cfg.name`` form a ``method_head`` group stepped by that optimiser (a :class:`CombinedOptimizer`).
     """
     from ..models import param_groups
 
@@ -185,7 +185,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     multipliers = {"backbone": 1.0, "head": cfg.head_lr_mult, "method_head": cfg.head_lr_mult}
     groups = param_groups(model)
-    if cfg.method_head_optimizer == "same" and "method_head" in groups:
+    if cfg.method_head_optimizer in ("same", cfg.name) and "method_head" in groups:
         groups["head"] = groups["head"] + groups.pop("method_head")  # one head group, as before the option
     params: list[dict] = []
     for part, members in groups.items():
