@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,6 +233,29 @@ def test_ensure_regenerates_a_partial_or_outdated_copy(tiny: Path, tmp_path: Pat
     (partial / "source" / "images" / "train").mkdir(parents=True)
     (partial / "source" / "images" / "train" / "source_train_0000.png").write_bytes(b"truncated")
     assert files_of(ensure_benchmark(partial, seed=0, size="tiny")) == reference
+
+
+def test_a_copy_another_process_finished_meanwhile_is_kept_not_replaced(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two trainings started together on a fresh machine both generate; the one that finishes first may
+    already read its tree, so the later one must not delete and re-rename it (a lost file mid-run)."""
+    root = tmp_path / "cache"
+    original = generate._write_tree
+    first: list[int] = []
+
+    def another_process_finishes_first(staging: Path, *args: Any) -> None:
+        original(staging, *args)
+        shutil.copytree(tiny, root)  # the other process's rename lands while this one is writing
+        first.append(root.stat().st_ino)
+
+    monkeypatch.setattr(generate, "_write_tree", another_process_finishes_first)
+    assert ensure_benchmark(root, seed=0, size="tiny") == root
+    assert root.stat().st_ino == first[0]  # the tree the other process may be reading is still there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # this process's copy is discarded
+    assert files_of(root) == files_of(tiny)
+    # an explicit generation (segadapt make-benchmark) still replaces what is there
+    monkeypatch.setattr(generate, "_write_tree", original)
+    generate.generate_benchmark(root, seed=0, size="tiny")
+    assert root.stat().st_ino != first[0] and files_of(root) == files_of(tiny)
 
 
 def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from segadapt.methods.blv import (
     blv_logits,
     blv_offsets,
     dataset_class_counts,
+    expected_variation,
     sigma_schedule,
 )
 from segadapt.methods.common import class_pixel_counts
@@ -120,6 +121,16 @@ def test_noise_is_abs_of_clamp_minus_one_one():
     assert abs(saturated - math.erfc(0.25 / math.sqrt(2))) < 0.005
     assert (noise == 0).double().mean().item() < 1e-3
     assert noise.min() >= 0 and noise.max() <= 1
+
+
+@pytest.mark.parametrize("sigma", [0.5, 4.0, 6.0])
+def test_expected_variation_is_the_mean_of_the_sampled_noise(sigma):
+    # the fixed part of the variation: mean of |clamp(N(0, sigma), -1, 1)| over 100,000 draws
+    noise = blv_logits(torch.zeros(1, 1, 200, 500), torch.ones(1), sigma, generator=torch.Generator().manual_seed(0))
+    assert abs(noise.double().mean().item() - expected_variation(sigma)) < 3e-3
+    assert expected_variation(0.0) == 0.0
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        expected_variation(-1.0)
 
 
 def test_variation_is_deterministic_with_a_generator():

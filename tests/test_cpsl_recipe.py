@@ -147,6 +147,7 @@ class Spy:
             ("sample_pixels", ("labels", "m", "k")),
             ("online_self_labeling_loss", ("head", "features", "bank", "marginal")),
             ("symmetric_kl_consistency", ("weak", "strong", "mask")),
+            ("prototype_kl_consistency", ("weak", "strong", "tau", "mask")),
         ):
             self._wrap(monkeypatch, name, params)
 
@@ -286,6 +287,30 @@ def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Pa
         assert torch.equal(recipe.class_distribution.distribution, r0)
 
 
+@pytest.mark.parametrize(
+    "overrides, jitter, blur",
+    [((), (0.4, 0.5), ((1.0, 1.0), 0.5)),  # the authors' RandAugmentMC photometric part
+     (("method.strong_blur_sigma=0.12",), (0.4, 0.5), ((0.12, 0.12), 0.5)),
+     (("method.strong_blur_sigma=0",), (0.4, 0.5), ((0.0, 0.0), 0.0)),
+     (("method.strong_jitter=0",), (0.0, 0.0), ((1.0, 1.0), 0.5))],
+)
+def test_strong_view_follows_its_options(
+    tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...], jitter: tuple, blur: tuple
+) -> None:
+    """``method.strong_blur_sigma`` and ``method.strong_jitter`` set one part of the student's view each (the
+    authors' radius 1 on ~2,200-pixel images is ~0.12 on the benchmark's 256); 0 switches that part off."""
+    views: list[Any] = []
+    original = cpsl_recipe.strong_view
+    monkeypatch.setattr(cpsl_recipe, "strong_view", lambda images, aug: views.append(aug) or original(images, aug))
+    one_step(tmp_path, warmup, monkeypatch, f"view{len(overrides) and overrides[0][7:]}", *overrides)
+    (augmentation,) = views
+    assert (augmentation.jitter, augmentation.jitter_p) == jitter
+    assert (augmentation.blur_sigma, augmentation.blur_p) == blur
+    for key in ("strong_blur_sigma", "strong_jitter"):
+        with pytest.raises(ConfigError, match=f"method.{key}"):
+            Trainer(cpsl_config(tmp_path, warmup, f"name=neg_{key}", f"method.{key}=-1"))
+
+
 def test_self_labeling_loss_trains_only_the_head_by_default(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CPSL Fig. 1: "The f'_SEG is followed by a self-labeling head f_SL"; Sec. 3.2: "the self-labeling head f_SL
     is updated by minimizing L_SL"; Algorithm 1, line 15: "Train the self-labeling head f_SL using loss L_SL",
@@ -304,6 +329,42 @@ def test_self_labeling_loss_trains_only_the_head_by_default(tmp_path: Path, warm
     assert network and len(network) == len(network_without)
     assert all(torch.equal(a, b) for a, b in zip(network, network_without))
     assert any(not torch.equal(a, b) for a, b in zip(head, head_without))
+
+
+def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
+    tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """method.consistency=prototype: KL(teacher || student) of softmax(cos(z, c'_SL) / tau), the teacher the momentum
+    network's weak view, the student the student's strong view, both against the momentum head's prototypes; the
+    gradient reaches the student network, not the head (its only gradient stays L_SL's)."""
+    gradients = {}
+    for lambda2 in ("5.0", "0.0"):
+        _, recipe, batches, spy, _, losses, _ = one_step(
+            tmp_path, warmup, monkeypatch, f"proto_{lambda2}", "method.consistency=prototype", f"method.lambda2={lambda2}"
+        )
+        assert "symmetric_kl_consistency" not in spy.calls
+        call = spy.one("prototype_kl_consistency")
+        assert call["tau"] == 0.08 and torch.equal(call["mask"], torch.ones(2, 8, 16, dtype=torch.bool))
+        momentum_prototypes = F.normalize(recipe.ema_head.module.prototypes, dim=1)
+        with batch_norm_as(recipe.ema_model.module, recipe.model):
+            teacher = recipe.ema_model(batches["target"]["image"]).features
+        expected_weak = torch.einsum("ndhw,kd->nkhw", F.normalize(teacher, dim=1), momentum_prototypes)
+        assert torch.allclose(call["weak"], expected_weak, atol=1e-5)
+        assert call["weak"].shape == call["strong"].shape == (2, 19, 8, 16) and not torch.equal(call["weak"], call["strong"])
+        # one-directional KL at tau
+        p_weak = torch.softmax(call["weak"] / 0.08, dim=1)
+        kl = (p_weak * (p_weak.log() - torch.log_softmax(call["strong"] / 0.08, dim=1))).sum(1).mean()
+        assert losses["loss_reg"].item() == pytest.approx(kl.item(), rel=1e-4)
+        losses["loss"].backward()
+        gradients[lambda2] = (
+            [p.grad.clone() for p in recipe.model.parameters() if p.grad is not None],
+            recipe.head.prototypes.grad.clone(),
+        )
+    (network, head), (network_without, head_without) = gradients["5.0"], gradients["0.0"]
+    assert torch.equal(head, head_without)  # the consistency term sends nothing to the head
+    assert any(not torch.equal(a, b) for a, b in zip(network, network_without))  # ... and reaches the network
+    with pytest.raises(ConfigError, match=r"method.consistency=segmentation \(Eq. 13\) for 'w/o SL'"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=e5", "method.consistency=prototype", "method.self_labeling=false"))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

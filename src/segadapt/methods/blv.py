@@ -45,6 +45,7 @@ help little.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -132,6 +133,26 @@ def blv_logits(
     variation = (noise * sigma).clamp(-1.0, 1.0).abs()
     scale = offsets.to(logits.device, torch.float32).view(1, -1, *([1] * (logits.dim() - 2)))
     return logits + (variation * scale).to(logits.dtype)
+
+
+def expected_variation(sigma: float) -> float:
+    """Mean of the BLV noise magnitude, ``E|clamp(v, -1, 1)|`` for ``v ~ N(0, sigma^2)``.
+
+    ``P(|v| > 1) + E[|v|; |v| <= 1]``: the fixed part of the variation, the offset
+    ``expected_variation(sigma) * f_c`` that the cross-entropy sees on class ``c`` on average and
+    evaluation leaves out (docs/blv.md, "What the pseudo-code does to the tail logits at test time").
+
+    Examples:
+        >>> round(expected_variation(6.0), 3), round(expected_variation(4.0), 3)
+        (0.934, 0.901)
+    """
+    if sigma < 0:
+        raise ValueError(f"BLV sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return 0.0
+    saturated = math.erfc(1 / (sigma * math.sqrt(2)))
+    inside = sigma * math.sqrt(2 / math.pi) * (1 - math.exp(-1 / (2 * sigma**2)))
+    return saturated + inside
 
 
 def sigma_schedule(iteration: int, total: int, sigma0: float, t_mid: int) -> float:

@@ -16,7 +16,8 @@ memory bank (Sec. 3.2)          :class:`MemoryBank`
 Eq. 8, 9 (balanced sampling)    :func:`sample_pixels`, :func:`gather_pixel_features`
 Eq. 10-12 (distribution align)  :class:`ClassDistribution`, fed with
                                 :func:`~segadapt.methods.common.class_pixel_counts`
-Eq. 13 (consistency)            :func:`symmetric_kl_consistency`
+Eq. 13 (consistency)            :func:`symmetric_kl_consistency` (the authors' code:
+                                :func:`prototype_kl_consistency`)
 Eq. 14 (total loss)             :func:`cpsl_total_loss`
 CPSL+distill (Sec. 4.2)         :func:`distillation_loss` (KL: :func:`~segadapt.methods.common.pixel_kl_divergence`)
 ==============================  ==========================================================
@@ -73,6 +74,8 @@ __all__ = [
     "sample_pixels",
     "self_labeling_loss",
     "sinkhorn",  # re-exported from .sinkhorn
+    "prototype_cosines",
+    "prototype_kl_consistency",
     "symmetric_kl_consistency",
 ]
 
@@ -127,9 +130,7 @@ class SelfLabelingHead(nn.Module):
         freezes the row at any learning rate (the behaviour before 2026-12-02).
         """
         if prototypes.shape != self.prototypes.shape:
-            raise DataError(
-                f"prototypes must have shape {tuple(self.prototypes.shape)} (classes x feature dim), got {tuple(prototypes.shape)}"
-            )
+            raise DataError(f"prototypes must have shape {tuple(self.prototypes.shape)} (classes x feature dim), got {tuple(prototypes.shape)}")
         if empty not in ("random", "zero"):
             raise ValueError(f"empty must be 'random' or 'zero', got {empty!r}")
         given = F.normalize(prototypes.to(self.prototypes), dim=1)
@@ -139,12 +140,22 @@ class SelfLabelingHead(nn.Module):
         self.prototypes.copy_(given)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        weights = F.normalize(self.prototypes, dim=1)
-        if features.dim() == 2:
-            return F.normalize(features, dim=1) @ weights.T
-        if features.dim() == 4:
-            return torch.einsum("ndhw,kd->nkhw", F.normalize(features, dim=1), weights)
-        raise DataError(f"SelfLabelingHead expects features [M, D] or [N, D, h, w], got {tuple(features.shape)}")
+        return prototype_cosines(features, self.prototypes)
+
+
+def prototype_cosines(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``cos(z, w_k)`` of every pixel feature to every prototype: :class:`SelfLabelingHead`'s scores.
+
+    Shape:
+        - features: ``[M, D]`` or ``[N, D, h, w]``; prototypes: ``[K, D]``
+        - output: ``[M, K]`` or ``[N, K, h, w]``
+    """
+    weights = F.normalize(prototypes, dim=1)
+    if features.dim() == 2:
+        return F.normalize(features, dim=1) @ weights.T
+    if features.dim() == 4:
+        return torch.einsum("ndhw,kd->nkhw", F.normalize(features, dim=1), weights)
+    raise DataError(f"SelfLabelingHead expects features [M, D] or [N, D, h, w], got {tuple(features.shape)}")
 
 
 class PrototypeAccumulator:
@@ -200,9 +211,7 @@ class PrototypeAccumulator:
         return class_means_from_sums(self.sums, self.counts).float()
 
 
-def class_prototypes(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Eq. 7's class prototypes ``[K, D]`` of one batch; see :class:`PrototypeAccumulator` for datasets.
 
     Shape:
@@ -433,9 +442,7 @@ class ClassDistribution(nn.Module):
 
     distribution: torch.Tensor
 
-    def __init__(
-        self, initial: torch.Tensor, momentum: float = 0.999, mode: Literal["momentum", "fixed"] = "momentum"
-    ) -> None:
+    def __init__(self, initial: torch.Tensor, momentum: float = 0.999, mode: Literal["momentum", "fixed"] = "momentum") -> None:
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ConfigError(f"class-distribution momentum (alpha of Eq. 11) must be in [0, 1], got {momentum}")
@@ -559,9 +566,7 @@ def online_self_labeling_loss(
     return self_labeling_loss(head(features), assignments, temperature)
 
 
-def symmetric_kl_consistency(
-    weak_logits: torch.Tensor, strong_logits: torch.Tensor, valid_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def symmetric_kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels (CPSL Eq. 13).
 
     ``P = softmax(logits)`` over the class dimension, computed in float32. Eq. 13 sums over pixels and
@@ -587,6 +592,43 @@ def symmetric_kl_consistency(
     log_strong = F.log_softmax(strong_logits.float(), dim=1)
     # KL(w||s) + KL(s||w) = sum_c (p_w - p_s)(log p_w - log p_s)
     per_pixel = ((log_weak.exp() - log_strong.exp()) * (log_weak - log_strong)).sum(dim=1)
+    return _mean_over_valid_pixels(per_pixel, valid_mask)
+
+
+def prototype_kl_consistency(
+    weak_scores: torch.Tensor,
+    strong_scores: torch.Tensor,
+    temperature: float = 0.08,
+    valid_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``KL(softmax(s_w / tau) || softmax(s_s / tau))`` per pixel, averaged over valid pixels: the
+    authors' code's consistency term, in place of CPSL Eq. 13.
+
+    The paper's Eq. 13 (:func:`symmetric_kl_consistency`) is a symmetric KL between the segmentation
+    probability maps of the two views. The authors' code (inherited from ProDA) instead compares
+    *prototype* probabilities: ``s_w`` are the cosines of the momentum network's weak-view features to
+    the momentum head's prototypes, ``s_s`` those of the student's strong-view features to the same
+    (momentum) prototypes, both at the temperature ``tau`` of Eq. 1, and only ``KL(teacher || student)``
+    is taken (docs/reference_code.md, "CPSL: consistency loss"). The gradient reaches the student's
+    features only: ``s_w`` is detached here; compute ``s_s`` with prototypes that carry no gradient.
+
+    Shape:
+        - weak_scores, strong_scores: ``[N, K, h, w]`` cosines; valid_mask: ``[N, h, w]`` bool; output: scalar
+
+    Examples:
+        >>> scores = torch.rand(1, 3, 2, 2)
+        >>> float(prototype_kl_consistency(scores, scores))
+        0.0
+        >>> round(float(prototype_kl_consistency(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1), 1.0)), 4)
+        0.1109
+    """
+    if weak_scores.shape != strong_scores.shape:
+        raise DataError(f"weak {tuple(weak_scores.shape)} and strong {tuple(strong_scores.shape)} prototype scores must match")
+    per_pixel = pixel_kl_divergence(strong_scores.float() / temperature, weak_scores.float() / temperature)
+    return _mean_over_valid_pixels(per_pixel, valid_mask)
+
+
+def _mean_over_valid_pixels(per_pixel: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
     if valid_mask is None:
         return per_pixel.mean()
     if valid_mask.shape != per_pixel.shape or valid_mask.dtype != torch.bool:

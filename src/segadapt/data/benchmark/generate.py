@@ -147,7 +147,9 @@ def _summary(seed: int, size: str, shape: BenchmarkSize, jobs: list, histograms:
     }
 
 
-def generate_benchmark(root: str | Path, seed: int = 0, size: str = "default", num_workers: int = 0) -> Path:
+def generate_benchmark(
+    root: str | Path, seed: int = 0, size: str = "default", num_workers: int = 0, replace_complete: bool = True
+) -> Path:
     """Generate the benchmark into ``root`` and return it.
 
     The tree is written to a temporary sibling directory and renamed into place, so an
@@ -159,6 +161,9 @@ def generate_benchmark(root: str | Path, seed: int = 0, size: str = "default", n
         seed: the benchmark seed; the same seed gives byte-identical files.
         size: ``"default"`` (the published calibration) or ``"tiny"`` (tests).
         num_workers: worker processes (0 generates in this process).
+        replace_complete: ``False`` keeps a complete benchmark of this seed, size and version that
+            another process put at ``root`` while this one was generating (it may be reading it
+            already) and discards this copy.
     """
     root = Path(root).expanduser()
     _size(size)
@@ -170,6 +175,9 @@ def generate_benchmark(root: str | Path, seed: int = 0, size: str = "default", n
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         _write_tree(staging, seed, size, num_workers)
+        if not replace_complete and is_complete(root, seed, size):
+            shutil.rmtree(staging)
+            return root
         if root.exists():
             shutil.rmtree(root)
         os.rename(staging, root)
@@ -211,14 +219,15 @@ def ensure_benchmark(root: str | Path | None = None, seed: int = 0, size: str = 
     """Return a complete benchmark at ``root`` (default: the cache), generating it only if needed.
 
     A missing, partial or outdated copy is regenerated. When several processes (e.g. the
-    ranks of a distributed run) race, each generates into its own temporary directory and the
-    first rename wins.
+    ranks of a distributed run, or two trainings started together on a fresh machine) race, each
+    generates into its own temporary directory, the first rename wins and the later ones keep the
+    winner's tree, which the first process may already be reading.
     """
     root = Path(root).expanduser() if root is not None else default_benchmark_dir(seed, size)
     if is_complete(root, seed, size):
         return root
     try:
-        return generate_benchmark(root, seed, size, num_workers)
+        return generate_benchmark(root, seed, size, num_workers, replace_complete=False)
     except OSError:
         if is_complete(root, seed, size):  # another process finished first
             return root

@@ -57,6 +57,7 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
@@ -77,6 +78,8 @@ from ...methods.cpsl import (
     cpsl_total_loss,
     gather_pixel_features,
     online_self_labeling_loss,
+    prototype_cosines,
+    prototype_kl_consistency,
     rectify_pseudo_labels,
     sample_pixels,
     symmetric_kl_consistency,
@@ -101,6 +104,11 @@ class CPSLOptions(BaseModel):
 
     lambda1: float = Field(0.1, ge=0, description="weight of the self-labeling loss L_SL (Eq. 14)")
     lambda2: float = Field(5.0, ge=0, description="weight of the consistency loss L_REG (Eq. 14)")
+    consistency: Literal["segmentation", "prototype"] = Field(
+        "segmentation",
+        description="L_REG: symmetric KL of the two views' segmentation probabilities (Eq. 13, paper) or KL(teacher || "
+        "student) of their prototype probabilities softmax(cos(z, c'_SL) / tau) (the authors' code; needs self_labeling)",
+    )
     tau: float = Field(0.08, gt=0, description="temperature of P_SL in Eq. 1 and of p in Eq. 4")
     epsilon: float = Field(0.05, gt=0, description="Sinkhorn temperature (Eq. 6)")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (authors' code: 3)")
@@ -121,6 +129,15 @@ class CPSLOptions(BaseModel):
         "vector as without Init, or zero (before 2026-12-02: normalize(0) freezes that row)",
     )
     strong_augmentation: bool = Field(True, description="false = 'w/o Aug': the student sees the weak view")
+    strong_jitter: float = Field(
+        0.4, ge=0, description="colour jitter strength of the strong view (brightness, contrast, saturation, hue; p = 0.5); 0 = none"
+    )
+    strong_blur_sigma: float = Field(
+        1.0,
+        ge=0,
+        description="sigma (pixels) of the strong view's Gaussian blur (authors: radius 1 on images about 2,200 pixels "
+        "wide; images s times narrower copy it with 1/s); 0 = no blur",
+    )
     momentum_network: bool = Field(True, description="false = 'w/o Mom': targets from the current networks")
     momentum_batch_norm: Literal["as_student", "running"] = Field(
         "as_student",
@@ -137,8 +154,12 @@ class CPSLOptions(BaseModel):
 def _check_switches(options: CPSLOptions) -> None:
     if not (options.self_labeling or options.self_training):
         raise ConfigError(
-            "method.self_labeling=false and method.self_training=false leave CPSL without pseudo labels; "
-            "keep at least one of them true"
+            "method.self_labeling=false and method.self_training=false leave CPSL without pseudo labels; keep at least one of them true"
+        )
+    if options.consistency == "prototype" and not options.self_labeling:
+        raise ConfigError(
+            "method.consistency=prototype compares the views through the self-labeling head's prototypes, which "
+            "method.self_labeling=false removes; use method.consistency=segmentation (Eq. 13) for 'w/o SL'"
         )
 
 
@@ -256,8 +277,7 @@ class CPSL(Recipe):
                 "(segadapt train benchmark/source_only, or .../adversarial_warmup as in the paper)"
             )
         path = run_dir / INIT_FILE
-        reuse_or_make(path, warmup_statistics_key(cfg), lambda: atomic_save(warmup_statistics(cfg, log), path), log,
-                      "cpsl: warm-up statistics")
+        reuse_or_make(path, warmup_statistics_key(cfg), lambda: atomic_save(warmup_statistics(cfg, log), path), log, "cpsl: warm-up statistics")
         return cfg
 
     _trainable: _SegmentationWithHead  # set with object.__setattr__ in __init__ (not a submodule), declared for type checkers
@@ -277,6 +297,14 @@ class CPSL(Recipe):
         # the fixed warm-up (P_ST), rebuilt from model.checkpoint on every start instead of filling
         # every checkpoint with a fourth copy of the network
         self._warmup = FrozenNetwork(copy.deepcopy(model)) if options.self_training else None
+        blur, jitter = options.strong_blur_sigma, options.strong_jitter
+        self.strong_view_augmentation = dataclasses.replace(
+            CPSL_STRONG,
+            jitter=jitter,
+            jitter_p=CPSL_STRONG.jitter_p if jitter > 0 else 0.0,
+            blur_sigma=(blur, blur),
+            blur_p=CPSL_STRONG.blur_p if blur > 0 else 0.0,
+        )
         self.ema_model = ModelEMA(model, options.ema_momentum) if options.momentum_network else None
         self.head: SelfLabelingHead | None = None
         self.ema_head: ModelEMA | None = None
@@ -352,7 +380,7 @@ class CPSL(Recipe):
 
         weak = target["image"]
         teacher = self._momentum_outputs(weak)
-        student = self.model(strong_view(weak, CPSL_STRONG) if options.strong_augmentation else weak)
+        student = self.model(strong_view(weak, self.strong_view_augmentation) if options.strong_augmentation else weak)
         grid = spatial_size(teacher.logits)
         inside = content_mask(target, grid)
 
@@ -373,7 +401,7 @@ class CPSL(Recipe):
             labels = soft.argmax(dim=1).masked_fill(~inside, self.ignore_index)
             loss_sl = student.logits.new_zeros(())
         loss_target = self.supervised_loss(student, labels)  # Eq. 2
-        loss_reg = symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
+        loss_reg = self._consistency_loss(teacher, student, inside)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
         losses.update(
             loss=loss,
@@ -383,6 +411,18 @@ class CPSL(Recipe):
             loss_reg=loss_reg.detach(),
         )
         return losses
+
+    def _consistency_loss(self, teacher: SegOutput, student: SegOutput, inside: torch.Tensor) -> torch.Tensor:
+        """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form."""
+        if self.options.consistency == "segmentation":
+            return symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
+        momentum_head = self.ema_head.module if self.ema_head is not None else self.head
+        assert isinstance(momentum_head, SelfLabelingHead)
+        with torch.no_grad():
+            weak_scores = momentum_head(teacher.features)
+        # the momentum prototypes are a fixed target here: the gradient reaches the student's features only
+        strong_scores = prototype_cosines(student.features, momentum_head.prototypes.detach())
+        return prototype_kl_consistency(weak_scores, strong_scores, self.options.tau, inside)
 
     def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
@@ -400,9 +440,7 @@ class CPSL(Recipe):
         features = momentum_features if options.sl_through_ema_features_only else student_features
         pixels = gather_pixel_features(features, indices).flatten(0, 1).float()
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
-        loss = online_self_labeling_loss(
-            self.head, pixels, self.bank, marginal, options.tau, options.epsilon, options.sinkhorn_iterations
-        )
+        loss = online_self_labeling_loss(self.head, pixels, self.bank, marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
         # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
         self.bank.enqueue(all_gather_cat(pixels.detach()))
         self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes, self.ignore_index)[None]).sum(0))
