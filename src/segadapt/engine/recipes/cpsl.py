@@ -389,10 +389,11 @@ class CPSL(Recipe):
         else:  # 'w/o ST': a flat P_ST leaves the argmax to P_SL alone
             soft = inside.unsqueeze(1).float().expand(-1, self.num_classes, -1, -1)
         losses: dict[str, torch.Tensor] = {}
+        momentum_scores = None  # the momentum head's cosines of the weak view: Eq. 1, and the prototype consistency
         if self.head is not None:
-            momentum_head = self.ema_head.module if self.ema_head is not None else self.head
             with torch.no_grad():
-                labels = rectify_pseudo_labels(soft, momentum_head(teacher.features), options.tau, self.ignore_index)  # Eq. 1
+                momentum_scores = self._momentum_head()(teacher.features)
+                labels = rectify_pseudo_labels(soft, momentum_scores, options.tau, self.ignore_index)  # Eq. 1
             loss_sl = self._self_labeling_loss(labels, teacher.features, student.features)
             if options.self_training:
                 changed = (labels != soft.argmax(dim=1)) & inside
@@ -401,7 +402,7 @@ class CPSL(Recipe):
             labels = soft.argmax(dim=1).masked_fill(~inside, self.ignore_index)
             loss_sl = student.logits.new_zeros(())
         loss_target = self.supervised_loss(student, labels)  # Eq. 2
-        loss_reg = self._consistency_loss(teacher, student, inside)
+        loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
         losses.update(
             loss=loss,
@@ -412,17 +413,22 @@ class CPSL(Recipe):
         )
         return losses
 
-    def _consistency_loss(self, teacher: SegOutput, student: SegOutput, inside: torch.Tensor) -> torch.Tensor:
-        """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form."""
+    def _momentum_head(self) -> SelfLabelingHead:
+        """The head whose prototypes label the weak view: the EMA copy, or the head itself for 'w/o Mom'."""
+        head = self.ema_head.module if self.ema_head is not None else self.head
+        assert isinstance(head, SelfLabelingHead)
+        return head
+
+    def _consistency_loss(
+        self, teacher: SegOutput, student: SegOutput, inside: torch.Tensor, momentum_scores: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form on ``momentum_scores``."""
         if self.options.consistency == "segmentation":
             return symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
-        momentum_head = self.ema_head.module if self.ema_head is not None else self.head
-        assert isinstance(momentum_head, SelfLabelingHead)
-        with torch.no_grad():
-            weak_scores = momentum_head(teacher.features)
+        assert momentum_scores is not None  # consistency=prototype requires self_labeling (_check_switches)
         # the momentum prototypes are a fixed target here: the gradient reaches the student's features only
-        strong_scores = prototype_cosines(student.features, momentum_head.prototypes.detach())
-        return prototype_kl_consistency(weak_scores, strong_scores, self.options.tau, inside)
+        strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
+        return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside)
 
     def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
