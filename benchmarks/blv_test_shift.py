@@ -18,15 +18,17 @@ give ``f_c`` and sigma); ``BASELINE_RUN_DIR`` (optional) is evaluated with ``k =
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from segadapt.config import RunConfig
 from segadapt.engine.builders import build_dataset_from_spec, build_eval_loader, build_transform
 from segadapt.engine.evaluation import confusion_over, summarize
 from segadapt.engine.loading import config_for_checkpoint, load_trained_model
+from segadapt.engine.losses import blv_class_counts
 from segadapt.methods.blv import blv_offsets, expected_variation
 from segadapt.metrics import compute_scores
 from segadapt.models.base import SegOutput
@@ -45,13 +47,17 @@ class ShiftedLogits(nn.Module):
         return out._replace(logits=out.logits + self.shift.to(out.logits))
 
 
-def evaluate_shifted(run: Path, shift: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """``segadapt eval``'s scores and confusion matrix of the run's last checkpoint, ``shift`` added to its logits."""
+def load_run(run: Path) -> tuple[RunConfig, nn.Module, Any]:
+    """A run's config (its run directory where the run lies now), the network of its last checkpoint, its validation set."""
     checkpoint = run / "checkpoints" / "last.pt"
-    cfg = config_for_checkpoint(checkpoint, None, [])
-    dataset = build_dataset_from_spec(cfg.data.val, with_labels=True)
-    classes = dataset.classes
+    cfg = config_for_checkpoint(checkpoint, None, [f"output_dir={run.resolve().parent}", f"name={run.name}"])
     model, _ = load_trained_model(checkpoint, cfg)
+    return cfg, model, build_dataset_from_spec(cfg.data.val, with_labels=True)
+
+
+def evaluate_shifted(cfg: RunConfig, model: nn.Module, dataset: Any, shift: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """``segadapt eval``'s scores and confusion matrix of ``model``, ``shift`` added to its logits."""
+    classes = dataset.classes
     if shift is not None:
         model = ShiftedLogits(model, shift)
     loader = build_eval_loader(dataset, build_transform(cfg.data.val_transforms, classes.ignore_index), cfg.data.val_batch_size, 0, 0, 1)
@@ -66,20 +72,18 @@ def main() -> None:
     parser.add_argument("--k", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     args = parser.parse_args()
 
-    cfg = config_for_checkpoint(args.run / "checkpoints" / "last.pt", None, [])
-    counts = json.loads((args.run / "blv_class_counts.json").read_text())
-    counts = counts.get("counts", counts)
-    offsets = blv_offsets(counts)
+    cfg, model, dataset = load_run(args.run)
+    offsets = blv_offsets(blv_class_counts(cfg, dataset.classes.num_classes))  # the run's cached counts
     magnitude = expected_variation(cfg.loss.blv.sigma)
     print(f"sigma {cfg.loss.blv.sigma}: E|clamp(N(0, sigma), -1, 1)| = {magnitude:.3f}")
 
     rows = []
     matrices = {}
     if args.baseline is not None:
-        flat, matrices["baseline"] = evaluate_shifted(args.baseline, None)
+        flat, matrices["baseline"] = evaluate_shifted(*load_run(args.baseline), None)
         rows.append((f"{args.baseline.name}", flat))
     for k in args.k:
-        flat, matrices[k] = evaluate_shifted(args.run, k * magnitude * offsets)
+        flat, matrices[k] = evaluate_shifted(cfg, model, dataset, k * magnitude * offsets)
         rows.append((f"{args.run.name}, k={k:g}", flat))
     names = [key[4:] for key in rows[0][1] if key.startswith("iou/")]
     print("| run | mIoU | MPA | " + " | ".join(names) + " |")

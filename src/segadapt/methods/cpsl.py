@@ -155,7 +155,7 @@ def prototype_cosines(features: torch.Tensor, prototypes: torch.Tensor) -> torch
         return F.normalize(features, dim=1) @ weights.T
     if features.dim() == 4:
         return torch.einsum("ndhw,kd->nkhw", F.normalize(features, dim=1), weights)
-    raise DataError(f"SelfLabelingHead expects features [M, D] or [N, D, h, w], got {tuple(features.shape)}")
+    raise DataError(f"prototype cosines need features [M, D] or [N, D, h, w], got {tuple(features.shape)}")
 
 
 class PrototypeAccumulator:
