@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -202,6 +204,30 @@ def test_collectives_over_two_gloo_processes(tmp_path: Path) -> None:
         assert torch.equal(result["running_mean"], torch.full((3,), 0.5)) and int(result["tracked"]) == 7
         assert torch.equal(result["mean"], torch.tensor([0.5]))
         assert result["objects"] == [{"rank": 0}, {"rank": 1}]
+
+
+def _cleanup_worker(rank: int, store: str, out: Path, peer_leaves: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    distributed.SHUTDOWN_TIMEOUT = timedelta(seconds=2)
+    if rank == 1:
+        time.sleep(0.5)  # still at work while rank 0 wants to leave
+        (out / "rank1_done").touch()
+        if not peer_leaves:  # a rank that fails leaves without meeting the others
+            time.sleep(4)
+            dist.destroy_process_group()
+            return
+    distributed.cleanup()
+    (out / f"left{rank}.json").write_text(json.dumps({"peer_done": (out / "rank1_done").exists(), "joined": dist.is_initialized()}))
+
+
+@pytest.mark.parametrize("peer_leaves", [True, False])
+def test_ranks_leave_the_group_together_and_not_waiting_for_a_failed_peer(tmp_path: Path, peer_leaves: bool) -> None:
+    mp.start_processes(_cleanup_worker, args=(str(tmp_path / "store"), tmp_path, peer_leaves), nprocs=2, start_method="fork")
+    left = json.loads((tmp_path / "left0.json").read_text())
+    # rank 0 leaves only once rank 1 finished its work; without rank 1 it leaves after the timeout
+    assert left == {"peer_done": True, "joined": False}
+    assert (tmp_path / "left1.json").exists() == peer_leaves
+    distributed.cleanup()  # no group in this process: nothing to leave
 
 
 def test_single_process_helpers_are_identities() -> None:

@@ -99,10 +99,27 @@ def init_distributed() -> DistInfo:
     return info
 
 
+SHUTDOWN_TIMEOUT = timedelta(seconds=60)
+"""How long a gloo rank waits, when leaving, for the others to leave too (see :func:`cleanup`)."""
+
+
 def cleanup() -> None:
-    """Leave the process group (a no-op when none was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, together with the other ranks (a no-op when none was joined).
+
+    On gloo the ranks first meet at a barrier bounded by :data:`SHUTDOWN_TIMEOUT`, so that no rank
+    tears its connections down while a peer still works (rank 0 writing the last files): once, in
+    CI, rank 1 leaving alone ended in a C++ ``terminate`` (SIGABRT) at exit, which turns a finished
+    job into a failed one under torchrun. A peer that never arrives (it failed) costs the timeout,
+    not a hang.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=SHUTDOWN_TIMEOUT)
+        except RuntimeError:
+            pass  # a peer failed or left: leave anyway, torchrun reports that rank's failure
+    dist.destroy_process_group()
 
 
 def is_initialized() -> bool:
