@@ -165,7 +165,7 @@ def test_dacs_blv_trains_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest
     for key, value in a["recipe"].items():  # student, EMA teacher and the BLV offsets
         assert torch.equal(b["recipe"][key], value), key
     assert any(key.startswith("teacher.") for key in a["recipe"]) and "seg_loss.offsets" in a["recipe"]
-    assert resumed.recipe.teacher.momentum == pytest.approx(min(1 - 1 / 3, 0.99))  # DACS's warm-up after step 3
+    assert resumed.recipe.teacher.momentum == pytest.approx(min(1 - 1 / 4, 0.99))  # DACS's warm-up after 3 steps
     records = [r for r in read_metrics(tmp_path / "resumed") if "loss" in r]
     assert [r["iter"] for r in records] == [1, 2, 3]
     assert all(0.0 <= r["pseudo_weight"] <= 1.0 and math.isfinite(r["loss_mix"]) for r in records)

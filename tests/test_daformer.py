@@ -167,7 +167,10 @@ class ConstantTeacher(torch.nn.Module):
 
 def test_daformer_pseudo_labels_carry_the_crop_in_their_weight() -> None:
     classes = ClassInfo("toy", ("a", "b", "c"), ((0, 0, 0), (1, 1, 1), (2, 2, 2)))
-    cfg = load_config(None, ["recipe=daformer", "method.feature_distance_weight=0", "method.rare_class_sampling=false"])
+    cfg = load_config(None, [
+        "recipe=daformer", "method.feature_distance_weight=0", "method.rare_class_sampling=false",
+        "method.teacher_batch_norm=running",  # the stub teacher below has no BatchNorm to put in the student's mode
+    ])
     recipe = DAFormer(cfg, create_model("small", 3), build_seg_loss(cfg.loss, ignore_index=255), classes)
     assert recipe.options.pseudo_ignore_top == 15 and recipe.options.pseudo_ignore_bottom == 120
     recipe.teacher.module = ConstantTeacher()

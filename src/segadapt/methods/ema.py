@@ -50,6 +50,28 @@ class ModelEMA(nn.Module):
         return self.module(*args, **kwargs)
 
 
+def warmup_momentum(steps: int, momentum: float, count_start: bool = True) -> float:
+    """The mean-teacher momentum after ``steps`` optimiser steps under the DACS/DAFormer warm-up.
+
+    The DACS and DAFormer code update their teacher before step ``k + 1`` (``k >= 1`` steps done)
+    with ``min(1 - 1/(k + 1), m)``, so while the cap ``m`` is not reached the teacher is the plain
+    average of the student's weights ``theta_0 .. theta_k``, the start weights included
+    (``count_start=True``). ``count_start=False`` gives ``min(1 - 1/k, m)``: the first update copies
+    the student and the average runs over ``theta_1 .. theta_k``.
+
+    Examples:
+        >>> [round(warmup_momentum(k, 0.99), 4) for k in (1, 2, 3)]
+        [0.5, 0.6667, 0.75]
+        >>> [round(warmup_momentum(k, 0.99, count_start=False), 4) for k in (1, 2, 3)]
+        [0.0, 0.5, 0.6667]
+        >>> warmup_momentum(1000, 0.99)
+        0.99
+    """
+    if steps < 1:
+        raise ValueError(f"the teacher is updated after an optimiser step, got steps={steps}")
+    return min(1.0 - 1.0 / (steps + 1 if count_start else steps), momentum)
+
+
 @contextlib.contextmanager
 def batch_norm_as(module: nn.Module, reference: nn.Module) -> Iterator[nn.Module]:
     """Run ``module``'s BatchNorm layers in the mode of ``reference``'s, leaving their running statistics alone.

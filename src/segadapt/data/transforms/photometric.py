@@ -234,16 +234,32 @@ class Cutout:
 
 def strong_augment(images: torch.Tensor, generator: torch.Generator | None = None, *,
                    jitter_strength: float = 0.2, jitter_p: float = 0.8, blur_sigma: Sequence[float] = (0.15, 1.15),
-                   blur_p: float = 0.5) -> tuple[torch.Tensor, list[list[Record]]]:
-    """DACS/DAFormer strong augmentation of a batch: colour jitter then Gaussian blur, drawn per image.
+                   blur_p: float = 0.5, coins: str = "image") -> tuple[torch.Tensor, list[list[Record]]]:
+    """DACS/DAFormer strong augmentation of a batch: colour jitter then Gaussian blur.
 
     DACS jitters with strength 0.2 on brightness, contrast, saturation and hue when ``U(0, 1) > 0.2``
     (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. The blur kernel here
     is ``2 ceil(3 sigma) + 1`` wide instead of DACS's 10% of the image, which only drops weights below 1e-2.
 
+    ``coins`` says how often the two apply-or-not coins are tossed. ``"image"``: per image.
+    ``"batch"``: once for the whole batch, the way the DACS/DAFormer code draws them (one ``U(0, 1)``
+    each per training step, shared by every image of the batch), so a batch is jittered (blurred)
+    entirely or not at all. The jitter factors, their order and the blur sigma are drawn per image
+    in both cases (the authors' code calls its jitter and blur once per image).
+
     Returns:
         the augmented ``[N, 3, H, W]`` batch and, per image, ``[JitterRecord, BlurRecord]``.
+
+    Examples:
+        >>> _, records = strong_augment(torch.rand(4, 3, 8, 8), torch.Generator().manual_seed(0), coins="batch")
+        >>> len({record[1].sigma > 0 for record in records})  # blurred all together or not at all
+        1
     """
+    if coins not in ("image", "batch"):
+        raise ValueError(f"coins must be 'image' or 'batch', got {coins!r}")
+    if coins == "batch":  # toss each coin once; the transforms below then always (p 1) or never (p 0) apply
+        jitter_p = float(_coin(jitter_p, generator))
+        blur_p = float(_coin(blur_p, generator))
     jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p)
     blur = GaussianBlur(blur_sigma, p=blur_p)
     outputs, params = [], []

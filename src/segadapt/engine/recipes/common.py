@@ -142,7 +142,7 @@ def forward_streams(model: nn.Module, *images: torch.Tensor) -> tuple[SegOutput,
 @dataclass(frozen=True)
 class StrongAugmentation:
     """Colour jitter (strength on brightness, contrast, saturation and hue, with probability ``jitter_p``)
-    then Gaussian blur (sigma drawn from ``blur_sigma``, with probability ``blur_p``), per image."""
+    then Gaussian blur (sigma drawn from ``blur_sigma``, with probability ``blur_p``); factors and sigma per image."""
 
     jitter: float
     jitter_p: float
@@ -160,15 +160,17 @@ DACS_STRONG = StrongAugmentation(jitter=0.2, jitter_p=0.8, blur_sigma=(0.15, 1.1
 ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``; recipe ``dacs``, on the mixed images."""
 
 
-def strong_view(images: torch.Tensor, augmentation: StrongAugmentation) -> torch.Tensor:
-    """``images`` ``[N, 3, H, W]`` under ``augmentation``, drawn per image from the global RNG
-    (:func:`~segadapt.data.transforms.strong_augment`)."""
+def strong_view(images: torch.Tensor, augmentation: StrongAugmentation, coins: str = "image") -> torch.Tensor:
+    """``images`` ``[N, 3, H, W]`` under ``augmentation``, drawn from the global RNG
+    (:func:`~segadapt.data.transforms.strong_augment`); ``coins="batch"`` tosses the apply-or-not
+    coins once for the batch (the DACS code), ``"image"`` per image."""
     view, _ = strong_augment(
         images,
         jitter_strength=augmentation.jitter,
         jitter_p=augmentation.jitter_p,
         blur_sigma=augmentation.blur_sigma,
         blur_p=augmentation.blur_p,
+        coins=coins,
     )
     return view
 

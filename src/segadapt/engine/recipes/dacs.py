@@ -3,17 +3,27 @@
 Recipe ``dacs``: the BLV supplement (Sec. 2) trains its UDA results "following DACS, using color
 jitter, Gaussian blur, and ClassMix"; with ``loss.name=blv`` every cross-entropy below gets the
 balanced logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` this is
-DACS. One iteration:
+DACS. One iteration, by default as the DACS/DAFormer code does it (docs/daformer.md, "The authors'
+step"; each point marked (option) is a ``method.*`` switch to the earlier segadapt behaviour):
 
-1. ``loss_source``: the segmentation loss on the labelled source crop.
-2. The EMA teacher (momentum ``method.ema_momentum``, 0.99 as DACS, with DACS's warm-up
-   ``min(1 - 1/(t+1), momentum)`` after 0-based step ``t``) predicts the target crop; its argmax is the pseudo label and
-   the fraction of pixels whose confidence exceeds ``method.pseudo_threshold`` (0.968, DACS) is the
-   weight of every pseudo-labelled pixel.
-3. ClassMix (:func:`segadapt.data.transforms.classmix_masks`): half of the classes of source image
-   ``i`` are pasted onto target image ``i``; labels and weights (1 on pasted source pixels) mix alike.
+1. ``loss_source``: the segmentation loss on the labelled source crop, averaged over all of its
+   pixels with the ignored ones counting 0, mmsegmentation's reduction
+   (``method.source_loss_mean``).
+2. The EMA teacher (momentum ``method.ema_momentum``, 0.99 as DACS) predicts the target crop with
+   dropout and stochastic depth off and BatchNorm as the student's, i.e. on the target batch's own
+   statistics (``method.teacher_batch_norm``); its argmax is the pseudo label and the fraction of
+   pixels whose confidence exceeds ``method.pseudo_threshold`` (0.968, DACS) is the weight of every
+   pseudo-labelled pixel. After ``k`` optimiser steps the teacher's momentum is
+   ``min(1 - 1/(k+1), ema_momentum)`` (``method.ema_warmup``), so early on it is the plain average
+   of the student's weights since the start.
+3. ClassMix (:func:`segadapt.data.transforms.classmix_masks`): for each image, half of the label
+   values present in the source batch (the ignore value included) are drawn and their pixels of
+   source image ``i`` pasted onto target image ``i`` (``method.classmix_classes``); labels and
+   weights (1 on pasted source pixels) mix alike.
 4. Colour jitter and Gaussian blur (:func:`~.common.strong_view` with DACS's strengths,
-   :data:`~.common.DACS_STRONG`) on the mixed images; ``loss_mix = mean(weight * CE(student(mixed), mixed labels))``.
+   :data:`~.common.DACS_STRONG`; whether they apply is tossed once for the batch,
+   ``method.augmentation_coins``) on the mixed images;
+   ``loss_mix = mean(weight * CE(student(mixed), mixed labels))`` over all pixels.
 
 Recipe ``daformer`` (Hoyer et al., CVPR 2022, Sec. 3.3; docs/daformer.md) is the same loop with
 DAFormer's three additions switched on (each is an option of both recipes, off in ``dacs``):
@@ -24,16 +34,16 @@ Its network is :class:`segadapt.models.DAFormer`; the feature distance needs a m
 :class:`~segadapt.models.base.EncoderDecoder`.
 
 Choices where DACS's paper is silent, from its code: the teacher predicts the un-augmented target
-crop, its logits upsampled to the crop before the softmax. Here the teacher runs in eval mode
-(running BatchNorm statistics, no dropout or stochastic depth; DACS and DAFormer leave BatchNorm in
-train mode) and crop padding is never pseudo-labelled.
+crop, its logits upsampled to the crop before the softmax. Crop padding (which the authors' crops
+never have) is never pseudo-labelled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +61,7 @@ from ...methods.daformer import (
     rare_class_distribution,
     thing_class_mask,
 )
-from ...methods.ema import ModelEMA
+from ...methods.ema import ModelEMA, batch_norm_as, warmup_momentum
 from ...models.base import EncoderDecoder, SegmentationModel, SegOutput
 from ..losses import upsample_logits
 from ..sampling import ClassBalancedSampler
@@ -98,6 +108,33 @@ class DACSOptions(BaseModel):
     )
     feature_distance_min_ratio: float = Field(
         0.75, ge=0, le=1, description="a bottleneck cell counts for a class that fills this share of it (DAFormer's r)"
+    )
+    # how the authors' code takes one step (DACS/DAFormer, mmsegmentation 0.16); the other value of each is the
+    # behaviour segadapt had before it was checked against that code (docs/daformer.md, "The authors' step")
+    source_loss_mean: Literal["all", "valid"] = Field(
+        "all",
+        description="source CE averaged over all pixels of the crop, ignored ones counting 0 (the authors' mmseg "
+        "reduction), or over the labelled pixels only",
+    )
+    teacher_batch_norm: Literal["as_student", "running"] = Field(
+        "as_student",
+        description="BatchNorm of the teacher: batch statistics wherever the student uses them (the authors' train-mode "
+        "teacher with dropout and drop-path off) or its running statistics (eval mode); dropout is off in both",
+    )
+    ema_warmup: Literal["from_start", "from_first_step"] = Field(
+        "from_start",
+        description="teacher momentum after k steps: min(1 - 1/(k+1), m), averaging the weights from the start (the "
+        "authors' code), or min(1 - 1/k, m), averaging from the first step on",
+    )
+    classmix_classes: Literal["batch", "image"] = Field(
+        "batch",
+        description="ClassMix draws half of the label values of the whole source batch, the ignore value included "
+        "(the authors' code), or half of the classes present in each source image",
+    )
+    augmentation_coins: Literal["batch", "image"] = Field(
+        "batch",
+        description="whether jitter and blur apply is drawn once per batch (the authors' code) or per image; "
+        "their factors and sigma are drawn per image either way",
     )
 
 
@@ -176,7 +213,7 @@ class DACS(Recipe):
 
     def train(self, mode: bool = True) -> DACS:
         super().train(mode)
-        self.teacher.eval()  # the teacher only predicts: running BatchNorm statistics, no dropout
+        self.teacher.eval()  # the teacher only predicts: no dropout or drop-path; BatchNorm per teacher_batch_norm
         return self
 
     def train_sampler(self, stream: str, dataset: Any, seed: int, start: int) -> Sampler | None:
@@ -192,10 +229,36 @@ class DACS(Recipe):
 
     @torch.no_grad()
     def after_optimizer_step(self, iteration: int) -> None:
-        # DACS's warm-up min(1 - 1/(i+1), m) with its 0-based step i = iteration - 1: the teacher copies
-        # the student after the first step and follows it closely over the first 1/(1-m) steps
-        self.teacher.momentum = min(1.0 - 1.0 / iteration, self.options.ema_momentum)
+        # ``iteration`` optimiser steps are done; the DACS code updates its teacher at the start of the next
+        # step with min(1 - 1/(iteration + 1), m) (method.ema_warmup)
+        count_start = self.options.ema_warmup == "from_start"
+        self.teacher.momentum = warmup_momentum(iteration, self.options.ema_momentum, count_start=count_start)
         self.teacher.update(self.model)
+
+    @contextlib.contextmanager
+    def _teacher_mode(self) -> Iterator[None]:
+        """The teacher's BatchNorm as ``method.teacher_batch_norm`` says, for one prediction.
+
+        ``as_student``: the DACS/DAFormer teacher is a submodule in train mode with only its dropout and
+        drop-path layers switched off, so its BatchNorm layers normalise the target batch with the batch's
+        own statistics (their running statistics are never read). Here the teacher stays in eval mode
+        and its BatchNorm layers take the student's mode for the forward, their running statistics
+        untouched (:func:`~segadapt.methods.ema.batch_norm_as`). The teacher's buffers are copied from the
+        student after every step (:class:`~segadapt.methods.ema.ModelEMA`), where the authors average
+        parameters only; under ``as_student`` no buffer enters the forward, so the two agree.
+        """
+        if self.options.teacher_batch_norm == "as_student":
+            with batch_norm_as(self.teacher.module, self.model):
+                yield
+        else:
+            yield
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's float logits on ``images``, upsampled to their size (before the softmax, as DACS)."""
+        with self._teacher_mode():
+            logits = self.teacher(images).logits.float()
+        return upsample_logits(logits, spatial_size(images))
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,17 +267,28 @@ class DACS(Recipe):
         The weight is one number for the batch (DACS's code: the share of its pixels above
         ``pseudo_threshold``), 0 in the rows of DAFormer's pseudo-label crop.
         """
-        probs = torch.softmax(upsample_logits(self.teacher(images).logits.float(), spatial_size(images)), dim=1)
+        probs = torch.softmax(self.teacher_logits(images), dim=1)
         confidence, labels = probs.max(dim=1)
         labels = labels.masked_fill(~inside, self.ignore_index)
         share = (confidence.ge(self.options.pseudo_threshold) & inside).float().mean()
         weight = share.expand_as(confidence)
         return labels, ignore_border_rows(weight, self.options.pseudo_ignore_top, self.options.pseudo_ignore_bottom)
 
+    def source_loss(self, output: SegOutput, labels: torch.Tensor) -> torch.Tensor:
+        """The supervised loss of the source crop, reduced as ``method.source_loss_mean`` says.
+
+        ``all``: the mean over every pixel, ignored pixels counting 0 (the DACS/DAFormer code's
+        cross-entropy, mmsegmentation's ``weight_reduce_loss`` mean over all elements): a crop with
+        much ignored area gets a smaller loss. ``valid``: the mean over the labelled pixels only.
+        """
+        if self.options.source_loss_mean == "valid":
+            return self.supervised_loss(output, labels)
+        return self.supervised_loss(output, labels, weight=torch.ones(labels.shape, device=labels.device))
+
     def source_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The supervised source loss, plus DAFormer's feature distance (Eq. 9) on the same forward's bottleneck."""
         if self.start_network is None:
-            return {"loss_source": self.supervised_loss(self.model(images), labels)}
+            return {"loss_source": self.source_loss(self.model(images), labels)}
         assert isinstance(self.model, EncoderDecoder)  # checked in __init__
         encoded = self.model.encode(images)
         output: SegOutput = self.model.decode(encoded)
@@ -228,7 +302,7 @@ class DACS(Recipe):
                 cells = F.interpolate(cells[:, None].float(), size=student.shape[-2:], mode="nearest")[:, 0].long()
             mask = thing_class_mask(cells, self.thing_classes)
         return {
-            "loss_source": self.supervised_loss(output, labels),
+            "loss_source": self.source_loss(output, labels),
             "loss_feature_distance": self.options.feature_distance_weight * feature_distance(student, reference, mask),
         }
 
@@ -241,12 +315,12 @@ class DACS(Recipe):
         images = target["image"]
         inside = content_mask(target, spatial_size(images))
         labels, pseudo_weight = self.pseudo_labels(images, inside)
-        masks = classmix_masks(source["label"], ignore_index=self.ignore_index)
+        masks = classmix_masks(source["label"], ignore_index=self.ignore_index, pool=self.options.classmix_classes)
         mixed_images = mix(masks, source["image"], images)
         mixed_labels = mix(masks, source["label"], labels)
         weight = mix(masks, torch.ones_like(pseudo_weight), pseudo_weight)
         if self.options.strong_augmentation:
-            mixed_images = strong_view(mixed_images, DACS_STRONG)
+            mixed_images = strong_view(mixed_images, DACS_STRONG, coins=self.options.augmentation_coins)
         loss_mix = self.supervised_loss(self.model(mixed_images), mixed_labels, weight=weight)
         loss = released + self.options.mix_weight * loss_mix
         return {
