@@ -5,6 +5,7 @@ The network itself (MiT encoder, fusion decoder, checkpoint keys) is tested in t
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from segadapt.methods.daformer import (
     rare_class_probabilities,
     thing_class_mask,
 )
+from segadapt.methods.ema import warmup_momentum
 from segadapt.models import create_model
 
 from data_fixtures import TOY_IGNORE, toy_overrides
@@ -177,6 +179,183 @@ def test_daformer_pseudo_labels_carry_the_crop_in_their_weight() -> None:
     labels, weight = recipe.pseudo_labels(torch.rand(1, 3, 512, 8), torch.ones(1, 512, 8, dtype=torch.bool))
     assert torch.all(labels == 1)
     assert weight[:, :15].sum() == 0 and weight[:, -120:].sum() == 0 and torch.all(weight[:, 15:-120] == 1.0)
+
+
+# ----------------------------------------------------------------------------- the authors' step (DACS/DAFormer code)
+
+TOY3 = ClassInfo("toy", ("a", "b", "c"), ((0, 0, 0), (1, 1, 1), (2, 2, 2)))
+AUTHORS_STEP = {  # method.* -> the DACS/DAFormer code's behaviour (docs/daformer.md, "The authors' step")
+    "source_loss_mean": "all",
+    "teacher_batch_norm": "as_student",
+    "ema_warmup": "from_start",
+    "classmix_classes": "batch",
+    "augmentation_coins": "batch",
+}
+
+
+def dacs_recipe(*overrides: str, model: str = "small", **model_options: int) -> DACS:
+    cfg = load_config(None, ["recipe=dacs", *overrides])
+    return DACS(cfg, create_model(model, 3, **model_options), build_seg_loss(cfg.loss, ignore_index=255), TOY3)
+
+
+class UniformLogits(torch.nn.Module):
+    """Logits 0 for every class: the cross-entropy of every labelled pixel is log 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: torch.Tensor):
+        from segadapt.models.base import SegOutput
+
+        logits = torch.zeros(images.shape[0], 3, *images.shape[-2:]) * self.bias
+        return SegOutput(logits, logits)
+
+
+@pytest.mark.parametrize(("mean", "expected"), [("all", math.log(3) * 2 / 4), ("valid", math.log(3))])
+def test_source_loss_mean_over_all_pixels_counts_ignored_ones_as_zero(mean: str, expected: float) -> None:
+    recipe = dacs_recipe(f"method.source_loss_mean={mean}")
+    recipe.model = UniformLogits()
+    labels = torch.tensor([[[0, 255], [2, 255]]])  # 2 labelled pixels of 4
+    loss = recipe.source_step(torch.rand(1, 3, 2, 2), labels)["loss_source"]
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_teacher_predicts_with_batch_statistics_as_the_student_and_without_dropout() -> None:
+    from segadapt.models.mit import DropPath
+
+    recipe = dacs_recipe(model="daformer_mitb0", embed_dim=16).train()
+    teacher = recipe.teacher.module
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    dropping = [m for m in teacher.modules() if isinstance(m, (torch.nn.Dropout2d, torch.nn.Dropout, DropPath))]
+    assert norms and dropping
+    for norm in norms:  # running statistics far from the batch's: any use of them shows in the logits
+        norm.running_mean.fill_(3.0)
+        norm.running_var.fill_(9.0)
+    images = torch.rand(2, 3, 32, 32)
+
+    torch.manual_seed(0)
+    first = recipe.teacher_logits(images)
+    second = recipe.teacher_logits(images)
+    assert torch.equal(first, second)  # no dropout, no drop-path
+    assert all(bool(norm.running_mean.eq(3.0).all()) and not norm.training for norm in norms)  # left as they were
+    # the DACS code's teacher: the module in train mode with its dropout and drop-path layers switched off
+    reference = copy.deepcopy(teacher).train()
+    for module in reference.modules():
+        if isinstance(module, (torch.nn.Dropout2d, torch.nn.Dropout, DropPath)):
+            module.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(reference(images).logits, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(first, expected, atol=1e-5)
+
+    recipe.options.teacher_batch_norm = "running"
+    running = recipe.teacher_logits(images)
+    with torch.no_grad():
+        eval_mode = torch.nn.functional.interpolate(teacher.eval()(images).logits, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(running, eval_mode, atol=1e-6) and not torch.allclose(running, first, atol=1e-2)
+
+
+def test_ema_warmup_coefficients_and_the_teacher_they_give() -> None:
+    assert [warmup_momentum(k, 0.99) for k in (1, 2, 3)] == pytest.approx([1 / 2, 2 / 3, 3 / 4])
+    assert [warmup_momentum(k, 0.99, count_start=False) for k in (1, 2, 3)] == pytest.approx([0, 1 / 2, 2 / 3])
+    assert warmup_momentum(99, 0.99) == pytest.approx(0.99) and warmup_momentum(500, 0.99) == 0.99
+    for warmup, after_two in [("from_start", 1.0), ("from_first_step", 1.5)]:
+        recipe = dacs_recipe(f"method.ema_warmup={warmup}", "method.ema_momentum=0.99")
+        start = [p.detach().clone() for p in recipe.model.parameters()]
+        for step in (1, 2):  # the student moves by +1 per step: theta_k = theta_0 + k
+            with torch.no_grad():
+                for p in recipe.model.parameters():
+                    p.add_(1.0)
+            recipe.after_optimizer_step(step)
+        # from_start: mean(theta_0, theta_1, theta_2) = theta_0 + 1; from_first_step: mean(theta_1, theta_2) = theta_0 + 1.5
+        for ema, p0 in zip(recipe.teacher.module.parameters(), start):
+            assert torch.allclose(ema, p0 + after_two, atol=1e-5)
+
+
+def test_classmix_draws_from_the_batch_labels_with_the_ignore_value() -> None:
+    from segadapt.data.transforms import classmix_masks
+
+    labels = torch.tensor([[[0, 0], [1, 9]], [[2, 2], [2, 2]]])  # the batch holds 0, 1, 2 and the ignore value 9
+    generator = torch.Generator().manual_seed(0)
+    image_pool = [classmix_masks(labels, generator, ignore_index=9) for _ in range(400)]
+    batch_pool = [classmix_masks(labels, generator, ignore_index=9, pool="batch") for _ in range(400)]
+    # per image: image 1 holds only class 2, always pasted; the ignore pixel is never pasted
+    assert all(bool(m[1].all()) and not m[0, 1, 1] for m in image_pool)
+    # per batch: 2 of the 4 values {0, 1, 2, 9} for each image, so class 2 is pasted onto image 1 half the time
+    # and the ignored pixel of image 0 half the time
+    assert all(bool(m[1].all()) or not m[1].any() for m in batch_pool)
+    assert sum(bool(m[1].all()) for m in batch_pool) / 400 == pytest.approx(0.5, abs=0.08)
+    assert sum(bool(m[0, 1, 1]) for m in batch_pool) / 400 == pytest.approx(0.5, abs=0.08)
+    # image 0 gets 2 of its own 3 values only when class 2 is not among the chosen: 1, 2 or 3 of its pixels otherwise
+    assert {int(m[0].sum()) for m in batch_pool} <= {1, 2, 3}
+    single = torch.tensor([[[4, 4, 9]]])  # values {4, 9}: exactly one is chosen
+    assert {tuple(classmix_masks(single, generator, ignore_index=9, pool="batch")[0, 0].tolist()) for _ in range(50)} == {
+        (True, True, False), (False, False, True)}
+
+
+def test_strong_augmentation_coins_per_batch_apply_to_every_image_or_none() -> None:
+    from segadapt.data.transforms import strong_augment
+    from segadapt.data.transforms.records import JitterRecord
+
+    images = torch.rand(4, 3, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    counts = {"batch": [0, 0], "image": [0, 0]}  # batches fully jittered, fully blurred
+    for coins in counts:
+        for _ in range(300):
+            _, records = strong_augment(images, generator, coins=coins)
+            jittered = [jitter != JitterRecord() for jitter, _ in records]
+            blurred = [blur.sigma > 0 for _, blur in records]
+            if coins == "batch":
+                assert len(set(jittered)) == 1 and len(set(blurred)) == 1
+                if all(blurred):  # the sigma and the jitter factors are still drawn per image
+                    assert len({blur.sigma for _, blur in records}) == 4
+            counts[coins][0] += all(jittered)
+            counts[coins][1] += all(blurred)
+    # p 0.8 and 0.5: per batch every image together; per image all four only 0.8^4 = 0.41 and 0.5^4 = 0.06 of the time
+    assert counts["batch"][0] / 300 == pytest.approx(0.8, abs=0.07) and counts["batch"][1] / 300 == pytest.approx(0.5, abs=0.08)
+    assert counts["image"][0] / 300 == pytest.approx(0.41, abs=0.08) and counts["image"][1] / 300 == pytest.approx(0.0625, abs=0.04)
+
+
+def test_the_dacs_step_passes_its_classmix_and_coin_options_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import segadapt.engine.recipes.dacs as dacs_module
+
+    seen: dict[str, str] = {}
+    real_masks, real_view = dacs_module.classmix_masks, dacs_module.strong_view
+
+    def masks(labels: torch.Tensor, *args, pool: str = "image", **kwargs) -> torch.Tensor:
+        seen["pool"] = pool
+        return real_masks(labels, *args, pool=pool, **kwargs)
+
+    def view(images: torch.Tensor, augmentation, coins: str = "image") -> torch.Tensor:
+        seen["coins"] = coins
+        return real_view(images, augmentation, coins=coins)
+
+    monkeypatch.setattr(dacs_module, "classmix_masks", masks)
+    monkeypatch.setattr(dacs_module, "strong_view", view)
+    for pool, coins in [("batch", "batch"), ("image", "image")]:
+        recipe = dacs_recipe(f"method.classmix_classes={pool}", f"method.augmentation_coins={coins}").train()
+        batches = {"source": {"image": torch.rand(2, 3, 16, 16), "label": torch.randint(0, 3, (2, 16, 16))},
+                   "target": {"image": torch.rand(2, 3, 16, 16)}}
+        losses = recipe.training_step(batches, 1)
+        assert seen == {"pool": pool, "coins": coins} and math.isfinite(losses["loss"].item())
+
+
+DACS_CONFIGS = sorted(
+    str(path.relative_to(PACKAGED_CONFIGS))
+    for path in PACKAGED_CONFIGS.rglob("*.yaml")
+    if path.stem.startswith(("dacs", "daformer"))
+)
+
+
+@pytest.mark.parametrize("name", DACS_CONFIGS)
+def test_packaged_dacs_and_daformer_configs_take_the_authors_step(name: str) -> None:
+    from segadapt.engine.recipes import recipe_class
+    from segadapt.engine.recipes.base import parse_options
+
+    cfg = load_config(PACKAGED_CONFIGS / name)
+    assert cfg.recipe in ("dacs", "daformer")
+    options = parse_options(recipe_class(cfg.recipe).Options, cfg.method, cfg.recipe)
+    assert {key: getattr(options, key) for key in AUTHORS_STEP} == AUTHORS_STEP
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule
