@@ -4,7 +4,7 @@ Recipe ``dacs``: the BLV supplement (Sec. 2) trains its UDA results "following D
 jitter, Gaussian blur, and ClassMix"; with ``loss.name=blv`` every cross-entropy below gets the
 balanced logit variation (``segadapt.engine.losses.BLVSegLoss``), with ``loss.name=ce`` this is
 DACS. One iteration, by default as the DACS/DAFormer code does it (docs/daformer.md, "The authors'
-step"; each point marked (option) is a ``method.*`` switch to the earlier segadapt behaviour):
+step"; the ``method.*`` key named in brackets switches a point back to segadapt's earlier behaviour):
 
 1. ``loss_source``: the segmentation loss on the labelled source crop, averaged over all of its
    pixels with the ignored ones counting 0, mmsegmentation's reduction
@@ -245,7 +245,8 @@ class DACS(Recipe):
         and its BatchNorm layers take the student's mode for the forward, their running statistics
         untouched (:func:`~segadapt.methods.ema.batch_norm_as`). The teacher's buffers are copied from the
         student after every step (:class:`~segadapt.methods.ema.ModelEMA`), where the authors average
-        parameters only; under ``as_student`` no buffer enters the forward, so the two agree.
+        parameters only; under ``as_student`` the only statistics the forward reads are those of
+        BatchNorm layers the student keeps frozen, which never change, so the two agree.
         """
         if self.options.teacher_batch_norm == "as_student":
             with batch_norm_as(self.teacher.module, self.model):
