@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from segadapt.cli import main
+from segadapt.commands.rounds import claim_run_directory
+from segadapt.config import load_config
 from segadapt.engine.output_folder import MANIFEST, OutputFolder
 from segadapt.errors import ConfigError
 
@@ -135,9 +137,7 @@ def test_rounds_refuses_a_run_directory_with_files_of_others_and_continues_its_o
     # a run directory of a version that kept no record (config.yaml and round_<k>/ only) is continued, then recorded
     (run / "round_0" / "checkpoints").mkdir(parents=True)
     (run / "round_0" / "metrics.jsonl").write_text("")
-    folder = OutputFolder(run, "rounds")
-    folder.check("fix", continues=True, adopt=lambda names: names <= {"config.yaml", "round_0"})
-    folder.claim(None)
+    claim_run_directory(load_config("benchmark/semi_supervised", [f"output_dir={tmp_path}", "name=semi"]))
     assert json.loads((run / MANIFEST).read_text()) == {"command": "rounds", "files": None}
     (run / "round_1").mkdir()
     (run / "round_1" / "last.pt").write_bytes(b"")
@@ -187,3 +187,30 @@ def test_predict_skips_an_unreadable_image_predicts_the_rest_and_lists_it(traine
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(truncated)  # replaced: the hint's rerun predicts all three
     assert main(["predict", str(checkpoint), str(photos), str(out), "--overwrite"]) == 0
     assert "wrote predictions for 3 images" in capsys.readouterr().out
+
+
+def test_every_dataset_layout_names_the_folders_that_hold_its_files(tmp_path: Path) -> None:
+    """The class of the bug: for every registered dataset, each image and label file lies in a folder no output may touch."""
+    from segadapt.data import DATASETS, build_dataset
+    from segadapt.engine.output_folder import DataFolder, check_not_data, stream_folders
+
+    from data_fixtures import make_cityscapes, make_folder, make_gta5, make_scannet_25k, make_synthia
+
+    layouts = {"cityscapes": (make_cityscapes, "train"), "gta5": (make_gta5, "all"), "synthia": (make_synthia, "all"),
+               "scannet": (make_scannet_25k, "train"), "folder": (make_folder, "train")}
+    assert set(layouts) == set(DATASETS)  # a new dataset gets its layout checked here
+    for name, (make, split) in layouts.items():
+        root = tmp_path / name
+        make(root)
+        dataset = build_dataset(name, root, split)
+        cfg = load_config(None, [f"data.target.dataset={name}", f"data.target.root={root}", f"data.target.split={split}"])
+        folders = [folder for folder in stream_folders(cfg) if "data.target" in folder.what]
+        files = [path for item in dataset.items for path in (item.image, item.label) if path is not None]
+        assert files and any(item.label is not None for item in dataset.items), name
+        for path in files:
+            assert any(path.resolve().is_relative_to(folder.path.resolve()) for folder in folders), (name, path)
+            with pytest.raises(ConfigError, match="a folder of data.target"):
+                check_not_data(path.parent, folders, "fix")
+    with pytest.raises(ConfigError, match="the input folder"):  # predict's input: not it, not above it; inside it is allowed
+        check_not_data(tmp_path, [DataFolder(tmp_path / "folder", "the input folder", output_may_lie_inside=True)], "fix")
+    check_not_data(tmp_path / "folder" / "out", [DataFolder(tmp_path / "folder", "the input folder", output_may_lie_inside=True)], "fix")

@@ -41,10 +41,10 @@ def input_images(input_dir: Path, output_dir: Path) -> dict[Path, str]:
         DataError: no image, or two images that would share an output name (``x.png`` and ``x.jpg``),
             naming both: one output must never replace another.
     """
-    skipped = output_dir.resolve()
+    outputs = output_dir.resolve()
     images = sorted(
         p for p in input_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.resolve().is_relative_to(skipped)
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.resolve().is_relative_to(outputs)
     )
     if not images:
         raise DataError(f"no .png/.jpg images under {input_dir}; point predict at a folder of images")

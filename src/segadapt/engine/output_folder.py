@@ -194,7 +194,7 @@ class OutputFolder:
 
     def _delete(self, names: Sequence[str]) -> None:
         """Delete the earlier outputs (their record listed them), then the folders that left empty."""
-        folders = set()
+        folders: set[Path] = set()
         for name in names:
             (self.path / name).unlink(missing_ok=True)
             folders.update(parent for parent in (self.path / name).parents if parent.is_relative_to(self.path) and parent != self.path)
