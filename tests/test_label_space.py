@@ -184,10 +184,10 @@ def test_scannet_configs_on_twenty_classes(config: str, tmp_path: Path) -> None:
         *(f"data.{part}.root={root}" for part in ("source", "target", "val")),
         "model.pretrained=null", "data.crop_size=[33,33]", "data.batch_size=2", "data.num_workers=0",
         "data.val_transforms=[]", "pseudo_label.size=null", "pseudo_label.flip=false", "eval.flip=false",
-        "rounds.iters=[1,1,1]", "train.log_every=1", "train.threads=1", f"output_dir={tmp_path}", "name=scannet",
+        "rounds.iters=[1,1,1]", "train.log_every=1", "train.threads=1", f"output_dir={tmp_path}", "name=rounds",
     ]  # fmt: skip
     assert main(["rounds", config, *small]) == 0
-    last = load_checkpoint(tmp_path / "scannet" / "round_2" / "checkpoints" / "last.pt")
+    last = load_checkpoint(tmp_path / "rounds" / "round_2" / "checkpoints" / "last.pt")
     assert len(last["classes"]["names"]) == 20 and last["classes"]["ignore_index"] == 255
-    summary = json.loads((tmp_path / "scannet" / "round_1" / "pseudo_labels" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "rounds" / "round_1" / "pseudo_labels" / "summary.json").read_text())
     assert len(summary["thresholds"]) == 20

@@ -149,8 +149,8 @@ def test_options_and_overrides_in_any_order_and_predict_into_its_input(tmp_path:
     for name in ("a", "b"):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(photos / f"{name}.png")
     out = photos / "out"
-    for _ in range(2):  # the second run must not predict the first run's outputs
-        assert main(["predict", checkpoint, str(photos), "--formats", "color,trainid", str(out), "eval.flip=false"]) == 0
+    for again in ([], ["--overwrite"]):  # the second run must not predict the first run's outputs
+        assert main(["predict", checkpoint, str(photos), "--formats", "color,trainid", str(out), "eval.flip=false", *again]) == 0
         assert f"wrote predictions for 2 images to {out}" in capsys.readouterr().out
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
         "color/a.png", "color/b.png", "trainid/a.png", "trainid/b.png"

@@ -23,6 +23,10 @@ from .errors import SegadaptError
 # segadapt.commands (imported when its command runs, so --help loads none), whose run() it calls.
 
 OVERRIDES_HELP = "dotted config overrides key=value, before or after the options"
+OVERWRITE_HELP = (
+    "replace the outputs an earlier `segadapt {command}` wrote in the output folder (deleted first); files it did not "
+    "write are never replaced"
+)
 CHECKPOINT_HELP = "a checkpoint, RUN_DIR/checkpoints/best.pt or last.pt (its run's config.yaml is used), or raw weights with --config"
 
 
@@ -70,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from .commands import pseudo_label
 
-    return pseudo_label.run(args.checkpoint, args.out, args.config, args.overrides)
+    return pseudo_label.run(args.checkpoint, args.out, args.config, args.overrides, overwrite=args.overwrite)
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
@@ -94,7 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .commands import predict
 
-    return predict.run(args.checkpoint, args.input, args.output, args.config, args.overrides, formats=args.formats.split(","))
+    return predict.run(
+        args.checkpoint, args.input, args.output, args.config, args.overrides, formats=args.formats.split(","), overwrite=args.overwrite
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -140,10 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict a folder of images")
     pr.add_argument("checkpoint", help=CHECKPOINT_HELP)
     pr.add_argument("input", help="folder of .png/.jpg images (searched recursively, except OUTPUT inside it)")
-    pr.add_argument("output", help="output folder: one subfolder per format, keeping the images' relative paths")
+    pr.add_argument(
+        "output",
+        help="a new output folder (or one predict wrote before: see --overwrite), never the input folder or a dataset's: one "
+        "subfolder per format, each image's relative path with .png for a suffix (a/x.jpg -> color/a/x.png; two inputs "
+        "that would share a name, x.png and x.jpg, are refused); unreadable images are skipped and listed at the end (exit 2)",
+    )
     pr.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, e.g. eval.flip=true eval.size=[512,1024]")
     pr.add_argument("--config", help="config file (default: the run directory's config.yaml)")
     pr.add_argument("--formats", default="color,trainid", help="comma list of color, trainid, labelid (Cityscapes ids)")
+    pr.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="predict"))
     pr.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="source-only, the strongest adaptation method and the oracle on the embedded benchmark, with a report")
@@ -157,13 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pseudo-label", help="pseudo-label data.target with a checkpoint (ST, CBST, DARS)")
     pl.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    pl.add_argument("out", help="output folder: <name>.png labels, summary.json, summary.md")
+    pl.add_argument(
+        "out",
+        help="a new output folder (or one pseudo-label wrote before: see --overwrite), never a folder of the run's data: "
+        "<name>.png labels, summary.json, summary.md",
+    )
     pl.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, e.g. pseudo_label.rule=dars pseudo_label.ratio=0.5 data.target.root=...")
     pl.add_argument("--config", help="config file (default: the run directory's config.yaml)")
+    pl.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="pseudo-label"))
     pl.set_defaults(func=cmd_pseudo_label)
 
     rd = sub.add_parser("rounds", help="semi-supervised rounds: train, pseudo-label, retrain (DARS)", epilog=configs_help)
-    rd.add_argument("config", help="YAML config file or packaged config name (e.g. benchmark/semi_supervised); run it again to resume")
+    rd.add_argument(
+        "config",
+        help="YAML config file or packaged config name (e.g. benchmark/semi_supervised); run it again to resume. The run "
+        "directory (output_dir/name) must be new or an earlier rounds run's, outside the data",
+    )
     rd.add_argument(
         "overrides", nargs="*",
         help=f"{OVERRIDES_HELP}, e.g. rounds.labeling_ratios=[0.2,0.5] rounds.iters=[500,300,300] (rounds.iters, when set, "

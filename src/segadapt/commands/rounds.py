@@ -17,7 +17,8 @@ it: its rounds are equally many epochs (200) and round ``k`` resumes epoch ``200
 optimiser's momentum buffers start afresh in every round either way.
 
 Each round is a normal run directory, ``RUN_DIR/round_<k>``; running the command again skips
-finished rounds and resumes an interrupted one.
+finished rounds and resumes an interrupted one. ``RUN_DIR`` is never a folder of the data and never
+holds files the command did not write (:mod:`segadapt.engine.output_folder`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 from ..config import RunConfig, load_config, parse_override, save_config
 from ..engine.checkpoint import load_checkpoint
 from ..engine.distributed import is_main_process
+from ..engine.output_folder import OutputFolder, check_not_data, stream_folders
 from ..engine.recipes import check_recipe_config
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
@@ -117,9 +119,26 @@ def finished_iteration(run_dir: Path) -> int:
     return int(load_checkpoint(last)["iteration"])
 
 
+def _earlier_rounds(entries: set[str]) -> bool:
+    """Whether a run directory without a record of its files is one this command made before it kept one."""
+    return any(name.startswith("round_") for name in entries) and all(
+        name == "config.yaml" or (name.startswith("round_") and name[len("round_"):].isdigit()) for name in entries
+    )
+
+
+def claim_run_directory(cfg: RunConfig) -> None:
+    """Refuse a run directory that is, holds or lies in a folder of the data, or holds files of others; then own it."""
+    fix = "set output_dir= or name= to a new folder outside the data"
+    check_not_data(cfg.run_dir, stream_folders(cfg), fix, what="run directory")
+    folder = OutputFolder(cfg.run_dir, "rounds", what="run directory")
+    folder.check(fix, continues=True, adopt=_earlier_rounds)
+    folder.claim(None, writer=is_main_process())
+
+
 def run_rounds(cfg: RunConfig, log: Callable[[str], None] = print) -> list[dict[str, Any] | None]:
     """Train every round; returns each round's final evaluation (None for rounds already finished)."""
     schedule = schedule_of(cfg)
+    claim_run_directory(cfg)
     if is_main_process():
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")

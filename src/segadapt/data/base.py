@@ -222,6 +222,17 @@ class SegDataset(Dataset):
     """The config section this dataset was built from (``data.val``), named by the hints of its errors;
     :func:`segadapt.data.build_dataset` sets it."""
 
+    @classmethod
+    def data_folders(cls, root: str | Path, split: str) -> tuple[Path, ...]:
+        """The folders under ``root`` that hold ``split``'s images and labels, from the layout alone (no disk access).
+
+        The constructor finds its files there; the commands that write (``predict``,
+        ``pseudo-label``, ``rounds``) never write into, above or below them
+        (:mod:`segadapt.engine.output_folder`). The default, the whole root, suits layouts that
+        spread a split over many folders (ScanNet's scenes).
+        """
+        return (Path(root),)
+
     def __init__(
         self,
         items: Sequence[SampleFiles],

@@ -148,7 +148,7 @@ class Cityscapes(SegDataset):
         if label_type not in ("labelIds", "labelTrainIds"):
             raise ConfigError(f"label_type={label_type!r} is not valid; use 'labelIds' or 'labelTrainIds'")
         root = Path(root)
-        image_dir = root / "leftImg8bit" / split
+        image_dir, label_dir = self.data_folders(root, split)
         suffix = "_leftImg8bit.png"
         images = sorted(image_dir.glob(f"*/*{suffix}"))
         if not images:
@@ -156,7 +156,6 @@ class Cityscapes(SegDataset):
                 f"no Cityscapes images in {image_dir}: expected leftImg8bit/{split}/<city>/<city>_<seq>_<frame>"
                 f"{suffix}. Unpack leftImg8bit_trainvaltest.zip into {root} (docs/datasets/cityscapes.md)"
             )
-        label_dir = root / "gtFine" / split
         if with_labels and not label_dir.is_dir():
             raise DataError(
                 f"no Cityscapes labels in {label_dir}. Unpack gtFine_trainvaltest.zip into {root}, "
@@ -180,6 +179,11 @@ class Cityscapes(SegDataset):
             description=f"Cityscapes {split} ({root})",
         )
         self.root, self.split, self.label_type = root, split, label_type
+
+    @classmethod
+    def data_folders(cls, root: str | Path, split: str) -> tuple[Path, ...]:
+        """``leftImg8bit/<split>`` and ``gtFine/<split>`` (:meth:`SegDataset.data_folders`)."""
+        return Path(root) / "leftImg8bit" / split, Path(root) / "gtFine" / split
 
     def unknown_ids_hint(self) -> str:
         if self.label_type == "labelIds":

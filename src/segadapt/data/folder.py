@@ -132,7 +132,7 @@ class FolderDataset(SegDataset):
     ) -> None:
         root = Path(root)
         classes = read_dataset_yaml(root)
-        image_dir, label_dir = root / "images" / split, root / "labels" / split
+        image_dir, label_dir = self.data_folders(root, split)
         if not image_dir.is_dir():
             raise DataError(f"{image_dir} not found; the splits of {root} are {folder_splits(root)}")
         images: dict[str, Path] = {}
@@ -160,3 +160,8 @@ class FolderDataset(SegDataset):
             description=f"{classes.name} {split} ({root})",
         )
         self.root, self.split = root, split
+
+    @classmethod
+    def data_folders(cls, root: str | Path, split: str) -> tuple[Path, ...]:
+        """``ROOT/images/<split>`` and ``ROOT/labels/<split>`` (:meth:`SegDataset.data_folders`)."""
+        return Path(root) / "images" / split, Path(root) / "labels" / split

@@ -67,20 +67,21 @@ class GTA5(SegDataset):
                 f"GTA5 has no {split!r} split on disk; set {SPEC_KEY}.split=all (every frame, the UDA convention) "
                 f"and restrict it with {SPEC_KEY}.split_file=<a list of NNNNN.png names> (docs/datasets/gta5.md)"
             )
-        images = {path.stem: path for path in (root / "images").glob("*.png") if _FRAME.match(path.name)}
+        image_dir, label_dir = self.data_folders(root, split)
+        images = {path.stem: path for path in image_dir.glob("*.png") if _FRAME.match(path.name)}
         if not images:
             raise DataError(
-                f"no GTA5 images in {root / 'images'}: expected images/00001.png ... Unpack the *_images.zip "
-                f"archives into {root / 'images'} and the *_labels.zip archives into {root / 'labels'}"
+                f"no GTA5 images in {image_dir}: expected images/00001.png ... Unpack the *_images.zip "
+                f"archives into {image_dir} and the *_labels.zip archives into {label_dir}"
             )
-        labels = {path.stem: path for path in (root / "labels").glob("*.png") if _FRAME.match(path.name)}
+        labels = {path.stem: path for path in label_dir.glob("*.png") if _FRAME.match(path.name)}
         skipped = []
         if drop_known_bad:
             for name, reason in KNOWN_BAD_FRAMES.items():
                 if name in images:
                     skipped.append(Problem("known_bad", str(images.pop(name)), reason))
                     labels.pop(name, None)
-        items = [SampleFiles(path, root / "labels" / path.name, name) for name, path in images.items()]
+        items = [SampleFiles(path, label_dir / path.name, name) for name, path in images.items()]
         super().__init__(
             items,
             CITYSCAPES_CLASSES,
@@ -96,3 +97,8 @@ class GTA5(SegDataset):
             description=f"GTA5 {split} ({root})",
         )
         self.root, self.split = root, split
+
+    @classmethod
+    def data_folders(cls, root: str | Path, split: str) -> tuple[Path, ...]:
+        """``images/`` and ``labels/`` (every split; :meth:`SegDataset.data_folders`)."""
+        return Path(root) / "images", Path(root) / "labels"

@@ -154,13 +154,14 @@ class Synthia(SegDataset):
                 f"SYNTHIA has no {split!r} split on disk; set {SPEC_KEY}.split=all (all frames, the UDA convention) "
                 f"and restrict it with {SPEC_KEY}.split_file=<a list of NNNNNNN.png names> (docs/datasets/synthia.md)"
             )
-        images = {path.stem: path for path in (root / "RGB").glob("*.png") if _FRAME.match(path.name)}
+        image_dir, label_root = self.data_folders(root, split)
+        images = {path.stem: path for path in image_dir.glob("*.png") if _FRAME.match(path.name)}
         if not images:
             raise DataError(
-                f"no SYNTHIA images in {root / 'RGB'}: expected RGB/0000000.png ... Unpack "
+                f"no SYNTHIA images in {image_dir}: expected RGB/0000000.png ... Unpack "
                 f"SYNTHIA_RAND_CITYSCAPES so that {root} holds RGB/ and GT/LABELS/"
             )
-        label_dir = root / "GT" / "LABELS"
+        label_dir = label_root / "LABELS"
         labels = {path.stem: path for path in label_dir.glob("*.png") if _FRAME.match(path.name)}
         mapping = SYNTHIA_TO_CITYSCAPES_TRAIN_ID if num_classes == 19 else SYNTHIA_TO_SYNTHIA16_TRAIN_ID
         super().__init__(
@@ -177,6 +178,11 @@ class Synthia(SegDataset):
             description=f"SYNTHIA {split} ({root})",
         )
         self.root, self.split = root, split
+
+    @classmethod
+    def data_folders(cls, root: str | Path, split: str) -> tuple[Path, ...]:
+        """``RGB/`` and ``GT/`` (its LABELS and COLOR; every split; :meth:`SegDataset.data_folders`)."""
+        return Path(root) / "RGB", Path(root) / "GT"
 
     def read_raw_label(self, path: Path) -> np.ndarray:
         return read_png_channel(path, channel=0)

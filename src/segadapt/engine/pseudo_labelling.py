@@ -56,6 +56,7 @@ from .inference import inference_model, predict_probs, same_shape_groups
 from .run_cache import file_fingerprint, reuse_or_make
 
 SUMMARY = "summary.json"
+SUMMARY_MD = "summary.md"
 
 
 def inference_config(cfg: PseudoLabelConfig) -> EvalConfig:
@@ -188,7 +189,7 @@ def generate_pseudo_labels(
         result, stats = _label_passes(model, dataset, loader, cfg, infer, out_dir, device, log, world_size)
     summary = summarize_pseudo_labels(cfg, classes, result, stats, len(dataset))
     if rank == 0:
-        (out_dir / "summary.md").write_text(summary_markdown(summary))
+        (out_dir / SUMMARY_MD).write_text(summary_markdown(summary))
         (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     if world_size > 1:
         distributed.barrier()  # every file is on disk before any process reads the folder
