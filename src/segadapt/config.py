@@ -775,7 +775,7 @@ def _paths_beside(data: dict[str, Any], schema: type[BaseModel], folder: Path) -
             out[name] = _paths_beside(value, model, folder)
         elif isinstance(value, str) and isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("path"):
             expanded = os.path.expanduser(value)
-            out[name] = expanded if os.path.isabs(expanded) else os.path.join(folder, expanded)
+            out[name] = expanded if os.path.isabs(expanded) else os.path.abspath(os.path.join(folder, expanded))
     return out
 
 

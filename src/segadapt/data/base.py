@@ -317,7 +317,7 @@ class SegDataset(Dataset):
         if self.missing_files == "error":
             shown = "\n  ".join(f"{p.path}: {p.detail}" for p in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            what = "missing file(s)" if all(p.kind != "unsupported_format" for p in problems) else "missing or unreadable file(s)"
+            what = "missing file(s)" if all(p.kind != "unsupported_format" for p in problems) else "missing or unsupported file(s)"
             raise DataError(
                 f"{self.description}: {len(problems)} {what}:\n  {shown}{more}\n"
                 f"Restore the files, or set {self.config_key}.options.missing_files=skip to drop these items "

@@ -99,8 +99,8 @@ def unknown_ids_fix(dataset: SegDataset) -> str:
             f"class or to {classes.ignore_index}, or add the missing classes to the dataset's class list"
         )
     if dataset.unknown_ids == "error":
-        return f"an error when loading; set {dataset.config_key}.options.unknown_ids=ignore to map them to {classes.ignore_index}"
-    return f"mapped to {classes.ignore_index} when loading (unknown_ids=ignore)"
+        return f"an error when loading; set {dataset.config_key}.options.unknown_ids=ignore to map them to ignore ({classes.ignore_index})"
+    return f"mapped to ignore ({classes.ignore_index}) when loading (unknown_ids=ignore)"
 
 
 def _check_label(
