@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--root", help="output folder (default: the cache, $SEGADAPT_HOME/benchmark/...)")
     mb.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels (default: 0); "
                     "data.*.benchmark_seed picks a copy in a config")
-    mb.add_argument("--size", default="default", choices=["default", "tiny"])
+    mb.add_argument("--size", default="default", choices=["default", "tiny"],
+                    help="default: the published calibration; tiny: a few 32x64 images, for tests (default: default)")
     mb.add_argument("--force", action="store_true", help="regenerate even if present")
     mb.set_defaults(func=cmd_make_benchmark)
 
