@@ -65,7 +65,9 @@ def check_label_spaces(runs: dict[str, tuple[str, ...] | None]) -> None:
     """
     known = {name: names for name, names in runs.items() if names is not None}
     if len(set(known.values())) > 1:
-        listing = "; ".join(f"{name}: {len(names)} classes ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" for name, names in known.items())
+        listing = "; ".join(
+            f"{name}: {len(names)} classes ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" for name, names in known.items()
+        )
         raise ConfigError(
             f"the runs predict different classes ({listing}); the report compares runs on the first run's validation "
             "labels, so report the runs of each label space separately"
