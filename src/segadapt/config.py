@@ -652,7 +652,7 @@ def _override_of(key: str, message: str, overrides: dict[str, str]) -> str | Non
 
 
 def _pair_problem(schema: type[BaseModel], loc: Sequence[str], raw: dict[str, Any]) -> str | None:
-    """What a fixed-length tuple field expects (``'data.crop_size': expected 2 integers [h, w], got [48]``), for a
+    """What a fixed-length tuple field expects (``'data.crop_size': expected 2 integers [h, w] in a list, got [48]``), for a
     problem at the field or at one of its entries; None for any other field.
 
     pydantic reports ``data.crop_size=[48]`` as "'data.crop_size.1': Field required", naming an entry the
@@ -731,7 +731,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...], schema: type[BaseModel] = RunConfig) -> dict[str, Any]:
-    folder = Path(os.path.abspath(path)).parent  # as the user names it (symlinks kept), for the paths it holds
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base:' chain {' -> '.join(map(str, seen + (path,)))}")
@@ -739,7 +738,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...], schema: type[BaseModel]
     if not path.is_relative_to(PACKAGED_CONFIGS.resolve()):
         # a user's file: its data roots and weight files are beside it, as its base: files are. The packaged
         # configs' paths (data/cityscapes, data/weights/...) stand for the user's folders: the working directory.
-        data = _paths_beside(data, schema, folder)
+        data = _paths_beside(data, schema, path.parent)  # the folder its base: names are looked up in
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
