@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from segadapt.cli import SIGPIPE_STATUS, build_parser, main
-from segadapt.config import load_config
+from segadapt.config import METHOD_PATH_OPTIONS, load_config
 from segadapt.data.check import check_folder_root, check_named_dataset
 from segadapt.data.folder import FolderDataset
 from segadapt.errors import CheckpointError, DataError
@@ -186,6 +186,20 @@ def test_paths_in_a_users_yaml_are_relative_to_the_file_like_base(
     assert main(["train", str(project / "configs" / "mine.yaml"), *overrides, "output_dir=runs", "name=mine"]) == 0
     saved = load_config(elsewhere / "runs" / "mine" / "config.yaml")
     assert saved.data.source.root == str(project / "data" / "toy")
+
+
+def test_method_path_options_are_the_recipes_path_fields(tmp_path: Path) -> None:
+    from segadapt.engine.recipes import RECIPES
+
+    path_fields = {
+        name for recipe in RECIPES.values() for name, field in recipe.Options.model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("path")
+    }  # fmt: skip
+    assert path_fields == METHOD_PATH_OPTIONS
+    (tmp_path / "distil.yaml").write_text("base: benchmark/cpsl_distill\nmethod: {teacher: runs/cpsl/checkpoints/last.pt}\n")
+    cfg = load_config(tmp_path / "distil.yaml")
+    assert cfg.method["teacher"] == str(tmp_path / "runs" / "cpsl" / "checkpoints" / "last.pt")
+    assert load_config(tmp_path / "distil.yaml", ["method.teacher=t.pt"]).method["teacher"] == "t.pt"
 
 
 # ---------------------------------------------------------------------------------------------

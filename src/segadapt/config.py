@@ -754,6 +754,16 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...], schema: type[BaseModel]
     return deep_merge(merged, data)
 
 
+METHOD_PATH_OPTIONS = frozenset({"teacher"})
+"""The ``method`` options that are paths to read: the :data:`PATH` fields of the recipes' options (BiCL's and
+CPSL's distillation ``teacher``). config.py cannot import the recipes; a test keeps the two in step."""
+
+
+def _expand_beside(value: str, folder: Path) -> str:
+    expanded = os.path.expanduser(value)
+    return expanded if os.path.isabs(expanded) else os.path.abspath(os.path.join(folder, expanded))
+
+
 def _paths_beside(data: dict[str, Any], schema: type[BaseModel], folder: Path) -> dict[str, Any]:
     """``data`` (one YAML file's keys) with each relative path of a :data:`PATH` field joined to ``folder``.
 
@@ -772,9 +782,13 @@ def _paths_beside(data: dict[str, Any], schema: type[BaseModel], folder: Path) -
         model = _model_of(field.annotation)
         if model is not None and isinstance(value, dict):
             out[name] = _paths_beside(value, model, folder)
+        elif schema is RunConfig and name == "method" and isinstance(value, dict):
+            out[name] = {
+                key: _expand_beside(option, folder) if key in METHOD_PATH_OPTIONS and isinstance(option, str) else option
+                for key, option in value.items()
+            }
         elif isinstance(value, str) and isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("path"):
-            expanded = os.path.expanduser(value)
-            out[name] = expanded if os.path.isabs(expanded) else os.path.abspath(os.path.join(folder, expanded))
+            out[name] = _expand_beside(value, folder)
     return out
 
 
