@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segadapt.config import PACKAGED_CONFIGS, deep_merge, load_config, parse_override, resolved_yaml, save_config
+from segadapt.config import PACKAGED_CONFIGS, deep_merge, load_config, parse_override, resolved_yaml, save_config, with_absolute_paths
 from segadapt.data.transforms import build_transforms
 from segadapt.errors import ConfigError
 
@@ -106,6 +106,7 @@ def test_every_shipped_config_validates_and_round_trips(tmp_path: Path) -> None:
         cfg = load_config(path)
         check_recipe_config(cfg)  # a known recipe, and its method section matches the recipe's options
         assert cfg.model.name in MODELS, path
+        cfg = with_absolute_paths(cfg)  # as a run stores it: its data/... paths are the working directory's
         save_config(cfg, tmp_path / "resolved.yaml")  # what a run directory stores reproduces the config
         assert load_config(tmp_path / "resolved.yaml") == cfg, path
         for transforms in (cfg.data.train_transforms, cfg.data.val_transforms):

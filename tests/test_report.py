@@ -93,4 +93,4 @@ def test_report_without_sklearn_says_how_to_get_the_tsne_view(two_runs: tuple[Pa
 
 def test_report_names_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path)]) == 2
-    assert "is not a run directory (no metrics.jsonl)" in capsys.readouterr().err
+    assert "is not a run directory (no config.yaml)" in capsys.readouterr().err

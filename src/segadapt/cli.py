@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .errors import SegadaptError
 
@@ -27,7 +28,13 @@ OVERWRITE_HELP = (
     "replace the outputs an earlier `segadapt {command}` wrote in the output folder (deleted first); files it did not "
     "write are never replaced"
 )
-CHECKPOINT_HELP = "a checkpoint, RUN_DIR/checkpoints/best.pt or last.pt (its run's config.yaml is used), or raw weights with --config"
+CHECKPOINT_HELP = (
+    "a run directory (its checkpoints/last.pt and config.yaml), a checkpoint RUN_DIR/checkpoints/best.pt or last.pt "
+    "(its run's config.yaml is used), or raw weights with --config"
+)
+SIGPIPE_STATUS = 141
+"""The exit status of a command whose reader closed its standard output (``segadapt ... | head``): 128 + SIGPIPE,
+what the shell reports for ``cat`` or ``yes`` in the same place."""
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -40,6 +47,19 @@ class _IntermixedParser(argparse.ArgumentParser):
     """
 
     _intermixing = False
+    _REQUIRED = "the following arguments are required: "
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's error, without listing an optional ``nargs="*"`` positional (the overrides) as required.
+
+        The intermixed parse checks the positionals in a pass of its own, which names every one that got
+        no value; ``segadapt eval`` alone then said "required: checkpoint, overrides".
+        """
+        if message.startswith(self._REQUIRED):
+            optional = {action.dest for action in self._get_positional_actions() if action.nargs in ("*", "?")}
+            names = [name for name in message[len(self._REQUIRED):].split(", ") if name not in optional]
+            message = self._REQUIRED + ", ".join(names)
+        super().error(message)
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -159,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="source-only, the strongest adaptation method and the oracle on the embedded benchmark, with a report")
-    demo.add_argument("--output", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output", default="runs/demo", help="folder of the demo's runs and report (default: runs/demo); "
+                      "a finished run found there is reused, an interrupted one resumed")
+    demo.add_argument("--seed", type=int, default=0, help="training seed of every run (default: 0); the benchmark data stays the same")
     demo.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test, not the calibration)")
     demo.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
                       help="adaptation methods trained from the source-only model (benchmark/<METHOD>.yaml; about 2-7 min each); "
@@ -200,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mb = sub.add_parser("make-benchmark", help="generate the embedded benchmark (cached)")
     mb.add_argument("--root", help="output folder (default: the cache, $SEGADAPT_HOME/benchmark/...)")
-    mb.add_argument("--seed", type=int, default=0)
-    mb.add_argument("--size", default="default", choices=["default", "tiny"])
+    mb.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels (default: 0); "
+                    "data.*.benchmark_seed picks a copy in a config")
+    mb.add_argument("--size", default="default", choices=["default", "tiny"],
+                    help="default: the published calibration; tiny: a few 32x64 images, for tests (default: default)")
     mb.add_argument("--force", action="store_true", help="regenerate even if present")
     mb.set_defaults(func=cmd_make_benchmark)
 
@@ -215,9 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # `segadapt ... | head`: the reader has what it wanted. Quiet, as a Unix tool killed by SIGPIPE; stdout
+        # goes to /dev/null so that the interpreter's own flush at exit has nowhere to fail.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # no file descriptor (stdout replaced, e.g. under a test's capture)
+            pass
+        return SIGPIPE_STATUS
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise  # a closed standard output, not a file of the user's: main() ends quietly
     except SegadaptError as err:
         print(f"segadapt {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -234,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .progress import is_main_rank
 
         if is_main_rank():  # under torchrun every process is interrupted: one message
-            print(f"segadapt {args.command}: {err or 'interrupted'}", file=sys.stderr)
+            print(f"segadapt {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -463,7 +464,8 @@ def load_config(
     path: str | Path | None, overrides: Sequence[str] = (), schema: type[BaseModel] = RunConfig
 ) -> Any:
     """Read ``path`` (with its ``base:`` chain), apply ``key.sub=value`` overrides, validate."""
-    raw: dict[str, Any] = _read_with_bases(resolve_config_path(path), ()) if path is not None else {}
+    raw: dict[str, Any] = _read_with_bases(resolve_config_path(path), (), schema) if path is not None else {}
+    overridden: dict[str, str] = {}
     for override in overrides:
         key, value = parse_override(override)
         parts = key.split(".")
@@ -471,8 +473,9 @@ def load_config(
         if _is_text_field(schema, parts):
             value = _as_text(override.partition("=")[2].strip(), value)
         set_dotted(raw, key, value)
+        overridden[key] = override.strip()
     raw = resolve_time_constants(raw)
-    return validate(raw, schema, source=str(path) if path else "overrides")
+    return validate(raw, schema, source=str(path) if path else "overrides", overrides=overridden)
 
 
 # ---------------------------------------------------------------- the time-constant rule
@@ -611,20 +614,71 @@ def _as_text(text: str, parsed: Any) -> Any:
     return text
 
 
-def validate(raw: dict[str, Any], schema: type[BaseModel] = RunConfig, source: str = "config") -> Any:
-    """Validate a nested dict; errors name the dotted key, the problem and the closest valid key."""
+def validate(
+    raw: dict[str, Any], schema: type[BaseModel] = RunConfig, source: str = "config", overrides: dict[str, str] | None = None
+) -> Any:
+    """Validate a nested dict; errors name the dotted key, the problem and the closest valid key.
+
+    ``overrides`` maps each key set on the command line to the override as typed: a problem of that key
+    is blamed on the override (``override train.iters=abc: ...``), not on the config file ``source``.
+    """
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        lines = []
+        lines: list[str] = []
+        from_file = False
         for problem in err.errors():
             loc = [str(part) for part in problem["loc"]]
             key = ".".join(loc)
             if problem["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{key}'{_suggestion(schema, loc)}")
+                line = f"unknown key '{key}'{_suggestion(schema, loc)}"
             else:
-                lines.append(f"'{key}': {problem['msg']} (got {problem.get('input')!r})")
-        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+                line = _pair_problem(schema, loc, raw) or f"'{key}': {problem['msg']} (got {problem.get('input')!r})"
+            override = _override_of(key, str(problem.get("msg", "")), overrides or {})
+            from_file = from_file or override is None
+            line = line if override is None else f"override {override}: {line}"
+            if line not in lines:  # both entries of a too-short pair are one problem
+                lines.append(line)
+        header = f"{source}: invalid config" if from_file else "invalid command-line override"
+        raise ConfigError(f"{header}\n  " + "\n  ".join(lines)) from None
+
+
+def _override_of(key: str, message: str, overrides: dict[str, str]) -> str | None:
+    """The override that set ``key`` (or a key above it), or that a check of a section above it names in ``message``."""
+    for name, text in overrides.items():
+        if key == name or key.startswith(f"{name}.") or (name.startswith(f"{key}.") and name in message):
+            return text
+    return None
+
+
+def _pair_problem(schema: type[BaseModel], loc: Sequence[str], raw: dict[str, Any]) -> str | None:
+    """What a fixed-length tuple field expects (``'data.crop_size': expected 2 integers [h, w] in a list, got [48]``), for a
+    problem at the field or at one of its entries; None for any other field.
+
+    pydantic reports ``data.crop_size=[48]`` as "'data.crop_size.1': Field required", naming an entry the
+    user never wrote.
+    """
+    for length in (len(loc), len(loc) - 1):
+        parent, depth = _walk(schema, loc[: length - 1])
+        name = loc[length - 1] if length >= 1 else ""
+        if parent is None or depth < length - 1 or name not in parent.model_fields:
+            continue
+        field = parent.model_fields[name]
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next((arg for arg in typing.get_args(annotation) if typing.get_origin(arg) is tuple), annotation)
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is not tuple or not args or Ellipsis in args:
+            continue
+        kinds = {arg.__name__ for arg in args if isinstance(arg, type)}
+        kind = {"int": "integers", "float": "numbers"}.get(next(iter(kinds)), "values") if len(kinds) == 1 else "values"
+        named = re.search(r"\(([a-z]+(?:, [a-z]+)+)\)", field.description or "")
+        shape = f" [{named.group(1)}]" if named and len(named.group(1).split(", ")) == len(args) else ""
+        value: Any = raw
+        for part in loc[:length]:
+            value = value.get(part) if isinstance(value, dict) else None
+        return f"'{'.'.join(loc[:length])}': expected {len(args)} {kind}{shape} in a list, got {value!r}"
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -676,11 +730,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_bases(path: Path, seen: tuple[Path, ...], schema: type[BaseModel] = RunConfig) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base:' chain {' -> '.join(map(str, seen + (path,)))}")
     data = _read_yaml(path)
+    if not path.is_relative_to(PACKAGED_CONFIGS.resolve()):
+        # a user's file: its data roots and weight files are beside it, as its base: files are. The packaged
+        # configs' paths (data/cityscapes, data/weights/...) stand for the user's folders: the working directory.
+        data = _paths_beside(data, schema, path.parent)  # the folder its base: names are looked up in
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -692,8 +750,46 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             base_path = resolve_config_path(base, beside=path.parent)
         except ConfigError as err:
             raise ConfigError(f"{path}: base: {err}") from None
-        merged = deep_merge(merged, _read_with_bases(base_path, seen + (path,)))
+        merged = deep_merge(merged, _read_with_bases(base_path, seen + (path,), schema))
     return deep_merge(merged, data)
+
+
+METHOD_PATH_OPTIONS = frozenset({"teacher"})
+"""The ``method`` options that are paths to read: the :data:`PATH` fields of the recipes' options (BiCL's and
+CPSL's distillation ``teacher``). config.py cannot import the recipes; a test keeps the two in step."""
+
+
+def _expand_beside(value: str, folder: Path) -> str:
+    expanded = os.path.expanduser(value)
+    return expanded if os.path.isabs(expanded) else os.path.abspath(os.path.join(folder, expanded))
+
+
+def _paths_beside(data: dict[str, Any], schema: type[BaseModel], folder: Path) -> dict[str, Any]:
+    """``data`` (one YAML file's keys) with each relative path of a :data:`PATH` field joined to ``folder``.
+
+    A YAML file's relative paths mean the same wherever segadapt is run from, as its ``base:`` does;
+    overrides on the command line stay relative to the working directory (:func:`with_absolute_paths`).
+
+    Examples:
+        >>> _paths_beside({"data": {"val": {"dataset": "folder", "root": "data/mine"}}}, RunConfig, Path("/work/configs"))
+        {'data': {'val': {'dataset': 'folder', 'root': '/work/configs/data/mine'}}}
+    """
+    out = dict(data)
+    for name, value in data.items():
+        field = schema.model_fields.get(str(name))
+        if field is None:
+            continue
+        model = _model_of(field.annotation)
+        if model is not None and isinstance(value, dict):
+            out[name] = _paths_beside(value, model, folder)
+        elif schema is RunConfig and name == "method" and isinstance(value, dict):
+            out[name] = {
+                key: _expand_beside(option, folder) if key in METHOD_PATH_OPTIONS and isinstance(option, str) else option
+                for key, option in value.items()
+            }
+        elif isinstance(value, str) and isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("path"):
+            out[name] = _expand_beside(value, folder)
+    return out
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

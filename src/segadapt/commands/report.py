@@ -31,6 +31,7 @@ import torch
 
 from ..config import RunConfig, load_config
 from ..engine.builders import build_dataset_from_spec, resolve_device
+from ..engine.checkpoint import load_checkpoint
 from ..engine.inference import predict_probs
 from ..engine.loading import load_trained_model
 from ..engine.logging import read_metrics
@@ -40,9 +41,37 @@ from ..viz.figures import plot_class_distribution, plot_class_iou, plot_curves, 
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` records; none for a run stopped before its first log line (it has its config.yaml)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `segadapt train` wrote")
     if not (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"{run_dir} is not a run directory (no metrics.jsonl); pass the folder `segadapt train` wrote")
+        return []
     return read_metrics(run_dir)
+
+
+def _class_names(run_dir: Path, records: list[dict[str, Any]]) -> tuple[str, ...] | None:
+    """The classes a run predicts: its ``last.pt``'s, else its last evaluation's per-class keys; None when it has neither."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        return tuple(load_checkpoint(last)["classes"]["names"])
+    scores = _last_eval(records)
+    return tuple(key[len("val/iou/"):] for key in scores if key.startswith("val/iou/")) if scores else None
+
+
+def check_label_spaces(runs: dict[str, tuple[str, ...] | None]) -> None:
+    """Refuse runs of different classes: the report draws every run against the first run's validation labels.
+
+    ``runs``: run name -> its class names (None: unknown, a run with neither checkpoint nor evaluation).
+    """
+    known = {name: names for name, names in runs.items() if names is not None}
+    if len(set(known.values())) > 1:
+        listing = "; ".join(
+            f"{name}: {len(names)} classes ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" for name, names in known.items()
+        )
+        raise ConfigError(
+            f"the runs predict different classes ({listing}); the report compares runs on the first run's validation "
+            "labels, so report the runs of each label space separately"
+        )
 
 
 def _last_eval(records: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -93,9 +122,10 @@ def pixel_features(model: Any, dataset: Any, device: torch.device, images: int =
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: int = 4) -> Path:
     """Draw every figure the runs allow into ``out_dir`` and write ``out_dir/report.md``; returns its path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_paths = [Path(r) for r in run_dirs]
     runs = {r.name: _records(r) for r in run_paths}
+    check_label_spaces({r.name: _class_names(r, runs[r.name]) for r in run_paths})
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# segadapt report", "", "Runs: " + ", ".join(f"`{r}`" for r in run_paths), ""]
 
     plot_curves(runs, out_dir / "curves.png")

@@ -126,6 +126,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return decode_file(path, "file", lambda image: (image.height, image.width))
 
 
+CHECK_DATA_HINT = " (`segadapt check-data` lists every such file)"
+"""The end of a message about one bad file, pointing at the command that lists them all (which leaves it out)."""
+
+
 def decode_file(path: Path, what: str, decode: Callable[[Image.Image], Any]) -> Any:
     """Open ``path`` with PIL and return ``decode(image)``; any failure becomes a DataError naming the file."""
     try:
@@ -142,7 +146,7 @@ def decode_file(path: Path, what: str, decode: Callable[[Image.Image], Any]) -> 
     except Exception as error:
         raise DataError(
             f"cannot read {what} {path}: {error}. The file is corrupt, truncated or not an image: re-extract "
-            "it from the dataset archive, or remove it (`segadapt check-data` lists every such file)"
+            f"it from the dataset archive, or remove it{CHECK_DATA_HINT}"
         ) from error
 
 
@@ -211,6 +215,8 @@ class SegDataset(Dataset):
         missing_files: an image without its label, a label without its image, or a listed name
             that is not on disk: ``error`` or ``skip`` (counted and logged).
         orphan_labels: label files found without an image, by name (a missing file).
+        unsupported: files of a format the dataset cannot read (a ``.tif`` image, a ``.jpg`` label), as problems;
+            they follow the ``missing_files`` policy, so they are reported as what they are, not as missing pairs.
         skipped: problems the loader already dropped items for (e.g. GTA5's known bad frames).
         description: how the dataset names itself in messages, e.g. ``"GTA5 all (/data/gta5)"``.
     """
@@ -246,6 +252,7 @@ class SegDataset(Dataset):
         size_mismatch: SizeMismatch = "error",
         missing_files: MissingFiles = "error",
         orphan_labels: Mapping[str, Path] | None = None,
+        unsupported: Sequence[Problem] = (),
         skipped: Sequence[Problem] = (),
         description: str = "dataset",
     ) -> None:
@@ -278,11 +285,18 @@ class SegDataset(Dataset):
                 if wanted is None or _is_wanted(name, wanted)
             ]
             unpaired = [item for item in items if item.label is not None and not item.label.is_file()]
-            unlabelled = [Problem("missing_pair", str(item.image), f"no label file {item.label}") for item in unpaired]
-            self._missing(orphans + unlabelled)
+            # a label of an unsupported format is reported as that, not as a missing label as well
+            unsupported_stems = {str(Path(problem.path).with_suffix("")) for problem in unsupported}
+            unlabelled = [
+                Problem("missing_pair", str(item.image), f"no label file {item.label}")
+                for item in unpaired
+                if str(Path(str(item.label)).with_suffix("")) not in unsupported_stems
+            ]
+            self._missing(orphans + list(unsupported) + unlabelled)
             unpaired_names = {item.name for item in unpaired}
             items = [item for item in items if item.name not in unpaired_names]
         else:
+            self._missing(list(unsupported))
             items = [item._replace(label=None) for item in items]
         if self.size_mismatch == "skip":
             items = self._drop_size_mismatches(items)
@@ -314,8 +328,9 @@ class SegDataset(Dataset):
         if self.missing_files == "error":
             shown = "\n  ".join(f"{p.path}: {p.detail}" for p in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            what = "missing file(s)" if all(p.kind != "unsupported_format" for p in problems) else "missing or unsupported file(s)"
             raise DataError(
-                f"{self.description}: {len(problems)} missing file(s):\n  {shown}{more}\n"
+                f"{self.description}: {len(problems)} {what}:\n  {shown}{more}\n"
                 f"Restore the files, or set {self.config_key}.options.missing_files=skip to drop these items "
                 "(counted and logged)"
             )

@@ -12,15 +12,17 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import DataError
-from .base import Problem, SegDataset
+from . import base as base_module
+from .base import CHECK_DATA_HINT, Problem, SegDataset
 from .classes import ClassInfo, class_pixel_counts
 from .folder import FolderDataset, folder_splits, read_dataset_yaml
 from .registry import DATASETS, build_dataset
@@ -65,18 +67,40 @@ def check_dataset(dataset: SegDataset, log_every: int = 500) -> CheckReport:
         try:
             image_shape = dataset.load_image(index).shape[:2]
         except DataError as error:
-            report.problems.append(Problem("unreadable", str(item.image), str(error)))
+            report.problems.append(Problem("unreadable", str(item.image), _detail(error)))
             image_shape = None
         if item.label is None:
             continue
         try:
             raw = dataset.read_raw_label(item.label)
         except DataError as error:
-            report.problems.append(Problem("unreadable", str(item.label), str(error)))
+            report.problems.append(Problem("unreadable", str(item.label), _detail(error)))
             continue
         report.num_labels += 1
         _check_label(dataset, item.label, raw, image_shape, report)
     return report
+
+
+def _detail(error: DataError) -> str:
+    """A loader's message as a problem of the report: without the hint to run check-data, which is running."""
+    return str(error).replace(CHECK_DATA_HINT, "")
+
+
+def unknown_ids_fix(dataset: SegDataset) -> str:
+    """How to resolve label ids a dataset does not define, for its kind of labels.
+
+    Train-id labels (a folder dataset) have no other meaning to map from: the file or the class list is wrong.
+    A raw-id format may hold ids its table lacks; ``options.unknown_ids=ignore`` maps them to the ignore index.
+    """
+    classes = dataset.classes
+    if dataset.label_map is None:
+        return (
+            f"train ids are 0..{classes.num_classes - 1} and {classes.ignore_index} (ignore): relabel those pixels to a "
+            f"class or to {classes.ignore_index}, or add the missing classes to the dataset's class list"
+        )
+    if dataset.unknown_ids == "error":
+        return f"an error when loading; set {dataset.config_key}.options.unknown_ids=ignore to map them to ignore ({classes.ignore_index})"
+    return f"mapped to ignore ({classes.ignore_index}) when loading (unknown_ids=ignore)"
 
 
 def _check_label(
@@ -84,10 +108,7 @@ def _check_label(
 ) -> None:
     unknown = dataset.unknown_ids_in(raw)
     if unknown:
-        fate = "an error" if dataset.label_map is None or dataset.unknown_ids == "error" else "mapped to ignore"
-        report.problems.append(
-            Problem("unknown_ids", str(path), f"ids {unknown[:20]} not in the label format ({fate} when loading)")
-        )
+        report.problems.append(Problem("unknown_ids", str(path), f"ids {unknown[:20]} not in the label format; {unknown_ids_fix(dataset)}"))
     label = dataset.to_train_ids(raw, path, unknown_ids="ignore")
     if image_shape is not None and image_shape != label.shape:
         report.problems.append(
@@ -141,7 +162,8 @@ def check_folder_root(root: str | Path, **options: Any) -> list[CheckReport]:
     if not splits:
         raise DataError(f"{Path(root) / 'images'} holds no split folders (images/<split>/)")
     options.setdefault("missing_files", "skip")
-    return [check_dataset(FolderDataset(root, split, **options)) for split in splits]
+    with _quiet_skips():
+        return [check_dataset(FolderDataset(root, split, **options)) for split in splits]
 
 
 def check_named_dataset(
@@ -158,4 +180,17 @@ def check_named_dataset(
     if name in DATASETS and not splits:
         splits = DATASETS[name].default_splits
     options.setdefault("missing_files", "skip")
-    return [check_dataset(build_dataset(name, root, split, **options)) for split in splits or ()]
+    with _quiet_skips():
+        return [check_dataset(build_dataset(name, root, split, **options)) for split in splits or ()]
+
+
+@contextlib.contextmanager
+def _quiet_skips() -> Iterator[None]:
+    """Without the loader's warning "skipped N item(s) ... (`segadapt check-data` lists them all)": the report lists them."""
+    base_logger = logging.getLogger(base_module.__name__)
+    level = base_logger.level
+    base_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        base_logger.setLevel(level)

@@ -5,8 +5,9 @@ space")::
 
     ROOT/dataset.yaml                     name, ignore_index, classes: [{name, color: [r, g, b]}, ...],
                                           optionally a free-text description
-    ROOT/images/<split>/<stem>.png|.jpg   RGB images
-    ROOT/labels/<split>/<stem>.png        uint8 train ids, ignore_index elsewhere; absent for unlabeled splits
+    ROOT/images/<split>/<stem>.png|.jpg   RGB images, also in sub-folders (images/<split>/cityA/<stem>.png)
+    ROOT/labels/<split>/<stem>.png        uint8 train ids, ignore_index elsewhere; absent for unlabeled splits;
+                                          a label mirrors its image's path (labels/<split>/cityA/<stem>.png)
 
 Examples:
     >>> dataset = FolderDataset("/data/my_dataset", "val")  # doctest: +SKIP
@@ -20,11 +21,14 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import DataError, did_you_mean
-from .base import MissingFiles, SampleFiles, SegDataset, SizeMismatch
+from .base import MissingFiles, Problem, SampleFiles, SegDataset, SizeMismatch
 from .classes import IGNORE_INDEX, ClassInfo
 
 DATASET_YAML = "dataset.yaml"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+UNSUPPORTED_SUFFIXES = (".tif", ".tiff", ".webp", ".bmp", ".gif", ".jpg", ".jpeg", ".jp2", ".ppm")
+"""Image formats a user may have that a folder dataset does not read: such a file is reported as an unsupported
+format (convert it), not as a missing pair. For labels the JPEG suffixes are among them: JPEG alters ids."""
 _KEYS = ("name", "description", "ignore_index", "classes")
 _OPTIONAL_KEYS = ("description", "ignore_index")
 _CLASS_KEYS = ("name", "color")
@@ -116,7 +120,9 @@ class FolderDataset(SegDataset):
         split: a sub-folder of ``images/``; without ``labels/<split>/`` the split is unlabeled.
 
     The other arguments are those of :class:`~segadapt.data.base.SegDataset`. Names are the
-    file stems.
+    images' paths under ``images/<split>/`` without the suffix (``cityA/frame``), as ``segadapt predict``
+    reads a folder: recursively. A label mirrors its image's path. Images or labels in a format the
+    loader does not read are problems of kind ``unsupported_format`` (``missing_files`` policy).
     """
 
     def __init__(
@@ -136,18 +142,32 @@ class FolderDataset(SegDataset):
         if not image_dir.is_dir():
             raise DataError(f"{image_dir} not found; the splits of {root} are {folder_splits(root)}")
         images: dict[str, Path] = {}
-        for path in sorted(image_dir.iterdir()):
+        unsupported: list[Problem] = []
+        for path in sorted(p for p in image_dir.rglob("*") if p.is_file()):
+            name = path.relative_to(image_dir).with_suffix("").as_posix()
             if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if path.suffix.lower() in UNSUPPORTED_SUFFIXES:
+                    detail = f"a {path.suffix} image; convert it to PNG (folder datasets read {', '.join(IMAGE_SUFFIXES)})"
+                    unsupported.append(Problem("unsupported_format", str(path), detail))
                 continue
-            if path.stem in images:
+            if name in images:
                 raise DataError(
-                    f"{image_dir}: two images named {path.stem!r} ({images[path.stem].name}, {path.name}); keep one"
+                    f"{image_dir}: two images named {name!r} ({images[name].name}, {path.name}); keep one"
                 )
-            images[path.stem] = path
+            images[name] = path
         if not images:
-            raise DataError(f"no .png/.jpg images in {image_dir}")
+            raise DataError(f"no .png/.jpg images in {image_dir} or its sub-folders")
+        unsupported_images = {Path(problem.path).relative_to(image_dir).with_suffix("").as_posix() for problem in unsupported}
         labeled = label_dir.is_dir()
-        labels = {path.stem: path for path in label_dir.glob("*.png")} if labeled else {}
+        labels: dict[str, Path] = {}
+        for path in sorted(p for p in label_dir.rglob("*") if p.is_file()) if labeled else ():
+            name = path.relative_to(label_dir).with_suffix("").as_posix()
+            if path.suffix.lower() == ".png":
+                labels[name] = path
+            elif path.suffix.lower() in UNSUPPORTED_SUFFIXES and name in images and with_labels:
+                unsupported.append(
+                    Problem("unsupported_format", str(path), f"a {path.suffix} label; labels are lossless PNG id maps: save it as {name}.png")
+                )
         super().__init__(
             [SampleFiles(path, label_dir / f"{name}.png" if labeled else None, name) for name, path in images.items()],
             classes,
@@ -156,7 +176,8 @@ class FolderDataset(SegDataset):
             split_file=split_file,
             size_mismatch=size_mismatch,
             missing_files=missing_files,
-            orphan_labels={name: path for name, path in labels.items() if name not in images},
+            orphan_labels={name: path for name, path in labels.items() if name not in images and name not in unsupported_images},
+            unsupported=unsupported,
             description=f"{classes.name} {split} ({root})",
         )
         self.root, self.split = root, split

@@ -288,10 +288,16 @@ def _shape_error(path: Path, mismatched: list[tuple[str, torch.Size, torch.Size]
     )
     key, file_shape, model_shape = mismatched[0]
     if num_classes is not None and only_classes_differ and len(file_classes) == 1:
+        # The model's class count is the data's (model.num_classes must agree with it), so "set
+        # model.num_classes" is no fix; model.pretrained is one only for a model with an ImageNet backbone.
+        fixes = [f"use a checkpoint trained on {num_classes} classes", f"train on data labelled with its {file_shape[0]} classes"]
+        if getattr(model, "backbone_module_names", None) is not None:
+            file_format: BackboneFormat = getattr(model, "backbone_format", TORCHVISION_RESNET101)
+            fixes.insert(1, f"start from ImageNet weights instead: model.checkpoint=null model.pretrained=FILE ({file_format.file_hint})")
         return CheckpointError(
-            f"{path}: checkpoint has {file_shape[0]} classes ({key} {tuple(file_shape)}), config"
-            f" model.num_classes={num_classes}; set model.num_classes={file_shape[0]}, or start from the backbone"
-            " only with model.pretrained"
+            f"{path}: checkpoint has {file_shape[0]} classes ({key} {tuple(file_shape)}) but the {type(model).__name__} built for"
+            f" this run has {num_classes} (the data's class count, or model.num_classes); a checkpoint fits only data of its own"
+            f" class count: {', or '.join(fixes)}"
         )
     return CheckpointError(
         f"{path}: {key} has shape {tuple(file_shape)} in the file but {tuple(model_shape)} in the model"

@@ -50,7 +50,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     score_ax.set(xlabel="iteration", ylabel="%", title="validation")
     for ax in (loss_ax, score_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a run stopped before its first log line has nothing to name
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
