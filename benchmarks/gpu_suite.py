@@ -69,7 +69,8 @@ from segadapt.engine.pseudo_labelling import generate_pseudo_labels
 from segadapt.engine.recipes.cpsl import CPSLOptions
 from segadapt.models import create_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, also when imported by the tests
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported by the tests: the sibling benchmarks, after every other module
+    sys.path.append(str(Path(__file__).resolve().parent))
 from inference_speed import PSEUDO_LABEL_IMAGES, cases, load_images, time_cases  # noqa: E402
 from pseudo_label_memory import SyntheticImages  # noqa: E402
 from sinkhorn_benchmark import CITYSCAPES_R, cpsl_scores, machine, solvers, time_interleaved  # noqa: E402
@@ -81,6 +82,7 @@ NOT_IN_VERSION = "recipe not in this version"
 ONE_GRAPH = "one backward per step in this recipe (it back-propagates no stream early): off is the same step as on"
 PSEUDO_LABEL_CONFIG = "gta5_to_cityscapes/dars_td"  # DARS-TD's pseudo-label settings: 1024x512 input, flip, two passes
 COMPILED_RECIPE = "source_only"
+UNITS = {"ms_per_step": ("ms", 1), "peak_memory_gib": ("GiB", 2)}  # a ratio's field -> unit and digits of its figures
 
 
 # ----------------------------------------------------------------------------- what is measured
@@ -364,20 +366,21 @@ class Ratio:
     value: str  # the result field: ms_per_step or peak_memory_gib
 
     def compute(self, done: dict[str, Measurement]) -> dict[str, Any]:
+        """The ratio's record: both figures, and the value or why there is none."""
         sides = [done.get(self.numerator), done.get(self.denominator)]
-        row: dict[str, Any] = {"name": self.name, "numerator": self.numerator, "denominator": self.denominator, "value": None, "note": None}
+        top, bottom = (side.result.get(self.value) if side is not None and side.result is not None else None for side in sides)
+        row = {"name": self.name, "field": self.value, "numerator": self.numerator, "denominator": self.denominator,
+               "numerator_value": top, "denominator_value": bottom, "value": None, "note": None}  # fmt: skip
         if any(side is not None and side.reason == ONE_GRAPH for side in sides):
             row["note"] = "n/a (one backward per step)"
         elif any(side is None or side.status == "skipped" for side in sides):
             row["note"] = "n/a (skipped)"
         elif any(side.status == "pending" for side in sides if side is not None):
             row["note"] = "n/a (not measured yet)"
+        elif top is None or not bottom:
+            row["note"] = f"n/a ({self.value} zero or not measured)"
         else:
-            top, bottom = (side.result[self.value] for side in sides if side is not None and side.result is not None)
-            if top is None or bottom is None or bottom == 0:
-                row["note"] = f"n/a ({self.value} zero or not measured)"
-            else:
-                row["value"] = top / bottom
+            row["value"] = top / bottom
         return row
 
 
@@ -468,6 +471,14 @@ def number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def figures(ratio: dict[str, Any]) -> str:
+    """A ratio's two absolute figures with their unit, as printed beside it."""
+    if ratio["numerator_value"] is None and ratio["denominator_value"] is None:
+        return "-"
+    unit, digits = UNITS[ratio["field"]]
+    return f"{number(ratio['numerator_value'], digits)} / {number(ratio['denominator_value'], digits)} {unit}"
+
+
 def train_rows(m: Measurement) -> list[list[str]]:
     p, r = m.params, m.result or {}
     backward = "compiled" if p["compile"] else ("on" if p["stream_backward"] else "off")
@@ -514,9 +525,8 @@ def markdown(doc: dict[str, Any], measurements: list[Measurement]) -> str:
         f"{'complete' if doc['complete'] else 'partial'} after {doc['elapsed_s']:.0f} s (deadline {doc['settings']['deadline_s']:g} s)",
         f"command: `{doc['command']}`; peak memory: {env['memory_kind']}", "",
         "## Ratios", "",
-        *table(["ratio", "value", "numerator / denominator"],
-               [[r["name"], number(r["value"], 2) if r["value"] is not None else r["note"], f"{r['numerator']} / {r['denominator']}"]
-                for r in doc["ratios"]]),
+        *table(["ratio", "value", "from"], [[r["name"], number(r["value"], 2) if r["value"] is not None else r["note"], figures(r)]
+                                            for r in doc["ratios"]]),
     ]  # fmt: skip
     for kind, (title, header, rows) in TABLES.items():
         measured = [row for m in measurements if m.kind == kind and m.status == "measured" for row in rows(m)]
