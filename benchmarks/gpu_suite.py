@@ -28,7 +28,8 @@ after it, or a training measurement still running at it, is skipped with the rea
 that run out of memory or need a GPU when there is none. The JSON and markdown files are rewritten
 after every measurement (atomically), so a run killed at any moment leaves a valid partial record
 (``complete: false``, the rest ``pending``). ``--smoke`` runs the same code on the CPU at tiny sizes
-(SmallSegNet and MiT-B0, crops divided by 8, 2 steps) in well under a minute; the tests run it.
+(SmallSegNet and MiT-B0, crops divided by 8, 3 steps, one thread) in well under a minute; the tests
+run it.
 Usage::
 
     python benchmarks/gpu_suite.py --output gpu_suite.json            # one CUDA device, about 6 minutes
@@ -142,6 +143,7 @@ class Profile:
 
     name: str
     device: str
+    tiny: bool  # the entries' ``smoke`` overrides apply
     crop_divisor: int  # paper crops are divided by it
     batch: int | None  # images per stream; None: the config's (the paper's)
     train_overrides: dict[str, tuple[str, ...]]  # per network family
@@ -162,7 +164,7 @@ class Profile:
 
 
 PAPER = Profile(
-    name="paper", device="cuda", crop_divisor=1, batch=None,
+    name="paper", device="cuda", tiny=False, crop_divisor=1, batch=None,
     train_overrides={"deeplab": (), "mit": ()},
     eval_networks={"deeplab": ("deeplabv2_r101", {}), "mit": ("daformer_mitb5", {})},
     warmup=3, steps=10,
@@ -171,7 +173,7 @@ PAPER = Profile(
     sinkhorn_repeats=20, compile_backend=None, compile_needs_s=150.0,
 )  # fmt: skip
 SMOKE = Profile(
-    name="smoke", device="cpu", crop_divisor=8, batch=2,
+    name="smoke", device="cpu", tiny=True, crop_divisor=8, batch=2,
     train_overrides={"deeplab": ("model.name=small",), "mit": ("model.name=daformer_mitb0", "model.options={embed_dim: 32}")},
     eval_networks={"deeplab": ("small", {}), "mit": ("daformer_mitb0", {"embed_dim": 32})},
     warmup=1, steps=2,
@@ -246,7 +248,7 @@ def train_step(entry: TrainEntry, amp: str, stream_backward: bool, compiled: boo
     profile = ctx.profile
     params = train_params(entry, profile, amp, stream_backward, compiled)
     overrides = [
-        *profile.train_overrides[entry.family], *(entry.smoke if profile is SMOKE else ()),
+        *profile.train_overrides[entry.family], *(entry.smoke if profile.tiny else ()),
         f"train.amp={AMPS[amp]}", f"train.stream_backward={str(stream_backward).lower()}", f"train.compile={str(compiled).lower()}",
     ]  # fmt: skip
     steps = profile.warmup + profile.steps
@@ -596,7 +598,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--deadline-s", type=float, default=420.0, help="start no measurement (and stop a training one) after this many seconds")
     parser.add_argument("--device", default="cuda", help="the CUDA device (ignored with --smoke, which runs on the CPU)")
     parser.add_argument("--only", nargs="+", default=[], metavar="PREFIX", help="measure only the ids starting with these, e.g. train/cpsl eval")
-    parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny sizes (SmallSegNet, MiT-B0, 2 steps)")
+    parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny sizes (SmallSegNet, MiT-B0, 3 steps, one thread)")
     args = parser.parse_args(argv)
     markdown_path = args.output.with_suffix(".md")
     existing = [str(path) for path in (args.output, markdown_path) if path.exists()]
@@ -610,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     profile = SMOKE if args.smoke else PAPER
     device = torch.device("cpu" if args.smoke else args.device)
+    if args.smoke:  # on a shared CI machine two OpenMP threads on a busy core make every step 10-30x slower
+        torch.set_num_threads(1)
     argv = list(sys.argv[1:] if argv is None else argv)
     measurements = plan(profile)
     env = environment(device)
