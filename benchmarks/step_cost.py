@@ -8,9 +8,9 @@ groups are built from the packaged configs exactly as ``segadapt train`` builds 
 data is replaced by random batches of the given crop size, so no dataset, warm-up checkpoint or
 pseudo-label pass is needed (CPSL gets random Eq. 7 prototypes and a uniform Eq. 10 count, which
 changes no shape and no work). Randomly initialised weights; ``model.pretrained`` is dropped.
-``benchmarks/gpu_suite.py`` runs the same steps for every paper-scale recipe in one command.
-
-Not run by the tests. Usage::
+``benchmarks/gpu_suite.py`` runs the same steps for every paper-scale recipe in one command; the tests
+run its ``--smoke`` profile, so :func:`measure_steps` is exercised on every recipe (this script's
+``main`` is not run by the tests). Usage::
 
     # CPU, the embedded benchmark's small network and crops
     python benchmarks/step_cost.py --configs benchmark/source_only benchmark/st benchmark/cpsl \
