@@ -3,9 +3,9 @@
 Each size runs in a fresh subprocess (so ``ru_maxrss`` is that run's peak) that labels a
 synthetic dataset of N images at reduced Cityscapes resolution (default 256x512, 19 classes,
 with ground truth so accuracy and KL are measured too) with ``SmallSegNet`` and the DARS rule,
-writing the PNGs to a temporary folder. The images are
-made on the fly from their index: the measurement is of the generator (histograms, thresholds,
-writing), not of an input cache. Usage::
+writing the PNGs to a temporary folder. The images (:class:`SyntheticImages`, which
+``benchmarks/gpu_suite.py`` labels too) are made on the fly from their index: the measurement is
+of the generator (histograms, thresholds, writing), not of an input cache. Usage::
 
     python benchmarks/pseudo_label_memory.py --sizes 100 500 1000 2975 --threads 2
 
@@ -22,36 +22,57 @@ import platform
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segadapt.data.classes import CITYSCAPES_CLASSES
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """``count`` Cityscapes-labelled images of ``height`` x ``width``, made from their index (no input cache).
+
+    Each image is smooth noise (random at 1/8 of the size, upsampled bilinearly) and its label the
+    first channel quantised into the classes, so accuracy and KL are measured too.
+    """
+
+    classes = CITYSCAPES_CLASSES
+
+    def __init__(self, count: int, height: int, width: int) -> None:
+        self.count, self.height, self.width = count, height, width
+        self.names = [f"city/frame_{i:05d}" for i in range(count)]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(index)
+        image = torch.rand(3, self.height // 8, self.width // 8, generator=generator)
+        image = torch.nn.functional.interpolate(image[None], size=(self.height, self.width), mode="bilinear")[0]
+        label = (image[0] * self.classes.num_classes).long().clamp(max=self.classes.num_classes - 1)
+        return {"image": image, "label": label, "name": self.names[index], "replay": []}
+
 
 CHILD = r"""
 import json, resource, sys, time
 import torch
 from segadapt.config import load_config
-from segadapt.data.classes import CITYSCAPES_CLASSES
 from segadapt.engine.pseudo_labelling import generate_pseudo_labels
 from segadapt.models import create_model
 
-count, height, width, out, threads = sys.argv[1:6]
+count, height, width, out, threads, benchmarks = sys.argv[1:7]
 count, height, width, threads = int(count), int(height), int(width), int(threads)
 torch.set_num_threads(threads)
-
-class Synthetic(torch.utils.data.Dataset):
-    classes = CITYSCAPES_CLASSES
-    names = [f"city/frame_{i:05d}" for i in range(count)]
-    def __len__(self):
-        return count
-    def __getitem__(self, index):
-        g = torch.Generator().manual_seed(index)
-        image = torch.rand(3, height // 8, width // 8, generator=g)
-        image = torch.nn.functional.interpolate(image[None], size=(height, width), mode="bilinear")[0]
-        label = (image[0] * 19).long().clamp(max=18)
-        return {"image": image, "label": label, "name": self.names[index], "replay": []}
+sys.path.insert(0, benchmarks)
+from pseudo_label_memory import SyntheticImages
 
 cfg = load_config(None, ["pseudo_label.rule=dars", "pseudo_label.distribution=predicted", "pseudo_label.ratio=0.5",
                          "data.val_batch_size=4", "data.num_workers=0"])
-model = create_model("small", 19)
+dataset = SyntheticImages(count, height, width)
+model = create_model("small", dataset.classes.num_classes)
 start = time.perf_counter()
-summary = generate_pseudo_labels(model, Synthetic(), cfg, out, torch.device("cpu"), log=lambda _: None)
+summary = generate_pseudo_labels(model, dataset, cfg, out, torch.device("cpu"), log=lambda _: None)
 wall = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"images": count, "wall_s": wall, "peak_rss_mib": peak, "density": summary["density"]}))
@@ -70,7 +91,7 @@ def main() -> None:
     print(f"{'images':>7} {'wall (s)':>9} {'peak RSS (MiB)':>15}")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as out:
-            argv = [str(size), str(args.height), str(args.width), out, str(args.threads)]
+            argv = [str(size), str(args.height), str(args.width), out, str(args.threads), str(Path(__file__).parent)]
             result = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, check=True)
             record = json.loads(result.stdout.strip().splitlines()[-1])
             print(f"{record['images']:>7} {record['wall_s']:>9.1f} {record['peak_rss_mib']:>15.1f}")

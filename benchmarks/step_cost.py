@@ -1,14 +1,16 @@
 """Time one training step of each recipe against source-only, on synthetic batches, in one run.
 
-A step is what the trainer does per iteration: the recipe's ``training_step`` under the
-configured autocast, backward through the grad scaler, the optimiser step and the recipe's
+A step is the trainer's own step (:class:`SyntheticTrainer`, ``Trainer._step``): the recipe's
+``training_step`` under the configured autocast with per-stream backward, backward through the
+grad scaler, gradient clipping, the optimiser and schedule step, the EMA and the recipe's
 ``after_optimizer_step`` (momentum networks, queues). The recipes, models, losses and optimiser
 groups are built from the packaged configs exactly as ``segadapt train`` builds them; only the
 data is replaced by random batches of the given crop size, so no dataset, warm-up checkpoint or
 pseudo-label pass is needed (CPSL gets random Eq. 7 prototypes and a uniform Eq. 10 count, which
 changes no shape and no work). Randomly initialised weights; ``model.pretrained`` is dropped.
-
-Not run by the tests. Usage::
+``benchmarks/gpu_suite.py`` runs the same steps for every paper-scale recipe in one command; the tests
+run its ``--smoke`` profile, so :func:`measure_steps` is exercised on every recipe (this script's
+``main`` is not run by the tests). Usage::
 
     # CPU, the embedded benchmark's small network and crops
     python benchmarks/step_cost.py --configs benchmark/source_only benchmark/st benchmark/cpsl \
@@ -34,25 +36,32 @@ and without ``train.stream_backward`` (the source terms back-propagated before t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
+import gc
+import itertools
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from segadapt.config import load_config
 from segadapt.data.classes import CITYSCAPES_CLASSES, ClassInfo
+from segadapt.engine import distributed
 from segadapt.engine.builders import build_model, build_optimizer
+from segadapt.engine.checkpoint import seed_everything
 from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes import recipe_class
 from segadapt.engine.recipes.cpsl import INIT_FILE
+from segadapt.engine.schedule import build_scheduler
+from segadapt.engine.trainer import Trainer
+from segadapt.methods.ema import ModelEMA
 
 IGNORE_INDEX = CITYSCAPES_CLASSES.ignore_index  # the synthetic labels' (random crops have none)
 
@@ -124,59 +133,105 @@ def reset_cpu_peak() -> int | None:
         return None
 
 
+class SyntheticTrainer(Trainer):
+    """segadapt's trainer around a recipe from :func:`build_recipe`, stepping on fixed synthetic batches.
+
+    ``Trainer.__init__`` builds data sets, a run directory and the recipe's preparation (pseudo labels,
+    prototypes), none of which a timing needs; this sets the attributes the trainer's step reads as
+    ``__init__`` sets them, so every timed step is ``Trainer._step`` itself (autocast, per-stream
+    backward, AMP scaler, clipping, optimiser and schedule, EMA, ``after_optimizer_step``), with
+    ``train.amp``, ``train.stream_backward`` and ``train.compile`` taken from the config.
+    ``compile_backend`` replaces torch.compile's default (inductor), e.g. ``eager`` for a quick check.
+    """
+
+    def __init__(self, cfg: Any, recipe: Any, device: torch.device, compile_backend: str | None = None) -> None:  # no super().__init__: no data
+        self.cfg, self.recipe, self.device = cfg, recipe, device
+        self.dist = distributed.env_info()
+        self.iteration = 0
+        self.checkpoint_dir = cfg.run_dir / "checkpoints"  # named by the non-finite-loss error only
+        self.consumed = dict.fromkeys(recipe.streams, 0)
+        seed_everything(cfg.seed, cfg.deterministic)
+        if cfg.train.compile:  # as the trainer: in place, after the recipe copied its EMA networks
+            recipe.model.compile(**({"backend": compile_backend} if compile_backend else {}))
+        self.optimizer = build_optimizer(recipe.trainable_model(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
+        self.ema = ModelEMA(recipe.model, cfg.train.ema_momentum) if cfg.train.ema_momentum is not None else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+        self.early_backwards = 0  # terms the recipe back-propagated before its step's total (per-stream backward)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.recipe.backward_hook is not None:  # the recipe's backward_now; the trainer clears the hook before the total
+            self.early_backwards += 1
+        super()._backward(loss)
+
+    def step(self, batches: dict[str, dict[str, Any]]) -> None:
+        """One training step on ``batches`` (every stream's batch, already on the device)."""
+        self._step({name: itertools.repeat(batch) for name, batch in batches.items()})
+
+
+@dataclass
+class StepCost:
+    """What :func:`measure_steps` measured of one recipe's training step."""
+
+    median_s: float  # median seconds per step after the warm-up steps
+    peak_gib: float | None  # CUDA allocated memory; on the CPU the growth of resident memory (Linux)
+    first_s: float  # the first step's seconds (torch.compile's compilation included)
+    per_stream_backward: bool  # the recipe back-propagated a term before its total (train.stream_backward at work)
+
+
+def measure_steps(
+    config: str, overrides: list[str], size: tuple[int, int], batch: int, num_classes: int, device: torch.device, workdir: Path,
+    warmup: int, steps: int, compile_backend: str | None = None, before_step: Callable[[int], None] | None = None,
+) -> StepCost:
+    """Time ``warmup + steps`` trainer steps of ``config`` (with ``overrides``) on random ``size`` crops, ``batch`` per stream.
+
+    The peak is CUDA's allocated memory on a GPU; on the CPU it is the growth of the process's resident
+    memory over the timed steps (Linux; ``main`` maps large blocks one by one, so freed tensors leave it).
+    ``before_step(iteration)`` runs before each step; it may raise to stop the measurement (a deadline).
+    """
+    run_dir = workdir / config.replace("/", "_")
+    cfg, recipe = build_recipe(config, [*overrides, f"data.batch_size={batch}"], run_dir, num_classes, device)
+    trainer = SyntheticTrainer(cfg, recipe, device, compile_backend)
+    batches = synthetic_batches(type(recipe).streams, batch, size, num_classes, device)
+    times = []
+    resident = None
+    try:
+        for iteration in range(warmup + steps):
+            if before_step is not None:
+                before_step(iteration)
+            if iteration == warmup and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if iteration == warmup and device.type == "cpu":
+                resident = reset_cpu_peak()
+            synchronize(device)
+            start = time.perf_counter()
+            trainer.step(batches)
+            synchronize(device)
+            if iteration == 0:
+                first = time.perf_counter() - start
+            if iteration >= warmup:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        if resident is not None:
+            peak = (_proc_status_kib("VmHWM") - resident) / 2**20
+        return StepCost(statistics.median(times), peak, first, trainer.early_backwards > 0)
+    finally:
+        del trainer, recipe, batches
+        if device.type == "cuda":  # the next measurement's peak starts from an empty cache
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
 def time_steps(
     config: str, args: argparse.Namespace, amp: str, device: torch.device, workdir: Path, stream_backward: bool = True,
     compiled: bool = False,
 ) -> tuple[float, float | None, float]:
-    """Median seconds per step after warm-up, and the peak memory of the timed steps (GiB).
-
-    The peak is CUDA's allocated memory on a GPU; on the CPU it is the growth of the process's resident
-    memory over the timed steps (Linux; ``main`` maps large blocks one by one, so freed tensors leave it).
-    With ``compiled`` the trained network is compiled as ``train.compile`` does; the third value is the
-    first step's time (compilation included).
-    """
-    overrides = [*args.set, f"train.amp={amp}", f"data.batch_size={args.batch}"]
-    cfg, recipe = build_recipe(config, overrides, workdir / f"{config.replace('/', '_')}_{amp}", args.num_classes, device)
-    if compiled:
-        recipe.model.compile()
-    optimizer = build_optimizer(recipe.trainable_model(), cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    batches = synthetic_batches(type(recipe).streams, args.batch, tuple(args.size), args.num_classes, device)
-    recipe.train()
-    times = []
-    resident = None
-    for iteration in range(args.warmup + args.steps):
-        if iteration == args.warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if iteration == args.warmup and device.type == "cpu":
-            resident = reset_cpu_peak()
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        recipe.seg_loss.set_iteration(iteration)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        recipe.backward_hook = (lambda loss: scaler.scale(loss).backward()) if stream_backward else None  # as the trainer
-        with autocast:
-            losses = recipe.training_step(batches, iteration)
-        recipe.backward_hook = None
-        if losses["loss"].requires_grad:
-            scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        recipe.after_optimizer_step(iteration + 1)
-        synchronize(device)
-        if iteration == 0:
-            first = time.perf_counter() - start
-        if iteration >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if resident is not None:
-        peak = (_proc_status_kib("VmHWM") - resident) / 2**20
-    del recipe, optimizer, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(times), peak, first
+    """Median seconds per step after warm-up, the peak memory of the timed steps (GiB) and the first step's seconds."""
+    overrides = [*args.set, f"train.amp={amp}", f"train.stream_backward={str(stream_backward).lower()}", f"train.compile={str(compiled).lower()}"]
+    cost = measure_steps(
+        config, overrides, tuple(args.size), args.batch, args.num_classes, device, workdir / amp, args.warmup, args.steps
+    )
+    return cost.median_s, cost.peak_gib, cost.first_s
 
 
 def synchronize(device: torch.device) -> None:
