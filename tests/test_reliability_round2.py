@@ -18,6 +18,7 @@ from segadapt.config import load_config
 from segadapt.data import label_ids as label_ids_module
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
+from segadapt.engine.resume import refused_changes
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import DataError
 
@@ -225,6 +226,19 @@ def test_resume_with_a_config_file_is_checked_against_the_saved_config(toy: Path
     assert "cannot resume" in one_line_error(capsys.readouterr().err)
     assert train(toy, tmp_path, "resume=true", "train.iters=3") == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 3
+
+
+def test_values_a_time_constant_scales_follow_a_changed_train_iters() -> None:
+    saved = load_config("benchmark/bicl_dynamic", ["train.iters=200"])
+    longer = load_config("benchmark/bicl_dynamic", ["train.iters=300"])  # !scaled_momentum rescales method.prototype_momentum
+    assert saved.method["prototype_momentum"] != longer.method["prototype_momentum"]
+    assert refused_changes(saved, longer) == []
+    changed = load_config("benchmark/bicl_dynamic", ["train.iters=300", "method.prototype_momentum=0.5", "optim.weight_decay=0"])
+    assert refused_changes(saved, changed) == ["method.prototype_momentum", "optim.weight_decay"]
+    # at the same train.iters a tagged value that differs is a change of the config itself
+    assert refused_changes(saved, load_config("benchmark/bicl_dynamic", ["train.iters=200", "method.prototype_momentum=0.5"])) == [
+        "method.prototype_momentum"
+    ]
 
 
 # ------------------------------------------------------------------ a failed start leaves a run that can go on

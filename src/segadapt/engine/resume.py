@@ -50,9 +50,19 @@ def _comparable(cfg: RunConfig) -> dict[str, Any]:
 
 
 def refused_changes(saved: RunConfig, given: RunConfig) -> list[str]:
-    """The dotted keys whose value differs between the saved and the given config and cannot apply on resume."""
+    """The dotted keys whose value differs between the saved and the given config and cannot apply on resume.
+
+    A value a time-constant tag scales to ``train.iters`` (``!scaled_momentum``) follows a changed
+    ``train.iters``, which applies: it is not refused then.
+    """
     before, after = _comparable(saved), _comparable(given)
-    return sorted(key for key in before.keys() | after.keys() if not _applies(key) and before.get(key) != after.get(key))
+    scaled = given._scaled_keys if saved.train.iters != given.train.iters else frozenset()
+
+    def follows_iters(key: str) -> bool:
+        return any(key == other or other.startswith(f"{key}.") for other in scaled)
+
+    changed = (key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    return sorted(key for key in changed if not _applies(key) and not follows_iters(key))
 
 
 def check_resume_config(run_dir: Path, given: RunConfig) -> None:
