@@ -22,10 +22,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..progress import progress
 from .base import SegDataset, UnknownLabelIdsError
 
 CACHE_VERSION = 1
 SHOWN = 5
+SHOW_PROGRESS = 200
+"""Unread label files above which the pass shows progress (a first run on a large dataset)."""
 """Label files a message names (the first, in order); ``segadapt check-data`` lists them all."""
 
 
@@ -77,6 +80,8 @@ def _ids_of(dataset: SegDataset, path: Path) -> list[int]:
 def label_ids(dataset: SegDataset, paths: Iterable[Path], threads: int | None = None) -> dict[Path, list[int]]:
     """The raw ids each label file in ``paths`` holds, read once and cached by (path, size, mtime).
 
+    A pass over more than :data:`SHOW_PROGRESS` unread files shows a bar (a closing line in a log file).
+
     Raises:
         DataError: a label file cannot be read (naming it), as when it is loaded.
     """
@@ -85,24 +90,31 @@ def label_ids(dataset: SegDataset, paths: Iterable[Path], threads: int | None = 
         path = Path(path).absolute()
         by_folder.setdefault(path.parent, []).append(path)
     found: dict[Path, list[int]] = {}
-    threads = threads or min(8, os.cpu_count() or 1)
+    caches: dict[Path, dict[str, Any]] = {}
+    todo: list[tuple[Path, list[int]]] = []
     for folder, files in by_folder.items():
-        cached = _read_cache(folder)
-        stamps = {path: _stamp(path) for path in files}
-        todo = []
+        cached = caches[folder] = _read_cache(folder)
         for path in files:
-            entry = cached.get(path.name)
-            if isinstance(entry, dict) and entry.get("stamp") == stamps[path]:
-                found[path] = list(entry["ids"])
+            stamp, entry = _stamp(path), cached.get(path.name)
+            if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("ids"), list):
+                found[path] = entry["ids"]
             else:
-                todo.append(path)
-        if not todo:
-            continue
-        with ThreadPoolExecutor(threads) as pool:
-            for path, ids in zip(todo, pool.map(lambda path: _ids_of(dataset, path), todo)):
-                found[path] = ids
-                cached[path.name] = {"stamp": stamps[path], "ids": ids}
-        _write_cache(folder, cached)
+                todo.append((path, stamp))
+    if not todo:
+        return found
+    bar = progress(
+        total=len(todo), desc="label ids", unit="file", done="read the label ids of {n} files in {elapsed} (kept for later runs)"
+    ) if len(todo) > SHOW_PROGRESS else None  # fmt: skip
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        for (path, stamp), ids in zip(todo, pool.map(lambda job: _ids_of(dataset, job[0]), todo)):
+            found[path] = ids
+            caches[path.parent][path.name] = {"stamp": stamp, "ids": ids}
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    for folder in {path.parent for path, _ in todo}:
+        _write_cache(folder, caches[folder])
     return found
 
 

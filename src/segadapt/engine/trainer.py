@@ -95,7 +95,11 @@ class Trainer:
         options = with_absolute_paths(parse_options(self.recipe_class.Options, cfg.method, cfg.recipe))
         cfg = with_absolute_paths(cfg).model_copy(update={"method": {key: getattr(options, key) for key in cfg.method}})
         self.cfg = cfg
-        given = cfg  # what config.yaml records: the run as asked, not the paths a recipe's preparation made
+        # what config.yaml records: the run as asked (every recipe option spelled out, defaults included, so a
+        # run keeps its behaviour when a later version changes a default), not the paths a preparation made
+        given = cfg.model_copy(update={"method": options.model_dump(mode="json")})
+        if resume:
+            check_resume_config(self.run_dir, given)  # a change it cannot apply is refused before any work
 
         # the label space comes from the data, and every config value tied to it is checked before
         # any work (a recipe's preparation may take minutes) and before the run directory exists
@@ -114,11 +118,14 @@ class Trainer:
         if self.val_set is not None:
             require_labels(self.val_set, cfg.data.val, "the run's evaluation needs its labels")
             labelled["val"] = (self.val_set, cfg.data.val)
-        for dataset, spec in labelled.values():
-            check_label_ids(dataset, spec.key)
-        given = given.model_copy(update={"method": options.model_dump(mode="json")})
-        if resume:
-            check_resume_config(self.run_dir, given)
+        # every label file is read once, by rank 0 alone; the other ranks then find its ids cached
+        if self.is_main:
+            for dataset, spec in labelled.values():
+                check_label_ids(dataset, spec.key)
+        distributed.barrier()
+        if not self.is_main:
+            for dataset, spec in labelled.values():
+                check_label_ids(dataset, spec.key)
 
         self._prepare_run_dir(resume, given)
         seed_everything(cfg.seed, cfg.deterministic)
