@@ -65,6 +65,18 @@ def test_a_split_without_labels_is_refused_before_any_work(toy: Path, tmp_path: 
     assert not out.exists()  # refused before the run directory
 
 
+def test_the_labelled_part_of_a_semi_supervised_split_needs_labels(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = copy_of(toy, tmp_path)
+    shutil.rmtree(data / "labels" / "target")
+    args = [*toy_overrides(toy), f"data.source.root={data}", "data.source.split=target", f"output_dir={tmp_path / 'runs'}"]
+    assert main(["rounds", "benchmark/semi_supervised", *args, "rounds.iters=null"]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(
+        "segadapt rounds: error: data.source (recipe 'source_only' trains on the labels of its source stream): "
+        f"split 'target' of {data} has no labels (labels/target/ is absent)"
+    )
+    assert not list((tmp_path / "runs").glob("*/round*/checkpoints/*.pt"))
+
+
 def test_labels_switched_off_where_they_are_needed_name_the_key(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train(toy, tmp_path, "data.val.with_labels=false") == 2
     assert one_line_error(capsys.readouterr().err) == (
