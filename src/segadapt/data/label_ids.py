@@ -3,7 +3,7 @@
 A label id outside the class range is otherwise found only when a batch holding that file is drawn:
 at some iteration of a run, never in a short one, or after all training for a validation label.
 :func:`check_label_ids` reads every label file of a dataset before a run or an evaluation starts,
-in parallel threads (PIL decodes without the GIL), and keeps the ids each file holds in
+in parallel threads (PIL releases the GIL while it decodes), and keeps the ids each file holds in
 ``$SEGADAPT_HOME/label_ids/`` (one small JSON file per folder of labels), keyed by the file's
 path, size and modification time: a later run reads only the files that changed, so a large
 dataset is read in full once, not on every start (docs/reliability.md, "Errors come before any work").
@@ -27,9 +27,9 @@ from .base import SegDataset, UnknownLabelIdsError
 
 CACHE_VERSION = 1
 SHOWN = 5
+"""Label files a message names (the first, in order); ``segadapt check-data`` lists them all."""
 SHOW_PROGRESS = 200
 """Unread label files above which the pass shows progress (a first run on a large dataset)."""
-"""Label files a message names (the first, in order); ``segadapt check-data`` lists them all."""
 
 
 def cache_dir() -> Path:

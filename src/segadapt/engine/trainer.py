@@ -164,10 +164,8 @@ class Trainer:
             # in place, after the recipe copied its EMA networks (they stay eager): the module keeps its type,
             # attributes and state-dict keys, so checkpoints and resumes are those of an eager run
             model.compile()
-        # the saved config spells out every recipe option, defaults included: a run keeps its behaviour
-        # (and its config.yaml says what it did) when a later version changes a default
-        options = {"method": self.recipe.options.model_dump(mode="json")}
-        cfg = cfg.model_copy(update=options)
+        # the run's config spells out every recipe option, defaults included, as its config.yaml does
+        cfg = cfg.model_copy(update={"method": self.recipe.options.model_dump(mode="json")})
         self.cfg = cfg
         self.optimizer = build_optimizer(self.recipe.trainable_model(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
