@@ -128,7 +128,8 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(toy: Path, tmp_
     line = one_line_error(capsys.readouterr().err)
     assert line == (
         f"segadapt train: error: cannot write checkpoint {tmp_path / 'run' / 'checkpoints' / 'last.pt'}: No space left on "
-        "device; free space on that disk, or set output_dir= to another disk"
+        "device; free space on that disk, or set output_dir= to another disk; training stopped at iteration 3 of 3; "
+        f"{tmp_path / 'run' / 'checkpoints' / 'last.pt'} holds iteration 2: continue with `segadapt train {tmp_path / 'run'}` once fixed"
     )
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))

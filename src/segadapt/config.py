@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -393,6 +393,16 @@ class RunConfig(_Strict):
         default_factory=dict, description="the recipe's own options, validated by the recipe (docs/recipes.md)"
     )
 
+    # Set by load_config: the keys whose values a !scaled_momentum / !scaled_iterations tag gave, so they
+    # follow train.iters (a resumed run that changes train.iters accepts their new values).
+    _scaled_keys: frozenset[str] = PrivateAttr(default=frozenset())
+
+    def __eq__(self, other: object) -> bool:
+        """Configs with equal values are equal, whatever their provenance (``_scaled_keys``: a tag or a number)."""
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in type(self).model_fields)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -474,8 +484,11 @@ def load_config(
             value = _as_text(override.partition("=")[2].strip(), value)
         set_dotted(raw, key, value)
         overridden[key] = override.strip()
-    raw = resolve_time_constants(raw)
-    return validate(raw, schema, source=str(path) if path else "overrides", overrides=overridden)
+    scaled = time_constant_keys(raw)
+    config = validate(resolve_time_constants(raw), schema, source=str(path) if path else "overrides", overrides=overridden)
+    if isinstance(config, RunConfig):
+        config._scaled_keys = scaled
+    return config
 
 
 # ---------------------------------------------------------------- the time-constant rule
@@ -590,6 +603,22 @@ def resolve_time_constants(raw: dict[str, Any]) -> dict[str, Any]:
         return node
 
     return resolve(raw, "")
+
+
+def time_constant_keys(raw: dict[str, Any]) -> frozenset[str]:
+    """The dotted keys of ``raw`` that hold a :class:`PaperTimeConstant` (before :func:`resolve_time_constants`)."""
+
+    def walk(node: Any, key: str) -> Iterator[str]:
+        if isinstance(node, PaperTimeConstant):
+            yield key
+        elif isinstance(node, dict):
+            for name, value in node.items():
+                yield from walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                yield from walk(value, f"{key}.{index}")
+
+    return frozenset(walk(raw, ""))
 
 
 def _is_text_field(schema: type[BaseModel], parts: Sequence[str]) -> bool:

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.label_ids import check_label_ids
 from ..engine.builders import build_dataset_from_spec, build_eval_loader, build_transform, resolve_device
 from ..engine.distributed import init_distributed, is_main_process
 from ..engine.evaluation import evaluate
-from ..engine.label_space import check_config_against_classes
+from ..engine.label_space import check_config_against_classes, require_labels
 from ..engine.loading import config_for_checkpoint, load_trained_model
 from ..errors import ConfigError
 
@@ -20,6 +21,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     if cfg.data.val is None:
         raise ConfigError("nothing to evaluate on: set data.val.dataset and data.val.root (or data.val.dataset=benchmark)")
     dataset = build_dataset_from_spec(cfg.data.val, with_labels=True)
+    require_labels(dataset, cfg.data.val, "evaluation needs its labels")
+    check_label_ids(dataset, cfg.data.val.key)  # before the checkpoint is loaded: a bad file is named first, not mid-way
     device = resolve_device(cfg.device)
     model, predicted = load_trained_model(checkpoint, cfg)
     classes = dataset.classes  # the labels on disk: their names, and their ignore value

@@ -361,6 +361,10 @@ class SegDataset(Dataset):
     def has_labels(self) -> bool:
         return any(item.label is not None for item in self.items)
 
+    def why_unlabelled(self, key: str) -> str:
+        """Why this dataset has no labels and how to give it some: the tail of the error of a stream that needs them."""
+        return f"{self.description} has no label files; set {key}.split to a split with labels"
+
     def __len__(self) -> int:
         return len(self.items)
 

@@ -186,3 +186,11 @@ class FolderDataset(SegDataset):
     def data_folders(cls, root: str | Path, split: str) -> tuple[Path, ...]:
         """``ROOT/images/<split>`` and ``ROOT/labels/<split>`` (:meth:`SegDataset.data_folders`)."""
         return Path(root) / "images" / split, Path(root) / "labels" / split
+
+    def why_unlabelled(self, key: str) -> str:
+        labelled = [split for split in folder_splits(self.root) if (self.root / "labels" / split).is_dir()]
+        where = f"a labelled split ({', '.join(labelled)})" if labelled else "a labelled split (this dataset has none)"
+        return (
+            f"split {self.split!r} of {self.root} has no labels (labels/{self.split}/ is absent); add "
+            f"labels/{self.split}/<image name>.png train-id maps, or set {key}.split to {where}"
+        )

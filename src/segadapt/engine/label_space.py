@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from ..config import RunConfig, per_class_values
 from ..data.classes import ClassInfo
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..metrics import protocol_indices
 
 
@@ -40,6 +40,24 @@ def run_classes(cfg: RunConfig, datasets: Mapping[str, Any]) -> ClassInfo:
     if cfg.model.num_classes is not None and cfg.model.num_classes != classes.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the datasets have {classes.num_classes} classes")
     return classes
+
+
+def require_labels(dataset: Any, spec: Any, purpose: str) -> None:
+    """Fail before any work when a stream that needs labels (``purpose``) has none on disk or has them switched off.
+
+    ``spec`` is the stream's :class:`~segadapt.config.DatasetSpec`; the message names its key and split,
+    so an unlabelled validation split is refused before training rather than after it.
+
+    Raises:
+        ConfigError: ``with_labels: false`` on the spec.
+        DataError: the split has no label files (a folder dataset without ``labels/<split>/``).
+    """
+    if dataset.has_labels:
+        return
+    key = spec.key
+    if not spec.with_labels:
+        raise ConfigError(f"{key}.with_labels=false drops the labels of {key}, but {purpose}; set {key}.with_labels=true")
+    raise DataError(f"{key} ({purpose}): {dataset.why_unlabelled(key)}")
 
 
 def check_protocols(classes: ClassInfo, protocols: Sequence[int]) -> None:

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, save_config, with_absolute_paths
+from ..data.label_ids import check_label_ids
 from ..data.transforms import crop_and_largest_view
-from ..errors import CheckpointError, ConfigError, writing
+from ..errors import CheckpointError, ConfigError, SegadaptError, writing
 from ..methods.ema import ModelEMA
 from ..progress import write as write_line
 from . import distributed
@@ -38,11 +39,12 @@ from .builders import (
 )
 from .checkpoint import atomic_save, load_checkpoint, remove_partial_saves, rng_state, seed_everything, set_rng_state
 from .evaluation import evaluate
-from .label_space import check_config_against_classes, run_classes
+from .label_space import check_config_against_classes, require_labels, run_classes
 from .logging import MetricsLog, Progress, read_metrics
 from .losses import build_seg_loss
 from .recipes import Recipe, recipe_class
 from .recipes.base import Stream, parse_options
+from .resume import check_resume_config
 from .schedule import build_scheduler
 
 
@@ -55,6 +57,14 @@ def _transforms_key(cfg: RunConfig, stream: Stream) -> str:
     if stream.spec == "target" and stream.transforms == "train_transforms" and cfg.data.target_transforms is not None:
         return "target_transforms"
     return stream.transforms
+
+
+def _with_note(err: SegadaptError, note: str) -> SegadaptError:
+    """``err`` with ``note`` after its message, of the same class (so the CLI reports it the same way)."""
+    try:
+        return type(err)(f"{err}; {note}")
+    except TypeError:  # a subclass with other constructor arguments
+        return SegadaptError(f"{err}; {note}")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -85,18 +95,39 @@ class Trainer:
         options = with_absolute_paths(parse_options(self.recipe_class.Options, cfg.method, cfg.recipe))
         cfg = with_absolute_paths(cfg).model_copy(update={"method": {key: getattr(options, key) for key in cfg.method}})
         self.cfg = cfg
-        given = cfg  # what config.yaml records: the run as asked, not the paths a recipe's preparation made
+        # what config.yaml records: the run as asked (every recipe option spelled out, defaults included, so a
+        # run keeps its behaviour when a later version changes a default), not the paths a preparation made
+        given = cfg.model_copy(update={"method": options.model_dump(mode="json")})
+        if resume:
+            check_resume_config(self.run_dir, given)  # a change it cannot apply is refused before any work
 
         # the label space comes from the data, and every config value tied to it is checked before
         # any work (a recipe's preparation may take minutes) and before the run directory exists
         self.val_set = build_dataset_from_spec(cfg.data.val, with_labels=True) if cfg.data.val else None
-        unlabelled = {name: build_dataset_from_spec(self._spec(s.spec, name), with_labels=False) for name, s in self.recipe_class.streams.items()}
-        self.classes = run_classes(cfg, dict(unlabelled, **({"val": self.val_set} if self.val_set is not None else {})))
+        # a stream that trains on the dataset's own labels is built with them now, so that missing labels
+        # and label ids outside the class range are found here rather than at some iteration, or after training
+        streams = self.recipe_class.streams
+        early = {name: build_dataset_from_spec(self._spec(s.spec, name), with_labels=s.needs_ground_truth) for name, s in streams.items()}
+        self.classes = run_classes(cfg, dict(early, **({"val": self.val_set} if self.val_set is not None else {})))
         self.num_classes = self.classes.num_classes
         check_config_against_classes(cfg, self.classes)
         self.recipe_class.check_classes(options, self.classes)
+        labelled = {name: (early[name], self._spec(s.spec, name)) for name, s in streams.items() if s.needs_ground_truth}
+        for name, (dataset, spec) in labelled.items():
+            require_labels(dataset, spec, f"recipe {cfg.recipe!r} trains on the labels of its {name} stream")
+        if self.val_set is not None:
+            require_labels(self.val_set, cfg.data.val, "the run's evaluation needs its labels")
+            labelled["val"] = (self.val_set, cfg.data.val)
+        # every label file is read once, by rank 0 alone; the other ranks then find its ids cached
+        if self.is_main:
+            for dataset, spec in labelled.values():
+                check_label_ids(dataset, spec.key)
+        distributed.barrier()
+        if not self.is_main:
+            for dataset, spec in labelled.values():
+                check_label_ids(dataset, spec.key)
 
-        self._prepare_run_dir(resume)
+        self._prepare_run_dir(resume, given)
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = resolve_device(cfg.device)
         # rank 0 does a recipe's preparation (pseudo labels, prototypes) alone; the others then
@@ -133,10 +164,8 @@ class Trainer:
             # in place, after the recipe copied its EMA networks (they stay eager): the module keeps its type,
             # attributes and state-dict keys, so checkpoints and resumes are those of an eager run
             model.compile()
-        # the saved config spells out every recipe option, defaults included: a run keeps its behaviour
-        # (and its config.yaml says what it did) when a later version changes a default
-        options = {"method": self.recipe.options.model_dump(mode="json")}
-        cfg = cfg.model_copy(update=options)
+        # the run's config spells out every recipe option, defaults included, as its config.yaml does
+        cfg = cfg.model_copy(update={"method": self.recipe.options.model_dump(mode="json")})
         self.cfg = cfg
         self.optimizer = build_optimizer(self.recipe.trainable_model(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.iters, cfg.schedule)
@@ -149,9 +178,6 @@ class Trainer:
         self.metrics_log = MetricsLog(self.run_dir) if self.is_main else None
         if resume:
             self._load(self.checkpoint_dir / "last.pt")
-        elif self.is_main:
-            with writing(self.run_dir / "config.yaml", "the run's config"):
-                save_config(given.model_copy(update=options), self.run_dir / "config.yaml")
         if self.dist.enabled:
             # every rank starts from rank 0's networks, whatever its own initialisation drew ...
             distributed.broadcast_module(self.recipe)
@@ -172,7 +198,12 @@ class Trainer:
             )
         return spec
 
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool, given: RunConfig) -> None:
+        """Make the run directory, with its ``config.yaml`` from the start (``given``: the run as asked).
+
+        A start that fails before its first checkpoint (bad data, a wrong checkpoint) so leaves a run
+        directory that ``segadapt train RUN_DIR`` starts again, with overrides applied (nothing is resumed).
+        """
         last = self.checkpoint_dir / "last.pt"
         if resume and not last.exists():
             raise CheckpointError(f"cannot resume: {last} does not exist; start the run without resume")
@@ -189,6 +220,9 @@ class Trainer:
                 self.log(f"removed {partial}, left by a save that was killed mid-way")
             if not resume:
                 self._set_aside_logs_of_unfinished_run()
+        if not resume:
+            with writing(self.run_dir / "config.yaml", "the run's config"):
+                save_config(given, self.run_dir / "config.yaml")
 
     def _set_aside_logs_of_unfinished_run(self) -> None:
         """A fresh run under the name of one killed before its first checkpoint starts a new log.
@@ -407,6 +441,11 @@ class Trainer:
                     final = self._evaluate_and_log(it)
         except KeyboardInterrupt:
             raise TrainingInterrupted(self._interrupted_message()) from None
+        except SegadaptError as err:  # a bad file met mid-way: the message also says what is kept and how to go on
+            raise _with_note(err, f"training stopped at iteration {self.iteration} of {cfg.iters}; {self._kept()} once fixed") from err
+        except OSError as err:
+            note = f"training stopped at iteration {self.iteration} of {cfg.iters}; {self._kept()} once fixed"
+            raise OSError(err.errno, f"{err.strerror or err}; {note}", err.filename) from err
         finally:
             progress.close()  # a message after the bar starts on a line of its own
             if self.metrics_log is not None:
@@ -414,16 +453,19 @@ class Trainer:
         return final
 
     def _interrupted_message(self) -> str:
-        where = f"interrupted at iteration {self.iteration} of {self.cfg.train.iters}"
+        return f"interrupted at iteration {self.iteration} of {self.cfg.train.iters}; {self._kept()}"
+
+    def _kept(self) -> str:
+        """What ``last.pt`` holds and how to go on, for a run stopped by Ctrl-C or an error."""
         if self.saved_iteration is None:
             every = self.cfg.train.checkpoint_every
             when = f"every {every} iterations" if every else "at evaluations and at the end (train.checkpoint_every=0)"
             return (
-                f"{where}; no checkpoint was written yet (they are written {when}), so nothing can be resumed: "
+                f"no checkpoint was written yet (they are written {when}), so nothing can be resumed: "
                 "run the same command again to start over"
             )
         return (
-            f"{where}; {self.checkpoint_dir / 'last.pt'} holds iteration {self.saved_iteration}: "
+            f"{self.checkpoint_dir / 'last.pt'} holds iteration {self.saved_iteration}: "
             f"continue with `segadapt train {self.run_dir}`"
         )
 

@@ -47,6 +47,13 @@ class Stream:
     spec: str
     labels: bool = True
     transforms: str = "train_transforms"
+    ground_truth: bool | None = None
+    """The labels must be the dataset's own (checked before any work); None: for a labelled ``source``
+    stream (a target stream's labels may be pseudo labels the recipe's preparation makes)."""
+
+    @property
+    def needs_ground_truth(self) -> bool:
+        return self.labels and (self.spec == "source" if self.ground_truth is None else self.ground_truth)
 
 
 class Recipe(nn.Module, abc.ABC):

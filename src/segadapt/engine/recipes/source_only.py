@@ -25,7 +25,7 @@ class Oracle(Recipe):
     """Cross-entropy on labelled *target* crops: the target-supervised upper bound."""
 
     name = "oracle"
-    streams = {"target": Stream("target", transforms="train_transforms")}
+    streams = {"target": Stream("target", transforms="train_transforms", ground_truth=True)}
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         batch = batches["target"]
