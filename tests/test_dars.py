@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from segadapt.config import PseudoLabelConfig, load_config
 from segadapt.errors import ConfigError, DataError
 from segadapt.methods.common import class_pixel_counts
 from segadapt.methods.dars import (
@@ -24,6 +25,7 @@ from segadapt.methods.thresholds import (
     MAX_BIN_WIDTH,
     ConfidenceHistogram,
     apply_thresholds,
+    class_probabilities,
     confidence_bin_index,
 )
 
@@ -317,3 +319,90 @@ def test_dars_streamed_tolerance_on_float32_reference_confidences(parity):
         streamed = dars_thresholds(histogram, data["prior_percent"], alpha, **reference_args)
         exact = dars_thresholds_exact(jittered, data["prior_percent"], alpha, **reference_args)
         assert_within_bin_tolerance(histogram, streamed, exact)
+
+
+# ------------------------------------------------------- confidence precision (the DARS code's float16)
+
+
+def test_the_dars_rule_defaults_to_the_authors_float16_softmax_of_averaged_logits():
+    dars = PseudoLabelConfig(rule="dars")
+    assert (dars.effective_confidence_dtype, dars.effective_average) == ("float16", "logits")
+    for other in ("st", "cbst"):  # their references are not the DARS code: unchanged
+        config = PseudoLabelConfig(rule=other)
+        assert (config.effective_confidence_dtype, config.effective_average) == ("float32", "probabilities")
+    explicit = PseudoLabelConfig(rule="dars", confidence_dtype="float32", average="probabilities")
+    assert (explicit.effective_confidence_dtype, explicit.effective_average) == ("float32", "probabilities")
+    for name in ("benchmark/dars_td", "benchmark/dars_sd", "benchmark/semi_supervised", "gta5_to_cityscapes/dars_td",
+                 "cityscapes_semi/pspnet50_1-8", "scannet_semi/pspnet50_1-4"):
+        rule = load_config(name).pseudo_label
+        assert (rule.effective_confidence_dtype, rule.effective_average) == ("float16", "logits"), name
+    for name in ("benchmark/dars_paper", "gta5_to_cityscapes/dars_paper"):
+        rule = load_config(name).pseudo_label
+        assert (rule.effective_confidence_dtype, rule.effective_average) == ("float32", "probabilities"), name
+
+
+def test_float16_rounds_confidences_from_one_minus_2_pow_12_up_to_one():
+    margins = torch.tensor([7.0, 8.0, 8.4, 9.0, 12.0])  # 1 - softmax = ~e^-margin: 9e-4, 3.4e-4, 2.2e-4, 1.2e-4, 6e-6
+    logits = torch.stack([margins, torch.zeros(5)]).view(2, 1, 5)
+    half = class_probabilities(logits, "logits", "float16")[0, 0]
+    single = class_probabilities(logits, "logits", "float32")[0, 0]
+    assert half.dtype == torch.float16 and single.dtype == torch.float32
+    assert half.tolist()[2:] == [1.0, 1.0, 1.0] and max(half.tolist()[:2]) < 1.0
+    assert bool((single < 1.0).all()) and len(set(single.tolist())) == 5  # float32: no tie
+    assert bool(((1 - single.double() >= 2.0**-12) == (half < 1)).all())
+    probabilities = logits.softmax(dim=0)
+    assert torch.equal(class_probabilities(probabilities, "probabilities", "float16"), probabilities.half())
+
+
+def sure_and_unsure_logits() -> torch.Tensor:
+    """One image ``[1, 2, 1, 200]``: 100 pixels of class 0 with margins 8.5..10 (confidence above
+    ``1 - 2**-12``: all 1.0 in float16, all distinct in float32), 100 of class 1 with margins 0.5..3."""
+    sure, unsure = torch.linspace(8.5, 10.0, 100), torch.linspace(0.5, 3.0, 100)
+    class0 = torch.cat([sure, torch.zeros(100)])
+    class1 = torch.cat([torch.zeros(100), unsure])
+    return torch.stack([class0, class1]).view(1, 2, 1, 200)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_float16_ties_give_threshold_one_and_random_sampling_float32_the_most_confident(streamed):
+    logits, prior, alpha = sure_and_unsure_logits(), [50.0, 50.0], 0.5  # quota 50 pixels per class
+    labels = {}
+    for dtype in ("float16", "float32"):
+        probs = class_probabilities(logits, "logits", dtype)
+        confidence, prediction = probs.max(dim=1)
+        per_class = [confidence[prediction == j] for j in range(2)]
+        result = dars_thresholds(histogram_of(per_class), prior, alpha) if streamed else dars_thresholds_exact(per_class, prior, alpha)
+        if dtype == "float16":  # 100 pixels tie at 1.0 for a quota of 50: threshold 1.0, half of them kept at random
+            assert result.thresholds[0] == 1.0 and result.sampling_ratio[0] == 0.5
+        else:  # the 50th largest, nothing tied: no sampling
+            assert result.thresholds[0] < 1.0 and result.sampling_ratio[0] == 1.0
+        assert result.sampling_ratio[1] == 1.0  # class 1's confidences are distinct in both precisions
+        labels[dtype] = apply_thresholds((confidence, prediction), *result, generator=torch.Generator().manual_seed(0))[0, 0]
+    most_confident = set(range(50, 100))  # the sure pixels' margins grow with the index
+    for dtype, kept in labels.items():
+        class0 = set((kept[:100] == 0).nonzero().squeeze(1).tolist())
+        assert len(class0) == 50, dtype
+    assert set((labels["float32"][:100] == 0).nonzero().squeeze(1).tolist()) == most_confident
+    assert set((labels["float16"][:100] == 0).nonzero().squeeze(1).tolist()) != most_confident  # a random half
+
+
+def test_the_default_path_gives_the_authors_thresholds_and_sampling_ratios_below_one(parity):
+    data, confidences, reference_args, _ = parity
+    dtype = PseudoLabelConfig(rule="dars").effective_confidence_dtype  # the default precision of the rule
+    values = torch.cat([torch.as_tensor(c) for c in confidences])
+    classes = torch.cat([torch.full((len(c),), j) for j, c in enumerate(confidences)])
+    histogram = ConfidenceHistogram(len(confidences))
+    histogram.update(class_probabilities(values, "probabilities", dtype), classes)
+    for alpha in (0.2, 0.5):
+        result = dars_thresholds(histogram, data["prior_percent"], alpha, **reference_args)
+        assert np.array_equal(result.thresholds.numpy(), data[f"DARS_{alpha}_thr"])
+        assert np.array_equal(result.sampling_ratio.numpy(), data[f"DARS_{alpha}_sp"])
+        assert int((result.sampling_ratio < 1).sum()) == 18  # the random sampling acts on every class but one
+        assert float(result.sampling_ratio.min()) < 0.997
+    # the same confidences with their float16 ties broken (what a float32 softmax gives): sampling is inert
+    generator = torch.Generator().manual_seed(0)
+    untied = [(torch.as_tensor(c).double() + (torch.rand(len(c), generator=generator, dtype=torch.float64) - 0.5) * FLOAT16_SPACING_NEAR_ONE)
+              .clamp(0.0, 1.0).float() for c in confidences]
+    for alpha in (0.2, 0.5):
+        result = dars_thresholds_exact(untied, data["prior_percent"], alpha, **reference_args)
+        assert float(result.sampling_ratio.min()) > 0.9999

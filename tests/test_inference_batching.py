@@ -128,9 +128,10 @@ def test_evaluation_at_batch_4_counts_what_batch_1_counts(model: torch.nn.Module
 
 def test_pseudo_labelling_groups_images_of_one_size(model: torch.nn.Module) -> None:
     dataset, cpu = Images(5, [(64, 96), (48, 80)]), torch.device("cpu")
-    cfg = inference_config(load_config(None, ["pseudo_label.window_batch=4", "pseudo_label.sliding_window=[32,48]"]).pseudo_label)
-    single = {name: probs for name, probs, _ in _predictions(model, build_eval_loader(dataset, None, 1, 0), cfg, cpu)}
-    grouped = {name: probs for name, probs, _ in _predictions(model, build_eval_loader(dataset, None, 5, 0), cfg, cpu)}
+    rule = load_config(None, ["pseudo_label.window_batch=4", "pseudo_label.sliding_window=[32,48]"]).pseudo_label
+    cfg = inference_config(rule)
+    single = {name: probs for name, probs, _ in _predictions(model, build_eval_loader(dataset, None, 1, 0), cfg, cpu, rule)}
+    grouped = {name: probs for name, probs, _ in _predictions(model, build_eval_loader(dataset, None, 5, 0), cfg, cpu, rule)}
     assert single.keys() == grouped.keys() == {f"image{i}" for i in range(5)}
     for name in single:
         assert_same_predictions(grouped[name][None], single[name][None])

@@ -26,7 +26,7 @@ from data_fixtures import TOY_CLASSES as CLASSES
 from data_fixtures import TOY_IGNORE as IGNORE
 from data_fixtures import toy_overrides as data_overrides
 
-WARMED_UP = {"st", "cbst", "dars_sd", "dars_td", "dacs", "dacs_blv", "bicl_static", "bicl_dynamic", "bicl_hybrid"}
+WARMED_UP = {"st", "cbst", "dars_sd", "dars_td", "dars_paper", "dacs", "dacs_blv", "bicl_static", "bicl_dynamic", "bicl_hybrid"}
 WARMED_UP_MITB0 = {"dacs_mitb0", "daformer", "daformer_blv"}  # start from benchmark/source_only_mitb0
 DISTILLED = {"cpsl_distill", "bicl_distill"}
 BENCHMARK_CONFIGS = sorted(
@@ -60,7 +60,7 @@ def recipe_overrides(config: str, warmup: Path, warmup_mitb0: Path) -> list[str]
         extra.append(f"method.teacher={warmup}")
     if config.startswith("cpsl") and config not in DISTILLED:
         extra += ["method.pixels_per_image=8", "method.queue_size=64"]  # the 4x6 output grid of a 32x48 crop
-    if config == "dars_td":
+    if config in ("dars_td", "dars_paper"):
         extra.append("pseudo_label.given_distribution=[40,20,30,8,2]")
     return extra
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from segadapt.config import EvalConfig, PseudoLabelConfig
+from segadapt.engine.inference import predict_scores
 from segadapt.errors import CheckpointError, ConfigError
 from segadapt.methods.thresholds import (
     BIN_EDGES,
@@ -19,10 +21,12 @@ from segadapt.methods.thresholds import (
     apply_thresholds,
     cbst_thresholds,
     cbst_thresholds_exact,
+    class_probabilities,
     confidence_bin_index,
     kth_largest_exact,
     st_thresholds,
 )
+from segadapt.models.base import SegOutput
 
 PARITY_FILE = Path(__file__).parent / "fixtures" / "parity" / "dars_thresholds.npz"  # recorded from the authors' code
 FLOAT16_SPACING_NEAR_ONE = 2.0**-11
@@ -373,3 +377,33 @@ def test_histogram_and_sampling_on_gpu_match_cpu():
         apply_thresholds(p, thresholds.thresholds, ratio, torch.Generator().manual_seed(3)).cpu() for p in (probs, probs.cuda())
     ]
     assert torch.equal(labels[0], labels[1])
+
+
+# ------------------------------------------------------------------ what the views average
+
+
+class FixedLogits(torch.nn.Module):
+    """Returns the same logits ``[C, H, W]`` whatever the input: flip averaging pairs pixel x with W - 1 - x."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, images: torch.Tensor) -> SegOutput:
+        logits = self.table.expand(len(images), *self.table.shape)
+        return SegOutput(logits, logits)
+
+
+def test_averaging_logits_or_probabilities_over_flips_gives_different_confidences():
+    # pixel 0 predicts logits (4, 0), pixel 1 (0, 2); with flip averaging each pixel meets the other
+    table = torch.tensor([[[4.0, 0.0]], [[0.0, 2.0]]])
+    model, images, cfg = FixedLogits(table), torch.zeros(1, 3, 1, 2), EvalConfig(flip=True)
+    logits = predict_scores(model, images, cfg=cfg, average="logits")
+    probabilities = predict_scores(model, images, cfg=cfg, average="probabilities")
+    assert torch.allclose(logits[0, :, 0, 0], torch.tensor([2.0, 1.0]))  # the mean of the logits
+    by_logits = class_probabilities(logits, "logits", "float32")[0, 0, 0, 0]
+    by_probabilities = class_probabilities(probabilities, "probabilities", "float32")[0, 0, 0, 0]
+    sigmoid = torch.sigmoid(torch.tensor([1.0, 4.0, -2.0], dtype=torch.float64))
+    assert float(by_logits) == pytest.approx(float(sigmoid[0]), abs=1e-6)  # softmax of the mean: 0.731
+    assert float(by_probabilities) == pytest.approx(float(sigmoid[1] + sigmoid[2]) / 2, abs=1e-6)  # mean of the softmaxes: 0.551
+    assert PseudoLabelConfig(rule="dars").effective_average == "logits"  # the DARS code's, the rule's default

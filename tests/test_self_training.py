@@ -14,11 +14,14 @@ from torch import nn
 from segadapt.cli import main
 from segadapt.commands.rounds import round_config
 from segadapt.config import load_config
+from segadapt.data.classes import ClassInfo
 from segadapt.data.pseudo_label_folder import PseudoLabeledDataset
 from segadapt.engine.builders import build_dataset_from_spec
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
-from segadapt.engine.pseudo_labelling import generate_pseudo_labels
+from segadapt.engine.losses import build_seg_loss
+from segadapt.engine.pseudo_labelling import generate_pseudo_labels, pseudo_label_key
+from segadapt.engine.recipes.self_training import SelfTraining, SelfTrainingOptions
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError, DataError
 from segadapt.methods.thresholds import apply_thresholds, cbst_thresholds_exact
@@ -208,3 +211,109 @@ def test_rounds_can_continue_one_poly_schedule_as_the_reference_does() -> None:
     assert [(r.schedule.offset, r.train.iters) for r in rounds] == [(0, 200), (300, 300), (600, 300)]
     with pytest.raises(ConfigError, match=r"rounds.schedule.*'restart' or 'continue'"):
         load_config("benchmark/semi_supervised", ["rounds.schedule=resume"])
+
+
+# ------------------------------------------------------------- the DARS code's choices (issue 28, items 8-10)
+
+
+class MirroredLogits(nn.Module):
+    """Logits (4, 0) on the left half and (0, 2) on the right half of any image, whatever its content;
+    the other classes far below. Flip averaging pairs each left pixel with a right one."""
+
+    def forward(self, images: torch.Tensor) -> SegOutput:
+        n, _, height, width = images.shape
+        logits = torch.full((n, 19, height, width), -30.0)
+        logits[:, 0, :, : width // 2], logits[:, 1, :, : width // 2] = 4.0, 0.0
+        logits[:, 0, :, width // 2 :], logits[:, 1, :, width // 2 :] = 0.0, 2.0
+        return SegOutput(logits, logits)
+
+
+def test_dars_labels_by_default_from_the_float16_softmax_of_flip_averaged_logits(tmp_path: Path) -> None:
+    rule = ["pseudo_label.rule=dars", "pseudo_label.ratio=0.5", "pseudo_label.distribution=predicted", "pseudo_label.flip=true"]
+    summaries = {}
+    for name, extra in {"default": [], "paper": ["pseudo_label.confidence_dtype=float32", "pseudo_label.average=probabilities"]}.items():
+        cfg, dataset = target_set(tmp_path, *rule, *extra)
+        summaries[name] = generate_pseudo_labels(MirroredLogits(), dataset, cfg, tmp_path / name, torch.device("cpu"), log=lambda _: None)
+    default, paper = summaries["default"], summaries["paper"]
+    assert (default["confidence_dtype"], default["average"]) == ("float16", "logits")
+    assert (paper["confidence_dtype"], paper["average"]) == ("float32", "probabilities")
+    # every pixel is class 0 with one confidence: softmax of the mean logits (2, 1), or the mean of the softmaxes
+    assert default["thresholds"][0] == float(torch.tensor(1.0).sigmoid().half())  # 0.731 in float16
+    assert paper["thresholds"][0] == pytest.approx((float(torch.tensor(4.0).sigmoid()) + float(torch.tensor(-2.0).sigmoid())) / 2, abs=2**-12)
+    for summary in (default, paper):  # all pixels tie: half of them are kept at random
+        assert summary["sampling_ratio"][0] == pytest.approx(0.5, abs=1e-3) and summary["density"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_labelling_key_changes_only_when_the_resolved_precision_or_averaging_does(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "w.pt"
+    checkpoint.write_bytes(b"weights")
+    def key(*overrides: str) -> dict:
+        return pseudo_label_key(tiny_config(tmp_path, *overrides, config="benchmark/cbst"), checkpoint)["pseudo_label"]
+    assert "confidence_dtype" not in key() and "average" not in key()  # cbst's labels of before the options stay valid
+    assert key() == key("pseudo_label.confidence_dtype=float32", "pseudo_label.average=probabilities")
+    dars = key("pseudo_label.rule=dars")
+    assert (dars["confidence_dtype"], dars["average"]) == ("float16", "logits")
+    assert dars == key("pseudo_label.rule=dars", "pseudo_label.confidence_dtype=float16", "pseudo_label.average=logits")
+    assert "confidence_dtype" not in key("pseudo_label.rule=dars", "pseudo_label.confidence_dtype=float32")
+
+
+class BatchNormNet(nn.Module):
+    """1x1 convolution, BatchNorm, 1x1 classifier: the smallest network whose output depends on its batch."""
+
+    aux_weight = 0.4
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.body, self.norm, self.classifier = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)
+        with torch.no_grad():
+            for conv in (self.body, self.classifier):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator))
+
+    def forward(self, images: torch.Tensor) -> SegOutput:
+        features = self.norm(self.body(images))
+        return SegOutput(self.classifier(features), features)
+
+
+def self_training_step(batch_norm: str | None, batches: dict) -> tuple[BatchNormNet, dict[str, torch.Tensor]]:
+    model = BatchNormNet().train()
+    overrides = ["recipe=self_training"] + ([f"method.batch_norm={batch_norm}"] if batch_norm else [])
+    cfg = load_config(None, overrides)
+    classes = ClassInfo("toy", ("a", "b", "c"), ((0, 0, 0), (1, 1, 1), (2, 2, 2)))
+    recipe = SelfTraining(cfg, model, build_seg_loss(cfg.loss, ignore_index=255), classes)
+    losses = recipe.training_step(batches, 1)
+    losses["loss"].backward()
+    return model, losses
+
+
+def test_separate_forwards_normalise_each_batch_by_its_own_statistics_as_the_dars_code() -> None:
+    generator = torch.Generator().manual_seed(0)
+    def stream(shift: float) -> dict[str, torch.Tensor]:  # two domains with different feature statistics
+        return {"image": torch.rand(2, 3, 6, 6, generator=generator) + shift, "label": torch.randint(0, 3, (2, 6, 6), generator=generator)}
+    batches = {"source": stream(0.0), "target": stream(2.0)}
+    separate, separate_losses = self_training_step(None, batches)  # the default
+    joint, joint_losses = self_training_step("joint", batches)
+    assert SelfTrainingOptions().batch_norm == "separate"
+
+    with torch.no_grad():  # the pre-BatchNorm features of each batch, from the same initial weights
+        body = BatchNormNet().body
+        source_mean = body(batches["source"]["image"]).mean(dim=(0, 2, 3))
+        target_mean = body(batches["target"]["image"]).mean(dim=(0, 2, 3))
+        both = torch.cat([batches["source"]["image"], batches["target"]["image"]])
+        joint_mean = body(both).mean(dim=(0, 2, 3))
+    # separate: two BatchNorm updates per step (momentum 0.1), source then target; joint: one of both together
+    assert torch.allclose(separate.norm.running_mean, 0.9 * (0.1 * source_mean) + 0.1 * target_mean, atol=1e-6)
+    assert torch.allclose(joint.norm.running_mean, 0.1 * joint_mean, atol=1e-6)
+    assert int(separate.norm.num_batches_tracked) == 2 and int(joint.norm.num_batches_tracked) == 1
+
+    # the outputs differ: each loss equals a forward of its batch alone (separate) or of both (joint)
+    loss = build_seg_loss(load_config(None).loss, ignore_index=255)
+    with torch.no_grad():
+        alone = loss(BatchNormNet().train()(batches["source"]["image"]).logits, batches["source"]["label"])
+        together = loss(BatchNormNet().train()(both).logits[:2], batches["source"]["label"])
+    assert float(separate_losses["loss_source"]) == pytest.approx(float(alone), rel=1e-6)
+    assert float(joint_losses["loss_source"]) == pytest.approx(float(together), rel=1e-6)
+    assert abs(float(alone) - float(together)) > 1e-3
+    assert not torch.allclose(separate.body.weight.grad, joint.body.weight.grad, atol=1e-4)
+    assert load_config("benchmark/dars_td").method == {} and load_config("benchmark/dars_paper").method == {"batch_norm": "joint"}

@@ -19,6 +19,7 @@ TWO_STREAM = {  # config -> what it starts from
     "benchmark/cpsl_distill": "teacher",
     "benchmark/adversarial_warmup": None,
     "benchmark/daformer": "warm_mitb0",
+    "benchmark/dars_sd": "warm",  # self-training forwards its two batches separately (the DARS code)
 }
 
 

@@ -346,11 +346,36 @@ class PseudoLabelConfig(_Strict):
     window_batch: int = Field(1, ge=1, description=WINDOW_BATCH_HELP)
     amp: Literal["off", "bf16", "fp16"] = Field("off", description=INFERENCE_AMP_HELP)
     channels_last: bool = Field(False, description=CHANNELS_LAST_HELP)
+    confidence_dtype: Literal["auto", "float16", "float32"] = Field(
+        "auto",
+        description="precision of the softmax whose max is a pixel's confidence; auto: float16 for rule dars (the DARS "
+        "code: confidences from 1 - 2**-12 up are 1.0, so frequent classes tie at the top and the random sampling "
+        "acts), float32 for st and cbst",
+    )
+    average: Literal["auto", "logits", "probabilities"] = Field(
+        "auto",
+        description="what the flips, scales and windows average before the confidence is read; auto: logits for rule "
+        "dars (the DARS code), probabilities for st and cbst",
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return _amp_yaml_off(value)
+
+    @property
+    def effective_confidence_dtype(self) -> Literal["float16", "float32"]:
+        """``confidence_dtype`` with ``auto`` resolved by the rule (the DARS code's float16 for ``dars``)."""
+        if self.confidence_dtype == "auto":
+            return "float16" if self.rule == "dars" else "float32"
+        return self.confidence_dtype
+
+    @property
+    def effective_average(self) -> Literal["logits", "probabilities"]:
+        """``average`` with ``auto`` resolved by the rule (the DARS code's logits for ``dars``)."""
+        if self.average == "auto":
+            return "logits" if self.rule == "dars" else "probabilities"
+        return self.average
 
 
 class RoundsConfig(_Strict):

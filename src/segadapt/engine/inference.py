@@ -11,13 +11,18 @@ forward (bf16 / fp16; the upsampling, softmax and averaging stay fp32); ``channe
 network channels-last inputs (and, inside :func:`inference_model`, converts its weights). With the
 defaults (fp32, one window at a time) the results are today's, bit for bit; batched windows give
 the same probabilities up to float rounding (``tests/test_inference_batching.py``).
+
+What the views (scales, flips, windows) average: probabilities (:func:`predict_probs`, every
+evaluation) or logits (:func:`predict_scores` with ``average="logits"``, the DARS code's pseudo
+labelling: its ``net_process`` leaves the softmax out and ``scale_process`` and the scale loop
+average what the network returns; docs/reference_code.md, "DARS: thresholds and random sampling").
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +32,9 @@ from ..config import EvalConfig
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+Average = Literal["probabilities", "logits"]
+"""What :func:`predict_scores` averages over the views: softmax probabilities or the logits before the softmax."""
+
 
 def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """Autocast to ``amp`` (``bf16`` / ``fp16``) on ``device``; nothing for ``off``."""
@@ -35,8 +43,8 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def _forward_probs(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int], cfg: EvalConfig) -> torch.Tensor:
-    """Softmax of the network's logits, upsampled to ``out_size``.
+def _forward_scores(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int], cfg: EvalConfig, average: Average) -> torch.Tensor:
+    """The network's logits upsampled to ``out_size``, their softmax unless ``average`` is ``"logits"``.
 
     Shape:
         - images: ``[N, 3, H, W]``
@@ -47,7 +55,7 @@ def _forward_probs(model: nn.Module, images: torch.Tensor, out_size: tuple[int, 
     with autocast_for(images.device, cfg.amp):
         logits = model(images).logits
     logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
-    return logits.softmax(dim=1)
+    return logits if average == "logits" else logits.softmax(dim=1)
 
 
 def window_positions(height: int, width: int, window: Sequence[int]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -67,14 +75,15 @@ def window_positions(height: int, width: int, window: Sequence[int]) -> tuple[li
     return [(top, left) for top in tops for left in lefts], (win_h, win_w)
 
 
-def _sliding_window_probs(
+def _sliding_window_scores(
     model: nn.Module,
     images: torch.Tensor,
     window: Sequence[int],
     out_size: tuple[int, int],
     cfg: EvalConfig,
+    average: Average,
 ) -> torch.Tensor:
-    """Average of window predictions; ``cfg.window_batch`` window positions per forward pass.
+    """Average of window predictions (probabilities or logits); ``cfg.window_batch`` window positions per forward pass.
 
     Shape:
         - images: ``[N, 3, H, W]``
@@ -87,27 +96,38 @@ def _sliding_window_probs(
     for start in range(0, len(positions), cfg.window_batch):
         chunk = positions[start : start + cfg.window_batch]
         crops = [images[..., top : top + win_h, left : left + win_w] for top, left in chunk]
-        probs = _forward_probs(model, crops[0] if len(crops) == 1 else torch.cat(crops), (win_h, win_w), cfg)
+        scores = _forward_scores(model, crops[0] if len(crops) == 1 else torch.cat(crops), (win_h, win_w), cfg, average)
         if total is None:
-            total = torch.zeros(batch, probs.shape[1], height, width, device=images.device)
+            total = torch.zeros(batch, scores.shape[1], height, width, device=images.device)
         for index, (top, left) in enumerate(chunk):  # the crops are position-major: N per position
-            total[..., top : top + win_h, left : left + win_w] += probs[index * batch : (index + 1) * batch]
+            total[..., top : top + win_h, left : left + win_w] += scores[index * batch : (index + 1) * batch]
             count[..., top : top + win_h, left : left + win_w] += 1
     assert total is not None
-    probs = total / count
+    scores = total / count
     if (height, width) != tuple(out_size):
-        probs = F.interpolate(probs, size=out_size, mode="bilinear", align_corners=False)
-    return probs
+        scores = F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)
+    return scores
 
 
-@torch.no_grad()
 def predict_probs(
     model: nn.Module,
     images: torch.Tensor,
     out_size: Sequence[int] | None = None,
     cfg: EvalConfig | None = None,
 ) -> torch.Tensor:
-    """Class probabilities for a batch, averaged over the configured scales and flips.
+    """Class probabilities for a batch, averaged over the configured scales and flips (:func:`predict_scores`)."""
+    return predict_scores(model, images, out_size, cfg, average="probabilities")
+
+
+@torch.no_grad()
+def predict_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    out_size: Sequence[int] | None = None,
+    cfg: EvalConfig | None = None,
+    average: Average = "probabilities",
+) -> torch.Tensor:
+    """Class probabilities, or logits with ``average="logits"``, for a batch, averaged over the configured scales and flips.
 
     Shape:
         - images: ``[N, 3, H, W]`` RGB in [0, 1]
@@ -117,7 +137,8 @@ def predict_probs(
     each scale multiplies that size; ``cfg.sliding_window`` runs windows of that size,
     ``cfg.window_batch`` window positions per forward pass. ``cfg.amp`` autocasts the forward
     pass, ``cfg.channels_last`` makes its input channels-last. The model should be in eval mode
-    (:func:`inference_model`).
+    (:func:`inference_model`). ``average="logits"`` averages the views' logits (the softmax of the
+    mean is then the caller's): the DARS code's pseudo-label prediction.
     """
     cfg = cfg or EvalConfig()
     out = (int(out_size[0]), int(out_size[1])) if out_size is not None else (images.shape[-2], images.shape[-1])
@@ -132,11 +153,11 @@ def predict_probs(
         for flip in (False, True) if cfg.flip else (False,):
             view = scaled.flip(-1) if flip else scaled
             if cfg.sliding_window is not None:
-                probs = _sliding_window_probs(model, view, cfg.sliding_window, out, cfg)
+                scores = _sliding_window_scores(model, view, cfg.sliding_window, out, cfg, average)
             else:
-                probs = _forward_probs(model, view, out, cfg)
-            probs = probs.flip(-1) if flip else probs
-            total = probs if total is None else total + probs
+                scores = _forward_scores(model, view, out, cfg, average)
+            scores = scores.flip(-1) if flip else scores
+            total = scores if total is None else total + scores
             views += 1
     assert total is not None
     return total / views

@@ -6,7 +6,10 @@ of every pixel's confidence:
 
 1. predict every image (optional flip / multi-scale / sliding window) and stream the
    max-softmax confidences into a :class:`~segadapt.methods.thresholds.ConfidenceHistogram`
-   (fixed size); the rule's per-class thresholds (ST, CBST, DARS) come from it;
+   (fixed size); the rule's per-class thresholds (ST, CBST, DARS) come from it. The views
+   average logits or probabilities, and the softmax is float16 or float32
+   (``pseudo_label.average``, ``pseudo_label.confidence_dtype``; rule ``dars`` defaults to the
+   DARS code's logits and float16, :func:`~segadapt.methods.thresholds.class_probabilities`);
 2. predict again, threshold (and, for DARS, randomly subsample) each image, and write
    ``<name>.png`` (uint8 train ids, the dataset's ignore index = unlabeled), while accumulating
    the quality statistics.
@@ -47,12 +50,19 @@ from ..data.classes import ClassInfo
 from ..data.pseudo_label_folder import pseudo_label_path
 from ..errors import ConfigError, DataError
 from ..methods.dars import dars_thresholds, given_distribution, label_distribution, predicted_distribution
-from ..methods.thresholds import ConfidenceHistogram, Thresholds, apply_thresholds, cbst_thresholds, st_thresholds
+from ..methods.thresholds import (
+    ConfidenceHistogram,
+    Thresholds,
+    apply_thresholds,
+    cbst_thresholds,
+    class_probabilities,
+    st_thresholds,
+)
 from ..metrics.pseudo_label_quality import PseudoLabelStats, kl_divergence
 from ..progress import bar_enabled, progress
 from . import distributed
 from .builders import build_dataset_from_spec, build_eval_loader
-from .inference import inference_model, predict_probs, same_shape_groups
+from .inference import inference_model, predict_scores, same_shape_groups
 from .run_cache import file_fingerprint, reuse_or_make
 
 SUMMARY = "summary.json"
@@ -60,7 +70,7 @@ SUMMARY_MD = "summary.md"
 
 
 def inference_config(cfg: PseudoLabelConfig) -> EvalConfig:
-    """The prediction settings of pseudo labelling, in the form :func:`predict_probs` takes."""
+    """The prediction settings of pseudo labelling, in the form :func:`predict_scores` takes."""
     return EvalConfig(
         size=cfg.size,
         flip=cfg.flip,
@@ -81,14 +91,19 @@ def _batches(loader: Any) -> Iterator[tuple[list[str], torch.Tensor | list[torch
         yield batch["name"], images, labels
 
 
-def _predictions(model: nn.Module, loader: Any, cfg: EvalConfig, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def _predictions(
+    model: nn.Module, loader: Any, cfg: EvalConfig, device: torch.device, rule: PseudoLabelConfig
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """``(name, probs [C, H, W], label [H, W] or None)`` per image, at the image's own size.
 
-    The images of a batch that share their size go through the network together.
+    The images of a batch that share their size go through the network together. ``probs`` are
+    in ``rule``'s confidence precision, from views averaged as ``rule`` says (module docstring).
     """
+    average, dtype = rule.effective_average, rule.effective_confidence_dtype
     for names, images, labels in _batches(loader):
         for group, stacked in _size_groups(images):
-            probs = predict_probs(model, stacked.to(device, non_blocking=stacked.is_pinned()), None, cfg)
+            scores = predict_scores(model, stacked.to(device, non_blocking=stacked.is_pinned()), None, cfg, average=average)
+            probs = class_probabilities(scores, average, dtype)
             yield from zip([names[i] for i in group], probs, [labels[i] for i in group])
 
 
@@ -213,7 +228,7 @@ def _label_passes(
 
     histogram = ConfidenceHistogram(classes.num_classes, device=device)
     with _pass_bar(1, len(dataset)) as bar:
-        for index, (_, probs, _) in enumerate(_predictions(model, loader, infer, device)):
+        for index, (_, probs, _) in enumerate(_predictions(model, loader, infer, device, rule)):
             histogram.update(probs[None])
             bar.update(min(world_size, len(dataset) - bar.n))
             if (index + 1) % 100 == 0 and not live:
@@ -224,7 +239,7 @@ def _label_passes(
 
     stats = PseudoLabelStats(classes.num_classes, classes.ignore_index)
     with _pass_bar(2, len(dataset)) as bar:
-        for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device)):
+        for index, (name, probs, label) in enumerate(_predictions(model, loader, infer, device, rule)):
             confidence, prediction = probs.max(dim=0)  # on the device: 2 maps, not C, cross to the CPU
             pseudo = apply_thresholds(
                 (confidence[None].cpu(), prediction[None].cpu()), *result.thresholds,
@@ -259,6 +274,8 @@ def summarize_pseudo_labels(
         "ratio": rule.ratio if rule.rule != "st" else None,
         "threshold": rule.threshold if rule.rule == "st" else None,
         "distribution": rule.distribution if rule.rule == "dars" else None,
+        "confidence_dtype": rule.effective_confidence_dtype,
+        "average": rule.effective_average,
         "num_images": num_images,
         "classes": list(classes.names),
         "thresholds": _finite_or_none(result.thresholds.thresholds),
@@ -316,14 +333,22 @@ def pseudo_label_key(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
     ``model`` keys a raw-weight checkpoint is built with, and ``data.source`` when DARS follows the
     source class distribution. The speed options that leave the labels as they are
     (``window_batch``, ``channels_last``) are no part of it; ``amp`` is, once it is not ``off``
-    (so labels made before the option existed stay valid).
+    (so labels made before the option existed stay valid). ``confidence_dtype`` and ``average``
+    enter resolved (``auto`` and the value it stands for make the same labels), and only when they
+    differ from float32 and probabilities, the precision and averaging before the options existed.
     """
     assert cfg.data.target is not None
-    speed_only = {"window_batch", "channels_last"} | ({"amp"} if cfg.pseudo_label.amp == "off" else set())
+    rule = cfg.pseudo_label
+    left_out = {"window_batch", "channels_last", "confidence_dtype", "average"} | ({"amp"} if rule.amp == "off" else set())
+    labelling = rule.model_dump(mode="json", exclude=left_out)
+    if rule.effective_confidence_dtype != "float32":
+        labelling["confidence_dtype"] = rule.effective_confidence_dtype
+    if rule.effective_average != "probabilities":
+        labelling["average"] = rule.effective_average
     key: dict[str, Any] = {
         "checkpoint": file_fingerprint(checkpoint),
         "model": cfg.model.model_dump(mode="json", include={"name", "num_classes", "options"}),
-        "pseudo_label": cfg.pseudo_label.model_dump(mode="json", exclude=speed_only),
+        "pseudo_label": labelling,
         "data.target": cfg.data.target.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"}),
     }
     if cfg.pseudo_label.rule == "dars" and cfg.pseudo_label.distribution == "source" and cfg.data.source is not None:

@@ -28,6 +28,13 @@ Histogram bins (see :func:`confidence_bin_index`) sit on the float16 grid below 
 Every rule returns :class:`Thresholds`: a threshold ``[C]`` and a sampling ratio ``[C]`` (ones
 where the rule does not sample), consumed by :func:`apply_thresholds`.
 
+Confidence precision (:func:`class_probabilities`): the DARS code takes the softmax of float16
+logits in float16, so every confidence from ``1 - 2**-12`` up is exactly 1.0 and the pixels a
+network is sure of tie at the top. Their count then exceeds a frequent class's quota, that class's
+threshold is 1.0 and DARS's random sampling (``sampling_ratio < 1``) decides which of them are
+kept. In float32 such ties are rare, the sampling ratio is about 1 and the labels are simply the
+most confident pixels. Float16 confidences lie on bin edges, so their streamed thresholds are exact.
+
 Examples:
     >>> probs = torch.tensor([[0.9, 0.6, 0.2], [0.1, 0.4, 0.8]]).view(1, 2, 1, 3)
     >>> apply_thresholds(probs, *st_thresholds(0.7, num_classes=2))
@@ -37,7 +44,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +66,31 @@ def _make_bin_edges() -> torch.Tensor:
 
 BIN_EDGES = _make_bin_edges()
 """Lower edge of every histogram bin, float64 ``[NUM_BINS]``, from 0.0 to exactly 1.0 (the last bin)."""
+
+
+def class_probabilities(
+    scores: torch.Tensor, average: Literal["logits", "probabilities"], confidence_dtype: Literal["float16", "float32"]
+) -> torch.Tensor:
+    """The class probabilities ``[..., C, H, W]`` whose max is the confidence a rule thresholds, in ``confidence_dtype``.
+
+    ``scores`` are the views' average (:func:`~segadapt.engine.inference.predict_scores`): logits
+    when ``average`` is ``"logits"`` (the softmax is taken here), probabilities otherwise.
+    ``"float16"`` is the DARS code's precision: the averaged logits are cast to float16 and their
+    softmax is rounded to float16 (CUDA's half softmax accumulates in float32 and rounds its output
+    once, as here), so probabilities from ``1 - 2**-12`` up become exactly 1.0 (module doc).
+    Averaged probabilities are rounded to float16 the same way. ``"float32"`` keeps float32.
+
+    Examples:
+        >>> logits = torch.tensor([9.0, 0.0]).view(2, 1, 1)
+        >>> class_probabilities(logits, "logits", "float32").flatten().tolist()[0] < 1.0
+        True
+        >>> class_probabilities(logits, "logits", "float16").flatten().tolist()
+        [1.0, 0.0001233816146850586]
+    """
+    dtype = {"float16": torch.float16, "float32": torch.float32}[confidence_dtype]
+    if average == "logits":
+        return scores.to(dtype).float().softmax(dim=-3).to(dtype)
+    return scores.to(dtype)
 
 
 class Thresholds(NamedTuple):

@@ -127,8 +127,9 @@ def forward_streams(model: nn.Module, *images: torch.Tensor) -> tuple[SegOutput,
 
     Every field of the output is split (``logits``, ``features`` and, from networks with an
     auxiliary head in training, ``aux_logits``), so each stream's
-    :meth:`~.base.Recipe.supervised_loss` includes its auxiliary term. Self-training (the DARS
-    reference's labelled and pseudo-labelled half-batches) and BiCL forward source and target this way.
+    :meth:`~.base.Recipe.supervised_loss` includes its auxiliary term. BiCL forwards source and
+    target this way, and self-training with ``method.batch_norm: joint``; the DARS code does not: it
+    calls the network once per batch (``tool/train_func.py``), self-training's default ``separate``.
     """
     sizes = [len(batch) for batch in images]
     output = model(torch.cat(images))

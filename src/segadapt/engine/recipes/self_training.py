@@ -4,15 +4,20 @@ The pseudo labels are made once, before training, by the model the run starts fr
 (``model.checkpoint``: the source-only warm-up in UDA, the previous round in semi-supervised
 rounds), with the rule of ``pseudo_label`` (:mod:`segadapt.engine.pseudo_labelling`). Training is
 then plain cross-entropy: ``CE(source labels) + target_weight * CE(target pseudo labels)``, the
-DARS reference's ``CE_lab + 1.0 * CE_pseudo`` with a labelled and a pseudo-labelled half-batch
-each (docs/reference_code.md, "DARS: training settings"), and CBST's source + target objective
+DARS reference's ``CE_lab + 1.0 * CE_pseudo`` with a labelled and a pseudo-labelled batch each
+(docs/reference_code.md, "DARS: training settings"), and CBST's source + target objective
 (Zou et al. 2018, Eq. 3 without the class-balancing weights, which the threshold already provides).
+
+The DARS code (``tool/train_func.py``) calls the network once on the labelled batch and once on the
+pseudo-labelled one, so BatchNorm normalises each batch by its own statistics and updates its
+running statistics twice per step: ``method.batch_norm: separate``, the default. ``joint`` forwards
+the two batches concatenated, one BatchNorm batch of both domains (segadapt's earlier step).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +34,11 @@ class SelfTrainingOptions(BaseModel):
 
     target_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy on target pseudo labels")
     source_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy on labelled source data")
+    batch_norm: Literal["separate", "joint"] = Field(
+        "separate",
+        description="separate: the labelled and the pseudo-labelled batch go through the network one after the other, "
+        "each normalised by its own BatchNorm statistics (the DARS code); joint: one forward of both concatenated",
+    )
 
 
 class SelfTraining(Recipe):
@@ -62,8 +72,14 @@ class SelfTraining(Recipe):
 
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         source, target = batches["source"], batches["target"]
-        source_output, target_output = forward_streams(self.model, source["image"], target["image"])
-        loss_source = self.supervised_loss(source_output, source["label"])
-        loss_target = self.supervised_loss(target_output, target["label"])
-        loss = self.options.source_weight * loss_source + self.options.target_weight * loss_target
+        if self.options.batch_norm == "joint":
+            source_output, target_output = forward_streams(self.model, source["image"], target["image"])
+            loss_source = self.supervised_loss(source_output, source["label"])
+            loss_target = self.supervised_loss(target_output, target["label"])
+            loss = self.options.source_weight * loss_source + self.options.target_weight * loss_target
+        else:
+            loss_source = self.supervised_loss(self.model(source["image"]), source["label"])
+            released = self.backward_now(self.options.source_weight * loss_source)  # the source graph is freed here
+            loss_target = self.supervised_loss(self.model(target["image"]), target["label"])
+            loss = released + self.options.target_weight * loss_target
         return {"loss": loss, "loss_source": loss_source.detach(), "loss_target": loss_target.detach()}
