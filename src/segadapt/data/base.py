@@ -22,6 +22,7 @@ fix, in the process that reads it, never a bare PIL error deep in a DataLoader w
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Sequence
@@ -53,6 +54,11 @@ _POLICIES = {
     "size_mismatch": ("error", "resize_label", "resize_image", "skip"),
     "missing_files": ("error", "skip"),
 }
+
+
+def segadapt_home() -> Path:
+    """segadapt's cache folder, ``$SEGADAPT_HOME``, by default ``~/.cache/segadapt``: the embedded benchmark and the label-id cache live under it."""
+    return Path(os.environ.get("SEGADAPT_HOME", "~/.cache/segadapt")).expanduser()
 
 
 class SampleFiles(NamedTuple):

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..progress import progress
-from .base import SegDataset, UnknownLabelIdsError
+from .base import SegDataset, UnknownLabelIdsError, segadapt_home
 
 CACHE_VERSION = 1
 SHOWN = 5
@@ -33,8 +33,8 @@ SHOW_PROGRESS = 200
 
 
 def cache_dir() -> Path:
-    """``$SEGADAPT_HOME/label_ids``; SEGADAPT_HOME defaults to ``~/.cache/segadapt`` (as the benchmark's cache)."""
-    return Path(os.environ.get("SEGADAPT_HOME", "~/.cache/segadapt")).expanduser() / "label_ids"
+    """``$SEGADAPT_HOME/label_ids`` (:func:`~segadapt.data.base.segadapt_home`)."""
+    return segadapt_home() / "label_ids"
 
 
 def _stamp(path: Path) -> list[int]:

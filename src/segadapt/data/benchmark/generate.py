@@ -23,6 +23,7 @@ from PIL import Image
 
 from ...errors import DataError
 from ...progress import progress
+from ..base import segadapt_home
 from ..classes import IGNORE_INDEX
 from .domains import _DOMAINS
 from .scene import CLASSES, sample_scene
@@ -210,9 +211,8 @@ def is_complete(root: Path, seed: int, size: str) -> bool:
 
 
 def default_benchmark_dir(seed: int = 0, size: str = "default") -> Path:
-    """``$SEGADAPT_HOME/benchmark/<size>-seed<seed>-v<version>``; SEGADAPT_HOME defaults to ``~/.cache/segadapt``."""
-    home = Path(os.environ.get("SEGADAPT_HOME", "~/.cache/segadapt")).expanduser()
-    return home / "benchmark" / f"{size}-seed{seed}-v{GENERATOR_VERSION}"
+    """``$SEGADAPT_HOME/benchmark/<size>-seed<seed>-v<version>`` (:func:`~segadapt.data.base.segadapt_home`)."""
+    return segadapt_home() / "benchmark" / f"{size}-seed{seed}-v{GENERATOR_VERSION}"
 
 
 def ensure_benchmark(root: str | Path | None = None, seed: int = 0, size: str = "default", num_workers: int = 0) -> Path:
