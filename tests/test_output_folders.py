@@ -65,11 +65,12 @@ def test_outputs_pointed_at_the_data_are_refused_and_every_input_file_is_unchang
             "pseudo-label": ["pseudo-label", str(checkpoint), str(out), *target],
             "predict": ["predict", str(checkpoint), str(data / "images" / "val"), str(out)],
             "rounds": ["rounds", "benchmark/semi_supervised", *no_iters, "rounds.iters=[1,1,1]", f"output_dir={out.parent}", f"name={out.name}"],
+            "train": ["train", "benchmark/source_only", *toy_overrides(data), f"output_dir={out.parent}", f"name={out.name}"],
         }
         for name, command in commands.items():
             assert main(command) == 2, (name, out)
             line = error_line(capsys.readouterr().err)
-            where = "run directory" if name == "rounds" else "output folder"
+            where = "run directory" if name in ("rounds", "train") else "output folder"
             assert line.startswith(f"segadapt {name}: error: {where} {out}"), line
             assert "nothing was written" in line and ("outside the data" in line or "outside the dataset" in line), line
     assert snapshot(data) == before  # every input byte-identical, and no file added anywhere in the dataset

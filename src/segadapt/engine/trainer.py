@@ -42,6 +42,7 @@ from .evaluation import evaluate
 from .label_space import check_config_against_classes, require_labels, run_classes
 from .logging import MetricsLog, Progress, read_metrics
 from .losses import build_seg_loss
+from .output_folder import check_not_data, stream_folders
 from .recipes import Recipe, recipe_class
 from .recipes.base import Stream, parse_options
 from .resume import check_resume_config
@@ -204,6 +205,7 @@ class Trainer:
         A start that fails before its first checkpoint (bad data, a wrong checkpoint) so leaves a run
         directory that ``segadapt train RUN_DIR`` starts again, with overrides applied (nothing is resumed).
         """
+        check_not_data(self.run_dir, stream_folders(given), "choose another output_dir= or name=, outside the dataset", what="run directory")
         last = self.checkpoint_dir / "last.pt"
         if resume and not last.exists():
             raise CheckpointError(f"cannot resume: {last} does not exist; start the run without resume")
