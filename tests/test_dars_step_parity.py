@@ -22,8 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-from segadapt.config import load_config
+from segadapt.config import EvalConfig, load_config
 from segadapt.data.classes import CITYSCAPES_CLASSES
+from segadapt.engine.inference import predict_scores
 from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.pseudo_labelling import _predictions, inference_config
 from segadapt.engine.recipes.self_training import SelfTraining
@@ -137,6 +138,35 @@ def test_confidences_are_the_authors_float16_softmax_of_flip_averaged_logits(lab
     ours = np.concatenate([confidence.flatten()[prediction.flatten() == j].double().numpy() for j in range(SCRIPT.NUM_CLASSES)])
     np.testing.assert_array_equal(ours, FIXTURE["confidences_per_class"])
     assert labelled_pass["probs"].dtype == torch.float16 and float((confidence == 1.0).float().mean()) > 0.2  # the ties DARS samples among
+
+
+def test_the_averaged_logits_are_the_authors(labelled_pass: dict) -> None:
+    # the first pass saves the flip-averaged logits as float16 (second_forward reloads them)
+    model, images = TinyNet().eval(), torch.from_numpy(FIXTURE["unlabelled"])
+    with torch.no_grad():
+        scores = predict_scores(model, images, None, inference_config(dars_config().pseudo_label), average="logits")
+    assert torch.equal(scores.half(), torch.from_numpy(FIXTURE["logits"]).permute(0, 3, 1, 2))
+
+
+def rounds_to(values: torch.Tensor, float16_reference: torch.Tensor) -> torch.Tensor:
+    """Where ``values`` round to ``float16_reference`` up to 1e-5 relative (a float32 sum in another order may not)."""
+    reference = float16_reference.double()
+    half_ulp = torch.from_numpy(np.spacing(np.abs(float16_reference.numpy()))).double() / 2
+    return (values.double() - reference).abs() <= half_ulp + RELATIVE * reference.abs()
+
+
+def test_sliding_windows_average_each_window_with_its_mirror_as_the_authors() -> None:
+    # scale_process: windows of 17 x 17 at stride 12 (2 x 3 positions on 25 x 33, not symmetric in width), each
+    # predicted with its mirror by net_process and averaged where they overlap: window_flip=window
+    model, images = TinyNet().eval(), torch.from_numpy(FIXTURE["unlabelled"])
+    reference = torch.from_numpy(FIXTURE["window_logits"]).permute(0, 3, 1, 2)
+    views = {mode: EvalConfig(flip=True, sliding_window=SCRIPT.WINDOW, window_flip=mode) for mode in ("window", "image")}
+    with torch.no_grad():
+        scores = {mode: predict_scores(model, images, None, cfg, average="logits") for mode, cfg in views.items()}
+    assert bool(rounds_to(scores["window"], reference).all())
+    assert float((scores["window"].half() != reference).float().mean()) < 1e-3  # float16 equal but at rounding ties
+    image_flip = scores["image"].half().argmax(1) != reference.argmax(1)  # the flipped image's windows are others
+    assert float(image_flip.float().mean()) > 0.01
 
 
 def test_thresholds_and_sampling_ratios_are_the_authors(labelled_pass: dict) -> None:
