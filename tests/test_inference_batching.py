@@ -83,6 +83,32 @@ def test_one_window_at_a_time_is_the_plain_window_average(model: torch.nn.Module
     assert torch.equal(predict_probs(model, image, cfg=EvalConfig(sliding_window=(24, 36))), total / count)
 
 
+@pytest.mark.parametrize("window_batch", [1, 4])
+def test_window_flip_averages_each_window_with_its_mirror(model: torch.nn.Module, window_batch: int) -> None:
+    """window_flip=window: the DARS code's net_process per window; image: the flipped image's windows (others here)."""
+    image = images(1, 40, 90, seed=4)
+    positions, (win_h, win_w) = window_positions(40, 90, (24, 36))
+    total, count = torch.zeros(1, NUM_CLASSES, 40, 90), torch.zeros(1, 1, 40, 90)
+    with torch.no_grad():
+        for top, left in positions:
+            crop = image[..., top : top + win_h, left : left + win_w]
+            both = model(torch.cat([crop, crop.flip(-1)])).logits
+            both = torch.nn.functional.interpolate(both, size=(win_h, win_w), mode="bilinear", align_corners=False).softmax(1)
+            total[..., top : top + win_h, left : left + win_w] += (both[:1] + both[1:].flip(-1)) / 2
+            count[..., top : top + win_h, left : left + win_w] += 1
+    cfg = EvalConfig(sliding_window=(24, 36), flip=True, window_flip="window", window_batch=window_batch)
+    assert torch.allclose(predict_probs(model, image, cfg=cfg), total / count, atol=1e-6)
+
+
+def test_window_flip_changes_the_windows_only_where_the_grid_is_not_symmetric(model: torch.nn.Module) -> None:
+    def probs(width: int, window_flip: str) -> torch.Tensor:
+        cfg = EvalConfig(sliding_window=(24, 36), flip=True, window_flip=window_flip)
+        return predict_probs(model, images(1, 40, width, seed=5), cfg=cfg)
+    # width 60: windows at 0 and 24, mirrored onto themselves; width 90: 0, 24, 48, 54, mirrored 54, 30, 6, 0
+    assert torch.allclose(probs(60, "window"), probs(60, "image"), atol=1e-6)
+    assert not torch.allclose(probs(90, "window"), probs(90, "image"), atol=1e-3)
+
+
 # ------------------------------------------------------------------ whole images
 
 
@@ -204,3 +230,8 @@ def test_pseudo_label_key_ignores_the_options_that_keep_the_labels(tmp_path: Pat
     bf16 = pseudo_label_key(load_config(None, [*target, "pseudo_label.amp=bf16"]), checkpoint)
     assert faster == default and "amp" not in default["pseudo_label"]
     assert bf16["pseudo_label"]["amp"] == "bf16"
+    window = [*target, "pseudo_label.sliding_window=[32,32]"]
+    mirrored = pseudo_label_key(load_config(None, [*window, "pseudo_label.window_flip=window"]), checkpoint)
+    assert "window_flip" not in pseudo_label_key(load_config(None, window), checkpoint)["pseudo_label"]
+    assert "window_flip" not in pseudo_label_key(load_config(None, [*target, "pseudo_label.window_flip=window"]), checkpoint)["pseudo_label"]
+    assert mirrored["pseudo_label"]["window_flip"] == "window"  # it changes the labels only with a flipped sliding window

@@ -247,6 +247,11 @@ WINDOW_BATCH_HELP = (
 )
 INFERENCE_AMP_HELP = "autocast of the inference forward: off (fp32), bf16 or fp16; softmax and averaging stay fp32"
 CHANNELS_LAST_HELP = "run the inference forward in channels-last memory format (faster convolutions on GPUs)"
+WINDOW_FLIP_HELP = (
+    "with sliding_window and flip: image = the windows of the flipped image (mmseg, DAFormer); window = every window "
+    "averaged with its own mirror (the DARS/semseg code's net_process); they average different windows where the "
+    "window grid is not symmetric"
+)
 
 
 class EvalConfig(_Strict):
@@ -254,6 +259,7 @@ class EvalConfig(_Strict):
     flip: bool = False
     scales: list[float] = Field(default_factory=lambda: [1.0])
     sliding_window: tuple[int, int] | None = Field(None, description="(h, w) window; stride 2/3 of it")
+    window_flip: Literal["image", "window"] = Field("image", description=WINDOW_FLIP_HELP)
     protocols: list[int] = Field(
         default_factory=list,
         description="extra Cityscapes-class mIoUs (19, 16, 13) beside the dataset's own mIoU; the validation classes "
@@ -342,6 +348,7 @@ class PseudoLabelConfig(_Strict):
     flip: bool = True
     scales: list[float] = Field(default_factory=lambda: [1.0])
     sliding_window: tuple[int, int] | None = None
+    window_flip: Literal["image", "window"] = Field("image", description=WINDOW_FLIP_HELP)
     seed: int = Field(0, description="seed of the random sampling of dars")
     window_batch: int = Field(1, ge=1, description=WINDOW_BATCH_HELP)
     amp: Literal["off", "bf16", "fp16"] = Field("off", description=INFERENCE_AMP_HELP)

@@ -82,8 +82,12 @@ def _sliding_window_scores(
     out_size: tuple[int, int],
     cfg: EvalConfig,
     average: Average,
+    mirror: bool = False,
 ) -> torch.Tensor:
     """Average of window predictions (probabilities or logits); ``cfg.window_batch`` window positions per forward pass.
+
+    ``mirror``: each window's prediction is the mean of the window's and its mirror image's (flipped
+    back), as the DARS/semseg code's ``net_process`` (``window_flip: window``).
 
     Shape:
         - images: ``[N, 3, H, W]``
@@ -96,7 +100,12 @@ def _sliding_window_scores(
     for start in range(0, len(positions), cfg.window_batch):
         chunk = positions[start : start + cfg.window_batch]
         crops = [images[..., top : top + win_h, left : left + win_w] for top, left in chunk]
-        scores = _forward_scores(model, crops[0] if len(crops) == 1 else torch.cat(crops), (win_h, win_w), cfg, average)
+        stacked = crops[0] if len(crops) == 1 else torch.cat(crops)
+        if mirror:
+            both = _forward_scores(model, torch.cat([stacked, stacked.flip(-1)]), (win_h, win_w), cfg, average)
+            scores = (both[: len(stacked)] + both[len(stacked) :].flip(-1)) / 2
+        else:
+            scores = _forward_scores(model, stacked, (win_h, win_w), cfg, average)
         if total is None:
             total = torch.zeros(batch, scores.shape[1], height, width, device=images.device)
         for index, (top, left) in enumerate(chunk):  # the crops are position-major: N per position
@@ -138,7 +147,9 @@ def predict_scores(
     ``cfg.window_batch`` window positions per forward pass. ``cfg.amp`` autocasts the forward
     pass, ``cfg.channels_last`` makes its input channels-last. The model should be in eval mode
     (:func:`inference_model`). ``average="logits"`` averages the views' logits (the softmax of the
-    mean is then the caller's): the DARS code's pseudo-label prediction.
+    mean is then the caller's): the DARS code's pseudo-label prediction. With a sliding window and a flip,
+    ``cfg.window_flip`` says which windows the flipped view has: the flipped image's (``image``,
+    mmseg) or each window's own mirror (``window``, the DARS/semseg code).
     """
     cfg = cfg or EvalConfig()
     out = (int(out_size[0]), int(out_size[1])) if out_size is not None else (images.shape[-2], images.shape[-1])
@@ -150,10 +161,11 @@ def predict_scores(
         scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False
         )
-        for flip in (False, True) if cfg.flip else (False,):
+        mirror_windows = cfg.flip and cfg.sliding_window is not None and cfg.window_flip == "window"
+        for flip in (False, True) if cfg.flip and not mirror_windows else (False,):
             view = scaled.flip(-1) if flip else scaled
             if cfg.sliding_window is not None:
-                scores = _sliding_window_scores(model, view, cfg.sliding_window, out, cfg, average)
+                scores = _sliding_window_scores(model, view, cfg.sliding_window, out, cfg, average, mirror=mirror_windows)
             else:
                 scores = _forward_scores(model, view, out, cfg, average)
             scores = scores.flip(-1) if flip else scores

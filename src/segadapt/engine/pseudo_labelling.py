@@ -76,6 +76,7 @@ def inference_config(cfg: PseudoLabelConfig) -> EvalConfig:
         flip=cfg.flip,
         scales=cfg.scales,
         sliding_window=cfg.sliding_window,
+        window_flip=cfg.window_flip,
         window_batch=cfg.window_batch,
         amp=cfg.amp,
         channels_last=cfg.channels_last,
@@ -333,13 +334,15 @@ def pseudo_label_key(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
     ``model`` keys a raw-weight checkpoint is built with, and ``data.source`` when DARS follows the
     source class distribution. The speed options that leave the labels as they are
     (``window_batch``, ``channels_last``) are no part of it; ``amp`` is, once it is not ``off``
-    (so labels made before the option existed stay valid). ``confidence_dtype`` and ``average``
+    (so labels made before the option existed stay valid), and so is ``window_flip`` once it changes the labels
+    (``window`` with a flipped sliding window). ``confidence_dtype`` and ``average``
     enter resolved (``auto`` and the value it stands for make the same labels), and only when they
     differ from float32 and probabilities, the precision and averaging before the options existed.
     """
     assert cfg.data.target is not None
     rule = cfg.pseudo_label
     left_out = {"window_batch", "channels_last", "confidence_dtype", "average"} | ({"amp"} if rule.amp == "off" else set())
+    left_out |= {"window_flip"} if rule.window_flip == "image" or rule.sliding_window is None or not rule.flip else set()
     labelling = rule.model_dump(mode="json", exclude=left_out)
     if rule.effective_confidence_dtype != "float32":
         labelling["confidence_dtype"] = rule.effective_confidence_dtype

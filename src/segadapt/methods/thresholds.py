@@ -350,6 +350,8 @@ def apply_thresholds(
     sampling_ratio: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     ignore_index: int = IGNORE_INDEX,
+    keys: torch.Tensor | None = None,
+    drop_count: Literal["float64", "float32"] = "float64",
 ) -> torch.Tensor:
     """Hard pseudo labels ``[N, H, W]`` (int64) from probabilities ``[N, C, H, W]`` or ``(confidence, prediction)``.
 
@@ -361,8 +363,14 @@ def apply_thresholds(
     sampling"). All survivors are subsampled, not
     only those tied at the threshold, because ``sampling_ratio[j] = N_j / #(conf_j >= thr_j)`` is
     the ratio that brings the survivors' count down to the quota ``N_j``. The count is rounded in
-    float64 here; the reference multiplies in float32, which can move it by one pixel.
-    The draw depends only on ``generator`` (seeded: the same labels every time).
+    float64 here; the reference computes ``n - n * sp_j`` in float32, which can drop one pixel more
+    (``n = 100``, ``sp_j = 0.6``: 40 in float64, 39 in float32): ``drop_count="float32"`` is its
+    arithmetic.
+    The draw depends only on ``generator`` (seeded: the same labels every time): one uniform key
+    per pixel, and the survivors with the smallest keys are dropped. ``keys`` (``[N, H, W]``) gives
+    those keys instead, to replay a recorded draw: the reference's per-class ``randperm`` ``perm``
+    of the ``n`` survivors (row-major order) drops ``perm[:k]``, which keys ``rank`` at survivor
+    ``perm[rank]`` reproduce (``tests/test_dars_step_parity.py``).
 
     Shape:
         probs ``[N, C, H, W]`` or confidence/prediction ``[N, H, W]``; thresholds, sampling_ratio ``[C]``.
@@ -382,12 +390,19 @@ def apply_thresholds(
     if sampling_ratio is not None:
         if sampling_ratio.numel() != num_classes:
             raise ValueError(f"{sampling_ratio.numel()} sampling ratios for {num_classes} thresholds")
-        _subsample_survivors(labels, sampling_ratio, generator, ignore_index)
+        if keys is not None and tuple(keys.shape) != tuple(labels.shape):
+            raise ValueError(f"random-sampling keys {tuple(keys.shape)} must have the labels' shape {tuple(labels.shape)}")
+        _subsample_survivors(labels, sampling_ratio, generator, ignore_index, keys, drop_count)
     return labels
 
 
 def _subsample_survivors(
-    labels: torch.Tensor, sampling_ratio: torch.Tensor, generator: torch.Generator | None, ignore_index: int
+    labels: torch.Tensor,
+    sampling_ratio: torch.Tensor,
+    generator: torch.Generator | None,
+    ignore_index: int,
+    keys: torch.Tensor | None = None,
+    drop_count: Literal["float64", "float32"] = "float64",
 ) -> None:
     ratios = sampling_ratio.double().cpu()
     if ratios.numel() != 0 and not bool(((ratios >= 0) & (ratios <= 1)).all()):
@@ -397,13 +412,31 @@ def _subsample_survivors(
     if not sampled_classes:
         return
     key_device = generator.device if generator is not None else labels.device
-    for image_labels in labels.view(labels.shape[0], -1):
+    for index, image_labels in enumerate(labels.view(labels.shape[0], -1)):
         # One uniform key per pixel; dropping the smallest keys is a uniform random subset, as randperm is.
-        keys = torch.rand(image_labels.numel(), generator=generator, device=key_device).to(labels.device)
+        if keys is None:
+            image_keys = torch.rand(image_labels.numel(), generator=generator, device=key_device).to(labels.device)
+        else:
+            image_keys = keys[index].reshape(-1).to(labels.device)
         for j in sampled_classes:
             members = (image_labels == j).nonzero().squeeze(1)
             survivors = members.numel()
-            num_to_ignore = int(survivors - survivors * ratio_list[j])
+            num_to_ignore = _drop_count(survivors, ratio_list[j], drop_count)
             if num_to_ignore > 0:
-                dropped = keys[members].topk(num_to_ignore, largest=False).indices
+                dropped = image_keys[members].topk(num_to_ignore, largest=False).indices
                 image_labels[members[dropped]] = ignore_index
+
+
+def _drop_count(survivors: int, ratio: float, precision: Literal["float64", "float32"]) -> int:
+    """How many of ``survivors`` pixels the random sampling drops: ``int(n - n * ratio)``, rounded in ``precision``.
+
+    ``"float32"`` is the DARS code's ``int(n - n.float() * sp)`` on a 0-d int64 tensor ``n``.
+
+    Examples:
+        >>> _drop_count(100, 0.6, "float64"), _drop_count(100, 0.6, "float32")
+        (40, 39)
+    """
+    if precision == "float32":
+        count = torch.tensor(survivors)
+        return int(count - count.float() * ratio)
+    return int(survivors - survivors * ratio)
