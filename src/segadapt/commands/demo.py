@@ -58,7 +58,7 @@ QUICK_METHOD_OVERRIDES = {"cpsl": ["method.pixels_per_image=8", "method.queue_si
 
 @dataclass(frozen=True)
 class DemoRun:
-    """One training of the demo: its row name, packaged config, the demo's overrides and the resulting config."""
+    """One training of the demo: its row name, its packaged config (name, and as RESULTS' tables run it) and what the demo trains."""
 
     name: str
     config: str
@@ -168,8 +168,7 @@ def run_demo(
     lines = [
         "# segadapt demo: embedded benchmark, target validation split",
         "",
-        *header,
-        "",
+        *[part for line in header for part in (line, "")],
         f"Training seed {seed}; per-class IoU (%) at the last iteration.",
         "",
         format_table(scores, style="markdown"),
