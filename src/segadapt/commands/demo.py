@@ -88,7 +88,7 @@ def demo_plan(
     common = [f"output_dir={output}", f"seed={seed}"]
     common += [f"data.{part}.benchmark_size={benchmark_size}" for part in ("source", "target", "val")]
     warmup = output / load_config(packaged_config(DEMO_RECIPES[0][1]), common).name / "checkpoints" / "last.pt"
-    wanted = [(DEMO_RECIPES[0][0], DEMO_RECIPES[0][1], [])]
+    wanted: list[tuple[str, str, list[str]]] = [(DEMO_RECIPES[0][0], DEMO_RECIPES[0][1], [])]
     wanted += [(method, f"benchmark/{method}.yaml", [f"model.checkpoint={warmup}"]) for method in methods]
     wanted += [(DEMO_RECIPES[1][0], DEMO_RECIPES[1][1], [])]
     plan = []
