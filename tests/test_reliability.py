@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from segadapt.cli import main
+from segadapt.commands.demo import demo_plan
 from segadapt.config import PACKAGED_CONFIGS, load_config
 from segadapt.engine import checkpoint as checkpoint_module
 from segadapt.engine.checkpoint import load_checkpoint
@@ -59,6 +60,9 @@ def test_benchmark_and_demo_configs_checkpoint_during_training() -> None:
     for path in sorted((PACKAGED_CONFIGS / "benchmark").glob("[!_]*.yaml")):
         cfg = load_config(path)
         assert 0 < cfg.train.checkpoint_every <= cfg.train.iters // 2, path.name
+    methods = [path.stem for path in (PACKAGED_CONFIGS / "benchmark").glob("[!_]*.yaml") if path.stem not in ("source_only", "oracle")]
+    for run in demo_plan(Path("runs/demo"), methods=methods):  # the demo's shortened runs too
+        assert 0 < run.cfg.train.checkpoint_every <= run.cfg.train.iters // 2, run.name
 
 
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:

@@ -154,9 +154,56 @@ def test_demo_quick_writes_report(tmp_path: Path) -> None:
     report = (tmp_path / "demo" / "report" / "report.md").read_text()
     assert "| source-only |" in report and "| cpsl |" in report and "| oracle |" in report
     assert "| bicycle |" in report.replace(" mIoU |", "")
+    assert "segadapt demo --quick: a smoke test, not a result: source-only 6, cpsl 6, oracle 6 iterations at batch 2." in report
     grid = Image.open(tmp_path / "demo" / "report" / "predictions.png")
     assert grid.width > 5 * 64  # image, ground truth and three predictions side by side
     # a second demo reuses the finished runs instead of failing on existing checkpoints
     again = run_demo(tmp_path / "demo", quick=True, benchmark_size="tiny", methods=["cpsl"])
     assert again["oracle"]["flat"]["miou"] == results["oracle"]["flat"]["miou"]
     assert again["cpsl"]["flat"]["miou"] == results["cpsl"]["flat"]["miou"]
+
+
+def test_demo_trains_a_shortened_schedule_and_leaves_the_packaged_configs_as_they_are(tmp_path: Path) -> None:
+    from segadapt.commands import demo
+
+    plan = demo.demo_plan(tmp_path, methods=demo.DEFAULT_METHODS)
+    assert [run.name for run in plan] == ["source-only", "dars_td", "oracle"]
+    # the full protocol of RESULTS' tables: the packaged configs, untouched by the demo
+    assert [(run.packaged.train.iters, run.packaged.data.batch_size) for run in plan] == [(600, 8), (200, 8), (900, 8)]
+    assert [run.packaged.pseudo_label.flip for run in plan] == [True, True, True]
+    # what the demo trains: half the iterations at batch 4, dars_td's pseudo labels without the flip, from source-only's model
+    assert [(run.cfg.train.iters, run.cfg.data.batch_size) for run in plan] == [(300, 4), (100, 4), (450, 4)]
+    assert [run.cfg.pseudo_label.flip for run in plan] == [True, False, True]
+    assert plan[1].cfg.model.checkpoint == str(tmp_path / "benchmark_source_only" / "checkpoints" / "last.pt")
+    assert plan[1].cfg.pseudo_label.given_distribution == plan[1].packaged.pseudo_label.given_distribution
+    for run in plan:  # nothing else differs from the packaged config; a Ctrl-C still loses at most half a run
+        changed = {k for k, v in run.cfg.train.model_dump().items() if v != getattr(run.packaged.train, k)}
+        assert changed == {"iters", "checkpoint_every"}, run.name
+        assert run.cfg.optim == run.packaged.optim and run.cfg.schedule == run.packaged.schedule and run.cfg.method == run.packaged.method
+        assert run.cfg.data.model_copy(update={"batch_size": 8}) == run.packaged.data
+        assert 0 < run.cfg.train.checkpoint_every <= run.cfg.train.iters // 2
+    header = demo.schedule_header(plan)
+    assert header[0] == (
+        "segadapt demo: a shortened schedule, source-only 300, dars_td 100, oracle 450 iterations at batch 4 (the packaged "
+        "configs: source-only 600, dars_td 200, oracle 900 iterations at batch 8); self-training's pseudo labels without the flipped view."
+    )
+    assert "docs/RESULTS.md" in header[1] and "segadapt train benchmark/source_only" in header[1]
+    # another method keeps its own packaged recipe options, halved in time like the others
+    (cpsl,) = [run for run in demo.demo_plan(tmp_path, methods=["cpsl"]) if run.name == "cpsl"]
+    assert (cpsl.cfg.train.iters, cpsl.packaged.train.iters, cpsl.cfg.pseudo_label.flip) == (150, 300, True)
+    assert cpsl.cfg.method["ema_momentum"] == pytest.approx(cpsl.packaged.method["ema_momentum"] ** 2)  # the same half-life share of the run
+
+
+def test_demo_prints_its_schedule_first_and_refuses_a_run_folder_of_another_schedule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from segadapt.commands import demo
+
+    run_dir = tmp_path / "benchmark_source_only"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"base": "benchmark/source_only"}))  # an older demo's 600 iterations at batch 8
+    with pytest.raises(ConfigError, match=r"holds a run of another schedule \(train.iters 600 \(now 300\), data.batch_size 8 \(now 4\); .*--output"):
+        demo.run_demo(tmp_path, methods=demo.DEFAULT_METHODS)
+    err = capsys.readouterr().err
+    assert err.startswith("\n".join(demo.schedule_header(demo.demo_plan(tmp_path, methods=demo.DEFAULT_METHODS))) + "\n")
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "config.yaml").read_text().startswith("base:")  # nothing changed
