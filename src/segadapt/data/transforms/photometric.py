@@ -133,33 +133,63 @@ class ColorJitter:
         return _with_record(sample, record, image=apply_color_jitter(_image_of(sample), record))
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """The normalised 1-D Gaussian of radius ``ceil(3 sigma)`` (at least 1)."""
-    radius = max(1, math.ceil(3.0 * sigma))
+def _gaussian_taps(sigma: float, radius: int) -> torch.Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The normalised 1-D Gaussian of radius ``ceil(3 sigma)`` (at least 1)."""
+    return _gaussian_taps(sigma, max(1, math.ceil(3.0 * sigma)))
+
+
+BLUR_KERNELS = ("three_sigma", "tenth_of_side")
+"""How wide a blur kernel is: ``2 ceil(3 sigma) + 1`` taps, or DACS's :func:`tenth_of_side_kernel`."""
+
+
+def tenth_of_side_kernel(height: int, width: int) -> tuple[int, int]:
+    """DACS's blur kernel size (its ``gaussian_blur``): per axis the largest odd number of taps up to
+    ``ceil(0.1 * side)``, so 51 taps on a 512-pixel side and 1 (no blur) up to 10 pixels.
+
+    Examples:
+        >>> tenth_of_side_kernel(512, 1024), tenth_of_side_kernel(32, 48), tenth_of_side_kernel(8, 8)
+        ((51, 103), (3, 5), (1, 1))
+    """
+
+    def taps(side: int) -> int:
+        ceiling = math.ceil(0.1 * side)  # the same float product as the code's np.ceil(0.1 * side)
+        return ceiling if ceiling % 2 else ceiling - 1
+
+    return taps(height), taps(width)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Separable Gaussian blur of ``[C, H, W]`` or ``[N, C, H, W]`` with reflect padding; ``sigma <= 0`` is identity.
 
-    The kernel radius is ``ceil(3 sigma)``, capped below the image size (reflect padding needs it); it sums
-    to 1, so constant images are unchanged and the mean is preserved up to border effects.
+    The kernel radius is ``ceil(3 sigma)`` on both axes, or ``kernel_size // 2`` per axis when ``kernel_size``
+    (odd taps along height and width, e.g. :func:`tenth_of_side_kernel`) is given; it is capped below the
+    image size (reflect padding needs it) and sums to 1, so constant images are unchanged and the mean is
+    preserved up to border effects.
     """
     if sigma <= 0:
         return image
     batch = image.unsqueeze(0) if image.dim() == 3 else image
-    kernel = gaussian_kernel(sigma).to(batch.device, batch.dtype)
-    radius = min(kernel.numel() // 2, batch.shape[-2] - 1, batch.shape[-1] - 1)
-    if radius < 1:
+    height, width = batch.shape[-2:]
+    if kernel_size is None:
+        radius_y = radius_x = min(max(1, math.ceil(3.0 * sigma)), height - 1, width - 1)
+    else:
+        radius_y, radius_x = min(kernel_size[0] // 2, height - 1), min(kernel_size[1] // 2, width - 1)
+    if radius_y < 1 and radius_x < 1:
         return image
-    kernel = kernel[kernel.numel() // 2 - radius : kernel.numel() // 2 + radius + 1]
-    kernel = kernel / kernel.sum()
     channels = batch.shape[1]
-    out = F.pad(batch, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    out = F.pad(batch, (radius_x, radius_x, radius_y, radius_y), mode="reflect")
+    if radius_x >= 1:
+        kernel = _gaussian_taps(sigma, radius_x).to(batch.device, batch.dtype)
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    if radius_y >= 1:
+        kernel = _gaussian_taps(sigma, radius_y).to(batch.device, batch.dtype)
+        out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
     return out.reshape(image.shape)
 
 
@@ -167,19 +197,26 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 class GaussianBlur:
     """Blur the image with a sigma drawn from ``sigma`` ``[min, max]`` pixels, with probability ``p``.
 
-    Defaults follow DACS/DAFormer's strong augmentation (sigma U(0.15, 1.15), p = 0.5).
+    Defaults follow DACS/DAFormer's strong augmentation (sigma U(0.15, 1.15), p = 0.5). ``kernel`` is one
+    of :data:`BLUR_KERNELS`: ``"three_sigma"`` (``2 ceil(3 sigma) + 1`` taps) or ``"tenth_of_side"``
+    (DACS's code, :func:`tenth_of_side_kernel` of the image).
     """
 
     sigma: Sequence[float] = (0.15, 1.15)
     p: float = 0.5
+    kernel: str = "three_sigma"
 
     def __post_init__(self) -> None:
         self.sigma = _interval(self.sigma, "sigma", low=0.0)
         self.p = _probability(self.p)
+        if self.kernel not in BLUR_KERNELS:
+            raise ConfigError(f"blur kernel must be one of {', '.join(BLUR_KERNELS)}, got {self.kernel!r}")
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         sigma = _uniform_in(self.sigma, generator) if _coin(self.p, generator) else 0.0
-        return _with_record(sample, BlurRecord(sigma), image=gaussian_blur(_image_of(sample), sigma))
+        image = _image_of(sample)
+        size = tenth_of_side_kernel(*image.shape[-2:]) if self.kernel == "tenth_of_side" else None
+        return _with_record(sample, BlurRecord(sigma), image=gaussian_blur(image, sigma, size))
 
 
 @dataclass
@@ -234,12 +271,14 @@ class Cutout:
 
 def strong_augment(images: torch.Tensor, generator: torch.Generator | None = None, *,
                    jitter_strength: float = 0.2, jitter_p: float = 0.8, blur_sigma: Sequence[float] = (0.15, 1.15),
-                   blur_p: float = 0.5, coins: str = "image") -> tuple[torch.Tensor, list[list[Record]]]:
+                   blur_p: float = 0.5, coins: str = "image", blur_kernel: str = "three_sigma",
+                   ) -> tuple[torch.Tensor, list[list[Record]]]:
     """DACS/DAFormer strong augmentation of a batch: colour jitter then Gaussian blur.
 
     DACS jitters with strength 0.2 on brightness, contrast, saturation and hue when ``U(0, 1) > 0.2``
-    (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. The blur kernel here
-    is ``2 ceil(3 sigma) + 1`` wide instead of DACS's 10% of the image, which only drops weights below 1e-2.
+    (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. ``blur_kernel``
+    (:class:`GaussianBlur`'s ``kernel``): ``"tenth_of_side"`` is DACS's kernel of 10 % of the image side,
+    ``"three_sigma"`` the ``2 ceil(3 sigma) + 1`` taps, which drop only weights below 1e-2.
 
     ``coins`` says how often the two apply-or-not coins are tossed. ``"image"``: per image.
     ``"batch"``: once for the whole batch, the way the DACS/DAFormer code draws them (one ``U(0, 1)``
@@ -261,7 +300,7 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator | None = Non
         jitter_p = float(_coin(jitter_p, generator))
         blur_p = float(_coin(blur_p, generator))
     jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p)
-    blur = GaussianBlur(blur_sigma, p=blur_p)
+    blur = GaussianBlur(blur_sigma, p=blur_p, kernel=blur_kernel)
     outputs, params = [], []
     for image in images:
         view = blur(jitter({"image": image}, generator), generator)

@@ -22,7 +22,7 @@ step"; the ``method.*`` key named in brackets switches a point back to segadapt'
    weights (1 on pasted source pixels) mix alike.
 4. Colour jitter and Gaussian blur (:func:`~.common.strong_view` with DACS's strengths,
    :data:`~.common.DACS_STRONG`; whether they apply is tossed once for the batch,
-   ``method.augmentation_coins``) on the mixed images;
+   ``method.augmentation_coins``; the blur kernel 10 % of the image side, ``method.blur_kernel``) on the mixed images;
    ``loss_mix = mean(weight * CE(student(mixed), mixed labels))`` over all pixels.
 
 Recipe ``daformer`` (Hoyer et al., CVPR 2022, Sec. 3.3; docs/daformer.md) is the same loop with
@@ -135,6 +135,11 @@ class DACSOptions(BaseModel):
         "batch",
         description="whether jitter and blur apply is drawn once per batch (the authors' code) or per image; "
         "their factors and sigma are drawn per image either way",
+    )
+    blur_kernel: Literal["tenth_of_side", "three_sigma"] = Field(
+        "tenth_of_side",
+        description="Gaussian blur kernel: the largest odd number of taps up to 10 % of the image side, per axis "
+        "(the authors' code), or 2 ceil(3 sigma) + 1 taps",
     )
 
 
@@ -321,7 +326,9 @@ class DACS(Recipe):
         mixed_labels = mix(masks, source["label"], labels)
         weight = mix(masks, torch.ones_like(pseudo_weight), pseudo_weight)
         if self.options.strong_augmentation:
-            mixed_images = strong_view(mixed_images, DACS_STRONG, coins=self.options.augmentation_coins)
+            mixed_images = strong_view(
+                mixed_images, DACS_STRONG, coins=self.options.augmentation_coins, blur_kernel=self.options.blur_kernel
+            )
         loss_mix = self.supervised_loss(self.model(mixed_images), mixed_labels, weight=weight)
         loss = released + self.options.mix_weight * loss_mix
         return {
