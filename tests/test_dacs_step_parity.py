@@ -1,10 +1,12 @@
 """One DACS/DAFormer training step replayed against the authors' code (issue 28, step parity).
 
-``tests/fixtures/parity/dacs_step.pt`` holds one step of lhoyer/DAFormer's ``DACS.forward_train``
-on a tiny network and a 2-image 32x48 batch, with every random draw it made (the two augmentation
-coins, ClassMix's class choices, the blur sigmas, the torch seed of the dropout masks); the script
+``tests/fixtures/parity/dacs_step.pt`` and ``dacs_step_jitter.pt`` each hold one step of
+lhoyer/DAFormer's ``DACS.forward_train`` on a tiny network and a 2-image 32x48 batch, with every
+random draw it made (the two augmentation coins, ClassMix's class choices, kornia's jitter factors
+and order, the blur sigmas, the torch RNG state of each student forward's dropout masks); the
+first step skips the jitter, the second applies it. The script
 ``tests/fixtures/parity/scripts/make_dacs_step.py`` ran the authors' code and says how to
-regenerate it. The replay drives segadapt's ``dacs`` recipe with the same weights, batch and
+regenerate them. The replay drives segadapt's ``dacs`` recipe with the same weights, batch and
 draws and asserts the teacher's EMA update, the pseudo labels and their weight, the mixed batch,
 both loss terms, every parameter's gradient and the BatchNorm statistics the step leaves.
 
@@ -16,6 +18,7 @@ same maths in another order, which moves float32 results by about 1e-7.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +35,8 @@ from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.dacs import DACS
 from segadapt.models.base import Normalization, SegmentationModel, SegOutput
 
-FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "dacs_step.pt"
+FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+STEPS = ["dacs_step.pt", "dacs_step_jitter.pt"]
 RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daformer.md, "The authors' step")
     "method.source_loss_mean=all",
@@ -41,6 +45,7 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daforme
     "method.classmix_classes=batch",
     "method.augmentation_coins=batch",
     "method.blur_kernel=tenth_of_side",
+    "method.jitter_maths=kornia",
 ]
 
 
@@ -70,6 +75,9 @@ class TinyNet(SegmentationModel):
         yield from self.conv_seg.parameters()
 
 
+JITTER_RANGES = [(0.8, 1.2)] * 3 + [(-0.2, 0.2)]  # DACS's strength 0.2: brightness, contrast, saturation, hue
+
+
 class RecordedDraws:
     """The authors' draws, handed to segadapt's step at the point where it draws each.
 
@@ -78,13 +86,22 @@ class RecordedDraws:
       0 or 1 (the per-image coins after the batch's, ``augmentation_coins=batch``) is decided;
     - ClassMix's permutation of the ``n`` candidate values starts with the code's
       ``np.random.choice(n, k, replace=False)``;
-    - the blur sigma of each image is the code's ``np.random.uniform(0.15, 1.15)``.
+    - for each image, the jitter's brightness, contrast, saturation and hue factors and their order
+      are kornia's draws (hue in turns, as kornia's factor before its ``2 pi``), then the blur sigma
+      is the code's ``np.random.uniform(0.15, 1.15)``.
     """
 
     def __init__(self, fixture: dict[str, Any]) -> None:
         self.coins = [fixture["jitter_coin"], fixture["blur_coin"]]
         self.choices = list(zip(fixture["classmix_counts"], fixture["classmix_choices"]))
-        self.sigmas = list(fixture["blur_sigmas"])
+        factors, sigmas = fixture["jitter_factors"].tolist(), fixture["blur_sigmas"]
+        self.uniforms: list[tuple[tuple[float, float], float]] = []  # (the interval segadapt draws from, the value)
+        for image in range(len(fixture["source_images"])):
+            if factors:
+                self.uniforms += list(zip(JITTER_RANGES, factors[image]))
+            if sigmas:
+                self.uniforms.append(((0.15, 1.15), sigmas[image]))
+        self.orders = list(fixture["jitter_orders"])
 
     def coin(self, p: float, generator: torch.Generator | None) -> bool:
         if p in (0.0, 1.0):
@@ -98,16 +115,22 @@ class RecordedDraws:
         return torch.cat([chosen, torch.tensor(rest, dtype=torch.long)])
 
     def uniform_in(self, interval: Any, generator: torch.Generator | None) -> float:
-        assert tuple(interval) == (0.15, 1.15), interval  # DACS's sigma range
-        return self.sigmas.pop(0)
+        expected, value = self.uniforms.pop(0)
+        assert tuple(interval) == pytest.approx(expected), f"segadapt draws from {interval}, the authors' code from {expected}"
+        return value
+
+    def jitter_order(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        assert n == 4
+        return self.orders.pop(0)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(photometric, "_coin", self.coin)
         monkeypatch.setattr(photometric, "_uniform_in", self.uniform_in)
+        monkeypatch.setattr(photometric, "_randperm", self.jitter_order)
         monkeypatch.setattr(mixing, "_randperm", self.randperm)
 
     def all_used(self) -> bool:
-        return not (self.coins or self.choices or self.sigmas)
+        return not (self.coins or self.choices or self.uniforms or self.orders)
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
@@ -118,9 +141,14 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     assert difference <= RELATIVE * scale, f"{what}: max difference {difference:.3g}, {difference / scale:.3g} of max |authors'|"
 
 
-@pytest.fixture(scope="module")
-def fixture() -> dict[str, Any]:
-    return torch.load(FIXTURE, map_location="cpu", weights_only=True)
+@functools.cache
+def load(name: str) -> dict[str, Any]:
+    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(params=STEPS)
+def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return load(request.param)
 
 
 def replay_recipe(fixture: dict[str, Any], *overrides: str) -> DACS:
@@ -152,13 +180,19 @@ def run_step(recipe: DACS, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
     """The replayed step with the authors' draws; returns its losses, what the loss saw, and the draws (to check all were used)."""
     draws = RecordedDraws(fixture)
     draws.install(monkeypatch)
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-    recipe.model.register_forward_pre_hook(lambda module, args: seen.append((args[0].detach().clone(),)) and None)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    rng_states = list(fixture["dropout_rng_states"])
+
+    def student_forward(module: nn.Module, args: tuple) -> None:
+        torch.set_rng_state(rng_states.pop(0))  # the dropout masks the authors' forward drew
+        seen.append((args[0].detach().clone(),))
+
+    recipe.model.register_forward_pre_hook(student_forward)
     recipe.seg_loss.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((args[1].clone(), kwargs.get("weight"))) and None, with_kwargs=True
     )
-    torch.manual_seed(fixture["torch_seed"])  # the student's dropout masks, drawn in the code's order
     losses = recipe.training_step(batches(fixture), 1)
+    assert not rng_states
     losses["loss"].backward()
     return losses, seen, draws
 
@@ -181,7 +215,7 @@ def test_one_dacs_step_equals_the_authors_step(fixture: dict[str, Any], monkeypa
     recipe = replay_recipe(fixture)
     losses, seen, draws = run_step(recipe, fixture, monkeypatch)
     assert draws.all_used()
-    # the mixed batch: ClassMix of the source onto the target, then the blur (the coins skipped the jitter)
+    # the mixed batch: ClassMix of the source onto the target, then the jitter (in dacs_step_jitter.pt) and the blur
     (source_input,), (source_labels, source_weight), (mixed_input,), (mixed_labels, mixed_weight) = seen
     assert torch.equal(source_input, fixture["source_images"]) and torch.equal(source_labels, fixture["source_labels"])
     assert_close(recipe.model.normalize(mixed_input), fixture["mixed_images_normalized"], "mixed images")
@@ -202,13 +236,14 @@ def test_one_dacs_step_equals_the_authors_step(fixture: dict[str, Any], monkeypa
 
 
 @pytest.mark.parametrize(
-    "override",
-    ["method.source_loss_mean=valid", "method.teacher_batch_norm=running", "method.ema_warmup=from_first_step",
-     "method.blur_kernel=three_sigma"],
+    ("step", "override"),
+    [(STEPS[0], "method.source_loss_mean=valid"), (STEPS[0], "method.teacher_batch_norm=running"),
+     (STEPS[0], "method.ema_warmup=from_first_step"), (STEPS[0], "method.blur_kernel=three_sigma"),
+     (STEPS[1], "method.jitter_maths=torchvision")],
 )  # fmt: skip
-def test_each_other_option_value_departs_from_the_authors_step(fixture: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                                                              override: str) -> None:
-    """The fixture tells each option's two values apart: the segadapt-before value moves a term or a gradient by over 1e-3."""
+def test_each_other_option_value_departs_from_the_authors_step(step: str, override: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixtures tell each option's two values apart: the other value moves a term or a gradient by over 1e-3."""
+    fixture = load(step)
     recipe = replay_recipe(fixture, override)
     losses, _, _ = run_step(recipe, fixture, monkeypatch)
     differences = [
@@ -221,10 +256,10 @@ def test_each_other_option_value_departs_from_the_authors_step(fixture: dict[str
 
 
 @pytest.mark.parametrize("override", ["method.classmix_classes=image", "method.augmentation_coins=image"])
-def test_per_image_classmix_and_coins_draw_otherwise_than_the_authors(fixture: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                                                                      override: str) -> None:
+def test_per_image_classmix_and_coins_draw_otherwise_than_the_authors(override: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-image ClassMix pools (3 classes, not the batch's 4 values with the ignore one) and per-image coins
     (4 coins, not 2) ask for draws the authors' step never makes: the replay cannot even run."""
+    fixture = load(STEPS[0])
     recipe = replay_recipe(fixture, override)
     with pytest.raises((AssertionError, IndexError)):
         run_step(recipe, fixture, monkeypatch)

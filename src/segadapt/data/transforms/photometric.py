@@ -44,13 +44,16 @@ def _blend(image: torch.Tensor, other: torch.Tensor | float, factor: float) -> t
     return (factor * image + (1.0 - factor) * other).clamp(0.0, 1.0)
 
 
-def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
-    """``[..., 3, H, W]`` RGB in [0, 1] -> HSV with hue in [0, 1) (the torchvision algorithm)."""
+def rgb_to_hsv(image: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """``[..., 3, H, W]`` RGB in [0, 1] -> HSV with hue in [0, 1) (the torchvision algorithm).
+
+    ``eps`` is added to the value in the saturation's denominator, as kornia's conversion does (1e-6).
+    """
     red, green, blue = image.unbind(-3)
     value, _ = image.max(dim=-3)
     chroma = value - image.min(dim=-3).values
     gray = chroma == 0
-    saturation = chroma / torch.where(gray, torch.ones_like(value), value)
+    saturation = chroma / (torch.where(gray, torch.ones_like(value), value) + eps)
     chroma = torch.where(gray, torch.ones_like(chroma), chroma)
     rc, gc, bc = (value - red) / chroma, (value - green) / chroma, (value - blue) / chroma
     hue = torch.where(value == red, bc - gc, torch.where(value == green, 2.0 + rc - bc, 4.0 + gc - rc))
@@ -74,27 +77,48 @@ def hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
     return table.gather(-4, index).squeeze(-4).clamp(0.0, 1.0)
 
 
-def _shift_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
-    hsv = rgb_to_hsv(image)
+def _shift_hue(image: torch.Tensor, shift: float, eps: float = 0.0) -> torch.Tensor:
+    hsv = rgb_to_hsv(image, eps)
     hsv = torch.stack((torch.remainder(hsv[..., 0, :, :] + shift, 1.0), hsv[..., 1, :, :], hsv[..., 2, :, :]), dim=-3)
     return hsv_to_rgb(hsv)
 
 
-def apply_color_jitter(image: torch.Tensor, record: JitterRecord) -> torch.Tensor:
-    """Apply recorded colour factors to ``[..., 3, H, W]`` RGB in [0, 1], with torchvision's ColorJitter maths.
+def _scale_saturation(image: torch.Tensor, factor: float, eps: float) -> torch.Tensor:
+    hue, saturation, value = rgb_to_hsv(image, eps).unbind(-3)
+    return hsv_to_rgb(torch.stack((hue, (saturation * factor).clamp(0.0, 1.0), value), dim=-3))
 
-    Brightness scales, contrast blends with the image's mean luma, saturation blends with the per-pixel
-    luma, hue rotates the HSV hue by ``record.hue`` turns; each result is clipped to [0, 1].
+
+JITTER_MATHS = ("torchvision", "kornia")
+"""The colour maths of :func:`apply_color_jitter`: torchvision's ColorJitter or kornia 0.5's (the DACS code's)."""
+
+_KORNIA_HSV_EPS = 1e-6  # kornia's rgb_to_hsv default
+
+
+def apply_color_jitter(image: torch.Tensor, record: JitterRecord, maths: str = "torchvision") -> torch.Tensor:
+    """Apply recorded colour factors to ``[..., 3, H, W]`` RGB in [0, 1]; each result is clipped to [0, 1].
+
+    ``maths="torchvision"`` (torchvision's ColorJitter): brightness scales, contrast blends with the
+    image's mean luma, saturation blends with the per-pixel luma, hue rotates the HSV hue by
+    ``record.hue`` turns. ``maths="kornia"`` (kornia 0.5's ColorJitter, which the DACS and DAFormer
+    code use): brightness adds ``brightness - 1``, contrast multiplies every channel by ``contrast``,
+    saturation scales the HSV saturation (clipped to [0, 1]), hue rotates as above; kornia's HSV
+    saturation divides by ``value + 1e-6``. Factors at identity are skipped in both.
     """
+    if maths not in JITTER_MATHS:
+        raise ValueError(f"maths must be one of {', '.join(JITTER_MATHS)}, got {maths!r}")
+    kornia = maths == "kornia"
     for op in record.order:
         if op == 0 and record.brightness != 1.0:
-            image = _blend(image, 0.0, record.brightness)
+            image = (image + (record.brightness - 1.0)).clamp(0.0, 1.0) if kornia else _blend(image, 0.0, record.brightness)
         elif op == 1 and record.contrast != 1.0:
-            image = _blend(image, _grayscale(image).mean(dim=(-3, -2, -1), keepdim=True), record.contrast)
+            if kornia:
+                image = (image * record.contrast).clamp(0.0, 1.0)
+            else:
+                image = _blend(image, _grayscale(image).mean(dim=(-3, -2, -1), keepdim=True), record.contrast)
         elif op == 2 and record.saturation != 1.0:
-            image = _blend(image, _grayscale(image), record.saturation)
+            image = _scale_saturation(image, record.saturation, _KORNIA_HSV_EPS) if kornia else _blend(image, _grayscale(image), record.saturation)
         elif op == 3 and record.hue != 0.0:
-            image = _shift_hue(image, record.hue)
+            image = _shift_hue(image, record.hue, _KORNIA_HSV_EPS if kornia else 0.0)
     return image
 
 
@@ -111,8 +135,11 @@ class ColorJitter:
     saturation: float | Sequence[float] = 0.0
     hue: float | Sequence[float] = 0.0
     p: float = 1.0
+    maths: str = "torchvision"
 
     def __post_init__(self) -> None:
+        if self.maths not in JITTER_MATHS:
+            raise ConfigError(f"colour jitter maths must be one of {', '.join(JITTER_MATHS)}, got {self.maths!r}")
         self.brightness = _jitter_range(self.brightness, "brightness", 1.0, low=0.0)
         self.contrast = _jitter_range(self.contrast, "contrast", 1.0, low=0.0)
         self.saturation = _jitter_range(self.saturation, "saturation", 1.0, low=0.0)
@@ -130,7 +157,7 @@ class ColorJitter:
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         record = self.draw(generator)
-        return _with_record(sample, record, image=apply_color_jitter(_image_of(sample), record))
+        return _with_record(sample, record, image=apply_color_jitter(_image_of(sample), record, self.maths))
 
 
 def _gaussian_taps(sigma: float, radius: int) -> torch.Tensor:
@@ -272,13 +299,14 @@ class Cutout:
 def strong_augment(images: torch.Tensor, generator: torch.Generator | None = None, *,
                    jitter_strength: float = 0.2, jitter_p: float = 0.8, blur_sigma: Sequence[float] = (0.15, 1.15),
                    blur_p: float = 0.5, coins: str = "image", blur_kernel: str = "three_sigma",
-                   ) -> tuple[torch.Tensor, list[list[Record]]]:
+                   jitter_maths: str = "torchvision") -> tuple[torch.Tensor, list[list[Record]]]:
     """DACS/DAFormer strong augmentation of a batch: colour jitter then Gaussian blur.
 
     DACS jitters with strength 0.2 on brightness, contrast, saturation and hue when ``U(0, 1) > 0.2``
     (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. ``blur_kernel``
     (:class:`GaussianBlur`'s ``kernel``): ``"tenth_of_side"`` is DACS's kernel of 10 % of the image side,
     ``"three_sigma"`` the ``2 ceil(3 sigma) + 1`` taps, which drop only weights below 1e-2.
+    ``jitter_maths`` (:func:`apply_color_jitter`): ``"kornia"`` is the DACS code's colour maths.
 
     ``coins`` says how often the two apply-or-not coins are tossed. ``"image"``: per image.
     ``"batch"``: once for the whole batch, the way the DACS/DAFormer code draws them (one ``U(0, 1)``
@@ -299,7 +327,7 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator | None = Non
     if coins == "batch":  # toss each coin once; the transforms below then always (p 1) or never (p 0) apply
         jitter_p = float(_coin(jitter_p, generator))
         blur_p = float(_coin(blur_p, generator))
-    jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p)
+    jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p, maths=jitter_maths)
     blur = GaussianBlur(blur_sigma, p=blur_p, kernel=blur_kernel)
     outputs, params = [], []
     for image in images:

@@ -162,11 +162,12 @@ DACS_STRONG = StrongAugmentation(jitter=0.2, jitter_p=0.8, blur_sigma=(0.15, 1.1
 
 
 def strong_view(images: torch.Tensor, augmentation: StrongAugmentation, coins: str = "image",
-                blur_kernel: str = "three_sigma") -> torch.Tensor:
+                blur_kernel: str = "three_sigma", jitter_maths: str = "torchvision") -> torch.Tensor:
     """``images`` ``[N, 3, H, W]`` under ``augmentation``, drawn from the global RNG
     (:func:`~segadapt.data.transforms.strong_augment`); ``coins="batch"`` tosses the apply-or-not
     coins once for the batch (the DACS code), ``"image"`` per image; ``blur_kernel="tenth_of_side"``
-    blurs with the DACS code's kernel of 10 % of the image side."""
+    blurs with the DACS code's kernel of 10 % of the image side, ``jitter_maths="kornia"`` jitters with
+    its kornia 0.5 colour maths."""
     view, _ = strong_augment(
         images,
         jitter_strength=augmentation.jitter,
@@ -175,6 +176,7 @@ def strong_view(images: torch.Tensor, augmentation: StrongAugmentation, coins: s
         blur_p=augmentation.blur_p,
         coins=coins,
         blur_kernel=blur_kernel,
+        jitter_maths=jitter_maths,
     )
     return view
 
