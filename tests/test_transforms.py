@@ -303,7 +303,7 @@ def test_blur_with_the_dacs_kernel_of_a_tenth_of_the_side_per_axis() -> None:
     reference = torch.outer(taps[0] / taps[0].sum(), taps[1] / taps[1].sum())
     assert torch.allclose(response[15:18, 22:27], reference, atol=1e-7)
     assert math.isclose(response.sum().item(), 1.0, rel_tol=1e-6) and int((response > 0).sum()) == 15
-    assert torch.equal(gaussian_blur(impulse, sigma, (1, 1)), impulse)  # sides up to 10 pixels: no blur
+    assert torch.equal(gaussian_blur(impulse, sigma, (1, 1)), impulse)  # sides up to 20 pixels: no blur
     with pytest.raises(ConfigError, match="blur kernel must be one of"):
         GaussianBlur(kernel="ten_percent")
 

@@ -177,7 +177,7 @@ BLUR_KERNELS = ("three_sigma", "tenth_of_side")
 
 def tenth_of_side_kernel(height: int, width: int) -> tuple[int, int]:
     """DACS's blur kernel size (its ``gaussian_blur``): per axis the largest odd number of taps up to
-    ``ceil(0.1 * side)``, so 51 taps on a 512-pixel side and 1 (no blur) up to 10 pixels.
+    ``ceil(0.1 * side)``, so 51 taps on a 512-pixel side and 1 (no blur) up to 20 pixels.
 
     Examples:
         >>> tenth_of_side_kernel(512, 1024), tenth_of_side_kernel(32, 48), tenth_of_side_kernel(8, 8)
