@@ -191,6 +191,7 @@ AUTHORS_STEP = {  # method.* -> the DACS/DAFormer code's behaviour (docs/daforme
     "classmix_classes": "batch",
     "augmentation_coins": "batch",
     "blur_kernel": "tenth_of_side",
+    "jitter_maths": "kornia",
 }
 
 
