@@ -1,14 +1,15 @@
 """One DACS/DAFormer training step replayed against the authors' code (issue 28, step parity).
 
-``tests/fixtures/parity/dacs_step.pt`` and ``dacs_step_jitter.pt`` each hold one step of
+``tests/fixtures/parity/dacs_step.pt``, ``dacs_step_jitter.pt`` and ``dacs_step_fdist.pt`` each hold one step of
 lhoyer/DAFormer's ``DACS.forward_train`` on a tiny network and a 2-image 32x48 batch, with every
 random draw it made (the two augmentation coins, ClassMix's class choices, kornia's jitter factors
 and order, the blur sigmas, the torch RNG state of each student forward's dropout masks); the
-first step skips the jitter, the second applies it. The script
+first step skips the jitter, the second applies it, the third adds DAFormer's ImageNet feature
+distance (segadapt's network the run starts from standing for the ImageNet network). The script
 ``tests/fixtures/parity/scripts/make_dacs_step.py`` ran the authors' code and says how to
 regenerate them. The replay drives segadapt's ``dacs`` recipe with the same weights, batch and
 draws and asserts the teacher's EMA update, the pseudo labels and their weight, the mixed batch,
-both loss terms, every parameter's gradient and the BatchNorm statistics the step leaves.
+every loss term, every parameter's gradient and the BatchNorm statistics the step leaves.
 
 Tolerance: 1e-5 relative, per tensor, against the largest magnitude of the authors' tensor
 (``max |ours - theirs| <= 1e-5 max |theirs|``). The authors' code mixes and blurs normalised
@@ -38,10 +39,10 @@ from segadapt.config import load_config
 from segadapt.data.classes import ClassInfo
 from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.dacs import DACS
-from segadapt.models.base import Normalization, SegmentationModel, SegOutput
+from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
-STEPS = ["dacs_step.pt", "dacs_step_jitter.pt"]
+STEPS = ["dacs_step.pt", "dacs_step_jitter.pt", "dacs_step_fdist.pt"]
 RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daformer.md, "The authors' step")
     "method.source_loss_mean=all",
@@ -54,7 +55,7 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daforme
 ]
 
 
-class TinyNet(SegmentationModel):
+class TinyNet(SegmentationModel, EncoderDecoder):
     """The fixture's network (the script's ``TinyNet``, same layers and names) under segadapt's model contract."""
 
     output_stride = 2
@@ -69,9 +70,14 @@ class TinyNet(SegmentationModel):
         self.dropout = nn.Dropout2d(0.5)
         self.conv_seg = nn.Conv2d(8, num_classes, 1)
 
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(self.normalize(images)))))))]
+
+    def decode(self, features: list[torch.Tensor]) -> SegOutput:
+        return SegOutput(self.conv_seg(self.dropout(features[-1])), features[-1])
+
     def forward(self, images: torch.Tensor) -> SegOutput:
-        features = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(self.normalize(images)))))))
-        return SegOutput(self.conv_seg(self.dropout(features)), features)
+        return self.decode(self.encode(images))
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         yield from (p for m in (self.conv1, self.bn1, self.conv2, self.bn2) for p in m.parameters())
@@ -158,16 +164,23 @@ def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 def replay_recipe(fixture: dict[str, Any], *overrides: str) -> DACS:
     """segadapt's ``dacs`` recipe at the fixture's step: teacher theta_0, student theta_1, one EMA update done."""
+    num_classes, ignore_index = fixture["num_classes"], fixture["ignore_index"]
+    names = [f"c{i}" for i in range(num_classes)]
+    distance = [
+        f"method.feature_distance_weight={fixture['feature_distance_weight']}",
+        f"method.feature_distance_classes=[{','.join(names[i] for i in fixture['feature_distance_classes'])}]",
+        f"method.feature_distance_min_ratio={fixture['feature_distance_min_ratio']}",
+    ] if fixture["feature_distance_weight"] > 0 else []  # fmt: skip
     cfg = load_config(None, [
         "recipe=dacs", f"method.ema_momentum={fixture['alpha']}", f"method.pseudo_threshold={fixture['pseudo_threshold']}",
         f"method.pseudo_ignore_top={fixture['pseudo_ignore_top']}",
-        f"method.pseudo_ignore_bottom={fixture['pseudo_ignore_bottom']}", *AUTHORS_STEP, *overrides,
+        f"method.pseudo_ignore_bottom={fixture['pseudo_ignore_bottom']}", *distance, *AUTHORS_STEP, *overrides,
     ])  # fmt: skip
-    num_classes, ignore_index = fixture["num_classes"], fixture["ignore_index"]
-    classes = ClassInfo("tiny", tuple(f"c{i}" for i in range(num_classes)), ((0, 0, 0),) * num_classes, ignore_index=ignore_index)
+    classes = ClassInfo("tiny", tuple(names), ((0, 0, 0),) * num_classes, ignore_index=ignore_index)
     model = TinyNet(num_classes, fixture["mean"], fixture["std"])
     model.load_state_dict(fixture["teacher_start"])
-    recipe = DACS(cfg, model, build_seg_loss(cfg.loss, ignore_index=ignore_index), classes)  # the teacher copies theta_0
+    # the teacher (and the feature distance's start network, the authors' ImageNet network here) copy theta_0
+    recipe = DACS(cfg, model, build_seg_loss(cfg.loss, ignore_index=ignore_index), classes)
     model.load_state_dict(fixture["student_start"])
     recipe.train()
     recipe.after_optimizer_step(1)  # one optimiser step done: the code's _update_ema(1) at the start of its second step
@@ -188,11 +201,11 @@ def run_step(recipe: DACS, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
     seen: list[tuple[torch.Tensor, ...]] = []
     rng_states = list(fixture["dropout_rng_states"])
 
-    def student_forward(module: nn.Module, args: tuple) -> None:
-        torch.set_rng_state(rng_states.pop(0))  # the dropout masks the authors' forward drew
-        seen.append((args[0].detach().clone(),))
+    def student_dropout(module: nn.Module, args: tuple) -> None:
+        torch.set_rng_state(rng_states.pop(0))  # the masks the authors' student forward drew (nothing else draws in between)
 
-    recipe.model.register_forward_pre_hook(student_forward)
+    recipe.model.dropout.register_forward_pre_hook(student_dropout)
+    recipe.model.normalize.register_forward_pre_hook(lambda module, args: seen.append((args[0].detach().clone(),)) and None)
     recipe.seg_loss.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((args[1].clone(), kwargs.get("weight"))) and None, with_kwargs=True
     )
@@ -229,6 +242,10 @@ def test_one_dacs_step_equals_the_authors_step(fixture: dict[str, Any], monkeypa
     # the loss terms, every gradient, and the BatchNorm statistics of the two student forwards
     assert_close(losses["loss_source"], fixture["loss_source"], "loss_source")
     assert_close(losses["loss_mix"], fixture["loss_mix"], "loss_mix")
+    if fixture["feature_distance_weight"] > 0:  # DAFormer's thing-class ImageNet feature distance (lambda times the distance)
+        assert_close(losses["loss_feature_distance"], fixture["loss_feature_distance"], "loss_feature_distance")
+    else:
+        assert "loss_feature_distance" not in losses
     grads = {name: p.grad for name, p in recipe.model.named_parameters()}
     assert grads.keys() == fixture["grads"].keys()
     for name, grad in grads.items():
