@@ -190,6 +190,8 @@ AUTHORS_STEP = {  # method.* -> the DACS/DAFormer code's behaviour (docs/daforme
     "ema_warmup": "from_start",
     "classmix_classes": "batch",
     "augmentation_coins": "batch",
+    "blur_kernel": "tenth_of_side",
+    "jitter_maths": "kornia",
 }
 
 
@@ -326,9 +328,9 @@ def test_the_dacs_step_passes_its_classmix_and_coin_options_on(monkeypatch: pyte
         seen["pool"] = pool
         return real_masks(labels, *args, pool=pool, **kwargs)
 
-    def view(images: torch.Tensor, augmentation, coins: str = "image") -> torch.Tensor:
+    def view(images: torch.Tensor, augmentation, coins: str = "image", **kwargs) -> torch.Tensor:
         seen["coins"] = coins
-        return real_view(images, augmentation, coins=coins)
+        return real_view(images, augmentation, coins=coins, **kwargs)
 
     monkeypatch.setattr(dacs_module, "classmix_masks", masks)
     monkeypatch.setattr(dacs_module, "strong_view", view)

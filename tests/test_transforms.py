@@ -289,6 +289,24 @@ def test_blur_keeps_constants_and_its_impulse_response_is_the_normalised_gaussia
     assert torch.equal(gaussian_blur(image, 0.0), image)
 
 
+
+def test_blur_with_the_dacs_kernel_of_a_tenth_of_the_side_per_axis() -> None:
+    from segadapt.data.transforms.photometric import tenth_of_side_kernel
+
+    # DACS's code: the largest odd number of taps up to ceil(0.1 * side) (np.ceil of the same float product)
+    assert [tenth_of_side_kernel(side, side)[0] for side in (10, 11, 30, 32, 48, 512, 1024)] == [1, 1, 3, 3, 5, 51, 103]
+    impulse = torch.zeros(1, 32, 48)
+    impulse[0, 16, 24] = 1.0
+    sigma = 0.8
+    response = gaussian_blur(impulse, sigma, tenth_of_side_kernel(32, 48))[0]  # 3 taps down, 5 across
+    taps = [torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma**2)) for r in (1, 2)]
+    reference = torch.outer(taps[0] / taps[0].sum(), taps[1] / taps[1].sum())
+    assert torch.allclose(response[15:18, 22:27], reference, atol=1e-7)
+    assert math.isclose(response.sum().item(), 1.0, rel_tol=1e-6) and int((response > 0).sum()) == 15
+    assert torch.equal(gaussian_blur(impulse, sigma, (1, 1)), impulse)  # sides up to 20 pixels: no blur
+    with pytest.raises(ConfigError, match="blur kernel must be one of"):
+        GaussianBlur(kernel="ten_percent")
+
 def test_cutout_fills_boxes_and_erases_labels_only_when_asked() -> None:
     sample = make_sample()
     view = Cutout(2, (0.2, 0.3), fill=(0.1, 0.2, 0.3), p=1.0, erase_label=True)(sample, seeded(4))

@@ -44,13 +44,16 @@ def _blend(image: torch.Tensor, other: torch.Tensor | float, factor: float) -> t
     return (factor * image + (1.0 - factor) * other).clamp(0.0, 1.0)
 
 
-def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
-    """``[..., 3, H, W]`` RGB in [0, 1] -> HSV with hue in [0, 1) (the torchvision algorithm)."""
+def rgb_to_hsv(image: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """``[..., 3, H, W]`` RGB in [0, 1] -> HSV with hue in [0, 1) (the torchvision algorithm).
+
+    ``eps`` is added to the value in the saturation's denominator, as kornia's conversion does (1e-6).
+    """
     red, green, blue = image.unbind(-3)
     value, _ = image.max(dim=-3)
     chroma = value - image.min(dim=-3).values
     gray = chroma == 0
-    saturation = chroma / torch.where(gray, torch.ones_like(value), value)
+    saturation = chroma / (torch.where(gray, torch.ones_like(value), value) + eps)
     chroma = torch.where(gray, torch.ones_like(chroma), chroma)
     rc, gc, bc = (value - red) / chroma, (value - green) / chroma, (value - blue) / chroma
     hue = torch.where(value == red, bc - gc, torch.where(value == green, 2.0 + rc - bc, 4.0 + gc - rc))
@@ -74,27 +77,48 @@ def hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
     return table.gather(-4, index).squeeze(-4).clamp(0.0, 1.0)
 
 
-def _shift_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
-    hsv = rgb_to_hsv(image)
+def _shift_hue(image: torch.Tensor, shift: float, eps: float = 0.0) -> torch.Tensor:
+    hsv = rgb_to_hsv(image, eps)
     hsv = torch.stack((torch.remainder(hsv[..., 0, :, :] + shift, 1.0), hsv[..., 1, :, :], hsv[..., 2, :, :]), dim=-3)
     return hsv_to_rgb(hsv)
 
 
-def apply_color_jitter(image: torch.Tensor, record: JitterRecord) -> torch.Tensor:
-    """Apply recorded colour factors to ``[..., 3, H, W]`` RGB in [0, 1], with torchvision's ColorJitter maths.
+def _scale_saturation(image: torch.Tensor, factor: float, eps: float) -> torch.Tensor:
+    hue, saturation, value = rgb_to_hsv(image, eps).unbind(-3)
+    return hsv_to_rgb(torch.stack((hue, (saturation * factor).clamp(0.0, 1.0), value), dim=-3))
 
-    Brightness scales, contrast blends with the image's mean luma, saturation blends with the per-pixel
-    luma, hue rotates the HSV hue by ``record.hue`` turns; each result is clipped to [0, 1].
+
+JITTER_MATHS = ("torchvision", "kornia")
+"""The colour maths of :func:`apply_color_jitter`: torchvision's ColorJitter or kornia 0.5's (the DACS code's)."""
+
+_KORNIA_HSV_EPS = 1e-6  # kornia's rgb_to_hsv default
+
+
+def apply_color_jitter(image: torch.Tensor, record: JitterRecord, maths: str = "torchvision") -> torch.Tensor:
+    """Apply recorded colour factors to ``[..., 3, H, W]`` RGB in [0, 1]; each result is clipped to [0, 1].
+
+    ``maths="torchvision"`` (torchvision's ColorJitter): brightness scales, contrast blends with the
+    image's mean luma, saturation blends with the per-pixel luma, hue rotates the HSV hue by
+    ``record.hue`` turns. ``maths="kornia"`` (kornia 0.5's ColorJitter, which the DACS and DAFormer
+    code use): brightness adds ``brightness - 1``, contrast multiplies every channel by ``contrast``,
+    saturation scales the HSV saturation (clipped to [0, 1]), hue rotates as above; kornia's HSV
+    saturation divides by ``value + 1e-6``. Factors at identity are skipped in both.
     """
+    if maths not in JITTER_MATHS:
+        raise ValueError(f"maths must be one of {', '.join(JITTER_MATHS)}, got {maths!r}")
+    kornia = maths == "kornia"
     for op in record.order:
         if op == 0 and record.brightness != 1.0:
-            image = _blend(image, 0.0, record.brightness)
+            image = (image + (record.brightness - 1.0)).clamp(0.0, 1.0) if kornia else _blend(image, 0.0, record.brightness)
         elif op == 1 and record.contrast != 1.0:
-            image = _blend(image, _grayscale(image).mean(dim=(-3, -2, -1), keepdim=True), record.contrast)
+            if kornia:
+                image = (image * record.contrast).clamp(0.0, 1.0)
+            else:
+                image = _blend(image, _grayscale(image).mean(dim=(-3, -2, -1), keepdim=True), record.contrast)
         elif op == 2 and record.saturation != 1.0:
-            image = _blend(image, _grayscale(image), record.saturation)
+            image = _scale_saturation(image, record.saturation, _KORNIA_HSV_EPS) if kornia else _blend(image, _grayscale(image), record.saturation)
         elif op == 3 and record.hue != 0.0:
-            image = _shift_hue(image, record.hue)
+            image = _shift_hue(image, record.hue, _KORNIA_HSV_EPS if kornia else 0.0)
     return image
 
 
@@ -111,8 +135,11 @@ class ColorJitter:
     saturation: float | Sequence[float] = 0.0
     hue: float | Sequence[float] = 0.0
     p: float = 1.0
+    maths: str = "torchvision"
 
     def __post_init__(self) -> None:
+        if self.maths not in JITTER_MATHS:
+            raise ConfigError(f"colour jitter maths must be one of {', '.join(JITTER_MATHS)}, got {self.maths!r}")
         self.brightness = _jitter_range(self.brightness, "brightness", 1.0, low=0.0)
         self.contrast = _jitter_range(self.contrast, "contrast", 1.0, low=0.0)
         self.saturation = _jitter_range(self.saturation, "saturation", 1.0, low=0.0)
@@ -130,36 +157,66 @@ class ColorJitter:
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         record = self.draw(generator)
-        return _with_record(sample, record, image=apply_color_jitter(_image_of(sample), record))
+        return _with_record(sample, record, image=apply_color_jitter(_image_of(sample), record, self.maths))
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """The normalised 1-D Gaussian of radius ``ceil(3 sigma)`` (at least 1)."""
-    radius = max(1, math.ceil(3.0 * sigma))
+def _gaussian_taps(sigma: float, radius: int) -> torch.Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The normalised 1-D Gaussian of radius ``ceil(3 sigma)`` (at least 1)."""
+    return _gaussian_taps(sigma, max(1, math.ceil(3.0 * sigma)))
+
+
+BLUR_KERNELS = ("three_sigma", "tenth_of_side")
+"""How wide a blur kernel is: ``2 ceil(3 sigma) + 1`` taps, or DACS's :func:`tenth_of_side_kernel`."""
+
+
+def tenth_of_side_kernel(height: int, width: int) -> tuple[int, int]:
+    """DACS's blur kernel size (its ``gaussian_blur``): per axis the largest odd number of taps up to
+    ``ceil(0.1 * side)``, so 51 taps on a 512-pixel side and 1 (no blur) up to 20 pixels.
+
+    Examples:
+        >>> tenth_of_side_kernel(512, 1024), tenth_of_side_kernel(32, 48), tenth_of_side_kernel(8, 8)
+        ((51, 103), (3, 5), (1, 1))
+    """
+
+    def taps(side: int) -> int:
+        ceiling = math.ceil(0.1 * side)  # the same float product as the code's np.ceil(0.1 * side)
+        return ceiling if ceiling % 2 else ceiling - 1
+
+    return taps(height), taps(width)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Separable Gaussian blur of ``[C, H, W]`` or ``[N, C, H, W]`` with reflect padding; ``sigma <= 0`` is identity.
 
-    The kernel radius is ``ceil(3 sigma)``, capped below the image size (reflect padding needs it); it sums
-    to 1, so constant images are unchanged and the mean is preserved up to border effects.
+    The kernel radius is ``ceil(3 sigma)`` on both axes, or ``kernel_size // 2`` per axis when ``kernel_size``
+    (odd taps along height and width, e.g. :func:`tenth_of_side_kernel`) is given; it is capped below the
+    image size (reflect padding needs it) and sums to 1, so constant images are unchanged and the mean is
+    preserved up to border effects.
     """
     if sigma <= 0:
         return image
     batch = image.unsqueeze(0) if image.dim() == 3 else image
-    kernel = gaussian_kernel(sigma).to(batch.device, batch.dtype)
-    radius = min(kernel.numel() // 2, batch.shape[-2] - 1, batch.shape[-1] - 1)
-    if radius < 1:
+    height, width = batch.shape[-2:]
+    if kernel_size is None:
+        radius_y = radius_x = min(max(1, math.ceil(3.0 * sigma)), height - 1, width - 1)
+    else:
+        radius_y, radius_x = min(kernel_size[0] // 2, height - 1), min(kernel_size[1] // 2, width - 1)
+    if radius_y < 1 and radius_x < 1:
         return image
-    kernel = kernel[kernel.numel() // 2 - radius : kernel.numel() // 2 + radius + 1]
-    kernel = kernel / kernel.sum()
     channels = batch.shape[1]
-    out = F.pad(batch, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    out = F.pad(batch, (radius_x, radius_x, radius_y, radius_y), mode="reflect")
+    if radius_x >= 1:
+        kernel = _gaussian_taps(sigma, radius_x).to(batch.device, batch.dtype)
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    if radius_y >= 1:
+        kernel = _gaussian_taps(sigma, radius_y).to(batch.device, batch.dtype)
+        out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
     return out.reshape(image.shape)
 
 
@@ -167,19 +224,26 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 class GaussianBlur:
     """Blur the image with a sigma drawn from ``sigma`` ``[min, max]`` pixels, with probability ``p``.
 
-    Defaults follow DACS/DAFormer's strong augmentation (sigma U(0.15, 1.15), p = 0.5).
+    Defaults follow DACS/DAFormer's strong augmentation (sigma U(0.15, 1.15), p = 0.5). ``kernel`` is one
+    of :data:`BLUR_KERNELS`: ``"three_sigma"`` (``2 ceil(3 sigma) + 1`` taps) or ``"tenth_of_side"``
+    (DACS's code, :func:`tenth_of_side_kernel` of the image).
     """
 
     sigma: Sequence[float] = (0.15, 1.15)
     p: float = 0.5
+    kernel: str = "three_sigma"
 
     def __post_init__(self) -> None:
         self.sigma = _interval(self.sigma, "sigma", low=0.0)
         self.p = _probability(self.p)
+        if self.kernel not in BLUR_KERNELS:
+            raise ConfigError(f"blur kernel must be one of {', '.join(BLUR_KERNELS)}, got {self.kernel!r}")
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         sigma = _uniform_in(self.sigma, generator) if _coin(self.p, generator) else 0.0
-        return _with_record(sample, BlurRecord(sigma), image=gaussian_blur(_image_of(sample), sigma))
+        image = _image_of(sample)
+        size = tenth_of_side_kernel(*image.shape[-2:]) if self.kernel == "tenth_of_side" else None
+        return _with_record(sample, BlurRecord(sigma), image=gaussian_blur(image, sigma, size))
 
 
 @dataclass
@@ -234,12 +298,15 @@ class Cutout:
 
 def strong_augment(images: torch.Tensor, generator: torch.Generator | None = None, *,
                    jitter_strength: float = 0.2, jitter_p: float = 0.8, blur_sigma: Sequence[float] = (0.15, 1.15),
-                   blur_p: float = 0.5, coins: str = "image") -> tuple[torch.Tensor, list[list[Record]]]:
+                   blur_p: float = 0.5, coins: str = "image", blur_kernel: str = "three_sigma",
+                   jitter_maths: str = "torchvision") -> tuple[torch.Tensor, list[list[Record]]]:
     """DACS/DAFormer strong augmentation of a batch: colour jitter then Gaussian blur.
 
     DACS jitters with strength 0.2 on brightness, contrast, saturation and hue when ``U(0, 1) > 0.2``
-    (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. The blur kernel here
-    is ``2 ceil(3 sigma) + 1`` wide instead of DACS's 10% of the image, which only drops weights below 1e-2.
+    (``jitter_p`` 0.8) and blurs with sigma ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``. ``blur_kernel``
+    (:class:`GaussianBlur`'s ``kernel``): ``"tenth_of_side"`` is DACS's kernel of 10 % of the image side,
+    ``"three_sigma"`` the ``2 ceil(3 sigma) + 1`` taps, which drop only weights below 1e-2.
+    ``jitter_maths`` (:func:`apply_color_jitter`): ``"kornia"`` is the DACS code's colour maths.
 
     ``coins`` says how often the two apply-or-not coins are tossed. ``"image"``: per image.
     ``"batch"``: once for the whole batch, the way the DACS/DAFormer code draws them (one ``U(0, 1)``
@@ -260,8 +327,8 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator | None = Non
     if coins == "batch":  # toss each coin once; the transforms below then always (p 1) or never (p 0) apply
         jitter_p = float(_coin(jitter_p, generator))
         blur_p = float(_coin(blur_p, generator))
-    jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p)
-    blur = GaussianBlur(blur_sigma, p=blur_p)
+    jitter = ColorJitter(jitter_strength, jitter_strength, jitter_strength, jitter_strength, p=jitter_p, maths=jitter_maths)
+    blur = GaussianBlur(blur_sigma, p=blur_p, kernel=blur_kernel)
     outputs, params = [], []
     for image in images:
         view = blur(jitter({"image": image}, generator), generator)

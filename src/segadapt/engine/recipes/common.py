@@ -161,10 +161,13 @@ DACS_STRONG = StrongAugmentation(jitter=0.2, jitter_p=0.8, blur_sigma=(0.15, 1.1
 ``U(0.15, 1.15)`` when ``U(0, 1) > 0.5``; recipe ``dacs``, on the mixed images."""
 
 
-def strong_view(images: torch.Tensor, augmentation: StrongAugmentation, coins: str = "image") -> torch.Tensor:
+def strong_view(images: torch.Tensor, augmentation: StrongAugmentation, coins: str = "image",
+                blur_kernel: str = "three_sigma", jitter_maths: str = "torchvision") -> torch.Tensor:
     """``images`` ``[N, 3, H, W]`` under ``augmentation``, drawn from the global RNG
     (:func:`~segadapt.data.transforms.strong_augment`); ``coins="batch"`` tosses the apply-or-not
-    coins once for the batch (the DACS code), ``"image"`` per image."""
+    coins once for the batch (the DACS code), ``"image"`` per image; ``blur_kernel="tenth_of_side"``
+    blurs with the DACS code's kernel of 10 % of the image side, ``jitter_maths="kornia"`` jitters with
+    its kornia 0.5 colour maths."""
     view, _ = strong_augment(
         images,
         jitter_strength=augmentation.jitter,
@@ -172,6 +175,8 @@ def strong_view(images: torch.Tensor, augmentation: StrongAugmentation, coins: s
         blur_sigma=augmentation.blur_sigma,
         blur_p=augmentation.blur_p,
         coins=coins,
+        blur_kernel=blur_kernel,
+        jitter_maths=jitter_maths,
     )
     return view
 

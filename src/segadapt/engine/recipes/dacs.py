@@ -22,7 +22,8 @@ step"; the ``method.*`` key named in brackets switches a point back to segadapt'
    weights (1 on pasted source pixels) mix alike.
 4. Colour jitter and Gaussian blur (:func:`~.common.strong_view` with DACS's strengths,
    :data:`~.common.DACS_STRONG`; whether they apply is tossed once for the batch,
-   ``method.augmentation_coins``) on the mixed images;
+   ``method.augmentation_coins``; the blur kernel 10 % of the image side, ``method.blur_kernel``; kornia's
+   colour maths, ``method.jitter_maths``) on the mixed images;
    ``loss_mix = mean(weight * CE(student(mixed), mixed labels))`` over all pixels.
 
 Recipe ``daformer`` (Hoyer et al., CVPR 2022, Sec. 3.3; docs/daformer.md) is the same loop with
@@ -135,6 +136,16 @@ class DACSOptions(BaseModel):
         "batch",
         description="whether jitter and blur apply is drawn once per batch (the authors' code) or per image; "
         "their factors and sigma are drawn per image either way",
+    )
+    blur_kernel: Literal["tenth_of_side", "three_sigma"] = Field(
+        "tenth_of_side",
+        description="Gaussian blur kernel: the largest odd number of taps up to 10 % of the image side, per axis "
+        "(the authors' code), or 2 ceil(3 sigma) + 1 taps",
+    )
+    jitter_maths: Literal["kornia", "torchvision"] = Field(
+        "kornia",
+        description="colour jitter maths: kornia 0.5's (the authors' code: additive brightness, multiplicative "
+        "contrast, HSV saturation) or torchvision's (blends with black, the mean grey and the per-pixel grey)",
     )
 
 
@@ -321,7 +332,10 @@ class DACS(Recipe):
         mixed_labels = mix(masks, source["label"], labels)
         weight = mix(masks, torch.ones_like(pseudo_weight), pseudo_weight)
         if self.options.strong_augmentation:
-            mixed_images = strong_view(mixed_images, DACS_STRONG, coins=self.options.augmentation_coins)
+            mixed_images = strong_view(
+                mixed_images, DACS_STRONG, coins=self.options.augmentation_coins, blur_kernel=self.options.blur_kernel,
+                jitter_maths=self.options.jitter_maths,
+            )
         loss_mix = self.supervised_loss(self.model(mixed_images), mixed_labels, weight=weight)
         loss = released + self.options.mix_weight * loss_mix
         return {
