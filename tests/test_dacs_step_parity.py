@@ -6,7 +6,7 @@ random draw it made (the two augmentation coins, ClassMix's class choices, korni
 and order, the blur sigmas, the torch RNG state of each student forward's dropout masks); the
 first step skips the jitter, the second applies it, the third adds DAFormer's ImageNet feature
 distance (segadapt's network the run starts from standing for the ImageNet network). The script
-``tests/fixtures/parity/scripts/make_dacs_step.py`` ran the authors' code and says how to
+``tests/fixtures/parity/scripts/dacs_step.py`` ran the authors' code and says how to
 regenerate them. The replay drives segadapt's ``dacs`` recipe with the same weights, batch and
 draws and asserts the teacher's EMA update, the pseudo labels and their weight, the mixed batch,
 every loss term, every parameter's gradient and the BatchNorm statistics the step leaves.
