@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from segadapt.methods.cpsl import (
     distillation_loss,
     gather_pixel_features,
     online_self_labeling_loss,
+    prototype_kl_consistency,
     rectify_pseudo_labels,
     sample_pixels,
     self_labeling_loss,
@@ -398,15 +400,48 @@ def test_symmetric_kl_consistency_eq13() -> None:
     reference = (
         F.kl_div(log_s, log_w, reduction="none", log_target=True) + F.kl_div(log_w, log_s, reduction="none", log_target=True)
     ).sum(1)
-    torch.testing.assert_close(value, reference.mean())
+    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, reduction="pixel_mean"), reference.mean())
+    torch.testing.assert_close(value, reference.mean() / 5)  # default: the authors' reduction, divided by K = 5
     mask = torch.zeros(2, 3, 4, dtype=torch.bool)
     mask[0, 1, 2] = mask[1, 0, 0] = True
-    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, mask), reference[mask].mean())
+    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, mask, "pixel_mean"), reference[mask].mean())
     assert float(symmetric_kl_consistency(weak, strong, torch.zeros_like(mask))) == 0.0
     with pytest.raises(DataError, match=r"weak \(2, 5, 3, 4\) and strong \(2, 5, 3, 3\) logits must match"):
         symmetric_kl_consistency(weak, strong[..., :3])
     with pytest.raises(DataError, match="valid_mask must be a bool"):
         symmetric_kl_consistency(weak, strong, mask.float())
+
+
+def test_consistency_reductions_on_hand_computed_values() -> None:
+    """Two pixels, K = 2: p_w = (3/4, 1/4) against p_s = (1/2, 1/2) at pixel 0, identical views at pixel 1.
+
+    Symmetric KL at pixel 0: sum_c (p_w - p_s)(log p_w - log p_s) = 1/4 ln 1.5 + 1/4 ln 2 = ln(3) / 4;
+    KL(p_w || p_s) = 3/4 ln 1.5 + 1/4 ln 0.5. ``pixel_mean`` divides the sum over valid pixels by their
+    count; ``class_mean`` (default, the authors' code) by K times that count.
+    """
+    weak = torch.tensor([[math.log(3.0), 0.0], [0.4, -0.2]]).T.reshape(1, 2, 1, 2)  # [N, K, h, w]
+    strong = torch.tensor([[0.0, 0.0], [0.4, -0.2]]).T.reshape(1, 2, 1, 2)
+    symmetric, one_way = math.log(3.0) / 4, 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    both, first = torch.ones(1, 1, 2, dtype=torch.bool), torch.tensor([[[True, False]]])
+    for function, pixel0 in ((symmetric_kl_consistency, symmetric), (partial(prototype_kl_consistency, temperature=1.0), one_way)):
+        assert float(function(weak, strong, valid_mask=both, reduction="pixel_mean")) == pytest.approx(pixel0 / 2, rel=1e-6)
+        assert float(function(weak, strong, valid_mask=both, reduction="class_mean")) == pytest.approx(pixel0 / 4, rel=1e-6)
+        assert float(function(weak, strong, valid_mask=first, reduction="pixel_mean")) == pytest.approx(pixel0, rel=1e-6)
+        assert float(function(weak, strong, valid_mask=first)) == pytest.approx(pixel0 / 2, rel=1e-6)  # the default
+        with pytest.raises(ValueError, match="'class_mean' \\(authors' code\\) or 'pixel_mean', got 'sum'"):
+            function(weak, strong, reduction="sum")
+
+
+def test_class_mean_is_the_authors_masked_sum_over_pixels_and_classes() -> None:
+    """The authors' reduction: the element-wise KL [N, K, h, w] times a mask of the same shape (a padded pixel
+    is masked in every class), summed and divided by the mask's sum."""
+    generator = torch.Generator().manual_seed(3)
+    weak, strong = torch.randn(2, 6, 3, 5, generator=generator), torch.randn(2, 6, 3, 5, generator=generator)
+    valid = torch.rand(2, 3, 5, generator=generator) > 0.3
+    elementwise = F.kl_div(F.log_softmax(strong / 0.08, 1), F.softmax(weak / 0.08, 1), reduction="none")
+    mask = valid.unsqueeze(1).expand_as(elementwise).float()
+    authors = (elementwise * mask).sum() / mask.sum()
+    torch.testing.assert_close(prototype_kl_consistency(weak, strong, 0.08, valid), authors)
 
 
 def test_total_loss_eq14_defaults() -> None:

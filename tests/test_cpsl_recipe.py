@@ -146,8 +146,8 @@ class Spy:
             ("rectify_pseudo_labels", ("soft", "scores", "tau")),
             ("sample_pixels", ("labels", "m", "k")),
             ("online_self_labeling_loss", ("head", "features", "bank", "marginal")),
-            ("symmetric_kl_consistency", ("weak", "strong", "mask")),
-            ("prototype_kl_consistency", ("weak", "strong", "tau", "mask")),
+            ("symmetric_kl_consistency", ("weak", "strong", "mask", "reduction")),
+            ("prototype_kl_consistency", ("weak", "strong", "tau", "mask", "reduction")),
         ):
             self._wrap(monkeypatch, name, params)
 
@@ -219,6 +219,7 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
     assert [f[0] for f in forwards] == [True, True] and student_input.shape == weak.shape and not torch.equal(student_input, weak)
     kl = spy.one("symmetric_kl_consistency")
     assert torch.equal(kl["strong"], forwards[-1][2])
+    assert kl["reduction"] == "class_mean" and torch.equal(losses["loss_reg"], kl["result"])  # the authors' KL / K
     # both cross-entropies follow the supervised-loss rule (an auxiliary head would be trained by both)
     assert len(spy.calls["supervised_loss"]) == 2 and torch.equal(spy.calls["supervised_loss"][1], labels)
     total = losses["loss_source"] + losses["loss_target"] + 0.1 * losses["loss_sl"] + 5.0 * losses["loss_reg"]
@@ -354,7 +355,8 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
         # one-directional KL at tau
         p_weak = torch.softmax(call["weak"] / 0.08, dim=1)
         kl = (p_weak * (p_weak.log() - torch.log_softmax(call["strong"] / 0.08, dim=1))).sum(1).mean()
-        assert losses["loss_reg"].item() == pytest.approx(kl.item(), rel=1e-4)
+        assert call["reduction"] == "class_mean"
+        assert losses["loss_reg"].item() == pytest.approx(kl.item() / 19, rel=1e-4)  # the authors' (kl * mask).sum() / mask.sum()
         losses["loss"].backward()
         gradients[lambda2] = (
             [p.grad.clone() for p in recipe.model.parameters() if p.grad is not None],
@@ -365,6 +367,38 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
     assert any(not torch.equal(a, b) for a, b in zip(network, network_without))  # ... and reaches the network
     with pytest.raises(ConfigError, match=r"method.consistency=segmentation \(Eq. 13\) for 'w/o SL'"):
         Trainer(cpsl_config(tmp_path, warmup, "name=e5", "method.consistency=prototype", "method.self_labeling=false"))
+
+
+@pytest.mark.parametrize(
+    ("config", "reduction"),
+    [
+        ("benchmark/cpsl", "class_mean"),
+        ("gta5_to_cityscapes/cpsl", "class_mean"),
+        ("synthia_to_cityscapes/cpsl", "class_mean"),
+        ("benchmark/cpsl_prototype_consistency", "class_mean"),
+        ("benchmark/cpsl_paper", "pixel_mean"),
+        ("gta5_to_cityscapes/cpsl_paper", "pixel_mean"),
+    ],
+)
+def test_cpsl_configs_use_the_authors_consistency_reduction_and_cpsl_paper_the_per_pixel_mean(config: str, reduction: str) -> None:
+    cfg = load_config(config)
+    assert cfg.recipe == "cpsl"
+    assert cpsl_recipe.parse_options(cpsl_recipe.CPSLOptions, cfg.method, "cpsl").consistency_reduction == reduction
+    assert cpsl_recipe.CPSLOptions().consistency_reduction == "class_mean"
+
+
+def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
+    tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same step with method.consistency_reduction=pixel_mean (benchmark/cpsl_paper) has K times the consistency."""
+    values = {}
+    for reduction in ("class_mean", "pixel_mean"):
+        _, _, _, spy, _, losses, _ = one_step(tmp_path, warmup, monkeypatch, reduction, f"method.consistency_reduction={reduction}")
+        assert spy.one("symmetric_kl_consistency")["reduction"] == reduction
+        values[reduction] = losses["loss_reg"].item()
+    assert values["pixel_mean"] > 0 and values["pixel_mean"] == pytest.approx(19 * values["class_mean"], rel=1e-5)
+    with pytest.raises(ConfigError, match="consistency_reduction"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=bad", "method.consistency_reduction=sum"))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

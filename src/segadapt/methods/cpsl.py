@@ -28,9 +28,11 @@ CPSL+distill (Sec. 4.2)         :func:`distillation_loss` (KL: :func:`~segadapt.
 
 Defaults are the paper's (Sec. 4.1): tau = 0.08, epsilon = 0.05, lambda1 = 0.1, lambda2 = 5, a bank of
 65,536 features, M = 512 pixels per image; 3 Sinkhorn iterations as in the authors' code (the paper
-gives no count). Where the authors' code departs from the paper (docs/reference_code.md, section
-"CPSL (lslrh/CPSL, built on microsoft/ProDA)") the paper is followed and the departure is named in
-the docstring.
+gives no count). One exception: the consistency losses divide their per-pixel KL by the class count
+as the authors' code does (:data:`ConsistencyReduction`, ``reduction="pixel_mean"`` for the plain
+per-pixel mean), because the paper's ``lambda2 = 5`` was run at that scale. Where the authors' code
+departs from the paper otherwise (docs/reference_code.md, section "CPSL (lslrh/CPSL, built on
+microsoft/ProDA)") the paper is followed and the departure is named in the docstring.
 
 One stage-1 step, in the order of Algorithm 1 (the engine's CPSL recipe does this)::
 
@@ -59,6 +61,7 @@ from .sinkhorn import class_marginal_error, normalized_marginal, sinkhorn
 
 __all__ = [
     "ClassDistribution",
+    "ConsistencyReduction",
     "DistillationLoss",
     "MemoryBank",
     "PrototypeAccumulator",
@@ -566,16 +569,34 @@ def online_self_labeling_loss(
     return self_labeling_loss(head(features), assignments, temperature)
 
 
-def symmetric_kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels (CPSL Eq. 13).
+ConsistencyReduction = Literal["class_mean", "pixel_mean"]
+"""How :func:`symmetric_kl_consistency` and :func:`prototype_kl_consistency` average their per-pixel KL.
+
+``class_mean`` (default): the sum over valid pixels and classes divided by ``K`` times the number of
+valid pixels, the authors' reduction (their masked KL is summed and divided by a mask that has one
+entry per pixel *and class*), so ``lambda2`` acts on the per-pixel KL divided by ``K``.
+``pixel_mean``: divided by the number of valid pixels alone, the per-pixel mean, a reading of Eq. 13
+(which sums over pixels and images and gives no normalisation) that keeps ``lambda2`` independent of
+the crop size. At the paper's ``lambda2 = 5`` the two differ by the factor ``K`` (19 on Cityscapes).
+"""
+
+
+def symmetric_kl_consistency(
+    weak_logits: torch.Tensor,
+    strong_logits: torch.Tensor,
+    valid_mask: torch.Tensor | None = None,
+    reduction: ConsistencyReduction = "class_mean",
+) -> torch.Tensor:
+    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels as ``reduction`` says (CPSL Eq. 13).
 
     ``P = softmax(logits)`` over the class dimension, computed in float32. Eq. 13 sums over pixels and
-    images; the mean is used here (as the authors' code, which divides by the mask sum) so that
-    ``lambda2 = 5`` does not depend on the crop size. The weak view comes from the momentum network
-    and carries no gradient; detach it yourself if it does. The authors' code uses only
-    ``KL(teacher || student)`` on prototype-cosine probabilities (docs/reference_code.md, "CPSL:
-    consistency loss");
-    pass ``cos / tau`` as logits for that probability model.
+    images without a normalisation; the loss here is a mean so that ``lambda2`` does not depend on the
+    crop size, and ``reduction`` (:data:`ConsistencyReduction`) picks which mean: ``class_mean``
+    (default) also divides by the class count ``K``, as the authors' code does for its own form of the
+    term (docs/reference_code.md, "CPSL: consistency loss"); ``pixel_mean`` does not. The weak view
+    comes from the momentum network and carries no gradient; detach it yourself if it does. The
+    authors' code uses only ``KL(teacher || student)`` on prototype-cosine probabilities
+    (:func:`prototype_kl_consistency`).
 
     Shape:
         - weak_logits, strong_logits: ``[N, K, h, w]``; valid_mask: ``[N, h, w]`` bool (``False`` for
@@ -592,7 +613,7 @@ def symmetric_kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Ten
     log_strong = F.log_softmax(strong_logits.float(), dim=1)
     # KL(w||s) + KL(s||w) = sum_c (p_w - p_s)(log p_w - log p_s)
     per_pixel = ((log_weak.exp() - log_strong.exp()) * (log_weak - log_strong)).sum(dim=1)
-    return _mean_over_valid_pixels(per_pixel, valid_mask)
+    return _reduce_consistency(per_pixel, valid_mask, reduction, weak_logits.shape[1])
 
 
 def prototype_kl_consistency(
@@ -600,17 +621,20 @@ def prototype_kl_consistency(
     strong_scores: torch.Tensor,
     temperature: float = 0.08,
     valid_mask: torch.Tensor | None = None,
+    reduction: ConsistencyReduction = "class_mean",
 ) -> torch.Tensor:
-    """``KL(softmax(s_w / tau) || softmax(s_s / tau))`` per pixel, averaged over valid pixels: the
-    authors' code's consistency term, in place of CPSL Eq. 13.
+    """``KL(softmax(s_w / tau) || softmax(s_s / tau))`` per pixel, averaged over valid pixels as
+    ``reduction`` says: the authors' code's consistency term, in place of CPSL Eq. 13.
 
     The paper's Eq. 13 (:func:`symmetric_kl_consistency`) is a symmetric KL between the segmentation
     probability maps of the two views. The authors' code (inherited from ProDA) instead compares
     *prototype* probabilities: ``s_w`` are the cosines of the momentum network's weak-view features to
     the momentum head's prototypes, ``s_s`` those of the student's strong-view features to the same
     (momentum) prototypes, both at the temperature ``tau`` of Eq. 1, and only ``KL(teacher || student)``
-    is taken (docs/reference_code.md, "CPSL: consistency loss"). The gradient reaches the student's
-    features only: ``s_w`` is detached here; compute ``s_s`` with prototypes that carry no gradient.
+    is taken (docs/reference_code.md, "CPSL: consistency loss"). Its reduction is ``class_mean``
+    (default, :data:`ConsistencyReduction`): the per-pixel KL divided by ``K``. The gradient reaches
+    the student's features only: ``s_w`` is detached here; compute ``s_s`` with prototypes that carry
+    no gradient.
 
     Shape:
         - weak_scores, strong_scores: ``[N, K, h, w]`` cosines; valid_mask: ``[N, h, w]`` bool; output: scalar
@@ -619,13 +643,24 @@ def prototype_kl_consistency(
         >>> scores = torch.rand(1, 3, 2, 2)
         >>> float(prototype_kl_consistency(scores, scores))
         0.0
-        >>> round(float(prototype_kl_consistency(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1), 1.0)), 4)
+        >>> weak, strong = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+        >>> round(float(prototype_kl_consistency(weak, strong, 1.0, reduction="pixel_mean")), 4)
         0.1109
+        >>> round(float(prototype_kl_consistency(weak, strong, 1.0)), 4)  # divided by K = 2
+        0.0555
     """
     if weak_scores.shape != strong_scores.shape:
         raise DataError(f"weak {tuple(weak_scores.shape)} and strong {tuple(strong_scores.shape)} prototype scores must match")
     per_pixel = pixel_kl_divergence(strong_scores.float() / temperature, weak_scores.float() / temperature)
-    return _mean_over_valid_pixels(per_pixel, valid_mask)
+    return _reduce_consistency(per_pixel, valid_mask, reduction, weak_scores.shape[1])
+
+
+def _reduce_consistency(per_pixel: torch.Tensor, valid_mask: torch.Tensor | None, reduction: ConsistencyReduction, num_classes: int) -> torch.Tensor:
+    """The per-pixel KL ``[N, h, w]`` reduced to a scalar by :data:`ConsistencyReduction` ``reduction``."""
+    if reduction not in ("class_mean", "pixel_mean"):
+        raise ValueError(f"consistency reduction must be 'class_mean' (authors' code) or 'pixel_mean', got {reduction!r}")
+    mean = _mean_over_valid_pixels(per_pixel, valid_mask)
+    return mean / num_classes if reduction == "class_mean" else mean
 
 
 def _mean_over_valid_pixels(per_pixel: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,8 @@ Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectifi
 l.8-14, Eq. 4-6, 12 self-labeling loss      :func:`online_self_labeling_loss` over ``[bank; batch]`` with
                                             Sinkhorn marginal ``r`` (``loss_sl``), then the bank is updated
 Eq. 11 distribution alignment               :meth:`ClassDistribution.update` with the rectified labels
-Eq. 13 consistency                          :func:`symmetric_kl_consistency` of EMA(weak) and student(strong)
+Eq. 13 consistency                          :func:`symmetric_kl_consistency` of EMA(weak) and student(strong),
+                                            per-pixel KL / K as the authors' code (``method.consistency_reduction``)
 Eq. 14 total                                ``loss_source +`` :func:`cpsl_total_loss`
 l.16, l.20 momentum updates (0.999)         :meth:`CPSL.after_optimizer_step`
 ==========================================  ===============================================================
@@ -97,7 +98,13 @@ INIT_FILE = "cpsl_init.pt"
 
 
 class CPSLOptions(BaseModel):
-    """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted."""
+    """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted.
+
+    ``consistency_reduction`` is the authors' code's by default: their README's ``--proto_consistW 5``
+    is the paper's lambda2 = 5 applied to the per-pixel KL divided by K, the scale at which the
+    published tables were produced; ``pixel_mean`` (config ``<benchmark>/cpsl_paper``) is the plain
+    per-pixel mean, K times stronger.
+    """
 
     model_config = ConfigDict(extra="forbid")
     renamed: ClassVar[dict[str, str]] = {"momentum": "ema_momentum"}  # the former name: run directories still resume
@@ -108,6 +115,12 @@ class CPSLOptions(BaseModel):
         "segmentation",
         description="L_REG: symmetric KL of the two views' segmentation probabilities (Eq. 13, paper) or KL(teacher || "
         "student) of their prototype probabilities softmax(cos(z, c'_SL) / tau) (the authors' code; needs self_labeling)",
+    )
+    consistency_reduction: Literal["class_mean", "pixel_mean"] = Field(
+        "class_mean",
+        description="how L_REG averages its per-pixel KL: also divided by the class count K (the authors' code: a masked "
+        "sum over N x K x h x w divided by the mask's sum, so their lambda2 = 5 acts on KL / K) or the per-pixel mean "
+        "(a reading of Eq. 13; the default before 2026-12-07, K times stronger at the same lambda2)",
     )
     tau: float = Field(0.08, gt=0, description="temperature of P_SL in Eq. 1 and of p in Eq. 4")
     epsilon: float = Field(0.05, gt=0, description="Sinkhorn temperature (Eq. 6)")
@@ -423,12 +436,13 @@ class CPSL(Recipe):
         self, teacher: SegOutput, student: SegOutput, inside: torch.Tensor, momentum_scores: torch.Tensor | None
     ) -> torch.Tensor:
         """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form on ``momentum_scores``."""
+        reduction = self.options.consistency_reduction
         if self.options.consistency == "segmentation":
-            return symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
+            return symmetric_kl_consistency(teacher.logits, student.logits, inside, reduction)  # Eq. 13
         assert momentum_scores is not None  # consistency=prototype requires self_labeling (_check_switches)
         # the momentum prototypes are a fixed target here: the gradient reaches the student's features only
         strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
-        return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside)
+        return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside, reduction)
 
     def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
