@@ -20,7 +20,7 @@ from segadapt.engine.recipes import cpsl as cpsl_recipe
 from segadapt.engine.recipes.adversarial import FCDiscriminator
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
-from segadapt.methods.cpsl import class_pixel_counts
+from segadapt.methods.cpsl import class_pixel_counts, cutmix, reverse_cross_entropy
 from segadapt.methods.ema import batch_norm_as
 
 from data_fixtures import FAST, TINY, tiny_args, tiny_config
@@ -399,6 +399,32 @@ def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
     assert values["pixel_mean"] > 0 and values["pixel_mean"] == pytest.approx(19 * values["class_mean"], rel=1e-5)
     with pytest.raises(ConfigError, match="consistency_reduction"):
         Trainer(cpsl_config(tmp_path, warmup, "name=bad", "method.consistency_reduction=sum"))
+
+
+def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """method.target_view=weak cutmix_p=1 target_loss=symmetric_ce: L^t_SEG is 0.1 CE + 1.0 RCE of a third forward on the
+    weak view with a source box (and its labels) pasted in; the strong view's forward feeds the consistency alone."""
+    options = ("method.target_view=weak", "method.cutmix_p=1", "method.target_loss=symmetric_ce")
+    _, recipe, batches, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "authors_target", *options)
+    weak, source = batches["target"]["image"], batches["source"]
+    assert [f[0] for f in forwards] == [True, True, True] and losses["cutmix"] == 1.0
+    strong, mixed = forwards[1], forwards[2]
+    assert torch.equal(spy.one("symmetric_kl_consistency")["strong"], strong[2]) and not torch.equal(strong[1], weak)
+    pasted = (mixed[1] != weak).any(1)  # [N, H, W]: where the source replaced the target
+    rows, columns = pasted.any(0).any(1).nonzero().flatten(), pasted.any(0).any(0).nonzero().flatten()
+    box = (int(rows[0]), int(columns[0]), int(rows[-1]) + 1, int(columns[-1]) + 1)
+    assert box[2] - box[0] < weak.shape[2] or box[3] - box[1] < weak.shape[3]  # a box, not the whole crop
+    expected_images, expected_labels = cutmix(weak, source["image"], spy.one("rectify_pseudo_labels")["result"], source["label"], box)
+    assert torch.equal(mixed[1], expected_images)
+    target_labels = spy.calls["supervised_loss"][1]
+    assert torch.equal(target_labels, expected_labels)
+    logits = mixed[2]
+    ce = F.cross_entropy(logits, target_labels, ignore_index=recipe.ignore_index)
+    assert losses["loss_target"].item() == pytest.approx((0.1 * ce + reverse_cross_entropy(logits, target_labels)).item(), rel=1e-5)
+    _, _, _, _, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "weak_only", "method.target_view=weak")
+    assert torch.equal(forwards[2][1], weak) and "cutmix" not in losses  # no CutMix unless asked: no draw either
+    with pytest.raises(ConfigError, match="method.cutmix_p=0.5 pastes source boxes .* set method.target_view=weak"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5"))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

@@ -13,7 +13,9 @@ l.5-6, Eq. 3 source loss                    cross-entropy on the source crop (``
 l.17 ``P_SL``                               ``f'_SL`` (EMA head) on ``f'_SEG`` (EMA network) features of the
                                             weak view
 l.18, Eq. 1 rectified labels (tau)          :func:`rectify_pseudo_labels`
-l.19, Eq. 2 target loss                     cross-entropy of the student on the strong view (``loss_target``)
+l.19, Eq. 2 target loss                     cross-entropy of the student on the strong view (``loss_target``;
+                                            the authors' weak view, CutMix and symmetric CE: ``method.target_view``,
+                                            ``method.cutmix_p``, ``method.target_loss``)
 Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectified labels
 l.8-14, Eq. 4-6, 12 self-labeling loss      :func:`online_self_labeling_loss` over ``[bank; batch]`` with
                                             Sinkhorn marginal ``r`` (``loss_sl``), then the bank is updated
@@ -77,11 +79,14 @@ from ...methods.cpsl import (
     SelfLabelingHead,
     class_pixel_counts,
     cpsl_total_loss,
+    cutmix,
+    cutmix_box,
     gather_pixel_features,
     online_self_labeling_loss,
     prototype_cosines,
     prototype_kl_consistency,
     rectify_pseudo_labels,
+    reverse_cross_entropy,
     sample_pixels,
     symmetric_kl_consistency,
 )
@@ -157,6 +162,24 @@ class CPSLOptions(BaseModel):
         description="BatchNorm of the momentum network: batch statistics wherever the student uses them (authors' "
         "train-mode teacher) or its running statistics (eval mode)",
     )
+    target_view: Literal["strong", "weak"] = Field(
+        "strong",
+        description="the student's view that L^t_SEG (Eq. 2) trains on: the strong one, which the consistency also uses, or "
+        "the weak one (the authors' code: the strong view gets a forward of its own for the consistency alone)",
+    )
+    target_loss: Literal["ce", "symmetric_ce"] = Field(
+        "ce",
+        description="L^t_SEG: cross-entropy (Eq. 2) or the authors' --rce, rce_alpha * CE + rce_beta * reverse CE",
+    )
+    rce_alpha: float = Field(0.1, ge=0, description="weight of the cross-entropy in target_loss=symmetric_ce (authors' 0.1)")
+    rce_beta: float = Field(1.0, ge=0, description="weight of the reverse cross-entropy in target_loss=symmetric_ce (authors' 1.0)")
+    cutmix_p: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability per iteration of the authors' CutMix: a source box of half the crop's area and its labels "
+        "pasted into the weak target view L^t_SEG trains on (authors' 0.5; needs target_view=weak)",
+    )
     sl_through_ema_features_only: bool = Field(
         True,
         description="L_SL on the momentum network's features, so it trains only the head (paper Fig. 1, Alg. 1 l. 15/19, "
@@ -168,6 +191,12 @@ def _check_switches(options: CPSLOptions) -> None:
     if not (options.self_labeling or options.self_training):
         raise ConfigError(
             "method.self_labeling=false and method.self_training=false leave CPSL without pseudo labels; keep at least one of them true"
+        )
+    if options.cutmix_p > 0 and options.target_view != "weak":
+        raise ConfigError(
+            f"method.cutmix_p={options.cutmix_p} pastes source boxes into the view L^t_SEG trains on, which must not be the "
+            "strong view the consistency compares with the momentum network: set method.target_view=weak (the authors' code) "
+            "or method.cutmix_p=0"
         )
     if options.consistency == "prototype" and not options.self_labeling:
         raise ConfigError(
@@ -414,7 +443,17 @@ class CPSL(Recipe):
         else:  # 'w/o SL': plain self-training on the warm-up's soft labels
             labels = soft.argmax(dim=1).masked_fill(~inside, self.ignore_index)
             loss_sl = student.logits.new_zeros(())
-        loss_target = self.supervised_loss(student, labels)  # Eq. 2
+        if options.target_view == "strong":
+            loss_target = self._target_loss(student, labels)  # Eq. 2
+        else:  # the authors' code: L^t_SEG on the weak view (with CutMix), the strong view for the consistency alone
+            view, view_labels = weak, labels
+            if options.cutmix_p > 0:
+                mixed = float(torch.rand(())) < options.cutmix_p
+                losses["cutmix"] = torch.tensor(float(mixed))
+                if mixed:
+                    box = cutmix_box(*spatial_size(weak))
+                    view, view_labels = cutmix(weak, source["image"], labels, source["label"], box)
+            loss_target = self._target_loss(self.model(view), view_labels)
         loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
         losses.update(
@@ -425,6 +464,20 @@ class CPSL(Recipe):
             loss_reg=loss_reg.detach(),
         )
         return losses
+
+    def _target_loss(self, output: SegOutput, labels: torch.Tensor) -> torch.Tensor:
+        """``L^t_SEG``: cross-entropy (Eq. 2), or the authors' symmetric form ``alpha CE + beta RCE`` (``--rce``).
+
+        Both parts follow the supervised-loss rule: an auxiliary head's logits get ``model.aux_weight``
+        times the same terms.
+        """
+        cross_entropy = self.supervised_loss(output, labels)
+        if self.options.target_loss == "ce":
+            return cross_entropy
+        reverse = reverse_cross_entropy(output.logits, labels, self.ignore_index)
+        if output.aux_logits is not None:
+            reverse = reverse + self.model.aux_weight * reverse_cross_entropy(output.aux_logits, labels, self.ignore_index)
+        return self.options.rce_alpha * cross_entropy + self.options.rce_beta * reverse
 
     def _momentum_head(self) -> SelfLabelingHead:
         """The head whose prototypes label the weak view: the EMA copy, or the head itself for 'w/o Mom'."""
