@@ -767,9 +767,10 @@ def cutmix(
     top, left, bottom, right = box
     images = target_images.clone()
     images[..., top:bottom, left:right] = source_images[..., top:bottom, left:right].to(images.dtype)
-    full = resize(target_labels.unsqueeze(1), tuple(target_images.shape[-2:]), "label").squeeze(1).clone()
+    image_grid, label_grid = (target_images.shape[-2], target_images.shape[-1]), (target_labels.shape[-2], target_labels.shape[-1])
+    full = resize(target_labels.unsqueeze(1), image_grid, "label").squeeze(1).clone()
     full[:, top:bottom, left:right] = source_labels[:, top:bottom, left:right].to(full.dtype)
-    return images, resize(full.unsqueeze(1), tuple(target_labels.shape[-2:]), "label").squeeze(1)
+    return images, resize(full.unsqueeze(1), label_grid, "label").squeeze(1)
 
 
 def cpsl_total_loss(
