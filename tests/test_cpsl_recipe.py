@@ -214,11 +214,13 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
     assert recipe.class_distribution.momentum == pytest.approx(alpha)
     assert torch.allclose(recipe.class_distribution.distribution, alpha * r0 + (1 - alpha) * counts / counts.sum(), atol=1e-7)  # Eq. 11
     assert int(recipe.bank.num_filled) == 32
-    # the student's target view is the strong one: same geometry, other colours
-    student_input = forwards[-1][1]
-    assert [f[0] for f in forwards] == [True, True] and student_input.shape == weak.shape and not torch.equal(student_input, weak)
+    # the consistency's student view is the strong one (same geometry, other colours); L^t_SEG is on the weak view, a
+    # third forward, as the authors' code (method.target_view=weak, default)
+    strong_input = forwards[1][1]
+    assert [f[0] for f in forwards] == [True, True, True] and strong_input.shape == weak.shape and not torch.equal(strong_input, weak)
+    assert torch.equal(forwards[2][1], weak) and "cutmix" not in losses
     kl = spy.one("symmetric_kl_consistency")
-    assert torch.equal(kl["strong"], forwards[-1][2])
+    assert torch.equal(kl["strong"], forwards[1][2])
     assert kl["reduction"] == "class_mean" and torch.equal(losses["loss_reg"], kl["result"])  # the authors' KL / K
     # both cross-entropies follow the supervised-loss rule (an auxiliary head would be trained by both)
     assert len(spy.calls["supervised_loss"]) == 2 and torch.equal(spy.calls["supervised_loss"][1], labels)
@@ -274,8 +276,8 @@ def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Pa
         prototypes = F.normalize(torch.load(tmp_path / switch / "cpsl_init.pt")["prototypes"], dim=1)
         assert not torch.allclose(recipe.head.prototypes, prototypes, atol=1e-2)
         assert torch.allclose(recipe.head.prototypes.norm(dim=1), torch.ones(19))
-    elif switch == "strong_augmentation":  # w/o Aug: the student sees the weak view itself
-        assert torch.equal(forwards[-1][1], weak)
+    elif switch == "strong_augmentation":  # w/o Aug: the student sees the weak view itself, in the consistency too
+        assert len(forwards) == 3 and torch.equal(forwards[1][1], weak) and torch.equal(forwards[2][1], weak)
     elif switch == "momentum_network":  # w/o Mom: the targets come from the student itself, normalising like it
         assert recipe.ema_model is None and recipe.ema_head is None
         assert not any(k.startswith("ema_") for k in recipe.state_dict())
@@ -384,7 +386,8 @@ def test_cpsl_configs_use_the_authors_consistency_reduction_and_cpsl_paper_the_p
     cfg = load_config(config)
     assert cfg.recipe == "cpsl"
     assert cpsl_recipe.parse_options(cpsl_recipe.CPSLOptions, cfg.method, "cpsl").consistency_reduction == reduction
-    assert cpsl_recipe.CPSLOptions().consistency_reduction == "class_mean"
+    options = cpsl_recipe.CPSLOptions()
+    assert options.consistency_reduction == "class_mean" and options.target_view == "weak"  # the authors' code
 
 
 def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
@@ -402,9 +405,10 @@ def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
 
 
 def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """method.target_view=weak cutmix_p=1 target_loss=symmetric_ce: L^t_SEG is 0.1 CE + 1.0 RCE of a third forward on the
-    weak view with a source box (and its labels) pasted in; the strong view's forward feeds the consistency alone."""
-    options = ("method.target_view=weak", "method.cutmix_p=1", "method.target_loss=symmetric_ce")
+    """method.cutmix_p=1 target_loss=symmetric_ce: L^t_SEG is 0.1 CE + 1.0 RCE of a third forward on the weak view
+    (method.target_view=weak, default) with a source box (and its labels) pasted in; the strong view's forward feeds the
+    consistency alone. method.target_view=strong trains L^t_SEG on the strong forward and refuses CutMix."""
+    options = ("method.cutmix_p=1", "method.target_loss=symmetric_ce")  # method.target_view=weak is the default
     _, recipe, batches, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "authors_target", *options)
     weak, source = batches["target"]["image"], batches["source"]
     assert [f[0] for f in forwards] == [True, True, True] and losses["cutmix"] == 1.0
@@ -421,10 +425,13 @@ def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, w
     logits = mixed[2]
     ce = F.cross_entropy(logits, target_labels, ignore_index=recipe.ignore_index)
     assert losses["loss_target"].item() == pytest.approx((0.1 * ce + reverse_cross_entropy(logits, target_labels)).item(), rel=1e-5)
-    _, _, _, _, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "weak_only", "method.target_view=weak")
-    assert torch.equal(forwards[2][1], weak) and "cutmix" not in losses  # no CutMix unless asked: no draw either
+    # method.target_view=strong (the default before 2026-12-07): L^t_SEG and the consistency share the strong forward
+    _, _, _, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "strong_target", "method.target_view=strong")
+    assert len(forwards) == 2 and not torch.equal(forwards[1][1], weak) and "cutmix" not in losses
+    assert torch.equal(spy.one("symmetric_kl_consistency")["strong"], forwards[1][2])
+    assert torch.equal(spy.calls["supervised_loss"][1], spy.one("rectify_pseudo_labels")["result"])
     with pytest.raises(ConfigError, match="method.cutmix_p=0.5 pastes source boxes .* set method.target_view=weak"):
-        Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5"))
+        Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5", "method.target_view=strong"))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

@@ -13,8 +13,8 @@ l.5-6, Eq. 3 source loss                    cross-entropy on the source crop (``
 l.17 ``P_SL``                               ``f'_SL`` (EMA head) on ``f'_SEG`` (EMA network) features of the
                                             weak view
 l.18, Eq. 1 rectified labels (tau)          :func:`rectify_pseudo_labels`
-l.19, Eq. 2 target loss                     cross-entropy of the student on the strong view (``loss_target``;
-                                            the authors' weak view, CutMix and symmetric CE: ``method.target_view``,
+l.19, Eq. 2 target loss                     cross-entropy of the student on the weak view, as the authors' code
+                                            (``loss_target``; ``method.target_view``; their CutMix and symmetric CE:
                                             ``method.cutmix_p``, ``method.target_loss``)
 Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectified labels
 l.8-14, Eq. 4-6, 12 self-labeling loss      :func:`online_self_labeling_loss` over ``[bank; batch]`` with
@@ -105,7 +105,8 @@ INIT_FILE = "cpsl_init.pt"
 class CPSLOptions(BaseModel):
     """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted.
 
-    ``consistency_reduction`` is the authors' code's by default: their README's ``--proto_consistW 5``
+    ``target_view`` is the authors' code's by default (the paper does not name the view), and so is
+    ``consistency_reduction``: their README's ``--proto_consistW 5``
     is the paper's lambda2 = 5 applied to the per-pixel KL divided by K, the scale at which the
     published tables were produced; ``pixel_mean`` (config ``<benchmark>/cpsl_paper``) is the plain
     per-pixel mean, K times stronger.
@@ -162,10 +163,11 @@ class CPSLOptions(BaseModel):
         description="BatchNorm of the momentum network: batch statistics wherever the student uses them (authors' "
         "train-mode teacher) or its running statistics (eval mode)",
     )
-    target_view: Literal["strong", "weak"] = Field(
-        "strong",
-        description="the student's view that L^t_SEG (Eq. 2) trains on: the strong one, which the consistency also uses, or "
-        "the weak one (the authors' code: the strong view gets a forward of its own for the consistency alone)",
+    target_view: Literal["weak", "strong"] = Field(
+        "weak",
+        description="the student's view that L^t_SEG (Eq. 2) trains on (the paper does not say): the weak one, as the authors' "
+        "code, while the strong view gets a forward of its own for the consistency alone; or the strong one, which the "
+        "consistency also uses (one forward fewer; the default before 2026-12-07)",
     )
     target_loss: Literal["ce", "symmetric_ce"] = Field(
         "ce",
