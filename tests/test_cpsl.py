@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,14 @@ from segadapt.methods.cpsl import (
     SelfLabelingHead,
     class_prototypes,
     cpsl_total_loss,
+    cutmix,
+    cutmix_box,
     distillation_loss,
     gather_pixel_features,
     online_self_labeling_loss,
+    prototype_kl_consistency,
     rectify_pseudo_labels,
+    reverse_cross_entropy,
     sample_pixels,
     self_labeling_loss,
     symmetric_kl_consistency,
@@ -398,15 +403,98 @@ def test_symmetric_kl_consistency_eq13() -> None:
     reference = (
         F.kl_div(log_s, log_w, reduction="none", log_target=True) + F.kl_div(log_w, log_s, reduction="none", log_target=True)
     ).sum(1)
-    torch.testing.assert_close(value, reference.mean())
+    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, reduction="pixel_mean"), reference.mean())
+    torch.testing.assert_close(value, reference.mean() / 5)  # default: the authors' reduction, divided by K = 5
     mask = torch.zeros(2, 3, 4, dtype=torch.bool)
     mask[0, 1, 2] = mask[1, 0, 0] = True
-    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, mask), reference[mask].mean())
+    torch.testing.assert_close(symmetric_kl_consistency(weak, strong, mask, "pixel_mean"), reference[mask].mean())
     assert float(symmetric_kl_consistency(weak, strong, torch.zeros_like(mask))) == 0.0
     with pytest.raises(DataError, match=r"weak \(2, 5, 3, 4\) and strong \(2, 5, 3, 3\) logits must match"):
         symmetric_kl_consistency(weak, strong[..., :3])
     with pytest.raises(DataError, match="valid_mask must be a bool"):
         symmetric_kl_consistency(weak, strong, mask.float())
+
+
+def test_consistency_reductions_on_hand_computed_values() -> None:
+    """Two pixels, K = 2: p_w = (3/4, 1/4) against p_s = (1/2, 1/2) at pixel 0, identical views at pixel 1.
+
+    Symmetric KL at pixel 0: sum_c (p_w - p_s)(log p_w - log p_s) = 1/4 ln 1.5 + 1/4 ln 2 = ln(3) / 4;
+    KL(p_w || p_s) = 3/4 ln 1.5 + 1/4 ln 0.5. ``pixel_mean`` divides the sum over valid pixels by their
+    count; ``class_mean`` (default, the authors' code) by K times that count.
+    """
+    weak = torch.tensor([[math.log(3.0), 0.0], [0.4, -0.2]]).T.reshape(1, 2, 1, 2)  # [N, K, h, w]
+    strong = torch.tensor([[0.0, 0.0], [0.4, -0.2]]).T.reshape(1, 2, 1, 2)
+    symmetric, one_way = math.log(3.0) / 4, 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    both, first = torch.ones(1, 1, 2, dtype=torch.bool), torch.tensor([[[True, False]]])
+    for function, pixel0 in ((symmetric_kl_consistency, symmetric), (partial(prototype_kl_consistency, temperature=1.0), one_way)):
+        assert float(function(weak, strong, valid_mask=both, reduction="pixel_mean")) == pytest.approx(pixel0 / 2, rel=1e-6)
+        assert float(function(weak, strong, valid_mask=both, reduction="class_mean")) == pytest.approx(pixel0 / 4, rel=1e-6)
+        assert float(function(weak, strong, valid_mask=first, reduction="pixel_mean")) == pytest.approx(pixel0, rel=1e-6)
+        assert float(function(weak, strong, valid_mask=first)) == pytest.approx(pixel0 / 2, rel=1e-6)  # the default
+        with pytest.raises(ValueError, match="'class_mean' \\(authors' code\\) or 'pixel_mean', got 'sum'"):
+            function(weak, strong, reduction="sum")
+
+
+def test_class_mean_is_the_authors_masked_sum_over_pixels_and_classes() -> None:
+    """The authors' reduction: the element-wise KL [N, K, h, w] times a mask of the same shape (a padded pixel
+    is masked in every class), summed and divided by the mask's sum."""
+    generator = torch.Generator().manual_seed(3)
+    weak, strong = torch.randn(2, 6, 3, 5, generator=generator), torch.randn(2, 6, 3, 5, generator=generator)
+    valid = torch.rand(2, 3, 5, generator=generator) > 0.3
+    elementwise = F.kl_div(F.log_softmax(strong / 0.08, 1), F.softmax(weak / 0.08, 1), reduction="none")
+    mask = valid.unsqueeze(1).expand_as(elementwise).float()
+    authors = (elementwise * mask).sum() / mask.sum()
+    torch.testing.assert_close(prototype_kl_consistency(weak, strong, 0.08, valid), authors)
+
+
+def test_reverse_cross_entropy_is_the_authors_rce_on_hand_computed_values() -> None:
+    """p = (3/4, 1/4): RCE = -ln(1e-4) * (mass outside the label) = 9.2103 * 1/4 for label 0, * 3/4 for label 1."""
+    logits = torch.tensor([math.log(3.0), 0.0]).view(1, 2, 1, 1).expand(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 1, 255]]])
+    expected = -math.log(1e-4) * (0.25 + 0.75) / 2  # the ignored pixel does not count
+    assert float(reverse_cross_entropy(logits, labels)) == pytest.approx(expected, rel=1e-5)
+    # the authors' formula: one-hot labels clipped to [1e-4, 1], probabilities to [1e-7, 1], masked mean
+    generator = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(2, 4, 3, 5, generator=generator) * 6, torch.randint(0, 4, (2, 3, 5), generator=generator)
+    labels[0, 0, :2] = 255
+    valid = labels != 255
+    one_hot = F.one_hot(labels.masked_fill(~valid, 4), 5)[..., :4].permute(0, 3, 1, 2).float().clamp(1e-4, 1.0)
+    probabilities = F.softmax(logits, 1).clamp(1e-7, 1.0)
+    authors = -((probabilities * one_hot.log()).sum(1) * valid).sum() / (valid.sum() + 1e-6)
+    torch.testing.assert_close(reverse_cross_entropy(logits, labels), authors)
+    coarse = reverse_cross_entropy(logits[..., :2, :3], torch.zeros(2, 4, 6, dtype=torch.long))  # logits upsampled to the labels
+    assert coarse.shape == () and torch.isfinite(coarse)
+    with pytest.raises(DataError, match=r"logits \[N, K, h, w\] and labels \[N, H, W\]"):
+        reverse_cross_entropy(logits, labels[0])
+
+
+def test_cutmix_box_covers_half_the_frame_with_a_random_aspect_inside_it() -> None:
+    shapes = set()
+    for seed in range(40):
+        top, left, bottom, right = cutmix_box(60, 120, generator=torch.Generator().manual_seed(seed))
+        assert 0 <= top < bottom <= 60 and 0 <= left < right <= 120
+        assert (bottom - top) * (right - left) / (60 * 120) == pytest.approx(0.5, abs=0.02)
+        assert 30 <= bottom - top <= 60 and 60 <= right - left <= 120  # height fraction 0.5 ** U(0, 1), width the rest
+        shapes.add(bottom - top)
+    assert len(shapes) > 10
+    with pytest.raises(ValueError, match=r"area must be a fraction in \(0, 1\], got 0"):
+        cutmix_box(8, 8, area=0.0)
+
+
+def test_cutmix_pastes_the_source_box_and_its_labels_through_the_image_grid() -> None:
+    """Labels on a grid twice coarser: up to the image grid (nearest), source labels in the box, back down."""
+    target, source = torch.zeros(2, 3, 4, 8), torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).view(2, 3, 4, 8)
+    target_labels = torch.tensor([[[1, 1, 1, 1], [1, 1, 1, 1]], [[2, 2, 2, 2], [2, 2, 2, 2]]])
+    source_labels = torch.full((2, 4, 8), 5)
+    source_labels[1] = 6
+    images, labels = cutmix(target, source, target_labels, source_labels, (0, 4, 4, 8))  # the right half
+    assert torch.equal(images[..., 4:], source[..., 4:]) and not images[..., :4].any()
+    assert labels.tolist() == [[[1, 1, 5, 5], [1, 1, 5, 5]], [[2, 2, 6, 6], [2, 2, 6, 6]]]
+    assert not target.any() and (target_labels < 3).all()  # inputs untouched
+    images, labels = cutmix(target, source, target_labels, source_labels, (2, 0, 3, 8))  # one row: misses the grid's sample points
+    assert torch.equal(images[:, :, 2], source[:, :, 2]) and torch.equal(labels, target_labels)
+    with pytest.raises(DataError, match="same crop size"):
+        cutmix(target, source[..., :6], target_labels, source_labels, (0, 0, 1, 1))
 
 
 def test_total_loss_eq14_defaults() -> None:

@@ -20,7 +20,7 @@ from segadapt.engine.recipes import cpsl as cpsl_recipe
 from segadapt.engine.recipes.adversarial import FCDiscriminator
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
-from segadapt.methods.cpsl import class_pixel_counts
+from segadapt.methods.cpsl import class_pixel_counts, cutmix, reverse_cross_entropy
 from segadapt.methods.ema import batch_norm_as
 
 from data_fixtures import FAST, TINY, tiny_args, tiny_config
@@ -146,8 +146,8 @@ class Spy:
             ("rectify_pseudo_labels", ("soft", "scores", "tau")),
             ("sample_pixels", ("labels", "m", "k")),
             ("online_self_labeling_loss", ("head", "features", "bank", "marginal")),
-            ("symmetric_kl_consistency", ("weak", "strong", "mask")),
-            ("prototype_kl_consistency", ("weak", "strong", "tau", "mask")),
+            ("symmetric_kl_consistency", ("weak", "strong", "mask", "reduction")),
+            ("prototype_kl_consistency", ("weak", "strong", "tau", "mask", "reduction")),
         ):
             self._wrap(monkeypatch, name, params)
 
@@ -214,11 +214,14 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
     assert recipe.class_distribution.momentum == pytest.approx(alpha)
     assert torch.allclose(recipe.class_distribution.distribution, alpha * r0 + (1 - alpha) * counts / counts.sum(), atol=1e-7)  # Eq. 11
     assert int(recipe.bank.num_filled) == 32
-    # the student's target view is the strong one: same geometry, other colours
-    student_input = forwards[-1][1]
-    assert [f[0] for f in forwards] == [True, True] and student_input.shape == weak.shape and not torch.equal(student_input, weak)
+    # the consistency's student view is the strong one (same geometry, other colours); L^t_SEG is on the weak view, a
+    # third forward, as the authors' code (method.target_view=weak, default)
+    strong_input = forwards[1][1]
+    assert [f[0] for f in forwards] == [True, True, True] and strong_input.shape == weak.shape and not torch.equal(strong_input, weak)
+    assert torch.equal(forwards[2][1], weak) and "cutmix" not in losses
     kl = spy.one("symmetric_kl_consistency")
-    assert torch.equal(kl["strong"], forwards[-1][2])
+    assert torch.equal(kl["strong"], forwards[1][2])
+    assert kl["reduction"] == "class_mean" and torch.equal(losses["loss_reg"], kl["result"])  # the authors' KL / K
     # both cross-entropies follow the supervised-loss rule (an auxiliary head would be trained by both)
     assert len(spy.calls["supervised_loss"]) == 2 and torch.equal(spy.calls["supervised_loss"][1], labels)
     total = losses["loss_source"] + losses["loss_target"] + 0.1 * losses["loss_sl"] + 5.0 * losses["loss_reg"]
@@ -273,8 +276,8 @@ def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Pa
         prototypes = F.normalize(torch.load(tmp_path / switch / "cpsl_init.pt")["prototypes"], dim=1)
         assert not torch.allclose(recipe.head.prototypes, prototypes, atol=1e-2)
         assert torch.allclose(recipe.head.prototypes.norm(dim=1), torch.ones(19))
-    elif switch == "strong_augmentation":  # w/o Aug: the student sees the weak view itself
-        assert torch.equal(forwards[-1][1], weak)
+    elif switch == "strong_augmentation":  # w/o Aug: the student sees the weak view itself, in the consistency too
+        assert len(forwards) == 3 and torch.equal(forwards[1][1], weak) and torch.equal(forwards[2][1], weak)
     elif switch == "momentum_network":  # w/o Mom: the targets come from the student itself, normalising like it
         assert recipe.ema_model is None and recipe.ema_head is None
         assert not any(k.startswith("ema_") for k in recipe.state_dict())
@@ -354,7 +357,8 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
         # one-directional KL at tau
         p_weak = torch.softmax(call["weak"] / 0.08, dim=1)
         kl = (p_weak * (p_weak.log() - torch.log_softmax(call["strong"] / 0.08, dim=1))).sum(1).mean()
-        assert losses["loss_reg"].item() == pytest.approx(kl.item(), rel=1e-4)
+        assert call["reduction"] == "class_mean"
+        assert losses["loss_reg"].item() == pytest.approx(kl.item() / 19, rel=1e-4)  # the authors' (kl * mask).sum() / mask.sum()
         losses["loss"].backward()
         gradients[lambda2] = (
             [p.grad.clone() for p in recipe.model.parameters() if p.grad is not None],
@@ -365,6 +369,69 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
     assert any(not torch.equal(a, b) for a, b in zip(network, network_without))  # ... and reaches the network
     with pytest.raises(ConfigError, match=r"method.consistency=segmentation \(Eq. 13\) for 'w/o SL'"):
         Trainer(cpsl_config(tmp_path, warmup, "name=e5", "method.consistency=prototype", "method.self_labeling=false"))
+
+
+@pytest.mark.parametrize(
+    ("config", "reduction"),
+    [
+        ("benchmark/cpsl", "class_mean"),
+        ("gta5_to_cityscapes/cpsl", "class_mean"),
+        ("synthia_to_cityscapes/cpsl", "class_mean"),
+        ("benchmark/cpsl_prototype_consistency", "class_mean"),
+        ("benchmark/cpsl_paper", "pixel_mean"),
+        ("gta5_to_cityscapes/cpsl_paper", "pixel_mean"),
+    ],
+)
+def test_cpsl_configs_use_the_authors_consistency_reduction_and_cpsl_paper_the_per_pixel_mean(config: str, reduction: str) -> None:
+    cfg = load_config(config)
+    assert cfg.recipe == "cpsl"
+    assert cpsl_recipe.parse_options(cpsl_recipe.CPSLOptions, cfg.method, "cpsl").consistency_reduction == reduction
+    options = cpsl_recipe.CPSLOptions()
+    assert options.consistency_reduction == "class_mean" and options.target_view == "weak"  # the authors' code
+
+
+def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
+    tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same step with method.consistency_reduction=pixel_mean (benchmark/cpsl_paper) has K times the consistency."""
+    values = {}
+    for reduction in ("class_mean", "pixel_mean"):
+        _, _, _, spy, _, losses, _ = one_step(tmp_path, warmup, monkeypatch, reduction, f"method.consistency_reduction={reduction}")
+        assert spy.one("symmetric_kl_consistency")["reduction"] == reduction
+        values[reduction] = losses["loss_reg"].item()
+    assert values["pixel_mean"] > 0 and values["pixel_mean"] == pytest.approx(19 * values["class_mean"], rel=1e-5)
+    with pytest.raises(ConfigError, match="consistency_reduction"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=bad", "method.consistency_reduction=sum"))
+
+
+def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """method.cutmix_p=1 target_loss=symmetric_ce: L^t_SEG is 0.1 CE + 1.0 RCE of a third forward on the weak view
+    (method.target_view=weak, default) with a source box (and its labels) pasted in; the strong view's forward feeds the
+    consistency alone. method.target_view=strong trains L^t_SEG on the strong forward and refuses CutMix."""
+    options = ("method.cutmix_p=1", "method.target_loss=symmetric_ce")  # method.target_view=weak is the default
+    _, recipe, batches, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "authors_target", *options)
+    weak, source = batches["target"]["image"], batches["source"]
+    assert [f[0] for f in forwards] == [True, True, True] and losses["cutmix"] == 1.0
+    strong, mixed = forwards[1], forwards[2]
+    assert torch.equal(spy.one("symmetric_kl_consistency")["strong"], strong[2]) and not torch.equal(strong[1], weak)
+    pasted = (mixed[1] != weak).any(1)  # [N, H, W]: where the source replaced the target
+    rows, columns = pasted.any(0).any(1).nonzero().flatten(), pasted.any(0).any(0).nonzero().flatten()
+    box = (int(rows[0]), int(columns[0]), int(rows[-1]) + 1, int(columns[-1]) + 1)
+    assert box[2] - box[0] < weak.shape[2] or box[3] - box[1] < weak.shape[3]  # a box, not the whole crop
+    expected_images, expected_labels = cutmix(weak, source["image"], spy.one("rectify_pseudo_labels")["result"], source["label"], box)
+    assert torch.equal(mixed[1], expected_images)
+    target_labels = spy.calls["supervised_loss"][1]
+    assert torch.equal(target_labels, expected_labels)
+    logits = mixed[2]
+    ce = F.cross_entropy(logits, target_labels, ignore_index=recipe.ignore_index)
+    assert losses["loss_target"].item() == pytest.approx((0.1 * ce + reverse_cross_entropy(logits, target_labels)).item(), rel=1e-5)
+    # method.target_view=strong (the default before 2026-12-07): L^t_SEG and the consistency share the strong forward
+    _, _, _, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "strong_target", "method.target_view=strong")
+    assert len(forwards) == 2 and not torch.equal(forwards[1][1], weak) and "cutmix" not in losses
+    assert torch.equal(spy.one("symmetric_kl_consistency")["strong"], forwards[1][2])
+    assert torch.equal(spy.calls["supervised_loss"][1], spy.one("rectify_pseudo_labels")["result"])
+    with pytest.raises(ConfigError, match="method.cutmix_p=0.5 pastes source boxes .* set method.target_view=weak"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5", "method.target_view=strong"))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

@@ -19,6 +19,7 @@ Eq. 10-12 (distribution align)  :class:`ClassDistribution`, fed with
 Eq. 13 (consistency)            :func:`symmetric_kl_consistency` (the authors' code:
                                 :func:`prototype_kl_consistency`)
 Eq. 14 (total loss)             :func:`cpsl_total_loss`
+authors' code, not in the paper :func:`reverse_cross_entropy` (``--rce``), :func:`cutmix_box`, :func:`cutmix`
 CPSL+distill (Sec. 4.2)         :func:`distillation_loss` (KL: :func:`~segadapt.methods.common.pixel_kl_divergence`)
 ==============================  ==========================================================
 
@@ -28,9 +29,11 @@ CPSL+distill (Sec. 4.2)         :func:`distillation_loss` (KL: :func:`~segadapt.
 
 Defaults are the paper's (Sec. 4.1): tau = 0.08, epsilon = 0.05, lambda1 = 0.1, lambda2 = 5, a bank of
 65,536 features, M = 512 pixels per image; 3 Sinkhorn iterations as in the authors' code (the paper
-gives no count). Where the authors' code departs from the paper (docs/reference_code.md, section
-"CPSL (lslrh/CPSL, built on microsoft/ProDA)") the paper is followed and the departure is named in
-the docstring.
+gives no count). One exception: the consistency losses divide their per-pixel KL by the class count
+as the authors' code does (:data:`ConsistencyReduction`, ``reduction="pixel_mean"`` for the plain
+per-pixel mean), because the paper's ``lambda2 = 5`` was run at that scale. Where the authors' code
+departs from the paper otherwise (docs/reference_code.md, section "CPSL (lslrh/CPSL, built on
+microsoft/ProDA)") the paper is followed and the departure is named in the docstring.
 
 One stage-1 step, in the order of Algorithm 1 (the engine's CPSL recipe does this)::
 
@@ -46,6 +49,7 @@ One stage-1 step, in the order of Algorithm 1 (the engine's CPSL recipe does thi
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -53,12 +57,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.classes import IGNORE_INDEX
+from ..data.transforms import resize
 from ..errors import ConfigError, DataError
 from .common import check_label_ids, class_feature_means, class_feature_sums, class_means_from_sums, class_pixel_counts, pixel_kl_divergence
 from .sinkhorn import class_marginal_error, normalized_marginal, sinkhorn
 
 __all__ = [
     "ClassDistribution",
+    "ConsistencyReduction",
     "DistillationLoss",
     "MemoryBank",
     "PrototypeAccumulator",
@@ -67,10 +73,13 @@ __all__ = [
     "class_pixel_counts",  # re-exported from .common
     "class_prototypes",
     "cpsl_total_loss",
+    "cutmix",
+    "cutmix_box",
     "distillation_loss",
     "gather_pixel_features",
     "online_self_labeling_loss",
     "rectify_pseudo_labels",
+    "reverse_cross_entropy",
     "sample_pixels",
     "self_labeling_loss",
     "sinkhorn",  # re-exported from .sinkhorn
@@ -566,16 +575,34 @@ def online_self_labeling_loss(
     return self_labeling_loss(head(features), assignments, temperature)
 
 
-def symmetric_kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels (CPSL Eq. 13).
+ConsistencyReduction = Literal["class_mean", "pixel_mean"]
+"""How :func:`symmetric_kl_consistency` and :func:`prototype_kl_consistency` average their per-pixel KL.
+
+``class_mean`` (default): the sum over valid pixels and classes divided by ``K`` times the number of
+valid pixels, the authors' reduction (their masked KL is summed and divided by a mask that has one
+entry per pixel *and class*), so ``lambda2`` acts on the per-pixel KL divided by ``K``.
+``pixel_mean``: divided by the number of valid pixels alone, the per-pixel mean, a reading of Eq. 13
+(which sums over pixels and images and gives no normalisation) that keeps ``lambda2`` independent of
+the crop size. At the paper's ``lambda2 = 5`` the two differ by the factor ``K`` (19 on Cityscapes).
+"""
+
+
+def symmetric_kl_consistency(
+    weak_logits: torch.Tensor,
+    strong_logits: torch.Tensor,
+    valid_mask: torch.Tensor | None = None,
+    reduction: ConsistencyReduction = "class_mean",
+) -> torch.Tensor:
+    """``KL(P_w || P_s) + KL(P_s || P_w)`` per pixel, averaged over valid pixels as ``reduction`` says (CPSL Eq. 13).
 
     ``P = softmax(logits)`` over the class dimension, computed in float32. Eq. 13 sums over pixels and
-    images; the mean is used here (as the authors' code, which divides by the mask sum) so that
-    ``lambda2 = 5`` does not depend on the crop size. The weak view comes from the momentum network
-    and carries no gradient; detach it yourself if it does. The authors' code uses only
-    ``KL(teacher || student)`` on prototype-cosine probabilities (docs/reference_code.md, "CPSL:
-    consistency loss");
-    pass ``cos / tau`` as logits for that probability model.
+    images without a normalisation; the loss here is a mean so that ``lambda2`` does not depend on the
+    crop size, and ``reduction`` (:data:`ConsistencyReduction`) picks which mean: ``class_mean``
+    (default) also divides by the class count ``K``, as the authors' code does for its own form of the
+    term (docs/reference_code.md, "CPSL: consistency loss"); ``pixel_mean`` does not. The weak view
+    comes from the momentum network and carries no gradient; detach it yourself if it does. The
+    authors' code uses only ``KL(teacher || student)`` on prototype-cosine probabilities
+    (:func:`prototype_kl_consistency`).
 
     Shape:
         - weak_logits, strong_logits: ``[N, K, h, w]``; valid_mask: ``[N, h, w]`` bool (``False`` for
@@ -592,7 +619,7 @@ def symmetric_kl_consistency(weak_logits: torch.Tensor, strong_logits: torch.Ten
     log_strong = F.log_softmax(strong_logits.float(), dim=1)
     # KL(w||s) + KL(s||w) = sum_c (p_w - p_s)(log p_w - log p_s)
     per_pixel = ((log_weak.exp() - log_strong.exp()) * (log_weak - log_strong)).sum(dim=1)
-    return _mean_over_valid_pixels(per_pixel, valid_mask)
+    return _reduce_consistency(per_pixel, valid_mask, reduction, weak_logits.shape[1])
 
 
 def prototype_kl_consistency(
@@ -600,17 +627,20 @@ def prototype_kl_consistency(
     strong_scores: torch.Tensor,
     temperature: float = 0.08,
     valid_mask: torch.Tensor | None = None,
+    reduction: ConsistencyReduction = "class_mean",
 ) -> torch.Tensor:
-    """``KL(softmax(s_w / tau) || softmax(s_s / tau))`` per pixel, averaged over valid pixels: the
-    authors' code's consistency term, in place of CPSL Eq. 13.
+    """``KL(softmax(s_w / tau) || softmax(s_s / tau))`` per pixel, averaged over valid pixels as
+    ``reduction`` says: the authors' code's consistency term, in place of CPSL Eq. 13.
 
     The paper's Eq. 13 (:func:`symmetric_kl_consistency`) is a symmetric KL between the segmentation
     probability maps of the two views. The authors' code (inherited from ProDA) instead compares
     *prototype* probabilities: ``s_w`` are the cosines of the momentum network's weak-view features to
     the momentum head's prototypes, ``s_s`` those of the student's strong-view features to the same
     (momentum) prototypes, both at the temperature ``tau`` of Eq. 1, and only ``KL(teacher || student)``
-    is taken (docs/reference_code.md, "CPSL: consistency loss"). The gradient reaches the student's
-    features only: ``s_w`` is detached here; compute ``s_s`` with prototypes that carry no gradient.
+    is taken (docs/reference_code.md, "CPSL: consistency loss"). Its reduction is ``class_mean``
+    (default, :data:`ConsistencyReduction`): the per-pixel KL divided by ``K``. The gradient reaches
+    the student's features only: ``s_w`` is detached here; compute ``s_s`` with prototypes that carry
+    no gradient.
 
     Shape:
         - weak_scores, strong_scores: ``[N, K, h, w]`` cosines; valid_mask: ``[N, h, w]`` bool; output: scalar
@@ -619,13 +649,24 @@ def prototype_kl_consistency(
         >>> scores = torch.rand(1, 3, 2, 2)
         >>> float(prototype_kl_consistency(scores, scores))
         0.0
-        >>> round(float(prototype_kl_consistency(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1), 1.0)), 4)
+        >>> weak, strong = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+        >>> round(float(prototype_kl_consistency(weak, strong, 1.0, reduction="pixel_mean")), 4)
         0.1109
+        >>> round(float(prototype_kl_consistency(weak, strong, 1.0)), 4)  # divided by K = 2
+        0.0555
     """
     if weak_scores.shape != strong_scores.shape:
         raise DataError(f"weak {tuple(weak_scores.shape)} and strong {tuple(strong_scores.shape)} prototype scores must match")
     per_pixel = pixel_kl_divergence(strong_scores.float() / temperature, weak_scores.float() / temperature)
-    return _mean_over_valid_pixels(per_pixel, valid_mask)
+    return _reduce_consistency(per_pixel, valid_mask, reduction, weak_scores.shape[1])
+
+
+def _reduce_consistency(per_pixel: torch.Tensor, valid_mask: torch.Tensor | None, reduction: ConsistencyReduction, num_classes: int) -> torch.Tensor:
+    """The per-pixel KL ``[N, h, w]`` reduced to a scalar by :data:`ConsistencyReduction` ``reduction``."""
+    if reduction not in ("class_mean", "pixel_mean"):
+        raise ValueError(f"consistency reduction must be 'class_mean' (authors' code) or 'pixel_mean', got {reduction!r}")
+    mean = _mean_over_valid_pixels(per_pixel, valid_mask)
+    return mean / num_classes if reduction == "class_mean" else mean
 
 
 def _mean_over_valid_pixels(per_pixel: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
@@ -640,6 +681,98 @@ def _mean_over_valid_pixels(per_pixel: torch.Tensor, valid_mask: torch.Tensor | 
     return per_pixel[valid_mask].mean()
 
 
+def reverse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, floor: float = 1e-4) -> torch.Tensor:
+    """Reverse cross-entropy ``-sum_c p_c log max(y_c, floor)`` averaged over labelled pixels: the authors' ``--rce``.
+
+    The reverse term of symmetric cross-entropy (Wang et al., "Symmetric Cross Entropy for Robust
+    Learning with Noisy Labels", ICCV 2019, Eq. 5-6): the one-hot label ``y`` is clipped at ``floor``
+    so its log is finite, which makes the term ``-log(floor)`` (9.21) times the probability mass the
+    prediction puts outside the label class. It is bounded, so a wrong pseudo label pulls less than
+    under cross-entropy. The authors' stage 1 trains ``0.1 CE + 1.0 RCE`` on the target (not in the
+    CPSL paper; docs/reference_code.md, "CPSL: terms not in the paper"). As theirs, the
+    probabilities are clipped below at 1e-7; ``logits`` are upsampled bilinearly to the labels' size
+    when smaller.
+
+    Shape:
+        - logits: ``[N, K, h, w]``; labels: ``[N, H, W]`` (``ignore_index`` = unlabelled); output: scalar
+
+    Examples:
+        >>> logits = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)        # p = (1/2, 1/2)
+        >>> round(float(reverse_cross_entropy(logits, torch.tensor([[[0]]]))), 4)  # -ln(1e-4) / 2
+        4.6052
+    """
+    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0]:
+        raise DataError(f"reverse cross-entropy needs logits [N, K, h, w] and labels [N, H, W], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+        logits = F.interpolate(logits.float(), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+    probabilities = torch.softmax(logits.float(), dim=1).clamp(min=1e-7, max=1.0)
+    valid = labels != ignore_index
+    label_mass = probabilities.gather(1, labels.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+    per_pixel = -math.log(floor) * (probabilities.sum(dim=1) - label_mass)
+    return (per_pixel * valid).sum() / (valid.sum() + 1e-6)
+
+
+def cutmix_box(height: int, width: int, area: float = 0.5, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """``(top, left, bottom, right)`` of a random box covering ``area`` of a ``height x width`` frame, inside it.
+
+    The box of the authors' CutMix (their ``rand_bbox``, after French et al., "Semi-supervised semantic
+    segmentation needs strong, varied perturbations", BMVC 2020): the height fraction is
+    ``area ** u`` with ``u ~ U(0, 1)`` and the width fraction ``area`` over it (a random aspect
+    ratio at a fixed area), sizes rounded to pixels, the position uniform over the frame.
+
+    Examples:
+        >>> top, left, bottom, right = cutmix_box(64, 128, generator=torch.Generator().manual_seed(0))
+        >>> 0 <= top < bottom <= 64 and 0 <= left < right <= 128, round((bottom - top) * (right - left) / (64 * 128), 2)
+        (True, 0.5)
+    """
+    if not 0.0 < area <= 1.0:
+        raise ValueError(f"the CutMix box's area must be a fraction in (0, 1], got {area}")
+    draws = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+    height_fraction = area ** draws[0]
+    box_height, box_width = round(height_fraction * height), round(area / height_fraction * width)
+    top, left = round((height - box_height) * draws[1]), round((width - box_width) * draws[2])
+    return top, left, top + box_height, left + box_width
+
+
+def cutmix(
+    target_images: torch.Tensor,
+    source_images: torch.Tensor,
+    target_labels: torch.Tensor,
+    source_labels: torch.Tensor,
+    box: tuple[int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' CutMix: a source box and its labels pasted into the target crops and their pseudo labels.
+
+    Image ``n`` of the source batch goes into target image ``n``, the same ``box``
+    (:func:`cutmix_box`, on the image grid) for the whole batch. ``target_labels`` may live on a
+    coarser grid (the network's output grid): they are brought to the image grid by nearest
+    neighbour, the source labels pasted in, and the result brought back by nearest neighbour, as the
+    authors do at their label resolution (a quarter of the crop). Nothing is changed in place.
+
+    Shape:
+        - images: ``[N, C, H, W]`` both; source_labels: ``[N, H, W]``; target_labels: ``[N, h, w]``
+        - output: mixed images ``[N, C, H, W]`` and labels ``[N, h, w]``
+
+    Examples:
+        >>> target, source = torch.zeros(1, 1, 2, 4), torch.ones(1, 1, 2, 4)
+        >>> images, labels = cutmix(target, source, torch.zeros(1, 1, 2, dtype=torch.long), torch.full((1, 2, 4), 7), (0, 2, 2, 4))
+        >>> images[0, 0].tolist(), labels.tolist()
+        ([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], [[[0, 7]]])
+    """
+    if target_images.shape != source_images.shape or tuple(source_labels.shape) != (source_images.shape[0], *source_images.shape[-2:]):
+        raise DataError(
+            f"CutMix needs source and target crops of one size with labels on the source crop: target {tuple(target_images.shape)}, "
+            f"source {tuple(source_images.shape)}, source labels {tuple(source_labels.shape)}; give both streams the same crop size"
+        )
+    top, left, bottom, right = box
+    images = target_images.clone()
+    images[..., top:bottom, left:right] = source_images[..., top:bottom, left:right].to(images.dtype)
+    image_grid, label_grid = (target_images.shape[-2], target_images.shape[-1]), (target_labels.shape[-2], target_labels.shape[-1])
+    full = resize(target_labels.unsqueeze(1), image_grid, "label").squeeze(1).clone()
+    full[:, top:bottom, left:right] = source_labels[:, top:bottom, left:right].to(full.dtype)
+    return images, resize(full.unsqueeze(1), label_grid, "label").squeeze(1)
+
+
 def cpsl_total_loss(
     segmentation_loss: torch.Tensor,
     self_labeling_loss: torch.Tensor,
@@ -651,8 +784,8 @@ def cpsl_total_loss(
 
     ``L_SEG = L^t_SEG + L^s_SEG`` (Eq. 2, 3) is the caller's cross-entropy on source labels and
     rectified target pseudo labels. The authors' code adds a supervised-contrastive term (weight
-    0.001) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms not in the
-    paper"); neither is in the paper, so neither is here.
+    0.001, not offered) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms
+    not in the paper"): pass ``0.1 * CE + 1.0 *`` :func:`reverse_cross_entropy` as ``segmentation_loss``.
 
     Examples:
         >>> cpsl_total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.1))

@@ -13,12 +13,15 @@ l.5-6, Eq. 3 source loss                    cross-entropy on the source crop (``
 l.17 ``P_SL``                               ``f'_SL`` (EMA head) on ``f'_SEG`` (EMA network) features of the
                                             weak view
 l.18, Eq. 1 rectified labels (tau)          :func:`rectify_pseudo_labels`
-l.19, Eq. 2 target loss                     cross-entropy of the student on the strong view (``loss_target``)
+l.19, Eq. 2 target loss                     cross-entropy of the student on the weak view, as the authors' code
+                                            (``loss_target``; ``method.target_view``; their CutMix and symmetric CE:
+                                            ``method.cutmix_p``, ``method.target_loss``)
 Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectified labels
 l.8-14, Eq. 4-6, 12 self-labeling loss      :func:`online_self_labeling_loss` over ``[bank; batch]`` with
                                             Sinkhorn marginal ``r`` (``loss_sl``), then the bank is updated
 Eq. 11 distribution alignment               :meth:`ClassDistribution.update` with the rectified labels
-Eq. 13 consistency                          :func:`symmetric_kl_consistency` of EMA(weak) and student(strong)
+Eq. 13 consistency                          :func:`symmetric_kl_consistency` of EMA(weak) and student(strong),
+                                            per-pixel KL / K as the authors' code (``method.consistency_reduction``)
 Eq. 14 total                                ``loss_source +`` :func:`cpsl_total_loss`
 l.16, l.20 momentum updates (0.999)         :meth:`CPSL.after_optimizer_step`
 ==========================================  ===============================================================
@@ -42,7 +45,8 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   DeepLab-V2); pixels outside the image (crop padding) are ignored.
 - The strong view is the weak view with colour jitter (0.4, p = 0.5) and Gaussian blur (sigma 1,
   p = 0.5), the photometric part of the authors' ``RandAugmentMC`` (:data:`~.common.CPSL_STRONG`);
-  geometry is unchanged, so no replay between views is needed.
+  geometry is unchanged, so no replay between views is needed. ``L^t_SEG`` trains on the weak view and
+  the strong view gets its own forward for the consistency, as the authors' code (``method.target_view``).
 - ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
   ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
   authors' code does. A class the warm-up never predicts starts with ``r_k = 0``.
@@ -76,11 +80,14 @@ from ...methods.cpsl import (
     SelfLabelingHead,
     class_pixel_counts,
     cpsl_total_loss,
+    cutmix,
+    cutmix_box,
     gather_pixel_features,
     online_self_labeling_loss,
     prototype_cosines,
     prototype_kl_consistency,
     rectify_pseudo_labels,
+    reverse_cross_entropy,
     sample_pixels,
     symmetric_kl_consistency,
 )
@@ -97,7 +104,14 @@ INIT_FILE = "cpsl_init.pt"
 
 
 class CPSLOptions(BaseModel):
-    """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted."""
+    """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted.
+
+    ``target_view`` is the authors' code's by default (the paper does not name the view), and so is
+    ``consistency_reduction``: their README's ``--proto_consistW 5``
+    is the paper's lambda2 = 5 applied to the per-pixel KL divided by K, the scale at which the
+    published tables were produced; ``pixel_mean`` (config ``<benchmark>/cpsl_paper``) is the plain
+    per-pixel mean, K times stronger.
+    """
 
     model_config = ConfigDict(extra="forbid")
     renamed: ClassVar[dict[str, str]] = {"momentum": "ema_momentum"}  # the former name: run directories still resume
@@ -108,6 +122,12 @@ class CPSLOptions(BaseModel):
         "segmentation",
         description="L_REG: symmetric KL of the two views' segmentation probabilities (Eq. 13, paper) or KL(teacher || "
         "student) of their prototype probabilities softmax(cos(z, c'_SL) / tau) (the authors' code; needs self_labeling)",
+    )
+    consistency_reduction: Literal["class_mean", "pixel_mean"] = Field(
+        "class_mean",
+        description="how L_REG averages its per-pixel KL: also divided by the class count K (the authors' code: a masked "
+        "sum over N x K x h x w divided by the mask's sum, so their lambda2 = 5 acts on KL / K) or the per-pixel mean "
+        "(a reading of Eq. 13; the default before 2026-12-07, K times stronger at the same lambda2)",
     )
     tau: float = Field(0.08, gt=0, description="temperature of P_SL in Eq. 1 and of p in Eq. 4")
     epsilon: float = Field(0.05, gt=0, description="Sinkhorn temperature (Eq. 6)")
@@ -144,6 +164,25 @@ class CPSLOptions(BaseModel):
         description="BatchNorm of the momentum network: batch statistics wherever the student uses them (authors' "
         "train-mode teacher) or its running statistics (eval mode)",
     )
+    target_view: Literal["weak", "strong"] = Field(
+        "weak",
+        description="the student's view that L^t_SEG (Eq. 2) trains on (the paper does not say): the weak one, as the authors' "
+        "code, while the strong view gets a forward of its own for the consistency alone; or the strong one, which the "
+        "consistency also uses (one forward fewer; the default before 2026-12-07)",
+    )
+    target_loss: Literal["ce", "symmetric_ce"] = Field(
+        "ce",
+        description="L^t_SEG: cross-entropy (Eq. 2) or the authors' --rce, rce_alpha * CE + rce_beta * reverse CE",
+    )
+    rce_alpha: float = Field(0.1, ge=0, description="weight of the cross-entropy in target_loss=symmetric_ce (authors' 0.1)")
+    rce_beta: float = Field(1.0, ge=0, description="weight of the reverse cross-entropy in target_loss=symmetric_ce (authors' 1.0)")
+    cutmix_p: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability per iteration of the authors' CutMix: a source box of half the crop's area and its labels "
+        "pasted into the weak target view L^t_SEG trains on (authors' 0.5; needs target_view=weak)",
+    )
     sl_through_ema_features_only: bool = Field(
         True,
         description="L_SL on the momentum network's features, so it trains only the head (paper Fig. 1, Alg. 1 l. 15/19, "
@@ -155,6 +194,12 @@ def _check_switches(options: CPSLOptions) -> None:
     if not (options.self_labeling or options.self_training):
         raise ConfigError(
             "method.self_labeling=false and method.self_training=false leave CPSL without pseudo labels; keep at least one of them true"
+        )
+    if options.cutmix_p > 0 and options.target_view != "weak":
+        raise ConfigError(
+            f"method.cutmix_p={options.cutmix_p} pastes source boxes into the view L^t_SEG trains on, which must not be the "
+            "strong view the consistency compares with the momentum network: set method.target_view=weak (the authors' code) "
+            "or method.cutmix_p=0"
         )
     if options.consistency == "prototype" and not options.self_labeling:
         raise ConfigError(
@@ -401,7 +446,17 @@ class CPSL(Recipe):
         else:  # 'w/o SL': plain self-training on the warm-up's soft labels
             labels = soft.argmax(dim=1).masked_fill(~inside, self.ignore_index)
             loss_sl = student.logits.new_zeros(())
-        loss_target = self.supervised_loss(student, labels)  # Eq. 2
+        if options.target_view == "strong":
+            loss_target = self._target_loss(student, labels)  # Eq. 2
+        else:  # the authors' code: L^t_SEG on the weak view (with CutMix), the strong view for the consistency alone
+            view, view_labels = weak, labels
+            if options.cutmix_p > 0:
+                mixed = float(torch.rand(())) < options.cutmix_p
+                losses["cutmix"] = torch.tensor(float(mixed))
+                if mixed:
+                    box = cutmix_box(*spatial_size(weak))
+                    view, view_labels = cutmix(weak, source["image"], labels, source["label"], box)
+            loss_target = self._target_loss(self.model(view), view_labels)
         loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
         losses.update(
@@ -413,6 +468,20 @@ class CPSL(Recipe):
         )
         return losses
 
+    def _target_loss(self, output: SegOutput, labels: torch.Tensor) -> torch.Tensor:
+        """``L^t_SEG``: cross-entropy (Eq. 2), or the authors' symmetric form ``alpha CE + beta RCE`` (``--rce``).
+
+        Both parts follow the supervised-loss rule: an auxiliary head's logits get ``model.aux_weight``
+        times the same terms.
+        """
+        cross_entropy = self.supervised_loss(output, labels)
+        if self.options.target_loss == "ce":
+            return cross_entropy
+        reverse = reverse_cross_entropy(output.logits, labels, self.ignore_index)
+        if output.aux_logits is not None:
+            reverse = reverse + self.model.aux_weight * reverse_cross_entropy(output.aux_logits, labels, self.ignore_index)
+        return self.options.rce_alpha * cross_entropy + self.options.rce_beta * reverse
+
     def _momentum_head(self) -> SelfLabelingHead:
         """The head whose prototypes label the weak view: the EMA copy, or the head itself for 'w/o Mom'."""
         head = self.ema_head.module if self.ema_head is not None else self.head
@@ -423,12 +492,13 @@ class CPSL(Recipe):
         self, teacher: SegOutput, student: SegOutput, inside: torch.Tensor, momentum_scores: torch.Tensor | None
     ) -> torch.Tensor:
         """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form on ``momentum_scores``."""
+        reduction = self.options.consistency_reduction
         if self.options.consistency == "segmentation":
-            return symmetric_kl_consistency(teacher.logits, student.logits, inside)  # Eq. 13
+            return symmetric_kl_consistency(teacher.logits, student.logits, inside, reduction)  # Eq. 13
         assert momentum_scores is not None  # consistency=prototype requires self_labeling (_check_switches)
         # the momentum prototypes are a fixed target here: the gradient reaches the student's features only
         strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
-        return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside)
+        return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside, reduction)
 
     def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
