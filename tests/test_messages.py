@@ -114,7 +114,7 @@ def test_report_takes_a_run_stopped_before_its_first_log_line(toy_run: Path, tmp
 
 
 def test_report_refuses_runs_of_different_classes_naming_them(toy_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    tree = make_folder(tmp_path / "three")
+    tree = make_folder(tmp_path / "three_data")  # the run directory tmp_path/three lies beside the data, never in it
     assert main(folder_run(tree.root, tmp_path, "three")) == 0
     capsys.readouterr()
     out = tmp_path / "report"
