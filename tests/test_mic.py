@@ -153,14 +153,18 @@ def test_mic_with_its_own_ema_teacher_is_saved_and_updated_once_per_step(toy: Pa
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher if teacher[k].is_floating_point())
 
 
-def test_mic_config_errors_name_the_key_and_the_fix(toy: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"mic\.enabled: recipe source_only has no target pseudo labels.*bicl, cpsl, dacs, daformer, self_training"):
-        Trainer(load_config("benchmark/source_only", [*toy_overrides(toy), "mic.enabled=true", f"output_dir={tmp_path}"]))
-    with pytest.raises(ConfigError, match="mask_ratio"):
-        load_config("benchmark/dacs", ["mic.mask_ratoi=0.5"])
+def test_mic_config_errors_name_the_key_and_the_fix(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "runs"
+    assert main(["train", "benchmark/source_only", *toy_overrides(toy), "mic.enabled=true", f"output_dir={out}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "segadapt train: error: mic.enabled: recipe source_only has no target pseudo labels for masked image consistency; "
+        "use one of bicl, cpsl, dacs, daformer, self_training, or set mic.enabled=false"
+    )
+    assert main(["train", "benchmark/dacs", *toy_overrides(toy), "mic.mask_ratoi=0.5", f"output_dir={out}"]) == 2
+    assert "unknown key 'mic.mask_ratoi'; did you mean 'mic.mask_ratio'?" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="mic.mask_ratio"):
         load_config("benchmark/dacs", ["mic.mask_ratio=1.0"])
-    assert not (tmp_path / "run").exists()
+    assert not out.exists()  # refused before any run directory
 
 
 def test_the_mic_configs_load_with_the_authors_settings() -> None:
