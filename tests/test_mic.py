@@ -179,3 +179,20 @@ def test_the_mic_configs_load_with_the_authors_settings() -> None:
         cfg = load_config(name)
         assert cfg.mic.enabled and cfg.mic.mask_ratio == 0.7 and cfg.mic.mask_lambda == 1.0 and cfg.mic.teacher == "host"
         assert cfg.mic.mask_block_size == block, name
+
+
+def test_a_run_with_mic_and_its_own_teacher_resumes_exactly(toy: Path, warmups: dict[str, Path], tmp_path: Path) -> None:
+    overrides = [  # a constant rate and a numeric momentum: neither may follow the resume's train.iters
+        *host_overrides("benchmark/dacs", toy, warmups), *MIC_ON, "mic.teacher=ema", "schedule.name=constant", "method.ema_momentum=0.99",
+        f"output_dir={tmp_path}",
+    ]
+    assert main(["train", "benchmark/dacs", *overrides, "train.iters=3", "name=straight"]) == 0
+    assert main(["train", "benchmark/dacs", *overrides, "train.iters=2", "name=resumed"]) == 0
+    assert main(["train", "benchmark/dacs", *overrides, "train.iters=3", "name=resumed", "resume=true"]) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["recipe"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["recipe"]
+    assert a.keys() == b.keys() and any(key.startswith("mic.teacher.") for key in a)
+    for key, value in a.items():  # student, DACS's teacher and MIC's teacher alike
+        assert torch.equal(value, b[key]), key
+    # a resume refuses a change of the mic section, as of any section that changes the training
+    assert main(["train", "benchmark/dacs", *overrides, "train.iters=4", "name=resumed", "resume=true", "mic.mask_ratio=0.5"]) == 2
