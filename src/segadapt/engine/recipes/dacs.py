@@ -25,6 +25,9 @@ step"; the ``method.*`` key named in brackets switches a point back to segadapt'
    ``method.augmentation_coins``; the blur kernel 10 % of the image side, ``method.blur_kernel``; kornia's
    colour maths, ``method.jitter_maths``) on the mixed images;
    ``loss_mix = mean(weight * CE(student(mixed), mixed labels))`` over all pixels.
+5. With ``mic.enabled`` (MIC(DAFormer); :class:`~.common.MaskedImageConsistency`): the mixed term is
+   back-propagated, then the un-mixed target crop, colour-jittered, blurred and block-masked, is
+   trained against the teacher's labels and weight of step 2 (``loss_mic``), its own backward.
 
 Recipe ``daformer`` (Hoyer et al., CVPR 2022, Sec. 3.3; docs/daformer.md) is the same loop with
 DAFormer's three additions switched on (each is an option of both recipes, off in ``dacs``):
