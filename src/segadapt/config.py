@@ -325,6 +325,32 @@ class LossConfig(_Strict):
     blv: BLVConfig = Field(default_factory=BLVConfig)
 
 
+class MICConfig(_Strict):
+    """``mic``: masked image consistency (MIC; Hoyer et al., CVPR 2023) on top of a recipe with target pseudo labels.
+
+    With ``enabled`` the recipe (``dacs``, ``daformer``, ``cpsl``, ``self_training``, ``bicl``) adds
+    ``mask_lambda`` times the loss of the student on a colour-jittered, blurred and block-masked
+    copy of the target crop against the pseudo labels of the unmasked crop: the host's own labels
+    and weight (``teacher: host``), or those of an EMA teacher of MIC's own (``teacher: ema``),
+    back-propagated on its own (docs/recipes.md, "MIC on any recipe").
+    """
+
+    enabled: bool = False
+    mask_ratio: float = Field(0.7, ge=0, lt=1, description="share of the blocks hidden (a block is kept when U(0, 1) > ratio)")
+    mask_block_size: int = Field(
+        64, ge=1, description="block side in pixels of the training crop: 64 at full resolution, 32 at MIC(DAFormer)'s half resolution"
+    )
+    mask_lambda: float = Field(1.0, ge=0, description="weight of the masked consistency loss (lambda^M)")
+    augmentation: bool = Field(True, description="DACS's colour jitter and Gaussian blur on the target before it is masked")
+    teacher: Literal["host", "ema"] = Field(
+        "host",
+        description="host: the recipe's own pseudo labels and weight of the unmasked crop; ema: labels and the "
+        "confidence-share weight of an EMA teacher of MIC's own",
+    )
+    ema_momentum: float = Field(0.999, ge=0, lt=1, description="teacher: ema: its momentum (after a warm-up as DACS's)")
+    pseudo_threshold: float = Field(0.968, ge=0, le=1, description="teacher: ema: the confidence counted for the weight")
+
+
 class PseudoLabelConfig(_Strict):
     """How offline pseudo labels are made: ``segadapt pseudo-label``, recipe ``self_training``, ``segadapt rounds``.
 
@@ -419,6 +445,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    mic: MICConfig = Field(default_factory=MICConfig)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     method: dict[str, Any] = Field(

@@ -43,7 +43,7 @@ from .label_space import check_config_against_classes, require_labels, run_class
 from .logging import MetricsLog, Progress, read_metrics
 from .losses import build_seg_loss
 from .output_folder import check_not_data, stream_folders
-from .recipes import Recipe, recipe_class
+from .recipes import Recipe, check_masked_consistency, recipe_class
 from .recipes.base import Stream, parse_options
 from .resume import check_resume_config
 from .schedule import build_scheduler
@@ -94,6 +94,7 @@ class Trainer:
         self.recipe_class = recipe_class(cfg.recipe)
         # paths made absolute once (method.teacher too), so the run directory resumes from any working directory
         options = with_absolute_paths(parse_options(self.recipe_class.Options, cfg.method, cfg.recipe))
+        check_masked_consistency(self.recipe_class, cfg)
         cfg = with_absolute_paths(cfg).model_copy(update={"method": {key: getattr(options, key) for key in cfg.method}})
         self.cfg = cfg
         # what config.yaml records: the run as asked (every recipe option spelled out, defaults included, so a

@@ -14,6 +14,7 @@ per-class mean feature            :func:`class_feature_sums`, :func:`class_featu
 per-pixel ``KL(p_t || p_s)``      :func:`pixel_kl_divergence`
 per-pixel Shannon entropy         :func:`pixel_entropy`
 class-first source sampling       :func:`sample_by_class` (BiCL supplement Eq. 1, DAFormer Eq. 6)
+confidence-share label weight     :func:`confidence_share_weight` (DACS's pseudo-label weight, MIC Eq. 7)
 ================================  ===================================================================
 
 Examples:
@@ -248,3 +249,22 @@ def sample_by_class(
         images = members[c]
         indices[i] = images[min(int(u * images.numel()), images.numel() - 1)]
     return indices, classes
+
+
+def confidence_share_weight(confidence: torch.Tensor, threshold: float, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """The pseudo-label weight of DACS and MIC: the share of pixels whose confidence reaches ``threshold``, everywhere.
+
+    One number for the whole batch, broadcast to ``confidence``'s shape ``[N, H, W]`` (the DACS
+    code's ``sum(p >= tau) / size``; MIC's quality estimate ``q^T``, Hoyer et al. CVPR 2023, Eq. 7).
+    ``inside`` (bool, same shape) excludes pixels that show no image content (crop padding): they
+    neither count as confident nor leave the denominator, as the recipes have always counted them.
+
+    Examples:
+        >>> confidence_share_weight(torch.tensor([[[0.99, 0.5], [0.97, 0.2]]]), 0.968)
+        tensor([[[0.5000, 0.5000],
+                 [0.5000, 0.5000]]])
+    """
+    confident = confidence.ge(threshold)
+    if inside is not None:
+        confident = confident & inside
+    return confident.float().mean().expand_as(confidence)

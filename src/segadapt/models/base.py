@@ -77,6 +77,21 @@ class Normalization:
             raise ValueError(f"unknown normalization preset {name!r}; choose one of {sorted(presets)}")
         return presets[name]
 
+    def zero_colour(self) -> tuple[float, float, float]:
+        """The RGB colour in ``[0, 1]`` that this normalisation maps to zero: its mean, in RGB order, unscaled.
+
+        MIC hides image blocks by zeroing the normalised image; on ``[0, 1]`` RGB that is this colour.
+
+        Examples:
+            >>> Normalization.preset("imagenet").zero_colour()
+            (0.485, 0.456, 0.406)
+            >>> [round(v, 4) for v in Normalization.preset("caffe").zero_colour()]  # BGR mean, reordered, over 255
+            [0.4811, 0.4575, 0.4079]
+        """
+        mean = self.mean[::-1] if self.channel_order == "bgr" else self.mean
+        r, g, b = (value / self.pixel_scale for value in mean)
+        return (r, g, b)
+
 
 class InputNormalizer(nn.Module):
     """Applies a :class:`Normalization` to ``[N, 3, H, W]`` RGB images in ``[0, 1]``. Has no state_dict entries."""

@@ -33,6 +33,17 @@ def check_recipe_config(cfg: RunConfig) -> None:
     """
     cls = recipe_class(cfg.recipe)
     parse_options(cls.Options, cfg.method, cls.name)
+    check_masked_consistency(cls, cfg)
 
 
-__all__ = ["RECIPES", "Recipe", "Stream", "check_recipe_config", "recipe_class"]
+def check_masked_consistency(cls: type[Recipe], cfg: RunConfig) -> None:
+    """``mic.enabled`` needs a recipe with target pseudo labels (MIC trains on them); a ConfigError otherwise."""
+    if cfg.mic.enabled and not cls.masked_consistency:
+        hosts = ", ".join(sorted(name for name, recipe in RECIPES.items() if recipe.masked_consistency))
+        raise ConfigError(
+            f"mic.enabled: recipe {cls.name} has no target pseudo labels for masked image consistency; "
+            f"use one of {hosts}, or set mic.enabled=false"
+        )
+
+
+__all__ = ["RECIPES", "Recipe", "Stream", "check_masked_consistency", "check_recipe_config", "recipe_class"]

@@ -71,6 +71,9 @@ class Recipe(nn.Module, abc.ABC):
     streams: ClassVar[dict[str, Stream]]
     Options: ClassVar[type[BaseModel]] = NoOptions
     """The schema of ``cfg.method`` for this recipe (docs/recipes.md lists each recipe's keys)."""
+    masked_consistency: ClassVar[bool] = False
+    """True: the recipe has target pseudo labels and adds MIC's masked-target term under ``mic.enabled``
+    (:class:`~.common.MaskedImageConsistency`); other recipes refuse ``mic.enabled``."""
     collective_prepare: ClassVar[bool] = False
     """True: under torchrun every process runs :meth:`prepare` at once and shares its work (pseudo
     labels); False: rank 0 prepares alone and the others then reuse what it wrote."""

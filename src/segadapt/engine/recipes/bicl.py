@@ -70,6 +70,7 @@ from .common import (
     content_mask,
     forward_streams,
     load_teacher,
+    masked_image_consistency,
     source_class_pixels,
     spatial_size,
     view_start_size,
@@ -152,6 +153,7 @@ class BiCL(Recipe):
     name = "bicl"
     streams = {"source": Stream("source"), "target": Stream("target")}
     Options = BiCLOptions
+    masked_consistency = True
 
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
@@ -192,6 +194,7 @@ class BiCL(Recipe):
         self.source_memory = PrototypeMemory(self.num_classes, model.feature_dim, options.prototype_momentum, self.ignore_index)
         self.target_memory = PrototypeMemory(self.num_classes, model.feature_dim, options.prototype_momentum, self.ignore_index)
         self._truth, self._truth_index = self._ground_truth(cfg)
+        self.mic = masked_image_consistency(cfg, model)
 
     @staticmethod
     def _ground_truth(cfg: RunConfig) -> tuple[Any, dict[str, int]]:
@@ -268,6 +271,8 @@ class BiCL(Recipe):
             loss_bc=loss_bc.detach(),
         )
         losses.update(self.label_quality(target, labels))
+        if self.mic is not None:  # MIC against the labels of the target cross-entropy, weight 1 on labelled pixels
+            self.mic.add(losses, self, target, ce_labels, None, iteration)
         return losses
 
     @torch.no_grad()

@@ -10,6 +10,8 @@
 - :func:`cache_source_class_pixels` and :func:`source_class_pixels`: the pixels of each class in each
   source label map, counted once into the run directory, for class-balanced source sampling (BiCL's
   weighted sampling, DAFormer's rare-class sampling).
+- :class:`MaskedImageConsistency` and :func:`masked_image_consistency`: MIC's masked-target term
+  (``mic:`` in the run config), which every recipe with target pseudo labels adds the same way.
 
 The supervised-loss rule (the segmentation loss plus the auxiliary head's) is
 :meth:`.base.Recipe.supervised_loss`.
@@ -26,11 +28,14 @@ from torch import nn
 
 from ...data.transforms import strong_augment, valid_mask
 from ...errors import ConfigError, DataError
-from ...models.base import EncoderDecoder, SegOutput
+from ...methods.common import confidence_share_weight
+from ...methods.ema import ModelEMA, batch_norm_as, warmup_momentum
+from ...methods.mic import block_mask, mask_images
+from ...models.base import EncoderDecoder, SegmentationModel, SegOutput
 from ..losses import upsample_logits
 
 if TYPE_CHECKING:
-    from ...config import RunConfig
+    from ...config import MICConfig, RunConfig
     from .base import Recipe
 
 
@@ -224,3 +229,102 @@ def source_class_pixels(run_dir: Path, dataset: Any) -> torch.Tensor:
     if saved["names"] != list(dataset.names):
         raise DataError(f"{path} was made for another source split; delete it to recount")
     return saved["pixels"]
+
+
+# --------------------------------------------------------------------------- masked image consistency (MIC)
+
+
+class MaskedImageConsistency(nn.Module):
+    """MIC (Hoyer et al., CVPR 2023) as a term any recipe with target pseudo labels adds: ``mic:`` in the run config.
+
+    Per step, as the authors' ``MaskingConsistencyModule`` in its ``separatetrgaug`` mode (MIC's
+    UDA setting): the target crop gets DACS's colour jitter and blur (:data:`DACS_STRONG`, tossed
+    once for the batch, the 10 %-of-side blur kernel and kornia's colour maths, as the authors'
+    ``strong_transform``; ``mic.augmentation``), then a block mask hides a share ``mic.mask_ratio``
+    of its ``mic.mask_block_size`` blocks (MIC Eq. 3 and 4, :mod:`segadapt.methods.mic`), and the
+    student's prediction of the masked crop is trained with the recipe's supervised-loss rule (the
+    run's ``loss.name``: BLV composes) against the pseudo labels of the *unmasked* crop, weighted
+    by their confidence weight, times ``mic.mask_lambda`` (Eq. 8 and 10). The term is
+    back-propagated at once (:meth:`~.base.Recipe.backward_now`), so its graph is freed before the
+    host goes on, as the authors' separate backward.
+
+    The labels: ``mic.teacher: host`` takes the host's (DACS/DAFormer: the EMA teacher's argmax and
+    confidence-share weight, 0 in DAFormer's cropped rows; CPSL: its rectified labels of the weak
+    view; self-training: the offline pseudo labels; BiCL: the labels of its target cross-entropy).
+    Hosts without a confidence weight give none: the term is then the mean over the labelled pixels,
+    each with weight 1, as the host's own target loss. ``mic.teacher: ema`` keeps an EMA teacher of
+    its own (a submodule: saved and resumed with the recipe), updated from the student before each
+    step with DACS's warm-up momentum ``min(1 - 1/(k+1), mic.ema_momentum)`` after ``k`` steps (the
+    authors update theirs at the start of the step), predicting with BatchNorm as the student and
+    weighting its labels by the share above ``mic.pseudo_threshold`` (Eq. 7). Crop padding is never
+    labelled. Hidden pixels take the colour the network normalises to zero, the authors' masked value.
+    """
+
+    teacher_steps: torch.Tensor
+
+    def __init__(self, config: MICConfig, model: SegmentationModel) -> None:
+        super().__init__()
+        self.config = config
+        self.fill = torch.tensor(model.normalization.zero_colour())
+        self.teacher: ModelEMA | None = None
+        if config.teacher == "ema":
+            self.teacher = ModelEMA(model, config.ema_momentum)
+            self.register_buffer("teacher_steps", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> MaskedImageConsistency:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # predicts only: no dropout or drop-path; BatchNorm as the student's (batch_norm_as)
+        return self
+
+    @torch.no_grad()
+    def _teacher_pseudo_labels(self, model: nn.Module, batch: dict[str, Any], iteration: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and confidence-share weight ``[N, H, W]`` of MIC's own teacher on the unmasked crop."""
+        assert self.teacher is not None
+        if iteration > int(self.teacher_steps):  # once per optimiser step (grad_accum calls the step several times)
+            self.teacher.momentum = warmup_momentum(iteration, self.config.ema_momentum)
+            self.teacher.update(model)
+            self.teacher_steps.fill_(iteration)
+        images = batch["image"]
+        size = spatial_size(images)
+        with batch_norm_as(self.teacher.module, model):
+            logits = upsample_logits(self.teacher(images).logits.float(), size)
+        confidence, labels = torch.softmax(logits, dim=1).max(dim=1)
+        inside = content_mask(batch, size)
+        weight = confidence_share_weight(confidence, self.config.pseudo_threshold, inside)
+        return labels.masked_fill(~inside, ignore_index), weight
+
+    def masked_view(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` colour-jittered and blurred (``mic.augmentation``), then block-masked (MIC Eq. 3 and 4)."""
+        if self.config.augmentation:
+            images = strong_view(images, DACS_STRONG, coins="batch", blur_kernel="tenth_of_side", jitter_maths="kornia")
+        mask = block_mask(len(images), spatial_size(images), self.config.mask_ratio, self.config.mask_block_size, device=images.device)
+        return mask_images(images, mask.to(images.dtype), self.fill)
+
+    def add(
+        self,
+        losses: dict[str, torch.Tensor],
+        recipe: Recipe,
+        batch: dict[str, Any],
+        labels: torch.Tensor,
+        weight: torch.Tensor | None,
+        iteration: int,
+    ) -> dict[str, torch.Tensor]:
+        """Add the term to ``losses["loss"]`` and log it as ``loss_mic``; returns ``losses``.
+
+        ``batch`` is the host's target batch (its ``image`` the unmasked, un-augmented crop),
+        ``labels`` ``[N, h, w]`` and ``weight`` (or None) the host's pseudo labels and their weight
+        on it, at the crop's size or the network's output grid.
+        """
+        if self.teacher is not None:
+            labels, weight = self._teacher_pseudo_labels(recipe.model, batch, iteration, recipe.ignore_index)
+        output = recipe.model(self.masked_view(batch["image"]))
+        term = recipe.backward_now(self.config.mask_lambda * recipe.supervised_loss(output, labels, weight=weight))
+        losses["loss"] = losses["loss"] + term
+        losses["loss_mic"] = term.detach()
+        return losses
+
+
+def masked_image_consistency(cfg: RunConfig, model: SegmentationModel) -> MaskedImageConsistency | None:
+    """The recipe's MIC term under ``mic.enabled``; None (no submodule, no state) otherwise."""
+    return MaskedImageConsistency(cfg.mic, model) if cfg.mic.enabled else None

@@ -97,7 +97,7 @@ from ...progress import progress
 from ..distributed import all_gather_cat
 from ..run_cache import file_fingerprint, reuse_or_make
 from .base import Recipe, Stream, parse_options
-from .common import CPSL_STRONG, FrozenNetwork, content_mask, spatial_size, strong_view
+from .common import CPSL_STRONG, FrozenNetwork, content_mask, masked_image_consistency, spatial_size, strong_view
 
 INIT_FILE = "cpsl_init.pt"
 """What :meth:`CPSL.prepare` writes into the run directory: Eq. 7 prototypes and Eq. 10 class counts."""
@@ -305,6 +305,7 @@ class CPSL(Recipe):
     name = "cpsl"
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = CPSLOptions
+    masked_consistency = True
 
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
@@ -363,6 +364,7 @@ class CPSL(Recipe):
             self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
         # a plain attribute, so the network and head are not saved a second time under another name
         object.__setattr__(self, "_trainable", _SegmentationWithHead(model, self.head))
+        self.mic = masked_image_consistency(cfg, model)
 
     # ------------------------------------------------------------------ engine hooks
 
@@ -466,6 +468,8 @@ class CPSL(Recipe):
             loss_sl=loss_sl.detach(),
             loss_reg=loss_reg.detach(),
         )
+        if self.mic is not None:  # MIC on the weak view, with the (rectified) labels of the weak view and no weight
+            self.mic.add(losses, self, target, labels, None, iteration)
         return losses
 
     def _target_loss(self, output: SegOutput, labels: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,9 @@ step"; the ``method.*`` key named in brackets switches a point back to segadapt'
    ``method.augmentation_coins``; the blur kernel 10 % of the image side, ``method.blur_kernel``; kornia's
    colour maths, ``method.jitter_maths``) on the mixed images;
    ``loss_mix = mean(weight * CE(student(mixed), mixed labels))`` over all pixels.
+5. With ``mic.enabled`` (MIC(DAFormer); :class:`~.common.MaskedImageConsistency`): the mixed term is
+   back-propagated, then the un-mixed target crop, colour-jittered, blurred and block-masked, is
+   trained against the teacher's labels and weight of step 2 (``loss_mic``), its own backward.
 
 Recipe ``daformer`` (Hoyer et al., CVPR 2022, Sec. 3.3; docs/daformer.md) is the same loop with
 DAFormer's three additions switched on (each is an option of both recipes, off in ``dacs``):
@@ -55,6 +58,7 @@ from ...config import RunConfig
 from ...data.classes import ClassInfo
 from ...data.transforms import classmix_masks, mix
 from ...errors import ConfigError
+from ...methods.common import confidence_share_weight
 from ...methods.daformer import (
     downscale_labels_by_ratio,
     feature_distance,
@@ -73,6 +77,7 @@ from .common import (
     FrozenNetwork,
     cache_source_class_pixels,
     content_mask,
+    masked_image_consistency,
     source_class_pixels,
     spatial_size,
     strong_view,
@@ -171,6 +176,7 @@ class DACS(Recipe):
     name = "dacs"
     streams = {"source": Stream("source"), "target": Stream("target", labels=False)}
     Options = DACSOptions
+    masked_consistency = True
 
     @classmethod
     def check_classes(cls, options: Any, classes: ClassInfo) -> None:
@@ -209,6 +215,7 @@ class DACS(Recipe):
     def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
         self.teacher = ModelEMA(model, self.options.ema_momentum)
+        self.mic = masked_image_consistency(cfg, model)
         self.start_network: FrozenNetwork | None = None
         self.thing_classes: list[int] | None = None
         if self.options.feature_distance_weight > 0:
@@ -282,8 +289,7 @@ class DACS(Recipe):
         probs = torch.softmax(self.teacher_logits(images), dim=1)
         confidence, labels = probs.max(dim=1)
         labels = labels.masked_fill(~inside, self.ignore_index)
-        share = (confidence.ge(self.options.pseudo_threshold) & inside).float().mean()
-        weight = share.expand_as(confidence)
+        weight = confidence_share_weight(confidence, self.options.pseudo_threshold, inside)
         return labels, ignore_border_rows(weight, self.options.pseudo_ignore_top, self.options.pseudo_ignore_bottom)
 
     def source_loss(self, output: SegOutput, labels: torch.Tensor) -> torch.Tensor:
@@ -337,13 +343,18 @@ class DACS(Recipe):
                 jitter_maths=self.options.jitter_maths,
             )
         loss_mix = self.supervised_loss(self.model(mixed_images), mixed_labels, weight=weight)
-        loss = released + self.options.mix_weight * loss_mix
-        return {
-            "loss": loss,
+        mix_term = self.options.mix_weight * loss_mix
+        if self.mic is not None:  # the mixed graph is freed before MIC's forward, as the authors' backward order
+            mix_term = self.backward_now(mix_term)
+        losses = {
+            "loss": released + mix_term,
             **{name: value.detach() for name, value in terms.items()},
             "loss_mix": loss_mix.detach(),
             "pseudo_weight": pseudo_weight.mean().detach(),
         }
+        if self.mic is not None:  # MIC on the unmixed target crop, with the teacher's labels and weight
+            self.mic.add(losses, self, target, labels, pseudo_weight, iteration)
+        return losses
 
 
 class DAFormer(DACS):

@@ -23,10 +23,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...config import RunConfig
+from ...data.classes import ClassInfo
 from ...errors import ConfigError
+from ...models.base import SegmentationModel
 from ..pseudo_labelling import with_pseudo_labels
 from .base import Recipe, Stream
-from .common import forward_streams
+from .common import forward_streams, masked_image_consistency
 
 
 class SelfTrainingOptions(BaseModel):
@@ -53,7 +55,12 @@ class SelfTraining(Recipe):
     name = "self_training"
     streams = {"source": Stream("source"), "target": Stream("target")}
     Options = SelfTrainingOptions
+    masked_consistency = True
     collective_prepare = True  # under torchrun the processes share the pseudo-labelling
+
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
+        super().__init__(cfg, model, seg_loss, classes)
+        self.mic = masked_image_consistency(cfg, model)
 
     @classmethod
     def prepare(cls, cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> RunConfig:
@@ -82,4 +89,7 @@ class SelfTraining(Recipe):
             released = self.backward_now(self.options.source_weight * loss_source)  # the source graph is freed here
             loss_target = self.supervised_loss(self.model(target["image"]), target["label"])
             loss = released + self.options.target_weight * loss_target
-        return {"loss": loss, "loss_source": loss_source.detach(), "loss_target": loss_target.detach()}
+        losses = {"loss": loss, "loss_source": loss_source.detach(), "loss_target": loss_target.detach()}
+        if self.mic is not None:  # MIC against the offline pseudo labels of the crop, weight 1 on labelled pixels
+            self.mic.add(losses, self, target, target["label"], None, iteration)
+        return losses
