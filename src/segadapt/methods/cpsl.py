@@ -82,6 +82,8 @@ __all__ = [
     "reverse_cross_entropy",
     "sample_pixels",
     "self_labeling_loss",
+    "output_self_labeling_loss",
+    "shared_uniform_pixels",
     "sinkhorn",  # re-exported from .sinkhorn
     "prototype_cosines",
     "prototype_kl_consistency",
@@ -405,6 +407,30 @@ def sample_pixels(
     return torch.stack(picks).to(pseudo_labels.device)
 
 
+def shared_uniform_pixels(num_images: int, num_pixels: int, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``M`` pixel positions drawn uniformly, one permutation for the whole batch: the authors' sampling for ``L_SL``.
+
+    The authors' code (``CustomModel.step``) draws one ``torch.randperm`` of the momentum network's
+    output grid and takes its first ``fbs`` (256) positions in every image of the batch, whatever
+    their labels (docs/reference_code.md, "CPSL: pixel sampling"); the paper samples each image
+    class by class (Eq. 8-9, :func:`sample_pixels`). Positions on crop padding are not excluded
+    (the authors sample the full frame, which has none).
+
+    Returns:
+        Flat pixel indices ``[num_images, M]`` (int64), the same row for every image; see :func:`gather_pixel_features`.
+
+    Examples:
+        >>> idx = shared_uniform_pixels(2, 6, 3, generator=torch.Generator().manual_seed(0))
+        >>> idx.shape, bool(torch.equal(idx[0], idx[1])), len(set(idx[0].tolist()))
+        (torch.Size([2, 3]), True, 3)
+    """
+    if not 0 < num_samples <= num_pixels:
+        raise ConfigError(f"num_samples (pixels per image) must be in 1..{num_pixels}, got {num_samples}")
+    device = generator.device if generator is not None else None
+    order = torch.randperm(num_pixels, generator=generator, device=device)[:num_samples]
+    return order.unsqueeze(0).expand(num_images, -1).clone()
+
+
 def gather_pixel_features(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The feature vectors at flat pixel ``indices`` (from :func:`sample_pixels`).
 
@@ -575,6 +601,44 @@ def online_self_labeling_loss(
     return self_labeling_loss(head(features), assignments, temperature)
 
 
+def output_self_labeling_loss(
+    head: nn.Module,
+    features: torch.Tensor,
+    momentum_logits: torch.Tensor,
+    memory_bank: MemoryBank,
+    class_marginal: torch.Tensor | None = None,
+    temperature: float = 0.08,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+) -> torch.Tensor:
+    """The authors' second self-labeling term: Sinkhorn on the momentum network's L2-normalised logits.
+
+    Not in the paper (docs/reference_code.md, "CPSL: self-labeling loss"). The authors' code
+    (``CustomModel.step``, the ``queue_out`` block) adds to Eq. 5 a term whose assignments ``Q`` come
+    from :func:`sinkhorn` on the L2-normalised segmentation logits of the momentum network at the
+    sampled pixels (with its own queue of such logits, ``memory_bank`` of ``feature_dim = K``), while
+    the prediction stays ``softmax(head(features) / tau)``: the head is pulled towards the momentum
+    network's segmentation as well as towards the balanced clustering of its features. The bank is
+    not modified: enqueue ``momentum_logits`` afterwards (:meth:`MemoryBank.enqueue` normalises).
+
+    Shape:
+        - features: ``[M, D]``; momentum_logits: ``[M, K]``; output: scalar
+
+    Examples:
+        >>> head, bank = SelfLabelingHead(num_classes=2, feature_dim=2), MemoryBank(feature_dim=2, capacity=8)
+        >>> head.init_from_prototypes(torch.eye(2))
+        >>> pixels, logits = torch.tensor([[1.0, 0.1], [0.1, 1.0]]), torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+        >>> 0.0 < output_self_labeling_loss(head, pixels, logits, bank, torch.tensor([0.5, 0.5])).item() < 0.6931
+        True
+    """
+    if momentum_logits.dim() != 2 or momentum_logits.shape[0] != features.shape[0]:
+        raise DataError(f"momentum logits must be [M, K] for the {features.shape[0]} pixels, got {tuple(momentum_logits.shape)}")
+    with torch.no_grad():
+        augmented, batch_rows = memory_bank.with_batch(F.normalize(momentum_logits.float(), dim=1))
+        assignments = sinkhorn(augmented, class_marginal, epsilon, iterations)[batch_rows]
+    return self_labeling_loss(head(features), assignments, temperature)
+
+
 ConsistencyReduction = Literal["class_mean", "pixel_mean"]
 """How :func:`symmetric_kl_consistency` and :func:`prototype_kl_consistency` average their per-pixel KL.
 
@@ -740,6 +804,7 @@ def cutmix(
     target_labels: torch.Tensor,
     source_labels: torch.Tensor,
     box: tuple[int, int, int, int],
+    label_sampling: Literal["pixel_centres", "top_left"] = "pixel_centres",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' CutMix: a source box and its labels pasted into the target crops and their pseudo labels.
 
@@ -748,6 +813,12 @@ def cutmix(
     coarser grid (the network's output grid): they are brought to the image grid by nearest
     neighbour, the source labels pasted in, and the result brought back by nearest neighbour, as the
     authors do at their label resolution (a quarter of the crop). Nothing is changed in place.
+
+    ``label_sampling`` is how nearest neighbour picks: ``pixel_centres`` (default, segadapt's label
+    resizing, ``nearest-exact``) takes the coarse pixel's centre, so the labels stay aligned with the
+    image; ``top_left`` is PyTorch's legacy ``nearest``, which the authors' code uses: coarse pixel
+    ``i`` takes the source label of image row ``s * i`` (stride ``s``), its top-left corner, half a
+    coarse pixel off the centre.
 
     Shape:
         - images: ``[N, C, H, W]`` both; source_labels: ``[N, H, W]``; target_labels: ``[N, h, w]``
@@ -768,9 +839,17 @@ def cutmix(
     images = target_images.clone()
     images[..., top:bottom, left:right] = source_images[..., top:bottom, left:right].to(images.dtype)
     image_grid, label_grid = (target_images.shape[-2], target_images.shape[-1]), (target_labels.shape[-2], target_labels.shape[-1])
-    full = resize(target_labels.unsqueeze(1), image_grid, "label").squeeze(1).clone()
+    if label_sampling not in ("pixel_centres", "top_left"):
+        raise ValueError(f"label_sampling must be 'pixel_centres' or 'top_left', got {label_sampling!r}")
+
+    def nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if label_sampling == "pixel_centres":
+            return resize(labels.unsqueeze(1), size, "label").squeeze(1)
+        return F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).to(labels.dtype)
+
+    full = nearest(target_labels, image_grid).clone()
     full[:, top:bottom, left:right] = source_labels[:, top:bottom, left:right].to(full.dtype)
-    return images, resize(full.unsqueeze(1), label_grid, "label").squeeze(1)
+    return images, nearest(full, label_grid)
 
 
 def cpsl_total_loss(

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -84,11 +85,13 @@ from ...methods.cpsl import (
     cutmix_box,
     gather_pixel_features,
     online_self_labeling_loss,
+    output_self_labeling_loss,
     prototype_cosines,
     prototype_kl_consistency,
     rectify_pseudo_labels,
     reverse_cross_entropy,
     sample_pixels,
+    shared_uniform_pixels,
     symmetric_kl_consistency,
 )
 from ...methods.ema import ModelEMA, batch_norm_as
@@ -182,6 +185,31 @@ class CPSLOptions(BaseModel):
         le=1,
         description="probability per iteration of the authors' CutMix: a source box of half the crop's area and its labels "
         "pasted into the weak target view L^t_SEG trains on (authors' 0.5; needs target_view=weak)",
+    )
+    pixel_sampling: Literal["class_balanced", "shared_uniform"] = Field(
+        "class_balanced",
+        description="how L_SL picks its M pixels per image: class by class (Eq. 8-9; uniform per image with "
+        "class_balanced=false) or the authors' code, one uniform permutation of the grid for the whole batch",
+    )
+    sinkhorn_per_image: bool = Field(
+        False,
+        description="one Sinkhorn problem per target image (Alg. 1 and the authors' code) instead of one over the batch's "
+        "pooled pixels (the same marginals, one call)",
+    )
+    output_self_labeling: bool = Field(
+        False,
+        description="add the authors' second self-labeling term (not in the paper): Sinkhorn assignments from the momentum "
+        "network's L2-normalised logits at the sampled pixels (with a queue of its own), the head's prediction as in Eq. 5",
+    )
+    source_align_corners: bool = Field(
+        False,
+        description="upsample the source logits to the labels with align_corners=True before the source cross-entropy "
+        "(the authors' code) instead of segadapt's half-pixel bilinear rule",
+    )
+    cutmix_label_sampling: Literal["pixel_centres", "top_left"] = Field(
+        "pixel_centres",
+        description="how CutMix brings the labels between the output grid and the image grid: nearest by pixel centres "
+        "(aligned with the image) or PyTorch's legacy nearest, the top-left corner (the authors' code, half an output pixel off)",
     )
     sl_through_ema_features_only: bool = Field(
         True,
@@ -360,6 +388,8 @@ class CPSL(Recipe):
             if options.momentum_network:
                 self.ema_head = ModelEMA(self.head, options.ema_momentum)
             self.bank = MemoryBank(prototypes.shape[1], options.queue_size)
+            if options.output_self_labeling:  # the authors' queue_out: normalised momentum logits
+                self.bank_out = MemoryBank(num_classes, options.queue_size)
             self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
         # a plain attribute, so the network and head are not saved a second time under another name
         object.__setattr__(self, "_trainable", _SegmentationWithHead(model, self.head))
@@ -421,7 +451,16 @@ class CPSL(Recipe):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
         source, target = batches["source"], batches["target"]
-        loss_source = self.backward_now(self.supervised_loss(self.model(source["image"]), source["label"]))
+        source_output = self.model(source["image"])
+        if options.source_align_corners:  # the authors' upsampling of the source logits
+            size = tuple(source["label"].shape[-2:])
+            source_output = source_output._replace(
+                logits=F.interpolate(source_output.logits, size=size, mode="bilinear", align_corners=True),
+                aux_logits=None
+                if source_output.aux_logits is None
+                else F.interpolate(source_output.aux_logits, size=size, mode="bilinear", align_corners=True),
+            )
+        loss_source = self.backward_now(self.supervised_loss(source_output, source["label"]))
 
         weak = target["image"]
         teacher = self._momentum_outputs(weak)
@@ -439,7 +478,7 @@ class CPSL(Recipe):
             with torch.no_grad():
                 momentum_scores = self._momentum_head()(teacher.features)
                 labels = rectify_pseudo_labels(soft, momentum_scores, options.tau, self.ignore_index)  # Eq. 1
-            loss_sl = self._self_labeling_loss(labels, teacher.features, student.features)
+            loss_sl = self._self_labeling_loss(labels, teacher, student.features)
             if options.self_training:
                 changed = (labels != soft.argmax(dim=1)) & inside
                 losses["rectified_fraction"] = changed.sum() / inside.sum().clamp_min(1)
@@ -455,7 +494,7 @@ class CPSL(Recipe):
                 losses["cutmix"] = torch.tensor(float(mixed))
                 if mixed:
                     box = cutmix_box(*spatial_size(weak))
-                    view, view_labels = cutmix(weak, source["image"], labels, source["label"], box)
+                    view, view_labels = cutmix(weak, source["image"], labels, source["label"], box, options.cutmix_label_sampling)
             loss_target = self._target_loss(self.model(view), view_labels)
         loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
@@ -500,8 +539,11 @@ class CPSL(Recipe):
         strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
         return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside, reduction)
 
-    def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
-        """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
+    def _self_labeling_loss(self, labels: torch.Tensor, teacher: SegOutput, student_features: torch.Tensor) -> torch.Tensor:
+        """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates.
+
+        With ``method.output_self_labeling`` the authors' second term on the momentum logits is added.
+        """
         options = self.options
         assert self.head is not None
         pixels_on_grid = labels.shape[1] * labels.shape[2]
@@ -510,14 +552,27 @@ class CPSL(Recipe):
                 f"method.pixels_per_image={options.pixels_per_image} exceeds the {pixels_on_grid} pixels of the network's "
                 f"{tuple(labels.shape[1:])} output grid for these crops; lower it or use larger crops"
             )
-        indices = sample_pixels(
-            labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced, ignore_index=self.ignore_index
-        )
-        features = momentum_features if options.sl_through_ema_features_only else student_features
-        pixels = gather_pixel_features(features, indices).flatten(0, 1).float()
+        if options.pixel_sampling == "shared_uniform":
+            indices = shared_uniform_pixels(labels.shape[0], pixels_on_grid, options.pixels_per_image).to(labels.device)
+        else:
+            indices = sample_pixels(
+                labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced, ignore_index=self.ignore_index
+            )
+        features = teacher.features if options.sl_through_ema_features_only else student_features
+        pixels = gather_pixel_features(features, indices).float()  # [N, M, D]
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
-        loss = online_self_labeling_loss(self.head, pixels, self.bank, marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
+        solve: dict[str, Any] = dict(class_marginal=marginal, temperature=options.tau, epsilon=options.epsilon, iterations=options.sinkhorn_iterations)
+        # one Sinkhorn problem per image (Alg. 1, authors' code) or one over the batch's pooled pixels
+        groups = list(pixels) if options.sinkhorn_per_image else [pixels.flatten(0, 1)]
+        loss = torch.stack([online_self_labeling_loss(self.head, group, self.bank, **solve) for group in groups]).mean()
+        if options.output_self_labeling:
+            logits = gather_pixel_features(teacher.logits.detach(), indices).float()  # [N, M, K]
+            logit_groups = list(logits) if options.sinkhorn_per_image else [logits.flatten(0, 1)]
+            loss = loss + torch.stack(
+                [output_self_labeling_loss(self.head, group, out, self.bank_out, **solve) for group, out in zip(groups, logit_groups)]
+            ).mean()
+            self.bank_out.enqueue(all_gather_cat(logits.flatten(0, 1)))
         # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
-        self.bank.enqueue(all_gather_cat(pixels.detach()))
+        self.bank.enqueue(all_gather_cat(pixels.flatten(0, 1).detach()))
         self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes, self.ignore_index)[None]).sum(0))
         return loss
