@@ -642,3 +642,48 @@ def test_a_class_without_eq7_prototype_gets_a_trainable_random_row_not_a_frozen_
     assert rows["zero"] > 1e8  # 1/eps: the row leaves the unit sphere's scale at any learning rate
     with pytest.raises(ValueError, match="random"):
         SelfLabelingHead(3, 3).init_from_prototypes(prototypes, empty="mean")  # type: ignore[arg-type]
+
+
+def test_cutmix_top_left_labels_take_each_coarse_pixels_corner_as_the_authors() -> None:
+    """``label_sampling="top_left"`` (PyTorch's legacy nearest, the authors' code): coarse pixel i reads image row 2 i."""
+    target, source = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    source_labels = torch.tensor([[[7, 7, 7, 7], [8, 8, 8, 8], [7, 7, 7, 7], [8, 8, 8, 8]]])
+    box = (0, 0, 4, 4)  # the whole frame
+    _, corners = cpsl.cutmix(target, source, torch.zeros(1, 2, 2, dtype=torch.long), source_labels, box, "top_left")
+    _, centres = cpsl.cutmix(target, source, torch.zeros(1, 2, 2, dtype=torch.long), source_labels, box)
+    assert corners.tolist() == [[[7, 7], [7, 7]]]  # rows 0 and 2
+    assert centres.tolist() == [[[8, 8], [8, 8]]]  # rows 1 and 3 (nearest-exact: the centre rounds down-right)
+    with pytest.raises(ValueError, match="label_sampling"):
+        cpsl.cutmix(target, source, torch.zeros(1, 2, 2, dtype=torch.long), source_labels, box, "corner")  # type: ignore[arg-type]
+
+
+def test_shared_uniform_pixels_draws_one_permutation_for_the_batch() -> None:
+    """The authors' L_SL sampling: the first M of one randperm of the grid, the same positions in every image."""
+    indices = cpsl.shared_uniform_pixels(3, 20, 7, generator=torch.Generator().manual_seed(1))
+    assert indices.shape == (3, 7) and indices.dtype == torch.int64
+    assert torch.equal(indices[0], indices[1]) and torch.equal(indices[0], indices[2])
+    assert torch.equal(indices[0], torch.randperm(20, generator=torch.Generator().manual_seed(1))[:7])
+    with pytest.raises(ConfigError, match="1..20"):
+        cpsl.shared_uniform_pixels(1, 20, 21)
+
+
+def test_output_self_labeling_loss_takes_its_assignments_from_the_normalised_logits() -> None:
+    """The authors' second term: Q = Sinkhorn(normalize(logits)) over [bank; batch], p = softmax(head(z) / tau)."""
+    generator = torch.Generator().manual_seed(4)
+    head = cpsl.SelfLabelingHead(3, 4)
+    features, logits = torch.randn(6, 4, generator=generator), 5 * torch.randn(6, 3, generator=generator)
+    marginal = torch.tensor([0.5, 0.3, 0.2])
+    bank = cpsl.MemoryBank(3, capacity=16)
+    bank.enqueue(torch.randn(5, 3, generator=generator))
+    loss = cpsl.output_self_labeling_loss(head, features, logits, bank, marginal, 0.08, 0.05, 3)
+    augmented = torch.cat([bank.contents(), F.normalize(logits, dim=1)])
+    assignments = cpsl.sinkhorn(augmented, marginal, 0.05, 3)[5:]
+    expected = -(assignments * F.log_softmax(head(features) / 0.08, dim=1)).sum(dim=1).mean()
+    torch.testing.assert_close(loss, expected)
+    # the scale of the logits does not matter (they are normalised), the bank is left as it was
+    torch.testing.assert_close(cpsl.output_self_labeling_loss(head, features, 10 * logits, bank, marginal, 0.08, 0.05, 3), loss)
+    assert int(bank.num_filled) == 5
+    loss.backward()
+    assert head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0
+    with pytest.raises(DataError, match="momentum logits"):
+        cpsl.output_self_labeling_loss(head, features, logits[:5], bank)

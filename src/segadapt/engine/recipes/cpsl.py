@@ -561,15 +561,15 @@ class CPSL(Recipe):
         features = teacher.features if options.sl_through_ema_features_only else student_features
         pixels = gather_pixel_features(features, indices).float()  # [N, M, D]
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
-        solve: dict[str, Any] = dict(class_marginal=marginal, temperature=options.tau, epsilon=options.epsilon, iterations=options.sinkhorn_iterations)
+        solve = (marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
         # one Sinkhorn problem per image (Alg. 1, authors' code) or one over the batch's pooled pixels
         groups = list(pixels) if options.sinkhorn_per_image else [pixels.flatten(0, 1)]
-        loss = torch.stack([online_self_labeling_loss(self.head, group, self.bank, **solve) for group in groups]).mean()
+        loss = torch.stack([online_self_labeling_loss(self.head, group, self.bank, *solve) for group in groups]).mean()
         if options.output_self_labeling:
             logits = gather_pixel_features(teacher.logits.detach(), indices).float()  # [N, M, K]
             logit_groups = list(logits) if options.sinkhorn_per_image else [logits.flatten(0, 1)]
             loss = loss + torch.stack(
-                [output_self_labeling_loss(self.head, group, out, self.bank_out, **solve) for group, out in zip(groups, logit_groups)]
+                [output_self_labeling_loss(self.head, group, out, self.bank_out, *solve) for group, out in zip(groups, logit_groups)]
             ).mean()
             self.bank_out.enqueue(all_gather_cat(logits.flatten(0, 1)))
         # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
