@@ -193,7 +193,8 @@ def test_one_cpsl_step_equals_the_authors_step(tmp_path: Path, monkeypatch: pyte
 
 def relative_departures(recipe: CPSL, losses: dict[str, torch.Tensor], fixture: dict[str, Any]) -> dict[str, float]:
     """Each loss term's and gradient's ``max |ours - theirs| / max |theirs|``."""
-    terms = {key: (losses[key] - fixture[key]).abs().item() / fixture[key].abs().item() for key in ("loss_source", "loss_target", "loss_sl", "loss_reg")}
+    keys = ("loss_source", "loss_target", "loss_sl", "loss_reg")
+    terms = {key: (losses[key] - fixture[key]).abs().item() / fixture[key].abs().item() for key in keys}
     grads = {f"model.{name}": p.grad for name, p in recipe.model.named_parameters()} | {"head.prototypes": recipe.head.prototypes.grad}
     return terms | {name: ((g - fixture["grads"][name]).abs().max() / fixture["grads"][name].abs().max()).item() for name, g in grads.items()}
 
