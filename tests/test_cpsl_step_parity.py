@@ -44,7 +44,8 @@ from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.cpsl import CPSL
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
-FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "cpsl_step.pt"
+FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt"]
 RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (README stage 1, parser_train.py defaults)
     "method.lambda1=0.1",
@@ -65,6 +66,8 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (README stage
     "method.pixel_sampling=shared_uniform",
     "method.sinkhorn_per_image=true",
     "method.output_self_labeling=true",
+    "method.bank_partial=false",
+    "method.bank_scores=unnormalised_prototypes",
     "method.source_align_corners=true",
     "method.cutmix_label_sampling=top_left",
 ]
@@ -109,8 +112,24 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
 
 
 @functools.cache
-def load() -> dict[str, Any]:
-    return torch.load(FIXTURE, map_location="cpu", weights_only=True)
+def load(name: str) -> dict[str, Any]:
+    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(params=STEPS)
+def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return load(request.param)
+
+
+def by_age(queue: torch.Tensor, block: int) -> torch.Tensor:
+    """The authors' queue (newest block of ``block`` rows first) as rows from the oldest block to the newest."""
+    return queue.reshape(-1, block, queue.shape[-1]).flip(0).reshape(queue.shape)
+
+
+def bank_by_age(bank: Any) -> torch.Tensor:
+    """A full segadapt bank's rows from the oldest to the newest (a ring buffer whose pointer is at the oldest)."""
+    assert bank.is_full
+    return torch.roll(bank.features, -int(bank.pointer), dims=0)
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -123,7 +142,7 @@ def replay_recipe(fixture: dict[str, Any], tmp_path: Path, *overrides: str) -> C
     num_classes, ignore_index = fixture["num_classes"], fixture["ignore_index"]
     cfg = load_config(None, [
         "recipe=cpsl", f"output_dir={tmp_path}", "name=run", f"method.pixels_per_image={fixture['opt']['fbs']}",
-        "method.queue_size=1024", *AUTHORS_STEP, *overrides,
+        f"method.queue_size={len(fixture['queue_start']) if 'queue_start' in fixture else 1024}", *AUTHORS_STEP, *overrides,
     ])  # fmt: skip
     cfg.run_dir.mkdir(parents=True)
     # the Eq. 7/10 file prepare() writes: the prototypes and the class distribution r (the authors' class_distribution.npy)
@@ -137,6 +156,9 @@ def replay_recipe(fixture: dict[str, Any], tmp_path: Path, *overrides: str) -> C
     with torch.no_grad():
         recipe.head.prototypes.copy_(fixture["prototypes"])
         recipe.ema_head.module.prototypes.copy_(fixture["prototypes_ema"])
+    if "queue_start" in fixture:  # full queues: the same rows, oldest first, so the oldest go first as in the code
+        recipe.bank.enqueue(by_age(fixture["queue_start"], fixture["opt"]["fbs"]))
+        recipe.bank_out.enqueue(by_age(fixture["queue_out_start"], fixture["opt"]["fbs"]))
     recipe.train()
     return recipe
 
@@ -168,8 +190,7 @@ def run_step(recipe: CPSL, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
     return losses, seen
 
 
-def test_one_cpsl_step_equals_the_authors_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fixture = load()
+def test_one_cpsl_step_equals_the_authors_step(fixture: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = replay_recipe(fixture, tmp_path)
     losses, seen = run_step(recipe, fixture, monkeypatch)
     # the rectified labels of the weak view with the CutMix box's source labels (the authors' threshold_arg at 1/4)
@@ -189,6 +210,9 @@ def test_one_cpsl_step_equals_the_authors_step(tmp_path: Path, monkeypatch: pyte
     for name, grad in grads.items():
         assert grad is not None, name
         assert_close(grad, fixture["grads"][name], f"gradient of {name}")
+    if "queue_after" in fixture:  # both queues after the step: each image's pixels in, the oldest blocks out
+        assert_close(bank_by_age(recipe.bank), by_age(fixture["queue_after"], fixture["opt"]["fbs"]), "memory bank")
+        assert_close(bank_by_age(recipe.bank_out), by_age(fixture["queue_out_after"], fixture["opt"]["fbs"]), "logit bank")
 
 
 def relative_departures(recipe: CPSL, losses: dict[str, torch.Tensor], fixture: dict[str, Any]) -> dict[str, float]:
@@ -221,9 +245,24 @@ def test_each_other_option_value_departs_from_the_authors_step(
     without the second term, L_REG by 0.43 as Eq. 13 and by 4.0 (K - 1) as the per-pixel mean, the
     target term by 0.77 as plain CE.
     """
-    fixture = load()
+    fixture = load(STEPS[0])
     recipe = replay_recipe(fixture, tmp_path, override)
     losses, _ = run_step(recipe, fixture, monkeypatch)
     departures = relative_departures(recipe, losses, fixture)
     assert departures[moved] > 1e-4
     assert max(value for name, value in departures.items() if not name.startswith("loss")) > 1e-2
+
+
+@pytest.mark.parametrize("override", ["method.bank_scores=cosine", "method.bank_partial=true"])
+def test_the_full_queue_tells_the_bank_options_apart(override: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With full queues and prototypes off unit length, cosine scores of the bank move L_SL; with the queue full,
+    a partly filled bank is the same as a full one (the option is told apart by the empty-queue step instead)."""
+    for name in STEPS:
+        fixture = load(name)
+        recipe = replay_recipe(fixture, tmp_path / name, override)
+        losses, _ = run_step(recipe, fixture, monkeypatch)
+        departure = relative_departures(recipe, losses, fixture)["loss_sl"]
+        if override == "method.bank_scores=cosine":  # no queue rows to score in the empty-queue step
+            assert (departure > 1e-4) == ("queue" in name)
+        else:  # the partly filled bank sees the first image's pixels in the second image's problem
+            assert (departure > 1e-4) == ("queue" not in name)

@@ -567,6 +567,7 @@ def online_self_labeling_loss(
     temperature: float = 0.08,
     epsilon: float = 0.05,
     iterations: int = 3,
+    bank_scores: Literal["cosine", "unnormalised_prototypes"] = "cosine",
 ) -> torch.Tensor:
     """Eq. 5 on the current batch with assignments from the bank-augmented batch (CPSL Alg. 1 l.10-14).
 
@@ -578,6 +579,12 @@ def online_self_labeling_loss(
 
     Alg. 1 runs this per target image; passing a whole batch's pixels at once solves one transport
     problem over ``bank + batch`` instead (the same marginals, one Sinkhorn call).
+
+    ``bank_scores`` is how the bank's rows are scored: ``cosine`` (default, one ``f_SL`` for bank and
+    batch, as the paper) or ``unnormalised_prototypes``, the authors' code, which scores the queued
+    (normalised) features against the raw prototype vectors ``head.prototypes`` while the batch gets
+    cosines; the two agree while the prototypes have unit length (their start) and part as training
+    changes their lengths.
 
     The authors' code adds a second term whose Sinkhorn scores are the L2-normalised EMA logits of
     the same pixels while the prediction stays ``head(features) / tau`` (docs/reference_code.md,
@@ -597,7 +604,13 @@ def online_self_labeling_loss(
     """
     with torch.no_grad():
         augmented, batch_rows = memory_bank.with_batch(features)
-        assignments = sinkhorn(head(augmented), class_marginal, epsilon, iterations)[batch_rows]
+        scores = head(augmented)
+        if bank_scores == "unnormalised_prototypes":
+            stored = augmented[: batch_rows.start]
+            scores = torch.cat([stored @ head.prototypes.detach().to(stored).t(), scores[batch_rows]])
+        elif bank_scores != "cosine":
+            raise ValueError(f"bank_scores must be 'cosine' or 'unnormalised_prototypes', got {bank_scores!r}")
+        assignments = sinkhorn(scores, class_marginal, epsilon, iterations)[batch_rows]
     return self_labeling_loss(head(features), assignments, temperature)
 
 

@@ -196,6 +196,16 @@ class CPSLOptions(BaseModel):
         description="one Sinkhorn problem per target image (Alg. 1 and the authors' code) instead of one over the batch's "
         "pooled pixels (the same marginals, one call)",
     )
+    bank_partial: bool = Field(
+        True,
+        description="a partly filled memory bank augments the batch (the literal [Z; M] of Alg. 1 l.10); false: only "
+        "a full one (the authors' code, which waits until its last slot is written)",
+    )
+    bank_scores: Literal["cosine", "unnormalised_prototypes"] = Field(
+        "cosine",
+        description="how the bank's features are scored for Sinkhorn: cosines to the prototypes, as the batch (one f_SL, "
+        "the paper), or dot products with the raw prototype vectors (the authors' code)",
+    )
     output_self_labeling: bool = Field(
         False,
         description="add the authors' second self-labeling term (not in the paper): Sinkhorn assignments from the momentum "
@@ -387,9 +397,9 @@ class CPSL(Recipe):
                 self.head.init_from_prototypes(prototypes, empty=options.empty_class_prototype)
             if options.momentum_network:
                 self.ema_head = ModelEMA(self.head, options.ema_momentum)
-            self.bank = MemoryBank(prototypes.shape[1], options.queue_size)
+            self.bank = MemoryBank(prototypes.shape[1], options.queue_size, use_partial=options.bank_partial)
             if options.output_self_labeling:  # the authors' queue_out: normalised momentum logits
-                self.bank_out = MemoryBank(num_classes, options.queue_size)
+                self.bank_out = MemoryBank(num_classes, options.queue_size, use_partial=options.bank_partial)
             self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
         # a plain attribute, so the network and head are not saved a second time under another name
         object.__setattr__(self, "_trainable", _SegmentationWithHead(model, self.head))
@@ -562,17 +572,21 @@ class CPSL(Recipe):
         pixels = gather_pixel_features(features, indices).float()  # [N, M, D]
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
         solve = (marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
-        # one Sinkhorn problem per image (Alg. 1, authors' code) or one over the batch's pooled pixels
-        groups = list(pixels) if options.sinkhorn_per_image else [pixels.flatten(0, 1)]
-        loss = torch.stack([online_self_labeling_loss(self.head, group, self.bank, *solve) for group in groups]).mean()
-        if options.output_self_labeling:
-            logits = gather_pixel_features(teacher.logits.detach(), indices).float()  # [N, M, K]
-            logit_groups = list(logits) if options.sinkhorn_per_image else [logits.flatten(0, 1)]
-            loss = loss + torch.stack(
-                [output_self_labeling_loss(self.head, group, out, self.bank_out, *solve) for group, out in zip(groups, logit_groups)]
-            ).mean()
-            self.bank_out.enqueue(all_gather_cat(logits.flatten(0, 1)))
-        # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
-        self.bank.enqueue(all_gather_cat(pixels.flatten(0, 1).detach()))
+        logits = gather_pixel_features(teacher.logits.detach(), indices).float() if options.output_self_labeling else None  # [N, M, K]
+        # one Sinkhorn problem per image, each image's pixels queued before the next image's problem (Alg. 1, the
+        # authors' code), or one over the batch's pooled pixels; the bank is updated after the loss either way, so a
+        # batch is never its own context; every rank's pixels, so ranks keep one bank
+        groups: list[int | slice] = list(range(pixels.shape[0])) if options.sinkhorn_per_image else [slice(None)]
+        terms = []
+        for group in groups:
+            group_pixels = pixels[group].reshape(-1, pixels.shape[-1])
+            term = online_self_labeling_loss(self.head, group_pixels, self.bank, *solve, bank_scores=options.bank_scores)
+            if logits is not None:
+                group_logits = logits[group].reshape(-1, logits.shape[-1])
+                term = term + output_self_labeling_loss(self.head, group_pixels, group_logits, self.bank_out, *solve)
+                self.bank_out.enqueue(all_gather_cat(group_logits))
+            self.bank.enqueue(all_gather_cat(group_pixels.detach()))
+            terms.append(term)
+        loss = torch.stack(terms).mean()
         self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes, self.ignore_index)[None]).sum(0))
         return loss
