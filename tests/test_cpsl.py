@@ -687,3 +687,25 @@ def test_output_self_labeling_loss_takes_its_assignments_from_the_normalised_log
     assert head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0
     with pytest.raises(DataError, match="momentum logits"):
         cpsl.output_self_labeling_loss(head, features, logits[:5], bank)
+
+
+def test_bank_scores_with_raw_prototypes_as_the_authors_and_cosines_agree_at_unit_length() -> None:
+    """``bank_scores="unnormalised_prototypes"`` scores the bank's rows by ``z @ w.T`` (the authors' queue), the batch by cosines."""
+    generator = torch.Generator().manual_seed(9)
+    head = cpsl.SelfLabelingHead(3, 4)
+    bank = cpsl.MemoryBank(4, capacity=8)
+    bank.enqueue(torch.randn(6, 4, generator=generator))
+    features, marginal = torch.randn(5, 4, generator=generator), torch.tensor([0.5, 0.3, 0.2])
+
+    def loss(scores: str) -> torch.Tensor:
+        return cpsl.online_self_labeling_loss(head, features, bank, marginal, 0.08, 0.05, 3, bank_scores=scores)  # type: ignore[arg-type]
+
+    torch.testing.assert_close(loss("unnormalised_prototypes"), loss("cosine"))  # unit prototypes: the same scores
+    with torch.no_grad():
+        head.prototypes.mul_(torch.tensor([[0.5], [1.0], [2.0]]))
+    raw_scores = torch.cat([bank.contents() @ head.prototypes.detach().t(), head(features).detach()])
+    assignments = cpsl.sinkhorn(raw_scores, marginal, 0.05, 3)[6:]
+    torch.testing.assert_close(loss("unnormalised_prototypes"), cpsl.self_labeling_loss(head(features), assignments, 0.08))
+    assert not torch.allclose(loss("unnormalised_prototypes"), loss("cosine"))
+    with pytest.raises(ValueError, match="bank_scores"):
+        loss("raw")

@@ -606,8 +606,11 @@ def online_self_labeling_loss(
         augmented, batch_rows = memory_bank.with_batch(features)
         scores = head(augmented)
         if bank_scores == "unnormalised_prototypes":
+            raw = getattr(head, "prototypes", None)
+            if not isinstance(raw, torch.Tensor):
+                raise DataError("bank_scores='unnormalised_prototypes' needs a head with a prototypes tensor [K, D] (SelfLabelingHead)")
             stored = augmented[: batch_rows.start]
-            scores = torch.cat([stored @ head.prototypes.detach().to(stored).t(), scores[batch_rows]])
+            scores = torch.cat([stored @ raw.detach().to(stored).t(), scores[batch_rows]])
         elif bank_scores != "cosine":
             raise ValueError(f"bank_scores must be 'cosine' or 'unnormalised_prototypes', got {bank_scores!r}")
         assignments = sinkhorn(scores, class_marginal, epsilon, iterations)[batch_rows]
