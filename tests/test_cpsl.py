@@ -709,3 +709,17 @@ def test_bank_scores_with_raw_prototypes_as_the_authors_and_cosines_agree_at_uni
     assert not torch.allclose(loss("unnormalised_prototypes"), loss("cosine"))
     with pytest.raises(ValueError, match="bank_scores"):
         loss("raw")
+
+
+def test_image_mean_prototypes_weigh_images_alike_skip_small_classes_and_cap_the_count() -> None:
+    """calc_prototype.py: per-image means of unnormalised features (classes with >= min_pixels), a running mean capped."""
+    acc = cpsl.ImageMeanPrototypes(num_classes=2, feature_dim=2, min_pixels=2, cap=2)
+    features = torch.tensor([[[[1.0, 1.0, 1.0, 9.0]], [[0.0, 0.0, 0.0, 9.0]]]])  # [1, 2, 1, 4]
+    acc.update(features, torch.tensor([[[0, 0, 0, 1]]]))  # class 1: one pixel, skipped
+    acc.update(3 * features[..., :2], torch.tensor([[[0, 0]]]))  # a small image counts as much as a large one
+    torch.testing.assert_close(acc.compute(), torch.tensor([[2.0, 0.0], [0.0, 0.0]]))  # (1 + 3) / 2, not per pixel
+    acc.update(7 * features[..., :2], torch.tensor([[[0, 0]]]))  # the count stays at the cap: (2 * 2 + 7) / 3
+    torch.testing.assert_close(acc.compute()[0], torch.tensor([11.0 / 3.0, 0.0]))
+    assert acc.counts.tolist() == [2.0, 0.0]
+    with pytest.raises(DataError, match="features must be"):
+        acc.update(features, torch.zeros(1, 1, 3, dtype=torch.long))

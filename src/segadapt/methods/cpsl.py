@@ -66,6 +66,7 @@ __all__ = [
     "ClassDistribution",
     "ConsistencyReduction",
     "DistillationLoss",
+    "ImageMeanPrototypes",
     "MemoryBank",
     "PrototypeAccumulator",
     "SelfLabelingHead",
@@ -220,6 +221,55 @@ class PrototypeAccumulator:
     def compute(self) -> torch.Tensor:
         """Class prototypes ``[K, D]`` (float32); a class never seen gets the zero vector (see :attr:`counts`)."""
         return class_means_from_sums(self.sums, self.counts).float()
+
+
+class ImageMeanPrototypes:
+    """The authors' prototype initialisation (``calc_prototype.py``): a running mean of per-image class means.
+
+    For each image and each class with at least ``min_pixels`` pixels under the hard labels, the mean
+    of the class's *unnormalised* features in that image is one vector; the prototype is the running
+    mean of those vectors, with the count capped at ``cap`` (3,000), so after ``cap`` images a class
+    follows an exponential average of weight ``1 / (cap + 1)``. Every image counts once whatever its
+    class's area (Eq. 7 and :class:`PrototypeAccumulator` weigh pixels, over normalised features).
+    The authors run four passes over the target set (in eval mode, without augmentation: the same
+    vectors four times), which matters only through the cap.
+
+    Examples:
+        >>> acc = ImageMeanPrototypes(num_classes=2, feature_dim=1, min_pixels=2)
+        >>> acc.update(torch.tensor([[[[1.0, 3.0, 5.0]]]]), torch.tensor([[[0, 0, 1]]]))  # class 1 has 1 pixel
+        >>> acc.update(torch.tensor([[[[6.0, 6.0, 6.0]]]]), torch.tensor([[[0, 0, 0]]]))
+        >>> acc.compute().flatten().tolist(), acc.counts.tolist()  # (2 + 6) / 2
+        ([4.0, 0.0], [2.0, 0.0])
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, min_pixels: int = 10, cap: int = 3000, ignore_index: int = IGNORE_INDEX) -> None:
+        if min_pixels < 1 or cap < 1:
+            raise ConfigError(f"min_pixels and cap must be >= 1, got {min_pixels} and {cap}")
+        self.num_classes, self.min_pixels, self.cap, self.ignore_index = num_classes, min_pixels, cap, ignore_index
+        self.vectors = torch.zeros(num_classes, feature_dim, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add ``features [N, D, h, w]`` with hard labels ``[N, h, w]`` on the same grid, image by image."""
+        if features.dim() != 4 or features.shape[1] != self.vectors.shape[1] or labels.shape != (features.shape[0], *features.shape[2:]):
+            raise DataError(
+                f"features must be [N, {self.vectors.shape[1]}, h, w] with labels [N, h, w], got {tuple(features.shape)} and {tuple(labels.shape)}"
+            )
+        check_label_ids(labels, self.num_classes, self.ignore_index, "prototype labels")
+        for image_features, image_labels in zip(features.double(), labels):
+            flat, flat_labels = image_features.flatten(1), image_labels.flatten()
+            for k in range(self.num_classes):
+                mask = flat_labels == k
+                if int(mask.sum()) < self.min_pixels:
+                    continue
+                mean = flat[:, mask].mean(dim=1).cpu()
+                self.vectors[k] = (self.vectors[k] * self.counts[k] + mean) / (self.counts[k] + 1)
+                self.counts[k] = min(self.counts[k] + 1, self.cap)
+
+    def compute(self) -> torch.Tensor:
+        """Class prototypes ``[K, D]`` (float32); a class never counted gets the zero vector."""
+        return self.vectors.float()
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -76,6 +76,7 @@ from ...data.transforms import resize
 from ...errors import ConfigError, DataError
 from ...methods.cpsl import (
     ClassDistribution,
+    ImageMeanPrototypes,
     MemoryBank,
     PrototypeAccumulator,
     SelfLabelingHead,
@@ -101,6 +102,9 @@ from ..distributed import all_gather_cat
 from ..run_cache import file_fingerprint, reuse_or_make
 from .base import Recipe, Stream, parse_options
 from .common import CPSL_STRONG, FrozenNetwork, content_mask, spatial_size, strong_view
+
+AUTHORS_PROTOTYPE_PASSES = 4
+"""Passes over the target of the authors' ``calc_prototype.py`` (``opt.epochs = 4``), for ``method.prototype_init=image_means``."""
 
 INIT_FILE = "cpsl_init.pt"
 """What :meth:`CPSL.prepare` writes into the run directory: Eq. 7 prototypes and Eq. 10 class counts."""
@@ -206,6 +210,12 @@ class CPSLOptions(BaseModel):
         description="how the bank's features are scored for Sinkhorn: cosines to the prototypes, as the batch (one f_SL, "
         "the paper), or dot products with the raw prototype vectors (the authors' code)",
     )
+    prototype_init: Literal["pixel_mean", "image_means"] = Field(
+        "pixel_mean",
+        description="Eq. 7 prototypes: one pass, the mean of the L2-normalised features of each class's pixels; or the "
+        "authors' calc_prototype.py, four passes, a running mean (count capped at 3,000) of per-image means of "
+        "unnormalised features over classes with >= 10 pixels in the image",
+    )
     output_self_labeling: bool = Field(
         False,
         description="add the authors' second self-labeling term (not in the paper): Sinkhorn assignments from the momentum "
@@ -277,7 +287,9 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     warm-up would label the target at). ``Y_ST`` is the argmax of the warm-up's logits on its output grid;
     the features are L2-normalised per pixel before the class means (:class:`PrototypeAccumulator`).
     The authors' ``calc_prototype.py`` differs in details (docs/reference_code.md, "CPSL: prototypes")
-    that leave the prototype directions, all the head keeps, nearly unchanged.
+    that leave the prototype directions, all the head keeps, nearly unchanged; ``method.prototype_init=
+    image_means`` follows it (:class:`ImageMeanPrototypes`, four passes; the class counts of Eq. 10
+    come from the first).
     """
     from ..builders import (
         build_dataset_from_spec,
@@ -293,21 +305,26 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, num_classes).to(device).eval()
     loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers)
+    image_means = parse_options(CPSLOptions, cfg.method, CPSL.name).prototype_init == "image_means"
+    passes = AUTHORS_PROTOTYPE_PASSES if image_means else 1
     log(f"cpsl: prototypes and class distribution of {len(dataset)} target images from {cfg.model.checkpoint}")
-    accumulator: PrototypeAccumulator | None = None
+    accumulator: PrototypeAccumulator | ImageMeanPrototypes | None = None
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    for batch in progress(loader, desc="cpsl: warm-up statistics", unit="batch"):
-        images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
-        for image in images:  # one at a time: the target images may differ in size
-            image = image[None].to(device)
-            if cfg.pseudo_label.size is not None:
-                image = resize(image, cfg.pseudo_label.size, "image")
-            output = model(image)
-            hard = output.logits.argmax(dim=1)
-            if accumulator is None:
-                accumulator = PrototypeAccumulator(num_classes, output.features.shape[1])
-            accumulator.update(output.features.float(), hard)
-            counts += class_pixel_counts(hard, num_classes).cpu()
+    for one_pass in range(passes):
+        for batch in progress(loader, desc="cpsl: warm-up statistics", unit="batch"):
+            images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
+            for image in images:  # one at a time: the target images may differ in size
+                image = image[None].to(device)
+                if cfg.pseudo_label.size is not None:
+                    image = resize(image, cfg.pseudo_label.size, "image")
+                output = model(image)
+                hard = output.logits.argmax(dim=1)
+                if accumulator is None:
+                    dim = output.features.shape[1]
+                    accumulator = ImageMeanPrototypes(num_classes, dim) if image_means else PrototypeAccumulator(num_classes, dim)
+                accumulator.update(output.features.float(), hard)
+                if one_pass == 0:
+                    counts += class_pixel_counts(hard, num_classes).cpu()
     if accumulator is None:
         raise DataError(f"data.target ({spec.dataset}, split {spec.split}) has no images to compute the CPSL prototypes from")
     unseen = [dataset.classes.names[k] for k in range(num_classes) if counts[k] == 0]
@@ -320,14 +337,19 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
 
 
 def warmup_statistics_key(cfg: RunConfig) -> dict[str, Any]:
-    """What :func:`warmup_statistics` depends on: the warm-up's content, the network built, the target and its size."""
+    """What :func:`warmup_statistics` depends on: the warm-up's content, the network built, the target and its size,
+    and ``method.prototype_init`` when it is not the default (so files made before the option still match)."""
     assert cfg.data.target is not None and cfg.model.checkpoint is not None
-    return {
+    key = {
         "model.checkpoint": file_fingerprint(cfg.model.checkpoint, "model.checkpoint"),
         "model": cfg.model.model_dump(mode="json", exclude={"checkpoint"}),
         "data.target": cfg.data.target.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"}),
         "pseudo_label.size": cfg.pseudo_label.size,
     }
+    prototype_init = parse_options(CPSLOptions, cfg.method, CPSL.name).prototype_init
+    if prototype_init != "pixel_mean":
+        key["method.prototype_init"] = prototype_init
+    return key
 
 
 class CPSL(Recipe):
