@@ -1,12 +1,13 @@
 """One CPSL stage-1 training step replayed against the authors' code (issue 28, step parity).
 
-``tests/fixtures/parity/cpsl_step.pt`` holds one step of lslrh/CPSL's ``CustomModel.step``
+``tests/fixtures/parity/cpsl_step.pt``, ``cpsl_step_queue.pt`` and ``cpsl_step_nomix.pt`` each hold one step of lslrh/CPSL's ``CustomModel.step``
 (``models/adaptation_modelv2.py`` at 5ab8e14) under the README's stage-1 command, on a tiny network
 (256-channel features at stride 4, the code's hard-coded width) and a batch of two 32 x 48 source
 and target images, five classes: the start weights of the student and the EMA network, the
 prototypes and momentum prototypes, the class distribution ``r``, the batch, the soft pseudo labels,
 the strong view, every random draw (the CutMix coin and box, the sampling permutation), the loss
-terms and every gradient. The script ``tests/fixtures/parity/scripts/cpsl_step.py`` ran the
+terms and every gradient: with CutMix and empty queues, with CutMix from full queues (and
+prototypes off unit length: the queues after the step besides), and without CutMix. The script ``tests/fixtures/parity/scripts/cpsl_step.py`` ran the
 authors' code and says how to regenerate it.
 
 What the replay covers: the source cross-entropy, the rectified labels (Eq. 1 with the momentum
@@ -19,7 +20,8 @@ every network parameter and of the prototypes. segadapt's options are set to the
 the test injects them: the strong view's RandAugment (the recorded strong image is given to
 segadapt's step; its geometry, cutout and their replay onto the teacher are absent), the full-frame
 teacher and ``full2weak`` (the weak view is the full frame), the queues (empty, as in the first
-64 iterations), the contrastive term (0 on a CutMix iteration), the warm-up's soft labels (the
+64 iterations) in two of the steps, the contrastive term (0 in all three: CutMix, or a queue not
+yet full), the warm-up's soft labels (the
 file the authors read is given to segadapt in place of its online warm-up forward), the
 optimiser update and the EMA updates after the step.
 
@@ -45,7 +47,7 @@ from segadapt.engine.recipes.cpsl import CPSL
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
-STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt"]
+STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt", "cpsl_step_nomix.pt"]
 RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (README stage 1, parser_train.py defaults)
     "method.lambda1=0.1",
@@ -59,7 +61,7 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (README stage
     "method.target_loss=symmetric_ce",
     "method.rce_alpha=0.1",
     "method.rce_beta=1.0",
-    "method.cutmix_p=1",  # the authors' 0.5, with the recorded coin (0.25 < 0.5: this step mixes)
+    "method.cutmix_p=0.5",  # with the authors' coin
     "method.distribution=fixed",
     "method.momentum_batch_norm=as_student",
     "method.sl_through_ema_features_only=true",
@@ -166,8 +168,10 @@ def replay_recipe(fixture: dict[str, Any], tmp_path: Path, *overrides: str) -> C
 def run_step(recipe: CPSL, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, torch.Tensor], list]:
     """The replayed step with the authors' draws and inputs; returns its losses and what the target loss saw."""
     monkeypatch.setattr(cpsl_recipe, "strong_view", lambda images, *a, **k: fixture["strong_images"].clone())
-    top, left, bottom, right = fixture["cutmix_box"]  # the authors' rows bbx1:bbx2, columns bby1:bby2
-    monkeypatch.setattr(cpsl_recipe, "cutmix_box", lambda height, width, *a, **k: (top, left, bottom, right))
+    monkeypatch.setattr(cpsl_recipe, "_cutmix_coin", lambda p: fixture["coin"] < p)
+    if fixture["cutmix_box"]:
+        top, left, bottom, right = fixture["cutmix_box"]  # the authors' rows bbx1:bbx2, columns bby1:bby2
+        monkeypatch.setattr(cpsl_recipe, "cutmix_box", lambda height, width, *a, **k: (top, left, bottom, right))
     permutation = fixture["sampling_permutation"]
     monkeypatch.setattr(
         cpsl_recipe, "shared_uniform_pixels", lambda n, pixels, m, *a, **k: permutation[:m].unsqueeze(0).expand(n, -1).clone()
@@ -196,13 +200,13 @@ def test_one_cpsl_step_equals_the_authors_step(fixture: dict[str, Any], tmp_path
     # the rectified labels of the weak view with the CutMix box's source labels (the authors' threshold_arg at 1/4)
     ((_, labels),) = seen
     assert torch.equal(labels, fixture["target_labels"].reshape(labels.shape))
-    assert losses["cutmix"].item() == 1.0
+    assert losses["cutmix"].item() == float(fixture["coin"] < 0.5)
     # every loss term: the source CE, L^t_SEG = 0.1 CE + 1.0 RCE, L_SL (both terms), L_REG, the total
     assert_close(losses["loss_source"], fixture["loss_source"], "loss_source")
     assert_close(losses["loss_target"], fixture["loss_target"], "loss_target")
     assert_close(losses["loss_sl"], fixture["loss_sl"], "loss_sl")
     assert_close(losses["loss_reg"], fixture["loss_reg"], "loss_reg")
-    assert fixture["loss_contrast"].item() == 0.0  # the authors' contrastive term is not taken on a CutMix iteration
+    assert fixture["loss_contrast"].item() == 0.0  # the authors' contrastive term: not on CutMix iterations, nor before the queue is full
     assert_close(losses["loss"], fixture["loss"] + fixture["loss_source"], "loss (the authors' step returns it without the source CE)")
     # every gradient: the network's and the prototypes'
     grads = {f"model.{name}": p.grad for name, p in recipe.model.named_parameters()} | {"head.prototypes": recipe.head.prototypes.grad}

@@ -238,6 +238,11 @@ class CPSLOptions(BaseModel):
     )
 
 
+def _cutmix_coin(p: float) -> bool:
+    """Whether this iteration mixes: a ``U(0, 1)`` draw from the global torch RNG below ``p`` (the authors' ``random.random() < 0.5``)."""
+    return float(torch.rand(())) < p
+
+
 def _check_switches(options: CPSLOptions) -> None:
     if not (options.self_labeling or options.self_training):
         raise ConfigError(
@@ -522,7 +527,7 @@ class CPSL(Recipe):
         else:  # the authors' code: L^t_SEG on the weak view (with CutMix), the strong view for the consistency alone
             view, view_labels = weak, labels
             if options.cutmix_p > 0:
-                mixed = float(torch.rand(())) < options.cutmix_p
+                mixed = _cutmix_coin(options.cutmix_p)
                 losses["cutmix"] = torch.tensor(float(mixed))
                 if mixed:
                     box = cutmix_box(*spatial_size(weak))
