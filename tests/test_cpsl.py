@@ -723,3 +723,24 @@ def test_image_mean_prototypes_weigh_images_alike_skip_small_classes_and_cap_the
     assert acc.counts.tolist() == [2.0, 0.0]
     with pytest.raises(DataError, match="features must be"):
         acc.update(features, torch.zeros(1, 1, 3, dtype=torch.long))
+
+
+def test_bank_contrastive_loss_is_the_authors_supervised_contrast() -> None:
+    """-mean over pixels of the mean over positives of log(e^s / (e^s + sum_neg e^s)), s = z B^T / tau; no positive adds 0."""
+    generator = torch.Generator().manual_seed(2)
+    features = F.normalize(torch.randn(3, 4, generator=generator), dim=1).requires_grad_(True)
+    bank = F.normalize(torch.randn(5, 4, generator=generator), dim=1)
+    labels, bank_labels = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 1, 1])  # pixel 2 has no positive
+    loss = cpsl.bank_contrastive_loss(features, labels, bank, bank_labels, 0.5)
+    expected = 0.0
+    for m in range(2):
+        s = features[m].detach() @ bank.t() / 0.5
+        positive = bank_labels == labels[m]
+        negatives = s[~positive].exp().sum()
+        log_p = s[positive] - torch.log(s[positive].exp() + negatives)
+        expected += -(log_p.sum() / (positive.sum() + 1e-5)).item()
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)  # the shift by the row maximum cancels
+    loss.backward()
+    assert features.grad is not None and features.grad[2].abs().sum() == 0  # the pixel without positives: no gradient
+    with pytest.raises(DataError, match="contrastive term"):
+        cpsl.bank_contrastive_loss(features, labels[:2], bank, bank_labels)

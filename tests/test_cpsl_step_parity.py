@@ -47,7 +47,7 @@ from segadapt.engine.recipes.cpsl import CPSL
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
-STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt", "cpsl_step_nomix.pt"]
+STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt", "cpsl_step_nomix.pt", "cpsl_step_contrast.pt"]
 RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (README stage 1, parser_train.py defaults)
     "method.lambda1=0.1",
@@ -70,6 +70,8 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (README stage
     "method.output_self_labeling=true",
     "method.bank_partial=false",
     "method.bank_scores=unnormalised_prototypes",
+    "method.contrastive_weight=0.001",
+    "method.contrastive_bank_labels=first_pixels",
     "method.source_align_corners=true",
     "method.cutmix_label_sampling=top_left",
 ]
@@ -161,6 +163,8 @@ def replay_recipe(fixture: dict[str, Any], tmp_path: Path, *overrides: str) -> C
     if "queue_start" in fixture:  # full queues: the same rows, oldest first, so the oldest go first as in the code
         recipe.bank.enqueue(by_age(fixture["queue_start"], fixture["opt"]["fbs"]))
         recipe.bank_out.enqueue(by_age(fixture["queue_out_start"], fixture["opt"]["fbs"]))
+        if recipe.options.contrastive_weight > 0:
+            recipe.bank_labels.copy_(by_age(fixture["queue_label_start"].unsqueeze(1), fixture["opt"]["fbs"]).flatten())  # the rows just written
     recipe.train()
     return recipe
 
@@ -169,6 +173,8 @@ def run_step(recipe: CPSL, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
     """The replayed step with the authors' draws and inputs; returns its losses and what the target loss saw."""
     monkeypatch.setattr(cpsl_recipe, "strong_view", lambda images, *a, **k: fixture["strong_images"].clone())
     monkeypatch.setattr(cpsl_recipe, "_cutmix_coin", lambda p: fixture["coin"] < p)
+    orders = list(fixture["contrastive_permutations"])
+    monkeypatch.setattr(cpsl_recipe, "_contrastive_permutation", lambda n: orders.pop(0))
     if fixture["cutmix_box"]:
         top, left, bottom, right = fixture["cutmix_box"]  # the authors' rows bbx1:bbx2, columns bby1:bby2
         monkeypatch.setattr(cpsl_recipe, "cutmix_box", lambda height, width, *a, **k: (top, left, bottom, right))
@@ -190,6 +196,7 @@ def run_step(recipe: CPSL, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
         "target": {"image": fixture["target_images"]},
     }
     losses = recipe.training_step(batches, 1)
+    assert not orders, "the authors' step drew more contrastive permutations"
     losses["loss"].backward()
     return losses, seen
 
@@ -206,7 +213,10 @@ def test_one_cpsl_step_equals_the_authors_step(fixture: dict[str, Any], tmp_path
     assert_close(losses["loss_target"], fixture["loss_target"], "loss_target")
     assert_close(losses["loss_sl"], fixture["loss_sl"], "loss_sl")
     assert_close(losses["loss_reg"], fixture["loss_reg"], "loss_reg")
-    assert fixture["loss_contrast"].item() == 0.0  # the authors' contrastive term: not on CutMix iterations, nor before the queue is full
+    if fixture["loss_contrast"].item() == 0.0:  # the authors' contrastive term: not on CutMix iterations, nor before the queue is full
+        assert "loss_contrast" not in losses
+    else:
+        assert_close(losses["loss_contrast"], fixture["loss_contrast"], "loss_contrast")
     assert_close(losses["loss"], fixture["loss"] + fixture["loss_source"], "loss (the authors' step returns it without the source CE)")
     # every gradient: the network's and the prototypes'
     grads = {f"model.{name}": p.grad for name, p in recipe.model.named_parameters()} | {"head.prototypes": recipe.head.prototypes.grad}
@@ -217,6 +227,8 @@ def test_one_cpsl_step_equals_the_authors_step(fixture: dict[str, Any], tmp_path
     if "queue_after" in fixture:  # both queues after the step: each image's pixels in, the oldest blocks out
         assert_close(bank_by_age(recipe.bank), by_age(fixture["queue_after"], fixture["opt"]["fbs"]), "memory bank")
         assert_close(bank_by_age(recipe.bank_out), by_age(fixture["queue_out_after"], fixture["opt"]["fbs"]), "logit bank")
+        labels = torch.roll(recipe.bank_labels, -int(recipe.bank.pointer), dims=0)  # the authors' queue_label, a quirk kept
+        assert torch.equal(labels, by_age(fixture["queue_label_after"].unsqueeze(1), fixture["opt"]["fbs"]).flatten())
 
 
 def relative_departures(recipe: CPSL, losses: dict[str, torch.Tensor], fixture: dict[str, Any]) -> dict[str, float]:
@@ -267,6 +279,14 @@ def test_the_full_queue_tells_the_bank_options_apart(override: str, tmp_path: Pa
         losses, _ = run_step(recipe, fixture, monkeypatch)
         departure = relative_departures(recipe, losses, fixture)["loss_sl"]
         if override == "method.bank_scores=cosine":  # no queue rows to score in the empty-queue step
-            assert (departure > 1e-4) == ("queue" in name)
+            assert (departure > 1e-4) == ("queue_start" in fixture)
         else:  # the partly filled bank sees the first image's pixels in the second image's problem
-            assert (departure > 1e-4) == ("queue" not in name)
+            assert (departure > 1e-4) == ("queue_start" not in fixture)
+
+
+def test_the_contrastive_step_tells_the_bank_labels_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels of the sampled pixels in the bank (not the authors' first-pixel labels) move the contrastive term (measured 3e-3)."""
+    fixture = load("cpsl_step_contrast.pt")
+    recipe = replay_recipe(fixture, tmp_path, "method.contrastive_bank_labels=sampled")
+    losses, _ = run_step(recipe, fixture, monkeypatch)
+    assert (losses["loss_contrast"] - fixture["loss_contrast"]).abs().item() > 1e-3 * fixture["loss_contrast"].item()

@@ -70,6 +70,7 @@ __all__ = [
     "MemoryBank",
     "PrototypeAccumulator",
     "SelfLabelingHead",
+    "bank_contrastive_loss",
     "class_marginal_error",  # re-exported from .sinkhorn
     "class_pixel_counts",  # re-exported from .common
     "class_prototypes",
@@ -265,7 +266,7 @@ class ImageMeanPrototypes:
                     continue
                 mean = flat[:, mask].mean(dim=1).cpu()
                 self.vectors[k] = (self.vectors[k] * self.counts[k] + mean) / (self.counts[k] + 1)
-                self.counts[k] = min(self.counts[k] + 1, self.cap)
+                self.counts[k] = min(float(self.counts[k]) + 1.0, float(self.cap))
 
     def compute(self) -> torch.Tensor:
         """Class prototypes ``[K, D]`` (float32); a class never counted gets the zero vector."""
@@ -703,6 +704,40 @@ def output_self_labeling_loss(
         augmented, batch_rows = memory_bank.with_batch(F.normalize(momentum_logits.float(), dim=1))
         assignments = sinkhorn(augmented, class_marginal, epsilon, iterations)[batch_rows]
     return self_labeling_loss(head(features), assignments, temperature)
+
+
+def bank_contrastive_loss(
+    features: torch.Tensor, labels: torch.Tensor, bank_features: torch.Tensor, bank_labels: torch.Tensor, temperature: float = 0.08
+) -> torch.Tensor:
+    """The authors' supervised-contrastive term of pixel features against the memory bank (not in the paper).
+
+    ``CustomModel.contrastive`` of the authors' code (docs/reference_code.md, "CPSL: terms not in the
+    paper"): with ``s = z @ B.T / tau`` (rows shifted by their maximum, no gradient through it),
+    positives the bank rows of the pixel's label and negatives the others,
+    ``log p = s - log(exp(s) + sum_neg exp(s))`` per pair, and the loss is minus the mean over pixels
+    of the mean ``log p`` over their positives (``1e-5`` added to the positive count, so a pixel
+    without positives adds 0). ``features`` (L2-normalised) carry the gradient; the bank is constant.
+
+    Shape:
+        - features: ``[M, D]``; labels: ``[M]``; bank_features: ``[Q, D]``; bank_labels: ``[Q]``; output: scalar
+
+    Examples:
+        >>> bank, bank_labels = torch.eye(2), torch.tensor([0, 1])
+        >>> loss = bank_contrastive_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), bank, bank_labels, 1.0)
+        >>> round(float(loss), 4)  # -log(e / (e + e^0)): the positive against one negative
+        0.3133
+    """
+    if features.dim() != 2 or bank_features.dim() != 2 or labels.shape != features.shape[:1] or bank_labels.shape != bank_features.shape[:1]:
+        raise DataError(
+            f"contrastive term needs features [M, D] with labels [M] and a bank [Q, D] with labels [Q], got {tuple(features.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(bank_features.shape)}, {tuple(bank_labels.shape)}"
+        )
+    positive = (labels.unsqueeze(1) == bank_labels.unsqueeze(0)).float()
+    logits = features.float() @ bank_features.float().t() / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    negatives = (logits.exp() * (1 - positive)).sum(dim=1, keepdim=True)
+    log_probability = logits - torch.log(logits.exp() + negatives)
+    return -((positive * log_probability).sum(dim=1) / (positive.sum(dim=1) + 1e-5)).mean()
 
 
 ConsistencyReduction = Literal["class_mean", "pixel_mean"]

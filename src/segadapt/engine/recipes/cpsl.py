@@ -80,6 +80,7 @@ from ...methods.cpsl import (
     MemoryBank,
     PrototypeAccumulator,
     SelfLabelingHead,
+    bank_contrastive_loss,
     class_pixel_counts,
     cpsl_total_loss,
     cutmix,
@@ -216,6 +217,17 @@ class CPSLOptions(BaseModel):
         "authors' calc_prototype.py, four passes, a running mean (count capped at 3,000) of per-image means of "
         "unnormalised features over classes with >= 10 pixels in the image",
     )
+    contrastive_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the authors' supervised-contrastive term (0.001 in their code; not in the paper): the student's "
+        "weak-view pixel features against the memory bank, on iterations without CutMix once the bank is full",
+    )
+    contrastive_bank_labels: Literal["sampled", "first_pixels"] = Field(
+        "sampled",
+        description="the labels stored with the bank's features for the contrastive term: those of the sampled pixels, or "
+        "the authors' (a quirk): the labels of the image's first M pixels in raster order, which do not belong to them",
+    )
     output_self_labeling: bool = Field(
         False,
         description="add the authors' second self-labeling term (not in the paper): Sinkhorn assignments from the momentum "
@@ -236,6 +248,11 @@ class CPSLOptions(BaseModel):
         description="L_SL on the momentum network's features, so it trains only the head (paper Fig. 1, Alg. 1 l. 15/19, "
         "and the authors' code); false: on the student's features, training the network too",
     )
+
+
+def _contrastive_permutation(n: int) -> torch.Tensor:
+    """A random order of ``n`` pixels (global torch RNG) for the contrastive term's sampling, as the authors' ``torch.randperm``."""
+    return torch.randperm(n)
 
 
 def _cutmix_coin(p: float) -> bool:
@@ -391,6 +408,7 @@ class CPSL(Recipe):
         return cfg
 
     _trainable: _SegmentationWithHead  # set with object.__setattr__ in __init__ (not a submodule), declared for type checkers
+    bank_labels: torch.Tensor  # a buffer with method.contrastive_weight > 0
 
     def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
@@ -427,6 +445,8 @@ class CPSL(Recipe):
             self.bank = MemoryBank(prototypes.shape[1], options.queue_size, use_partial=options.bank_partial)
             if options.output_self_labeling:  # the authors' queue_out: normalised momentum logits
                 self.bank_out = MemoryBank(num_classes, options.queue_size, use_partial=options.bank_partial)
+            if options.contrastive_weight > 0:  # the authors' queue_label: a label per bank row
+                self.register_buffer("bank_labels", torch.full((options.queue_size,), self.ignore_index, dtype=torch.long))
             self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
         # a plain attribute, so the network and head are not saved a second time under another name
         object.__setattr__(self, "_trainable", _SegmentationWithHead(model, self.head))
@@ -532,9 +552,15 @@ class CPSL(Recipe):
                 if mixed:
                     box = cutmix_box(*spatial_size(weak))
                     view, view_labels = cutmix(weak, source["image"], labels, source["label"], box, options.cutmix_label_sampling)
-            loss_target = self._target_loss(self.model(view), view_labels)
+            weak_output = self.model(view)
+            loss_target = self._target_loss(weak_output, view_labels)
+            if options.contrastive_weight > 0 and self.head is not None and not losses.get("cutmix", 0) and self.bank.is_full:
+                losses["loss_contrast"] = self._contrastive_loss(weak_output.features, labels)
         loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
+        if "loss_contrast" in losses:  # the authors' extra term
+            loss = loss + options.contrastive_weight * losses["loss_contrast"]
+            losses["loss_contrast"] = losses["loss_contrast"].detach()
         losses.update(
             loss=loss,
             loss_source=loss_source.detach(),
@@ -576,6 +602,15 @@ class CPSL(Recipe):
         strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
         return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside, reduction)
 
+    def _contrastive_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The authors' contrastive term: per image, ``M`` random pixels of the student's weak features against the bank."""
+        terms = []
+        for image_features, image_labels in zip(features, labels):
+            pixels = F.normalize(image_features.flatten(1).t().float(), dim=1)
+            order = _contrastive_permutation(pixels.shape[0])[: self.options.pixels_per_image].to(pixels.device)
+            terms.append(bank_contrastive_loss(pixels[order], image_labels.flatten()[order], self.bank.features, self.bank_labels, self.options.tau))
+        return torch.stack(terms).mean()
+
     def _self_labeling_loss(self, labels: torch.Tensor, teacher: SegOutput, student_features: torch.Tensor) -> torch.Tensor:
         """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates.
 
@@ -612,6 +647,12 @@ class CPSL(Recipe):
                 group_logits = logits[group].reshape(-1, logits.shape[-1])
                 term = term + output_self_labeling_loss(self.head, group_pixels, group_logits, self.bank_out, *solve)
                 self.bank_out.enqueue(all_gather_cat(group_logits))
+            if options.contrastive_weight > 0:  # the labels go into the rows the features are about to take
+                flat = labels.flatten(1)
+                stored = flat[:, : indices.shape[1]] if options.contrastive_bank_labels == "first_pixels" else flat.gather(1, indices)
+                stored = all_gather_cat(stored[group].reshape(-1))[-self.bank.capacity :]  # as MemoryBank.enqueue
+                slots = (int(self.bank.pointer) + torch.arange(stored.shape[0], device=stored.device)) % self.bank.capacity
+                self.bank_labels[slots] = stored
             self.bank.enqueue(all_gather_cat(group_pixels.detach()))
             terms.append(term)
         loss = torch.stack(terms).mean()
