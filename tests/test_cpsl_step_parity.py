@@ -1,27 +1,28 @@
 """One CPSL stage-1 training step replayed against the authors' code (issue 28, step parity).
 
-``tests/fixtures/parity/cpsl_step.pt``, ``cpsl_step_queue.pt`` and ``cpsl_step_nomix.pt`` each hold one step of lslrh/CPSL's ``CustomModel.step``
+``tests/fixtures/parity/cpsl_step{,_queue,_nomix,_contrast}.pt`` each hold one step of lslrh/CPSL's ``CustomModel.step``
 (``models/adaptation_modelv2.py`` at 5ab8e14) under the README's stage-1 command, on a tiny network
 (256-channel features at stride 4, the code's hard-coded width) and a batch of two 32 x 48 source
 and target images, five classes: the start weights of the student and the EMA network, the
 prototypes and momentum prototypes, the class distribution ``r``, the batch, the soft pseudo labels,
 the strong view, every random draw (the CutMix coin and box, the sampling permutation), the loss
 terms and every gradient: with CutMix and empty queues, with CutMix from full queues (and
-prototypes off unit length: the queues after the step besides), and without CutMix. The script ``tests/fixtures/parity/scripts/cpsl_step.py`` ran the
+prototypes off unit length: the queues after the step besides), without CutMix, and without
+CutMix from full queues (the contrastive term). The script ``tests/fixtures/parity/scripts/cpsl_step.py`` ran the
 authors' code and says how to regenerate it.
 
 What the replay covers: the source cross-entropy, the rectified labels (Eq. 1 with the momentum
 prototypes), CutMix of the weak view and its labels, the symmetric cross-entropy (0.1 CE + 1.0 RCE)
 on the weak view, both self-labeling terms (Eq. 5 on the momentum features and the authors' second
 term on the momentum logits, one Sinkhorn per image, one sampling permutation for the batch), the
-prototype-cosine consistency ``KL(teacher || student)`` divided by K, the total, and the gradient of
-every network parameter and of the prototypes. segadapt's options are set to the authors' values
+prototype-cosine consistency ``KL(teacher || student)`` divided by K, the contrastive term against
+the bank, the total, the gradient of every network parameter and of the prototypes, and the banks
+after a step from full queues. segadapt's options are set to the authors' values
 (:data:`AUTHORS_STEP`). What it does not cover, because the fixture's step makes them no-ops or
 the test injects them: the strong view's RandAugment (the recorded strong image is given to
 segadapt's step; its geometry, cutout and their replay onto the teacher are absent), the full-frame
 teacher and ``full2weak`` (the weak view is the full frame), the queues (empty, as in the first
-64 iterations) in two of the steps, the contrastive term (0 in all three: CutMix, or a queue not
-yet full), the warm-up's soft labels (the
+64 iterations) in two of the steps, the warm-up's soft labels (the
 file the authors read is given to segadapt in place of its online warm-up forward), the
 optimiser update and the EMA updates after the step.
 

@@ -964,7 +964,7 @@ def cpsl_total_loss(
 
     ``L_SEG = L^t_SEG + L^s_SEG`` (Eq. 2, 3) is the caller's cross-entropy on source labels and
     rectified target pseudo labels. The authors' code adds a supervised-contrastive term (weight
-    0.001, not offered) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms
+    0.001, :func:`bank_contrastive_loss`) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms
     not in the paper"): pass ``0.1 * CE + 1.0 *`` :func:`reverse_cross_entropy` as ``segmentation_loss``.
 
     Examples:
