@@ -458,6 +458,9 @@ def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, w
     assert torch.equal(spy.calls["supervised_loss"][1], spy.one("rectify_pseudo_labels")["result"])
     with pytest.raises(ConfigError, match="method.cutmix_p=0.5 pastes source boxes .* set method.target_view=weak"):
         Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5", "method.target_view=strong"))
+    for switch in ("method.target_view=strong", "method.self_labeling=false"):
+        with pytest.raises(ConfigError, match="method.contrastive_weight=0.001 contrasts the student's weak-view features"):
+            Trainer(cpsl_config(tmp_path, warmup, "name=e_contrast", "method.contrastive_weight=0.001", switch))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

@@ -56,6 +56,12 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   ``L^t_SEG`` alone (line 19); the authors' code does the same (docs/reference_code.md, "CPSL:
   self-labeling loss"). ``method.sl_through_ema_features_only=false`` feeds the student's features
   instead, so that L_SL also trains the network (a reading of Eq. 14 as one loss over the whole model).
+
+The authors' step (lslrh/CPSL ``CustomModel.step``) is one option set away, each option named for its
+departure (docs/reference_code.md, "CPSL"); ``tests/test_cpsl_step_parity.py`` replays it against
+their code with those options (their CutMix label grid, source upsampling, shared sampling
+permutation, per-image Sinkhorn, second self-labeling term, full-queue rule and scores, contrastive
+term; ``method.prototype_init=image_means`` for their prototypes).
 """
 
 from __future__ import annotations
@@ -270,6 +276,11 @@ def _check_switches(options: CPSLOptions) -> None:
             f"method.cutmix_p={options.cutmix_p} pastes source boxes into the view L^t_SEG trains on, which must not be the "
             "strong view the consistency compares with the momentum network: set method.target_view=weak (the authors' code) "
             "or method.cutmix_p=0"
+        )
+    if options.contrastive_weight > 0 and (options.target_view != "weak" or not options.self_labeling):
+        raise ConfigError(
+            f"method.contrastive_weight={options.contrastive_weight} contrasts the student's weak-view features with the "
+            "self-labeling memory bank: it needs method.target_view=weak and method.self_labeling=true; or set method.contrastive_weight=0"
         )
     if options.consistency == "prototype" and not options.self_labeling:
         raise ConfigError(
