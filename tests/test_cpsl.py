@@ -642,3 +642,105 @@ def test_a_class_without_eq7_prototype_gets_a_trainable_random_row_not_a_frozen_
     assert rows["zero"] > 1e8  # 1/eps: the row leaves the unit sphere's scale at any learning rate
     with pytest.raises(ValueError, match="random"):
         SelfLabelingHead(3, 3).init_from_prototypes(prototypes, empty="mean")  # type: ignore[arg-type]
+
+
+def test_cutmix_top_left_labels_take_each_coarse_pixels_corner_as_the_authors() -> None:
+    """``label_sampling="top_left"`` (PyTorch's legacy nearest, the authors' code): coarse pixel i reads image row 2 i."""
+    target, source = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    source_labels = torch.tensor([[[7, 7, 7, 7], [8, 8, 8, 8], [7, 7, 7, 7], [8, 8, 8, 8]]])
+    box = (0, 0, 4, 4)  # the whole frame
+    _, corners = cpsl.cutmix(target, source, torch.zeros(1, 2, 2, dtype=torch.long), source_labels, box, "top_left")
+    _, centres = cpsl.cutmix(target, source, torch.zeros(1, 2, 2, dtype=torch.long), source_labels, box)
+    assert corners.tolist() == [[[7, 7], [7, 7]]]  # rows 0 and 2
+    assert centres.tolist() == [[[8, 8], [8, 8]]]  # rows 1 and 3 (nearest-exact: the centre rounds down-right)
+    with pytest.raises(ValueError, match="label_sampling"):
+        cpsl.cutmix(target, source, torch.zeros(1, 2, 2, dtype=torch.long), source_labels, box, "corner")  # type: ignore[arg-type]
+
+
+def test_shared_uniform_pixels_draws_one_permutation_for_the_batch() -> None:
+    """The authors' L_SL sampling: the first M of one randperm of the grid, the same positions in every image."""
+    indices = cpsl.shared_uniform_pixels(3, 20, 7, generator=torch.Generator().manual_seed(1))
+    assert indices.shape == (3, 7) and indices.dtype == torch.int64
+    assert torch.equal(indices[0], indices[1]) and torch.equal(indices[0], indices[2])
+    assert torch.equal(indices[0], torch.randperm(20, generator=torch.Generator().manual_seed(1))[:7])
+    with pytest.raises(ConfigError, match="1..20"):
+        cpsl.shared_uniform_pixels(1, 20, 21)
+
+
+def test_output_self_labeling_loss_takes_its_assignments_from_the_normalised_logits() -> None:
+    """The authors' second term: Q = Sinkhorn(normalize(logits)) over [bank; batch], p = softmax(head(z) / tau)."""
+    generator = torch.Generator().manual_seed(4)
+    head = cpsl.SelfLabelingHead(3, 4)
+    features, logits = torch.randn(6, 4, generator=generator), 5 * torch.randn(6, 3, generator=generator)
+    marginal = torch.tensor([0.5, 0.3, 0.2])
+    bank = cpsl.MemoryBank(3, capacity=16)
+    bank.enqueue(torch.randn(5, 3, generator=generator))
+    loss = cpsl.output_self_labeling_loss(head, features, logits, bank, marginal, 0.08, 0.05, 3)
+    augmented = torch.cat([bank.contents(), F.normalize(logits, dim=1)])
+    assignments = cpsl.sinkhorn(augmented, marginal, 0.05, 3)[5:]
+    expected = -(assignments * F.log_softmax(head(features) / 0.08, dim=1)).sum(dim=1).mean()
+    torch.testing.assert_close(loss, expected)
+    # the scale of the logits does not matter (they are normalised), the bank is left as it was
+    torch.testing.assert_close(cpsl.output_self_labeling_loss(head, features, 10 * logits, bank, marginal, 0.08, 0.05, 3), loss)
+    assert int(bank.num_filled) == 5
+    loss.backward()
+    assert head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0
+    with pytest.raises(DataError, match="momentum logits"):
+        cpsl.output_self_labeling_loss(head, features, logits[:5], bank)
+
+
+def test_bank_scores_with_raw_prototypes_as_the_authors_and_cosines_agree_at_unit_length() -> None:
+    """``bank_scores="unnormalised_prototypes"`` scores the bank's rows by ``z @ w.T`` (the authors' queue), the batch by cosines."""
+    generator = torch.Generator().manual_seed(9)
+    head = cpsl.SelfLabelingHead(3, 4)
+    bank = cpsl.MemoryBank(4, capacity=8)
+    bank.enqueue(torch.randn(6, 4, generator=generator))
+    features, marginal = torch.randn(5, 4, generator=generator), torch.tensor([0.5, 0.3, 0.2])
+
+    def loss(scores: str) -> torch.Tensor:
+        return cpsl.online_self_labeling_loss(head, features, bank, marginal, 0.08, 0.05, 3, bank_scores=scores)  # type: ignore[arg-type]
+
+    torch.testing.assert_close(loss("unnormalised_prototypes"), loss("cosine"))  # unit prototypes: the same scores
+    with torch.no_grad():
+        head.prototypes.mul_(torch.tensor([[0.5], [1.0], [2.0]]))
+    raw_scores = torch.cat([bank.contents() @ head.prototypes.detach().t(), head(features).detach()])
+    assignments = cpsl.sinkhorn(raw_scores, marginal, 0.05, 3)[6:]
+    torch.testing.assert_close(loss("unnormalised_prototypes"), cpsl.self_labeling_loss(head(features), assignments, 0.08))
+    assert not torch.allclose(loss("unnormalised_prototypes"), loss("cosine"))
+    with pytest.raises(ValueError, match="bank_scores"):
+        loss("raw")
+
+
+def test_image_mean_prototypes_weigh_images_alike_skip_small_classes_and_cap_the_count() -> None:
+    """calc_prototype.py: per-image means of unnormalised features (classes with >= min_pixels), a running mean capped."""
+    acc = cpsl.ImageMeanPrototypes(num_classes=2, feature_dim=2, min_pixels=2, cap=2)
+    features = torch.tensor([[[[1.0, 1.0, 1.0, 9.0]], [[0.0, 0.0, 0.0, 9.0]]]])  # [1, 2, 1, 4]
+    acc.update(features, torch.tensor([[[0, 0, 0, 1]]]))  # class 1: one pixel, skipped
+    acc.update(3 * features[..., :2], torch.tensor([[[0, 0]]]))  # a small image counts as much as a large one
+    torch.testing.assert_close(acc.compute(), torch.tensor([[2.0, 0.0], [0.0, 0.0]]))  # (1 + 3) / 2, not per pixel
+    acc.update(7 * features[..., :2], torch.tensor([[[0, 0]]]))  # the count stays at the cap: (2 * 2 + 7) / 3
+    torch.testing.assert_close(acc.compute()[0], torch.tensor([11.0 / 3.0, 0.0]))
+    assert acc.counts.tolist() == [2.0, 0.0]
+    with pytest.raises(DataError, match="features must be"):
+        acc.update(features, torch.zeros(1, 1, 3, dtype=torch.long))
+
+
+def test_bank_contrastive_loss_is_the_authors_supervised_contrast() -> None:
+    """-mean over pixels of the mean over positives of log(e^s / (e^s + sum_neg e^s)), s = z B^T / tau; no positive adds 0."""
+    generator = torch.Generator().manual_seed(2)
+    features = F.normalize(torch.randn(3, 4, generator=generator), dim=1).requires_grad_(True)
+    bank = F.normalize(torch.randn(5, 4, generator=generator), dim=1)
+    labels, bank_labels = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1, 1, 1])  # pixel 2 has no positive
+    loss = cpsl.bank_contrastive_loss(features, labels, bank, bank_labels, 0.5)
+    expected = 0.0
+    for m in range(2):
+        s = features[m].detach() @ bank.t() / 0.5
+        positive = bank_labels == labels[m]
+        negatives = s[~positive].exp().sum()
+        log_p = s[positive] - torch.log(s[positive].exp() + negatives)
+        expected += -(log_p.sum() / (positive.sum() + 1e-5)).item()
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)  # the shift by the row maximum cancels
+    loss.backward()
+    assert features.grad is not None and features.grad[2].abs().sum() == 0  # the pixel without positives: no gradient
+    with pytest.raises(DataError, match="contrastive term"):
+        cpsl.bank_contrastive_loss(features, labels[:2], bank, bank_labels)

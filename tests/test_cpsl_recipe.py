@@ -20,6 +20,7 @@ from segadapt.engine.recipes import cpsl as cpsl_recipe
 from segadapt.engine.recipes.adversarial import FCDiscriminator
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
+from segadapt.methods import cpsl as cpsl_methods
 from segadapt.methods.cpsl import class_pixel_counts, cutmix, reverse_cross_entropy
 from segadapt.methods.ema import batch_norm_as
 
@@ -135,6 +136,31 @@ def test_cpsl_warmup_statistics_are_eq7_and_eq10_of_the_warmup(tmp_path: Path, w
     assert torch.allclose(recipe.head.prototypes[seen], F.normalize(expected, dim=1), atol=1e-6)  # Alg. 1 line 2
     assert torch.equal(recipe.ema_head.module.prototypes, recipe.head.prototypes)
     assert torch.allclose(recipe.class_distribution.distribution, (counts / counts.sum()).float())  # Eq. 10
+
+
+def test_cpsl_image_means_prototypes_are_the_authors_four_passes(tmp_path: Path, warmup: Path) -> None:
+    """``method.prototype_init=image_means``: calc_prototype.py's running mean of per-image means, four passes; Eq. 10 once."""
+    lines: list[str] = []
+    run_dir = tmp_path / "r"
+    cpsl_recipe.CPSL.prepare(cpsl_config(tmp_path, warmup), run_dir, lines.append)
+    default = torch.load(run_dir / "cpsl_init.pt")
+    cfg = cpsl_config(tmp_path, warmup, "method.prototype_init=image_means")
+    cpsl_recipe.CPSL.prepare(cfg, run_dir, lines.append)
+    assert any("changed: method.prototype_init)" in line for line in lines[-3:])
+    init = torch.load(run_dir / "cpsl_init.pt")
+    from segadapt.engine.builders import build_dataset_from_spec, build_model
+
+    dataset = build_dataset_from_spec(cfg.data.target, with_labels=False)
+    net = build_model(cfg.model, 19).eval()
+    expected = cpsl_methods.ImageMeanPrototypes(19, init["prototypes"].shape[1])
+    with torch.no_grad():
+        for _ in range(4):
+            for index in range(len(dataset)):
+                out = net(dataset[index]["image"][None])
+                expected.update(out.features, out.logits.argmax(1))
+    assert torch.allclose(init["prototypes"], expected.compute(), atol=1e-6)
+    assert torch.equal(init["class_counts"], default["class_counts"])  # counted in the first pass only
+    assert not torch.allclose(F.normalize(init["prototypes"], dim=1), F.normalize(default["prototypes"], dim=1), atol=1e-4)
 
 
 class Spy:
@@ -432,6 +458,9 @@ def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, w
     assert torch.equal(spy.calls["supervised_loss"][1], spy.one("rectify_pseudo_labels")["result"])
     with pytest.raises(ConfigError, match="method.cutmix_p=0.5 pastes source boxes .* set method.target_view=weak"):
         Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5", "method.target_view=strong"))
+    for switch in ("method.target_view=strong", "method.self_labeling=false"):
+        with pytest.raises(ConfigError, match="method.contrastive_weight=0.001 contrasts the student's weak-view features"):
+            Trainer(cpsl_config(tmp_path, warmup, "name=e_contrast", "method.contrastive_weight=0.001", switch))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(

@@ -66,9 +66,11 @@ __all__ = [
     "ClassDistribution",
     "ConsistencyReduction",
     "DistillationLoss",
+    "ImageMeanPrototypes",
     "MemoryBank",
     "PrototypeAccumulator",
     "SelfLabelingHead",
+    "bank_contrastive_loss",
     "class_marginal_error",  # re-exported from .sinkhorn
     "class_pixel_counts",  # re-exported from .common
     "class_prototypes",
@@ -82,6 +84,8 @@ __all__ = [
     "reverse_cross_entropy",
     "sample_pixels",
     "self_labeling_loss",
+    "output_self_labeling_loss",
+    "shared_uniform_pixels",
     "sinkhorn",  # re-exported from .sinkhorn
     "prototype_cosines",
     "prototype_kl_consistency",
@@ -218,6 +222,55 @@ class PrototypeAccumulator:
     def compute(self) -> torch.Tensor:
         """Class prototypes ``[K, D]`` (float32); a class never seen gets the zero vector (see :attr:`counts`)."""
         return class_means_from_sums(self.sums, self.counts).float()
+
+
+class ImageMeanPrototypes:
+    """The authors' prototype initialisation (``calc_prototype.py``): a running mean of per-image class means.
+
+    For each image and each class with at least ``min_pixels`` pixels under the hard labels, the mean
+    of the class's *unnormalised* features in that image is one vector; the prototype is the running
+    mean of those vectors, with the count capped at ``cap`` (3,000), so after ``cap`` images a class
+    follows an exponential average of weight ``1 / (cap + 1)``. Every image counts once whatever its
+    class's area (Eq. 7 and :class:`PrototypeAccumulator` weigh pixels, over normalised features).
+    The authors run four passes over the target set (in eval mode, without augmentation: the same
+    vectors four times), which matters only through the cap.
+
+    Examples:
+        >>> acc = ImageMeanPrototypes(num_classes=2, feature_dim=1, min_pixels=2)
+        >>> acc.update(torch.tensor([[[[1.0, 3.0, 5.0]]]]), torch.tensor([[[0, 0, 1]]]))  # class 1 has 1 pixel
+        >>> acc.update(torch.tensor([[[[6.0, 6.0, 6.0]]]]), torch.tensor([[[0, 0, 0]]]))
+        >>> acc.compute().flatten().tolist(), acc.counts.tolist()  # (2 + 6) / 2
+        ([4.0, 0.0], [2.0, 0.0])
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, min_pixels: int = 10, cap: int = 3000, ignore_index: int = IGNORE_INDEX) -> None:
+        if min_pixels < 1 or cap < 1:
+            raise ConfigError(f"min_pixels and cap must be >= 1, got {min_pixels} and {cap}")
+        self.num_classes, self.min_pixels, self.cap, self.ignore_index = num_classes, min_pixels, cap, ignore_index
+        self.vectors = torch.zeros(num_classes, feature_dim, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add ``features [N, D, h, w]`` with hard labels ``[N, h, w]`` on the same grid, image by image."""
+        if features.dim() != 4 or features.shape[1] != self.vectors.shape[1] or labels.shape != (features.shape[0], *features.shape[2:]):
+            raise DataError(
+                f"features must be [N, {self.vectors.shape[1]}, h, w] with labels [N, h, w], got {tuple(features.shape)} and {tuple(labels.shape)}"
+            )
+        check_label_ids(labels, self.num_classes, self.ignore_index, "prototype labels")
+        for image_features, image_labels in zip(features.double(), labels):
+            flat, flat_labels = image_features.flatten(1), image_labels.flatten()
+            for k in range(self.num_classes):
+                mask = flat_labels == k
+                if int(mask.sum()) < self.min_pixels:
+                    continue
+                mean = flat[:, mask].mean(dim=1).cpu()
+                self.vectors[k] = (self.vectors[k] * self.counts[k] + mean) / (self.counts[k] + 1)
+                self.counts[k] = min(float(self.counts[k]) + 1.0, float(self.cap))
+
+    def compute(self) -> torch.Tensor:
+        """Class prototypes ``[K, D]`` (float32); a class never counted gets the zero vector."""
+        return self.vectors.float()
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -405,6 +458,30 @@ def sample_pixels(
     return torch.stack(picks).to(pseudo_labels.device)
 
 
+def shared_uniform_pixels(num_images: int, num_pixels: int, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``M`` pixel positions drawn uniformly, one permutation for the whole batch: the authors' sampling for ``L_SL``.
+
+    The authors' code (``CustomModel.step``) draws one ``torch.randperm`` of the momentum network's
+    output grid and takes its first ``fbs`` (256) positions in every image of the batch, whatever
+    their labels (docs/reference_code.md, "CPSL: pixel sampling"); the paper samples each image
+    class by class (Eq. 8-9, :func:`sample_pixels`). Positions on crop padding are not excluded
+    (the authors sample the full frame, which has none).
+
+    Returns:
+        Flat pixel indices ``[num_images, M]`` (int64), the same row for every image; see :func:`gather_pixel_features`.
+
+    Examples:
+        >>> idx = shared_uniform_pixels(2, 6, 3, generator=torch.Generator().manual_seed(0))
+        >>> idx.shape, bool(torch.equal(idx[0], idx[1])), len(set(idx[0].tolist()))
+        (torch.Size([2, 3]), True, 3)
+    """
+    if not 0 < num_samples <= num_pixels:
+        raise ConfigError(f"num_samples (pixels per image) must be in 1..{num_pixels}, got {num_samples}")
+    device = generator.device if generator is not None else None
+    order = torch.randperm(num_pixels, generator=generator, device=device)[:num_samples]
+    return order.unsqueeze(0).expand(num_images, -1).clone()
+
+
 def gather_pixel_features(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The feature vectors at flat pixel ``indices`` (from :func:`sample_pixels`).
 
@@ -541,6 +618,7 @@ def online_self_labeling_loss(
     temperature: float = 0.08,
     epsilon: float = 0.05,
     iterations: int = 3,
+    bank_scores: Literal["cosine", "unnormalised_prototypes"] = "cosine",
 ) -> torch.Tensor:
     """Eq. 5 on the current batch with assignments from the bank-augmented batch (CPSL Alg. 1 l.10-14).
 
@@ -552,6 +630,12 @@ def online_self_labeling_loss(
 
     Alg. 1 runs this per target image; passing a whole batch's pixels at once solves one transport
     problem over ``bank + batch`` instead (the same marginals, one Sinkhorn call).
+
+    ``bank_scores`` is how the bank's rows are scored: ``cosine`` (default, one ``f_SL`` for bank and
+    batch, as the paper) or ``unnormalised_prototypes``, the authors' code, which scores the queued
+    (normalised) features against the raw prototype vectors ``head.prototypes`` while the batch gets
+    cosines; the two agree while the prototypes have unit length (their start) and part as training
+    changes their lengths.
 
     The authors' code adds a second term whose Sinkhorn scores are the L2-normalised EMA logits of
     the same pixels while the prediction stays ``head(features) / tau`` (docs/reference_code.md,
@@ -571,8 +655,89 @@ def online_self_labeling_loss(
     """
     with torch.no_grad():
         augmented, batch_rows = memory_bank.with_batch(features)
-        assignments = sinkhorn(head(augmented), class_marginal, epsilon, iterations)[batch_rows]
+        scores = head(augmented)
+        if bank_scores == "unnormalised_prototypes":
+            raw = getattr(head, "prototypes", None)
+            if not isinstance(raw, torch.Tensor):
+                raise DataError("bank_scores='unnormalised_prototypes' needs a head with a prototypes tensor [K, D] (SelfLabelingHead)")
+            stored = augmented[: batch_rows.start]
+            scores = torch.cat([stored @ raw.detach().to(stored).t(), scores[batch_rows]])
+        elif bank_scores != "cosine":
+            raise ValueError(f"bank_scores must be 'cosine' or 'unnormalised_prototypes', got {bank_scores!r}")
+        assignments = sinkhorn(scores, class_marginal, epsilon, iterations)[batch_rows]
     return self_labeling_loss(head(features), assignments, temperature)
+
+
+def output_self_labeling_loss(
+    head: nn.Module,
+    features: torch.Tensor,
+    momentum_logits: torch.Tensor,
+    memory_bank: MemoryBank,
+    class_marginal: torch.Tensor | None = None,
+    temperature: float = 0.08,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+) -> torch.Tensor:
+    """The authors' second self-labeling term: Sinkhorn on the momentum network's L2-normalised logits.
+
+    Not in the paper (docs/reference_code.md, "CPSL: self-labeling loss"). The authors' code
+    (``CustomModel.step``, the ``queue_out`` block) adds to Eq. 5 a term whose assignments ``Q`` come
+    from :func:`sinkhorn` on the L2-normalised segmentation logits of the momentum network at the
+    sampled pixels (with its own queue of such logits, ``memory_bank`` of ``feature_dim = K``), while
+    the prediction stays ``softmax(head(features) / tau)``: the head is pulled towards the momentum
+    network's segmentation as well as towards the balanced clustering of its features. The bank is
+    not modified: enqueue ``momentum_logits`` afterwards (:meth:`MemoryBank.enqueue` normalises).
+
+    Shape:
+        - features: ``[M, D]``; momentum_logits: ``[M, K]``; output: scalar
+
+    Examples:
+        >>> head, bank = SelfLabelingHead(num_classes=2, feature_dim=2), MemoryBank(feature_dim=2, capacity=8)
+        >>> head.init_from_prototypes(torch.eye(2))
+        >>> pixels, logits = torch.tensor([[1.0, 0.1], [0.1, 1.0]]), torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+        >>> 0.0 < output_self_labeling_loss(head, pixels, logits, bank, torch.tensor([0.5, 0.5])).item() < 0.6931
+        True
+    """
+    if momentum_logits.dim() != 2 or momentum_logits.shape[0] != features.shape[0]:
+        raise DataError(f"momentum logits must be [M, K] for the {features.shape[0]} pixels, got {tuple(momentum_logits.shape)}")
+    with torch.no_grad():
+        augmented, batch_rows = memory_bank.with_batch(F.normalize(momentum_logits.float(), dim=1))
+        assignments = sinkhorn(augmented, class_marginal, epsilon, iterations)[batch_rows]
+    return self_labeling_loss(head(features), assignments, temperature)
+
+
+def bank_contrastive_loss(
+    features: torch.Tensor, labels: torch.Tensor, bank_features: torch.Tensor, bank_labels: torch.Tensor, temperature: float = 0.08
+) -> torch.Tensor:
+    """The authors' supervised-contrastive term of pixel features against the memory bank (not in the paper).
+
+    ``CustomModel.contrastive`` of the authors' code (docs/reference_code.md, "CPSL: terms not in the
+    paper"): with ``s = z @ B.T / tau`` (rows shifted by their maximum, no gradient through it),
+    positives the bank rows of the pixel's label and negatives the others,
+    ``log p = s - log(exp(s) + sum_neg exp(s))`` per pair, and the loss is minus the mean over pixels
+    of the mean ``log p`` over their positives (``1e-5`` added to the positive count, so a pixel
+    without positives adds 0). ``features`` (L2-normalised) carry the gradient; the bank is constant.
+
+    Shape:
+        - features: ``[M, D]``; labels: ``[M]``; bank_features: ``[Q, D]``; bank_labels: ``[Q]``; output: scalar
+
+    Examples:
+        >>> bank, bank_labels = torch.eye(2), torch.tensor([0, 1])
+        >>> loss = bank_contrastive_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), bank, bank_labels, 1.0)
+        >>> round(float(loss), 4)  # -log(e / (e + e^0)): the positive against one negative
+        0.3133
+    """
+    if features.dim() != 2 or bank_features.dim() != 2 or labels.shape != features.shape[:1] or bank_labels.shape != bank_features.shape[:1]:
+        raise DataError(
+            f"contrastive term needs features [M, D] with labels [M] and a bank [Q, D] with labels [Q], got {tuple(features.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(bank_features.shape)}, {tuple(bank_labels.shape)}"
+        )
+    positive = (labels.unsqueeze(1) == bank_labels.unsqueeze(0)).float()
+    logits = features.float() @ bank_features.float().t() / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    negatives = (logits.exp() * (1 - positive)).sum(dim=1, keepdim=True)
+    log_probability = logits - torch.log(logits.exp() + negatives)
+    return -((positive * log_probability).sum(dim=1) / (positive.sum(dim=1) + 1e-5)).mean()
 
 
 ConsistencyReduction = Literal["class_mean", "pixel_mean"]
@@ -740,6 +905,7 @@ def cutmix(
     target_labels: torch.Tensor,
     source_labels: torch.Tensor,
     box: tuple[int, int, int, int],
+    label_sampling: Literal["pixel_centres", "top_left"] = "pixel_centres",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' CutMix: a source box and its labels pasted into the target crops and their pseudo labels.
 
@@ -748,6 +914,12 @@ def cutmix(
     coarser grid (the network's output grid): they are brought to the image grid by nearest
     neighbour, the source labels pasted in, and the result brought back by nearest neighbour, as the
     authors do at their label resolution (a quarter of the crop). Nothing is changed in place.
+
+    ``label_sampling`` is how nearest neighbour picks: ``pixel_centres`` (default, segadapt's label
+    resizing, ``nearest-exact``) takes the coarse pixel's centre, so the labels stay aligned with the
+    image; ``top_left`` is PyTorch's legacy ``nearest``, which the authors' code uses: coarse pixel
+    ``i`` takes the source label of image row ``s * i`` (stride ``s``), its top-left corner, half a
+    coarse pixel off the centre.
 
     Shape:
         - images: ``[N, C, H, W]`` both; source_labels: ``[N, H, W]``; target_labels: ``[N, h, w]``
@@ -768,9 +940,17 @@ def cutmix(
     images = target_images.clone()
     images[..., top:bottom, left:right] = source_images[..., top:bottom, left:right].to(images.dtype)
     image_grid, label_grid = (target_images.shape[-2], target_images.shape[-1]), (target_labels.shape[-2], target_labels.shape[-1])
-    full = resize(target_labels.unsqueeze(1), image_grid, "label").squeeze(1).clone()
+    if label_sampling not in ("pixel_centres", "top_left"):
+        raise ValueError(f"label_sampling must be 'pixel_centres' or 'top_left', got {label_sampling!r}")
+
+    def nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if label_sampling == "pixel_centres":
+            return resize(labels.unsqueeze(1), size, "label").squeeze(1)
+        return F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).to(labels.dtype)
+
+    full = nearest(target_labels, image_grid).clone()
     full[:, top:bottom, left:right] = source_labels[:, top:bottom, left:right].to(full.dtype)
-    return images, resize(full.unsqueeze(1), label_grid, "label").squeeze(1)
+    return images, nearest(full, label_grid)
 
 
 def cpsl_total_loss(
@@ -784,7 +964,7 @@ def cpsl_total_loss(
 
     ``L_SEG = L^t_SEG + L^s_SEG`` (Eq. 2, 3) is the caller's cross-entropy on source labels and
     rectified target pseudo labels. The authors' code adds a supervised-contrastive term (weight
-    0.001, not offered) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms
+    0.001, :func:`bank_contrastive_loss`) and uses symmetric CE for ``L^t_SEG`` (docs/reference_code.md, "CPSL: terms
     not in the paper"): pass ``0.1 * CE + 1.0 *`` :func:`reverse_cross_entropy` as ``segmentation_loss``.
 
     Examples:

@@ -56,6 +56,12 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   ``L^t_SEG`` alone (line 19); the authors' code does the same (docs/reference_code.md, "CPSL:
   self-labeling loss"). ``method.sl_through_ema_features_only=false`` feeds the student's features
   instead, so that L_SL also trains the network (a reading of Eq. 14 as one loss over the whole model).
+
+The authors' step (lslrh/CPSL ``CustomModel.step``) is one option set away, each option named for its
+departure (docs/reference_code.md, "CPSL"); ``tests/test_cpsl_step_parity.py`` replays it against
+their code with those options (their CutMix label grid, source upsampling, shared sampling
+permutation, per-image Sinkhorn, second self-labeling term, full-queue rule and scores, contrastive
+term; ``method.prototype_init=image_means`` for their prototypes).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -75,20 +82,24 @@ from ...data.transforms import resize
 from ...errors import ConfigError, DataError
 from ...methods.cpsl import (
     ClassDistribution,
+    ImageMeanPrototypes,
     MemoryBank,
     PrototypeAccumulator,
     SelfLabelingHead,
+    bank_contrastive_loss,
     class_pixel_counts,
     cpsl_total_loss,
     cutmix,
     cutmix_box,
     gather_pixel_features,
     online_self_labeling_loss,
+    output_self_labeling_loss,
     prototype_cosines,
     prototype_kl_consistency,
     rectify_pseudo_labels,
     reverse_cross_entropy,
     sample_pixels,
+    shared_uniform_pixels,
     symmetric_kl_consistency,
 )
 from ...methods.ema import ModelEMA, batch_norm_as
@@ -98,6 +109,9 @@ from ..distributed import all_gather_cat
 from ..run_cache import file_fingerprint, reuse_or_make
 from .base import Recipe, Stream, parse_options
 from .common import CPSL_STRONG, FrozenNetwork, content_mask, masked_image_consistency, spatial_size, strong_view
+
+AUTHORS_PROTOTYPE_PASSES = 4
+"""Passes over the target of the authors' ``calc_prototype.py`` (``opt.epochs = 4``), for ``method.prototype_init=image_means``."""
 
 INIT_FILE = "cpsl_init.pt"
 """What :meth:`CPSL.prepare` writes into the run directory: Eq. 7 prototypes and Eq. 10 class counts."""
@@ -183,11 +197,73 @@ class CPSLOptions(BaseModel):
         description="probability per iteration of the authors' CutMix: a source box of half the crop's area and its labels "
         "pasted into the weak target view L^t_SEG trains on (authors' 0.5; needs target_view=weak)",
     )
+    pixel_sampling: Literal["class_balanced", "shared_uniform"] = Field(
+        "class_balanced",
+        description="how L_SL picks its M pixels per image: class by class (Eq. 8-9; uniform per image with "
+        "class_balanced=false) or the authors' code, one uniform permutation of the grid for the whole batch",
+    )
+    sinkhorn_per_image: bool = Field(
+        False,
+        description="one Sinkhorn problem per target image (Alg. 1 and the authors' code) instead of one over the batch's "
+        "pooled pixels (the same marginals, one call)",
+    )
+    bank_partial: bool = Field(
+        True,
+        description="a partly filled memory bank augments the batch (the literal [Z; M] of Alg. 1 l.10); false: only "
+        "a full one (the authors' code, which waits until its last slot is written)",
+    )
+    bank_scores: Literal["cosine", "unnormalised_prototypes"] = Field(
+        "cosine",
+        description="how the bank's features are scored for Sinkhorn: cosines to the prototypes, as the batch (one f_SL, "
+        "the paper), or dot products with the raw prototype vectors (the authors' code)",
+    )
+    prototype_init: Literal["pixel_mean", "image_means"] = Field(
+        "pixel_mean",
+        description="Eq. 7 prototypes: one pass, the mean of the L2-normalised features of each class's pixels; or the "
+        "authors' calc_prototype.py, four passes, a running mean (count capped at 3,000) of per-image means of "
+        "unnormalised features over classes with >= 10 pixels in the image",
+    )
+    contrastive_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the authors' supervised-contrastive term (0.001 in their code; not in the paper): the student's "
+        "weak-view pixel features against the memory bank, on iterations without CutMix once the bank is full",
+    )
+    contrastive_bank_labels: Literal["sampled", "first_pixels"] = Field(
+        "sampled",
+        description="the labels stored with the bank's features for the contrastive term: those of the sampled pixels, or "
+        "the authors' (a quirk): the labels of the image's first M pixels in raster order, which do not belong to them",
+    )
+    output_self_labeling: bool = Field(
+        False,
+        description="add the authors' second self-labeling term (not in the paper): Sinkhorn assignments from the momentum "
+        "network's L2-normalised logits at the sampled pixels (with a queue of its own), the head's prediction as in Eq. 5",
+    )
+    source_align_corners: bool = Field(
+        False,
+        description="upsample the source logits to the labels with align_corners=True before the source cross-entropy "
+        "(the authors' code) instead of segadapt's half-pixel bilinear rule",
+    )
+    cutmix_label_sampling: Literal["pixel_centres", "top_left"] = Field(
+        "pixel_centres",
+        description="how CutMix brings the labels between the output grid and the image grid: nearest by pixel centres "
+        "(aligned with the image) or PyTorch's legacy nearest, the top-left corner (the authors' code, half an output pixel off)",
+    )
     sl_through_ema_features_only: bool = Field(
         True,
         description="L_SL on the momentum network's features, so it trains only the head (paper Fig. 1, Alg. 1 l. 15/19, "
         "and the authors' code); false: on the student's features, training the network too",
     )
+
+
+def _contrastive_permutation(n: int) -> torch.Tensor:
+    """A random order of ``n`` pixels (global torch RNG) for the contrastive term's sampling, as the authors' ``torch.randperm``."""
+    return torch.randperm(n)
+
+
+def _cutmix_coin(p: float) -> bool:
+    """Whether this iteration mixes: a ``U(0, 1)`` draw from the global torch RNG below ``p`` (the authors' ``random.random() < 0.5``)."""
+    return float(torch.rand(())) < p
 
 
 def _check_switches(options: CPSLOptions) -> None:
@@ -200,6 +276,11 @@ def _check_switches(options: CPSLOptions) -> None:
             f"method.cutmix_p={options.cutmix_p} pastes source boxes into the view L^t_SEG trains on, which must not be the "
             "strong view the consistency compares with the momentum network: set method.target_view=weak (the authors' code) "
             "or method.cutmix_p=0"
+        )
+    if options.contrastive_weight > 0 and (options.target_view != "weak" or not options.self_labeling):
+        raise ConfigError(
+            f"method.contrastive_weight={options.contrastive_weight} contrasts the student's weak-view features with the "
+            "self-labeling memory bank: it needs method.target_view=weak and method.self_labeling=true; or set method.contrastive_weight=0"
         )
     if options.consistency == "prototype" and not options.self_labeling:
         raise ConfigError(
@@ -239,7 +320,9 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     warm-up would label the target at). ``Y_ST`` is the argmax of the warm-up's logits on its output grid;
     the features are L2-normalised per pixel before the class means (:class:`PrototypeAccumulator`).
     The authors' ``calc_prototype.py`` differs in details (docs/reference_code.md, "CPSL: prototypes")
-    that leave the prototype directions, all the head keeps, nearly unchanged.
+    that leave the prototype directions, all the head keeps, nearly unchanged; ``method.prototype_init=
+    image_means`` follows it (:class:`ImageMeanPrototypes`, four passes; the class counts of Eq. 10
+    come from the first).
     """
     from ..builders import (
         build_dataset_from_spec,
@@ -255,21 +338,26 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, num_classes).to(device).eval()
     loader = build_eval_loader(dataset, None, cfg.data.val_batch_size, cfg.data.num_workers)
+    image_means = parse_options(CPSLOptions, cfg.method, CPSL.name).prototype_init == "image_means"
+    passes = AUTHORS_PROTOTYPE_PASSES if image_means else 1
     log(f"cpsl: prototypes and class distribution of {len(dataset)} target images from {cfg.model.checkpoint}")
-    accumulator: PrototypeAccumulator | None = None
+    accumulator: PrototypeAccumulator | ImageMeanPrototypes | None = None
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    for batch in progress(loader, desc="cpsl: warm-up statistics", unit="batch"):
-        images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
-        for image in images:  # one at a time: the target images may differ in size
-            image = image[None].to(device)
-            if cfg.pseudo_label.size is not None:
-                image = resize(image, cfg.pseudo_label.size, "image")
-            output = model(image)
-            hard = output.logits.argmax(dim=1)
-            if accumulator is None:
-                accumulator = PrototypeAccumulator(num_classes, output.features.shape[1])
-            accumulator.update(output.features.float(), hard)
-            counts += class_pixel_counts(hard, num_classes).cpu()
+    for one_pass in range(passes):
+        for batch in progress(loader, desc="cpsl: warm-up statistics", unit="batch"):
+            images = batch["image"] if isinstance(batch["image"], list) else list(batch["image"])
+            for image in images:  # one at a time: the target images may differ in size
+                image = image[None].to(device)
+                if cfg.pseudo_label.size is not None:
+                    image = resize(image, cfg.pseudo_label.size, "image")
+                output = model(image)
+                hard = output.logits.argmax(dim=1)
+                if accumulator is None:
+                    dim = output.features.shape[1]
+                    accumulator = ImageMeanPrototypes(num_classes, dim) if image_means else PrototypeAccumulator(num_classes, dim)
+                accumulator.update(output.features.float(), hard)
+                if one_pass == 0:
+                    counts += class_pixel_counts(hard, num_classes).cpu()
     if accumulator is None:
         raise DataError(f"data.target ({spec.dataset}, split {spec.split}) has no images to compute the CPSL prototypes from")
     unseen = [dataset.classes.names[k] for k in range(num_classes) if counts[k] == 0]
@@ -282,14 +370,19 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
 
 
 def warmup_statistics_key(cfg: RunConfig) -> dict[str, Any]:
-    """What :func:`warmup_statistics` depends on: the warm-up's content, the network built, the target and its size."""
+    """What :func:`warmup_statistics` depends on: the warm-up's content, the network built, the target and its size,
+    and ``method.prototype_init`` when it is not the default (so files made before the option still match)."""
     assert cfg.data.target is not None and cfg.model.checkpoint is not None
-    return {
+    key = {
         "model.checkpoint": file_fingerprint(cfg.model.checkpoint, "model.checkpoint"),
         "model": cfg.model.model_dump(mode="json", exclude={"checkpoint"}),
         "data.target": cfg.data.target.model_dump(mode="json", exclude={"pseudo_labels", "with_labels"}),
         "pseudo_label.size": cfg.pseudo_label.size,
     }
+    prototype_init = parse_options(CPSLOptions, cfg.method, CPSL.name).prototype_init
+    if prototype_init != "pixel_mean":
+        key["method.prototype_init"] = prototype_init
+    return key
 
 
 class CPSL(Recipe):
@@ -327,6 +420,7 @@ class CPSL(Recipe):
         return cfg
 
     _trainable: _SegmentationWithHead  # set with object.__setattr__ in __init__ (not a submodule), declared for type checkers
+    bank_labels: torch.Tensor  # a buffer with method.contrastive_weight > 0
 
     def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
         super().__init__(cfg, model, seg_loss, classes)
@@ -360,7 +454,11 @@ class CPSL(Recipe):
                 self.head.init_from_prototypes(prototypes, empty=options.empty_class_prototype)
             if options.momentum_network:
                 self.ema_head = ModelEMA(self.head, options.ema_momentum)
-            self.bank = MemoryBank(prototypes.shape[1], options.queue_size)
+            self.bank = MemoryBank(prototypes.shape[1], options.queue_size, use_partial=options.bank_partial)
+            if options.output_self_labeling:  # the authors' queue_out: normalised momentum logits
+                self.bank_out = MemoryBank(num_classes, options.queue_size, use_partial=options.bank_partial)
+            if options.contrastive_weight > 0:  # the authors' queue_label: a label per bank row
+                self.register_buffer("bank_labels", torch.full((options.queue_size,), self.ignore_index, dtype=torch.long))
             self.class_distribution = ClassDistribution(counts, options.distribution_momentum, options.distribution)
         # a plain attribute, so the network and head are not saved a second time under another name
         object.__setattr__(self, "_trainable", _SegmentationWithHead(model, self.head))
@@ -423,7 +521,16 @@ class CPSL(Recipe):
     def training_step(self, batches: dict[str, dict[str, Any]], iteration: int) -> dict[str, torch.Tensor]:
         options = self.options
         source, target = batches["source"], batches["target"]
-        loss_source = self.backward_now(self.supervised_loss(self.model(source["image"]), source["label"]))
+        source_output = self.model(source["image"])
+        if options.source_align_corners:  # the authors' upsampling of the source logits
+            size = tuple(source["label"].shape[-2:])
+            source_output = source_output._replace(
+                logits=F.interpolate(source_output.logits, size=size, mode="bilinear", align_corners=True),
+                aux_logits=None
+                if source_output.aux_logits is None
+                else F.interpolate(source_output.aux_logits, size=size, mode="bilinear", align_corners=True),
+            )
+        loss_source = self.backward_now(self.supervised_loss(source_output, source["label"]))
 
         weak = target["image"]
         teacher = self._momentum_outputs(weak)
@@ -441,7 +548,7 @@ class CPSL(Recipe):
             with torch.no_grad():
                 momentum_scores = self._momentum_head()(teacher.features)
                 labels = rectify_pseudo_labels(soft, momentum_scores, options.tau, self.ignore_index)  # Eq. 1
-            loss_sl = self._self_labeling_loss(labels, teacher.features, student.features)
+            loss_sl = self._self_labeling_loss(labels, teacher, student.features)
             if options.self_training:
                 changed = (labels != soft.argmax(dim=1)) & inside
                 losses["rectified_fraction"] = changed.sum() / inside.sum().clamp_min(1)
@@ -453,14 +560,20 @@ class CPSL(Recipe):
         else:  # the authors' code: L^t_SEG on the weak view (with CutMix), the strong view for the consistency alone
             view, view_labels = weak, labels
             if options.cutmix_p > 0:
-                mixed = float(torch.rand(())) < options.cutmix_p
+                mixed = _cutmix_coin(options.cutmix_p)
                 losses["cutmix"] = torch.tensor(float(mixed))
                 if mixed:
                     box = cutmix_box(*spatial_size(weak))
-                    view, view_labels = cutmix(weak, source["image"], labels, source["label"], box)
-            loss_target = self._target_loss(self.model(view), view_labels)
+                    view, view_labels = cutmix(weak, source["image"], labels, source["label"], box, options.cutmix_label_sampling)
+            weak_output = self.model(view)
+            loss_target = self._target_loss(weak_output, view_labels)
+            if options.contrastive_weight > 0 and self.head is not None and not losses.get("cutmix", 0) and self.bank.is_full:
+                losses["loss_contrast"] = self._contrastive_loss(weak_output.features, labels)
         loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
+        if "loss_contrast" in losses:  # the authors' extra term
+            loss = loss + options.contrastive_weight * losses["loss_contrast"]
+            losses["loss_contrast"] = losses["loss_contrast"].detach()
         losses.update(
             loss=loss,
             loss_source=loss_source.detach(),
@@ -504,8 +617,20 @@ class CPSL(Recipe):
         strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
         return prototype_kl_consistency(momentum_scores, strong_scores, self.options.tau, inside, reduction)
 
-    def _self_labeling_loss(self, labels: torch.Tensor, momentum_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
-        """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates."""
+    def _contrastive_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The authors' contrastive term: per image, ``M`` random pixels of the student's weak features against the bank."""
+        terms = []
+        for image_features, image_labels in zip(features, labels):
+            pixels = F.normalize(image_features.flatten(1).t().float(), dim=1)
+            order = _contrastive_permutation(pixels.shape[0])[: self.options.pixels_per_image].to(pixels.device)
+            terms.append(bank_contrastive_loss(pixels[order], image_labels.flatten()[order], self.bank.features, self.bank_labels, self.options.tau))
+        return torch.stack(terms).mean()
+
+    def _self_labeling_loss(self, labels: torch.Tensor, teacher: SegOutput, student_features: torch.Tensor) -> torch.Tensor:
+        """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates.
+
+        With ``method.output_self_labeling`` the authors' second term on the momentum logits is added.
+        """
         options = self.options
         assert self.head is not None
         pixels_on_grid = labels.shape[1] * labels.shape[2]
@@ -514,14 +639,37 @@ class CPSL(Recipe):
                 f"method.pixels_per_image={options.pixels_per_image} exceeds the {pixels_on_grid} pixels of the network's "
                 f"{tuple(labels.shape[1:])} output grid for these crops; lower it or use larger crops"
             )
-        indices = sample_pixels(
-            labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced, ignore_index=self.ignore_index
-        )
-        features = momentum_features if options.sl_through_ema_features_only else student_features
-        pixels = gather_pixel_features(features, indices).flatten(0, 1).float()
+        if options.pixel_sampling == "shared_uniform":
+            indices = shared_uniform_pixels(labels.shape[0], pixels_on_grid, options.pixels_per_image).to(labels.device)
+        else:
+            indices = sample_pixels(
+                labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced, ignore_index=self.ignore_index
+            )
+        features = teacher.features if options.sl_through_ema_features_only else student_features
+        pixels = gather_pixel_features(features, indices).float()  # [N, M, D]
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
-        loss = online_self_labeling_loss(self.head, pixels, self.bank, marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
-        # after the loss (Alg. 1): a batch is never its own context; every rank's pixels, so ranks keep one bank
-        self.bank.enqueue(all_gather_cat(pixels.detach()))
+        solve = (marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
+        logits = gather_pixel_features(teacher.logits.detach(), indices).float() if options.output_self_labeling else None  # [N, M, K]
+        # one Sinkhorn problem per image, each image's pixels queued before the next image's problem (Alg. 1, the
+        # authors' code), or one over the batch's pooled pixels; the bank is updated after the loss either way, so a
+        # batch is never its own context; every rank's pixels, so ranks keep one bank
+        groups: list[int | slice] = list(range(pixels.shape[0])) if options.sinkhorn_per_image else [slice(None)]
+        terms = []
+        for group in groups:
+            group_pixels = pixels[group].reshape(-1, pixels.shape[-1])
+            term = online_self_labeling_loss(self.head, group_pixels, self.bank, *solve, bank_scores=options.bank_scores)
+            if logits is not None:
+                group_logits = logits[group].reshape(-1, logits.shape[-1])
+                term = term + output_self_labeling_loss(self.head, group_pixels, group_logits, self.bank_out, *solve)
+                self.bank_out.enqueue(all_gather_cat(group_logits))
+            if options.contrastive_weight > 0:  # the labels go into the rows the features are about to take
+                flat = labels.flatten(1)
+                stored = flat[:, : indices.shape[1]] if options.contrastive_bank_labels == "first_pixels" else flat.gather(1, indices)
+                stored = all_gather_cat(stored[group].reshape(-1))[-self.bank.capacity :]  # as MemoryBank.enqueue
+                slots = (int(self.bank.pointer) + torch.arange(stored.shape[0], device=stored.device)) % self.bank.capacity
+                self.bank_labels[slots] = stored
+            self.bank.enqueue(all_gather_cat(group_pixels.detach()))
+            terms.append(term)
+        loss = torch.stack(terms).mean()
         self.class_distribution.update(all_gather_cat(class_pixel_counts(labels, self.num_classes, self.ignore_index)[None]).sum(0))
         return loss
