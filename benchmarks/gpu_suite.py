@@ -17,8 +17,8 @@ measures, each by a fixed step count,
   settings (``benchmarks/pseudo_label_memory.py``'s images);
 - Sinkhorn at CPSL's size (bank plus batch pixels; ``benchmarks/sinkhorn_benchmark.py``).
 
-MIC(DAFormer), HRDA and MIC(HRDA) have entries too; while their configs are not in the installed
-version they are listed as skipped ("recipe not in this version"), and they are measured by the same
+MIC(DAFormer) (MiT-B5, 512x512), HRDA and MIC(HRDA) have entries too; while a config is not in the installed
+version (HRDA's, today) its entries are listed as skipped ("recipe not in this version"), and they are measured by the same
 entry once their packaged configs exist. The ratios that decide design questions are computed in the
 same run and printed beside the figures: CPSL / ST step time, per-stream backward on / off peak memory,
 bf16 / fp32 step time, MIC(HRDA) / DAFormer step time and memory, compiled / eager step time.
