@@ -31,7 +31,6 @@ Tolerance: 1e-5 relative, per tensor, against the largest magnitude of the autho
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,9 +46,9 @@ from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.cpsl import CPSL
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+from step_parity import assert_close, load_step
+
 STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt", "cpsl_step_nomix.pt", "cpsl_step_contrast.pt"]
-RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (README stage 1, parser_train.py defaults)
     "method.lambda1=0.1",
     "method.lambda2=5",
@@ -107,23 +106,9 @@ class TinyNet(SegmentationModel, EncoderDecoder):
         yield from self.classifier.parameters()
 
 
-def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    """``max |ours - theirs| <= RELATIVE * max |theirs|``."""
-    ours, theirs = ours.reshape(theirs.shape) if ours.numel() == theirs.numel() else ours, theirs
-    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} against {tuple(theirs.shape)}"
-    difference = (ours.double() - theirs.double()).abs().max().item()
-    scale = theirs.double().abs().max().item()
-    assert difference <= RELATIVE * scale, f"{what}: max difference {difference:.3g}, {difference / scale:.3g} of max |authors'|"
-
-
-@functools.cache
-def load(name: str) -> dict[str, Any]:
-    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
-
-
 @pytest.fixture(params=STEPS)
 def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
-    return load(request.param)
+    return load_step(request.param)
 
 
 def by_age(queue: torch.Tensor, block: int) -> torch.Tensor:
@@ -262,7 +247,7 @@ def test_each_other_option_value_departs_from_the_authors_step(
     without the second term, L_REG by 0.43 as Eq. 13 and by 4.0 (K - 1) as the per-pixel mean, the
     target term by 0.77 as plain CE.
     """
-    fixture = load(STEPS[0])
+    fixture = load_step(STEPS[0])
     recipe = replay_recipe(fixture, tmp_path, override)
     losses, _ = run_step(recipe, fixture, monkeypatch)
     departures = relative_departures(recipe, losses, fixture)
@@ -275,7 +260,7 @@ def test_the_full_queue_tells_the_bank_options_apart(override: str, tmp_path: Pa
     """With full queues and prototypes off unit length, cosine scores of the bank move L_SL; with the queue full,
     a partly filled bank is the same as a full one (the option is told apart by the empty-queue step instead)."""
     for name in STEPS:
-        fixture = load(name)
+        fixture = load_step(name)
         recipe = replay_recipe(fixture, tmp_path / name, override)
         losses, _ = run_step(recipe, fixture, monkeypatch)
         departure = relative_departures(recipe, losses, fixture)["loss_sl"]
@@ -287,7 +272,7 @@ def test_the_full_queue_tells_the_bank_options_apart(override: str, tmp_path: Pa
 
 def test_the_contrastive_step_tells_the_bank_labels_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Labels of the sampled pixels in the bank (not the authors' first-pixel labels) move the contrastive term (measured 3e-3)."""
-    fixture = load("cpsl_step_contrast.pt")
+    fixture = load_step("cpsl_step_contrast.pt")
     recipe = replay_recipe(fixture, tmp_path, "method.contrastive_bank_labels=sampled")
     losses, _ = run_step(recipe, fixture, monkeypatch)
     assert (losses["loss_contrast"] - fixture["loss_contrast"]).abs().item() > 1e-3 * fixture["loss_contrast"].item()

@@ -24,8 +24,6 @@ state the authors' forward started from, so both drop the same channels.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -41,9 +39,9 @@ from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.dacs import DACS
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+from step_parity import assert_close, load_step
+
 STEPS = ["dacs_step.pt", "dacs_step_jitter.pt", "dacs_step_fdist.pt"]
-RELATIVE = 1e-5
 AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daformer.md, "The authors' step")
     "method.source_loss_mean=all",
     "method.teacher_batch_norm=as_student",
@@ -144,22 +142,9 @@ class RecordedDraws:
         return not (self.coins or self.choices or self.uniforms or self.orders)
 
 
-def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    """``max |ours - theirs| <= RELATIVE * max |theirs|``."""
-    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} against {tuple(theirs.shape)}"
-    difference = (ours.double() - theirs.double()).abs().max().item()
-    scale = theirs.double().abs().max().item()
-    assert difference <= RELATIVE * scale, f"{what}: max difference {difference:.3g}, {difference / scale:.3g} of max |authors'|"
-
-
-@functools.cache
-def load(name: str) -> dict[str, Any]:
-    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
-
-
 @pytest.fixture(params=STEPS)
 def fixture(request: pytest.FixtureRequest) -> dict[str, Any]:
-    return load(request.param)
+    return load_step(request.param)
 
 
 def replay_recipe(fixture: dict[str, Any], *overrides: str) -> DACS:
@@ -265,7 +250,7 @@ def test_one_dacs_step_equals_the_authors_step(fixture: dict[str, Any], monkeypa
 )  # fmt: skip
 def test_each_other_option_value_departs_from_the_authors_step(step: str, override: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fixtures tell each option's two values apart: the other value moves a term or a gradient by over 1e-3."""
-    fixture = load(step)
+    fixture = load_step(step)
     recipe = replay_recipe(fixture, override)
     losses, _, _ = run_step(recipe, fixture, monkeypatch)
     differences = [
@@ -281,7 +266,7 @@ def test_each_other_option_value_departs_from_the_authors_step(step: str, overri
 def test_per_image_classmix_and_coins_draw_otherwise_than_the_authors(override: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-image ClassMix pools (3 classes, not the batch's 4 values with the ignore one) and per-image coins
     (4 coins, not 2) ask for draws the authors' step never makes: the replay cannot even run."""
-    fixture = load(STEPS[0])
+    fixture = load_step(STEPS[0])
     recipe = replay_recipe(fixture, override)
     with pytest.raises((AssertionError, IndexError)):
         run_step(recipe, fixture, monkeypatch)
