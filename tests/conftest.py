@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from data_fixtures import make_toy  # noqa: E402
+from data_fixtures import make_toy, toy_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,3 +59,16 @@ def single_thread() -> Iterator[None]:
 def toy(tmp_path_factory: pytest.TempPathFactory):
     """The 5-class, ignore-7 folder dataset of :func:`data_fixtures.make_toy` (read-only: shared by the session)."""
     return make_toy(tmp_path_factory.mktemp("toy5"))
+
+
+@pytest.fixture(scope="session")
+def warmups(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One-iteration warm-ups on :func:`toy`: ``warm`` (SmallSegNet) and ``warm_mitb0`` (DAFormer MiT-B0), by name."""
+    from segadapt.cli import main
+
+    out = tmp_path_factory.mktemp("warmups")
+    made = {}
+    for name, config in (("warm", "benchmark/source_only"), ("warm_mitb0", "benchmark/source_only_mitb0")):
+        assert main(["train", config, *toy_overrides(toy), "train.iters=1", f"output_dir={out}", f"name={name}"]) == 0
+        made[name] = out / name / "checkpoints" / "last.pt"
+    return made

@@ -76,15 +76,6 @@ HOSTS = {  # host config -> (what it starts from, its extra overrides)
 MIC_ON = ["mic.enabled=true", "mic.mask_block_size=8"]
 
 
-@pytest.fixture(scope="module")
-def warmups(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("mic_warmups")
-    made = {}
-    for name, config in (("warm", "benchmark/source_only"), ("warm_mitb0", "benchmark/source_only_mitb0")):
-        assert main(["train", config, *toy_overrides(toy), "train.iters=1", f"output_dir={out}", f"name={name}"]) == 0
-        made[name] = out / name / "checkpoints" / "last.pt"
-    return made
-
 
 def host_overrides(config: str, toy: Path, warmups: dict[str, Path]) -> list[str]:
     start, extra = HOSTS[config]

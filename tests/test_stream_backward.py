@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from segadapt.cli import main
 from segadapt.engine.trainer import Trainer
 
 from data_fixtures import toy_overrides
@@ -22,15 +21,6 @@ TWO_STREAM = {  # config -> what it starts from
     "benchmark/dars_sd": "warm",  # self-training forwards its two batches separately (the DARS code)
 }
 
-
-@pytest.fixture(scope="module")
-def warmups(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("warmups")
-    made = {}
-    for name, config in (("warm", "benchmark/source_only"), ("warm_mitb0", "benchmark/source_only_mitb0")):
-        assert main(["train", config, *toy_overrides(toy), "train.iters=1", f"output_dir={out}", f"name={name}"]) == 0
-        made[name] = out / name / "checkpoints" / "last.pt"
-    return made
 
 
 def one_step(config: str, overrides: list[str], stream_backward: bool, tmp_path: Path) -> tuple[Trainer, dict[str, float]]:
