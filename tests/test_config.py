@@ -116,7 +116,7 @@ def test_every_shipped_config_validates_and_round_trips(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the time-constant rule (issue 16, finding 1)
 
-from segadapt.config import scaled_iterations, scaled_momentum  # noqa: E402
+from segadapt.config import scaled_iterations, scaled_momentum, teacher_momentum  # noqa: E402
 
 
 def test_scaled_momentum_keeps_the_half_life_as_the_same_fraction_of_the_run() -> None:
@@ -133,6 +133,36 @@ def test_scaled_momentum_keeps_the_half_life_as_the_same_fraction_of_the_run() -
     assert scaled_iterations(1, 40000, 400) == 1 and scaled_iterations(0, 40000, 400) == 0
     with pytest.raises(ValueError, match="momentum"):
         scaled_momentum(1.0, 100, 10)
+
+
+def test_teacher_momentum_keeps_the_papers_window_while_the_run_holds_ten_of_them() -> None:
+    # the paper's own run, or any run at least ten windows long, keeps the paper's momentum exactly
+    assert teacher_momentum(0.99, 250000) == 0.99 and teacher_momentum(0.999, 40000) == 0.999
+    assert teacher_momentum(0.999, 10000) == 0.999
+    for paper, iters in [(0.999, 300), (0.99, 400), (0.999, 400), (0.9999, 5000)]:
+        momentum = teacher_momentum(paper, iters)
+        assert 1 / (1 - momentum) == pytest.approx(iters / 10)  # the window: a tenth of the run
+        assert momentum**iters < 5e-5  # the start is forgotten by the end (about exp(-10))
+        assert momentum < paper
+    assert teacher_momentum(0.999, 300) == pytest.approx(0.9667, abs=1e-4)
+    assert teacher_momentum(0.999, 5) == 0.0  # a run under ten steps: the teacher is the student
+    with pytest.raises(ValueError, match="momentum"):
+        teacher_momentum(1.0, 100)
+
+
+def test_the_teacher_momentum_tag_resolves_against_train_iters_and_names_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: dacs\ntrain: {iters: 400}\nmethod: {ema_momentum: !teacher_momentum {paper: 0.99}}\n")
+    assert load_config(path).method["ema_momentum"] == pytest.approx(0.975)
+    assert load_config(path, ["train.iters=4000"]).method["ema_momentum"] == 0.99
+    for text, message in [
+        ("!teacher_momentum 0.99", "takes a mapping"),
+        ("!teacher_momentum {paper: 0.99, paper_iters: 100}", "exactly the key paper"),
+        ("!teacher_momentum {paper: 1.0}", "'method.ema_momentum': !teacher_momentum"),
+    ]:
+        path.write_text(f"recipe: dacs\nmethod: {{ema_momentum: {text}}}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
 
 
 def test_time_constant_tags_resolve_against_the_runs_train_iters(tmp_path: Path) -> None:
