@@ -49,7 +49,7 @@ from .base import DetailOutput, Normalization, SegmentationModel, SegOutput, che
 from .daformer import DAFormerHead
 from .deeplabv2 import ASPPClassifier, DeepLabV2
 from .mit import MixTransformer
-from .weights import TORCHVISION_RESNET101, BackboneFormat, segformer_imagenet_format
+from .weights import TORCHVISION_RESNET101, BackboneFormat, SingleScaleCheckpoint, segformer_imagenet_format
 
 Box = tuple[int, int, int, int]
 """``(y1, y2, x1, x2)``: rows ``y1:y2`` and columns ``x1:x2``."""
@@ -225,6 +225,8 @@ class HRDASegmentor(SegmentationModel):
 
     output_stride: ClassVar[int]
     backbone_module_names = ("backbone",)
+    single_scale_checkpoint = SingleScaleCheckpoint("decode_head.", "head.", ("decode_head.scale_attention.",))
+    """A single-scale checkpoint (DAFormer's ``backbone.*``, ``decode_head.*``) loads as backbone and shared decoder."""
 
     def __init__(
         self,
