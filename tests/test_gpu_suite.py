@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 RECIPES = ["source_only", "st", "dars_td", "cpsl", "bicl", "dacs_blv", "daformer", "mic_daformer", "hrda", "mic_hrda"]
 NOT_YET: list[str] = []  # recipes of a later version: skipped, never an error (none today; HRDA is built)
 ONE_GRAPH = ["source_only", "bicl"]  # one backward per step (BiCL forwards both streams as one batch)
-STREAMED = ["st", "dars_td", "cpsl", "dacs_blv", "daformer", "mic_daformer", "hrda", "mic_hrda"]  # back-propagate the source terms before the target graph
+# back-propagate the source terms before the target graph
+STREAMED = ["st", "dars_td", "cpsl", "dacs_blv", "daformer", "mic_daformer", "hrda", "mic_hrda"]
 # (self-training forwards its labelled and pseudo-labelled batches separately, as the DARS code: method.batch_norm=separate)
 
 

@@ -59,7 +59,7 @@ def hrda_loss(
         >>> detail = DetailOutput(torch.tensor([[[[0.0]], [[9.0]]]]), (0, 1, 0, 1), (1, 2), 0.1)
         >>> fused = torch.zeros(1, 2, 1, 2)  # uniform: CE = log 2
         >>> round(float(hrda_loss(ce, fused, detail, torch.tensor([[[1, 1]]]))), 5)  # 0.9 log 2 + 0.1 CE(detail)
-        0.62385
+        0.62384
     """
     fused_term = loss(fused_logits, labels, weight)
     if detail.loss_weight == 0:

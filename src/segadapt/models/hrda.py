@@ -278,19 +278,23 @@ class HRDASegmentor(SegmentationModel):
         encoded = self.encode(self.context_view(images))
         return list(encoded) if isinstance(encoded, (list, tuple)) else [encoded]
 
-    def _head(self, encoded: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _logits_and_features(self.decode_head.head(encoded))
+    def _head(self, encoded: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared decoder's logits and features; a decoder that gives logits alone (DeepLab-V2's classifier)
+        has the encoder's deepest map as its features, as :class:`~segadapt.models.DeepLabV2`."""
+        logits, features = _logits_and_features(self.decode_head.head(encoded))
+        if features is None:
+            features = encoded[-1] if isinstance(encoded, (list, tuple)) else encoded
+        return logits, features
 
     def _fused_grid(self, context_logits: torch.Tensor) -> tuple[int, int]:
         scale = 1 / self.context_scale
         return math.floor(context_logits.shape[-2] * scale), math.floor(context_logits.shape[-1] * scale)
 
     def _output(
-        self, context_logits: torch.Tensor, context_features: torch.Tensor | None, detail_on_grid: torch.Tensor, attention: torch.Tensor
+        self, context_logits: torch.Tensor, context_features: torch.Tensor, detail_on_grid: torch.Tensor, attention: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         fused = fuse_scales(context_logits, detail_on_grid, attention, 1 / self.context_scale)
-        features = context_logits if context_features is None else context_features
-        return fused, _resize_to(features, fused.shape[-2:])
+        return fused, _resize_to(context_features, fused.shape[-2:])
 
     # ------------------------------------------------------------------ forward
 
@@ -496,7 +500,7 @@ def _torchvision_to_trunk_key(key: str) -> str | None:
 
 
 class HRDADeepLabV2(HRDASegmentor):
-    """``hrda_deeplabv2_r101``: HRDA on segadapt's classic DeepLab-V2 ResNet-101 (HRDA Tab. 5's DeepLab-V2 rows).
+    """``hrda_deeplabv2_r101``: HRDA on segadapt's classic DeepLab-V2 ResNet-101 (HRDA's DeepLab-V2 experiments).
 
     The decoder and the attention decoder are DeepLab-V2's ASPP classifiers (the authors' ``DLV2Head``
     for both). The encoder is segadapt's Caffe-style ResNet-101 (torchvision's ImageNet file loads
