@@ -100,7 +100,7 @@ class TrainEntry:
     label: str
     config: str
     crop: tuple[int, int]
-    family: str  # "deeplab" or "mit": the network the smoke profile puts in its place
+    family: str  # "deeplab", "mit" or "hrda": the network the smoke profile puts in its place
     smoke: tuple[str, ...] = ()
 
     @property
@@ -132,8 +132,8 @@ TRAIN_ENTRIES = (
     TrainEntry("DACS + BLV", "gta5_to_cityscapes/dacs_blv", (512, 1024), "deeplab"),
     TrainEntry("DAFormer", "gta5_to_cityscapes/daformer", (512, 512), "mit", ("method.pseudo_ignore_top=2", "method.pseudo_ignore_bottom=15")),
     TrainEntry("MIC(DAFormer)", "gta5_to_cityscapes/mic_daformer", (512, 512), "mit"),
-    TrainEntry("HRDA", "gta5_to_cityscapes/hrda", (1024, 1024), "mit"),
-    TrainEntry("MIC(HRDA)", "gta5_to_cityscapes/mic_hrda", (1024, 1024), "mit"),
+    TrainEntry("HRDA", "gta5_to_cityscapes/hrda", (1024, 1024), "hrda"),
+    TrainEntry("MIC(HRDA)", "gta5_to_cityscapes/mic_hrda", (1024, 1024), "hrda"),
 )
 
 
@@ -165,7 +165,7 @@ class Profile:
 
 PAPER = Profile(
     name="paper", device="cuda", tiny=False, crop_divisor=1, batch=None,
-    train_overrides={"deeplab": (), "mit": ()},
+    train_overrides={"deeplab": (), "mit": (), "hrda": ()},
     eval_networks={"deeplab": ("deeplabv2_r101", {}), "mit": ("daformer_mitb5", {})},
     warmup=3, steps=10,
     eval_size=(1024, 2048), eval_window=(512, 1024), eval_window_batch=6, eval_images=4, eval_batch=4, eval_repeats=2,
@@ -174,7 +174,11 @@ PAPER = Profile(
 )  # fmt: skip
 SMOKE = Profile(
     name="smoke", device="cpu", tiny=True, crop_divisor=8, batch=2,
-    train_overrides={"deeplab": ("model.name=small",), "mit": ("model.name=daformer_mitb0", "model.options={embed_dim: 32}")},
+    train_overrides={
+        "deeplab": ("model.name=small",), "mit": ("model.name=daformer_mitb0", "model.options={embed_dim: 32}"),
+        # HRDA's network on MiT-B0: the 1024 / 8 crops' context view is 64 pixels (MiT needs 29), the detail crop half the crop
+        "hrda": ("model.name=hrda_daformer_mitb0", "model.options={embed_dim: 32, attention_embed_dim: 32, detail_crop_size: [64, 64]}"),
+    },
     eval_networks={"deeplab": ("small", {}), "mit": ("daformer_mitb0", {"embed_dim": 32})},
     warmup=1, steps=2,
     eval_size=(64, 128), eval_window=(32, 64), eval_window_batch=4, eval_images=2, eval_batch=2, eval_repeats=1,

@@ -27,7 +27,7 @@ from data_fixtures import TOY_IGNORE as IGNORE
 from data_fixtures import toy_overrides as data_overrides
 
 WARMED_UP = {"st", "cbst", "dars_sd", "dars_td", "dars_paper", "dacs", "dacs_blv", "bicl_static", "bicl_dynamic", "bicl_hybrid"}
-WARMED_UP_MITB0 = {"dacs_mitb0", "daformer", "daformer_blv", "mic_daformer"}  # start from benchmark/source_only_mitb0
+WARMED_UP_MITB0 = {"dacs_mitb0", "daformer", "daformer_blv", "mic_daformer", "hrda", "mic_hrda"}  # start from benchmark/source_only_mitb0
 DISTILLED = {"cpsl_distill", "bicl_distill"}
 BENCHMARK_CONFIGS = sorted(
     path.stem for path in (PACKAGED_CONFIGS / "benchmark").glob("*.yaml") if not path.stem.startswith("_") and path.stem != "semi_supervised"
@@ -52,8 +52,10 @@ def recipe_overrides(config: str, warmup: Path, warmup_mitb0: Path) -> list[str]
     extra = []
     if config in WARMED_UP_MITB0:
         extra.append(f"model.checkpoint={warmup_mitb0}")
-    if "daformer" in config:  # the toy data's thing classes (the configs name Cityscapes'), and its small images
+    if "daformer" in config or "hrda" in config:  # the toy data's thing classes (the configs name Cityscapes'), and its small images
         extra += ["method.feature_distance_classes=[car,sign]", "method.rare_class_min_pixels=10"]
+    if "hrda" in config:  # HRDA's context view of a MiT network needs sides of 58 (MiT: 29 at half scale)
+        extra += ["data.crop_size=[64,96]", "eval.size=[64,96]", "pseudo_label.size=[64,96]", "model.options.detail_crop_size=[32,48]"]
     if config in WARMED_UP or config.startswith("cpsl") and config not in DISTILLED:
         extra.append(f"model.checkpoint={warmup}")
     if config in DISTILLED:

@@ -149,7 +149,7 @@ def test_mic_config_errors_name_the_key_and_the_fix(toy: Path, tmp_path: Path, c
     assert main(["train", "benchmark/source_only", *toy_overrides(toy), "mic.enabled=true", f"output_dir={out}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "segadapt train: error: mic.enabled: recipe source_only has no target pseudo labels for masked image consistency; "
-        "use one of bicl, cpsl, dacs, daformer, self_training, or set mic.enabled=false"
+        "use one of bicl, cpsl, dacs, daformer, hrda, self_training, or set mic.enabled=false"
     )
     assert main(["train", "benchmark/dacs", *toy_overrides(toy), "mic.mask_ratoi=0.5", f"output_dir={out}"]) == 2
     assert "unknown key 'mic.mask_ratoi'; did you mean 'mic.mask_ratio'?" in capsys.readouterr().err

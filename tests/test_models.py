@@ -370,7 +370,11 @@ REGISTERED = {  # registry name -> (module fixture, the model's exact output-siz
     "small": ("small_net", _quarter),
     **{f"daformer_mitb{k}": ("daformer_nets", _quarter) for k in range(6)},
 }
-"""Every registered model; a new one must be added here (and so gets the contract tests)."""
+"""Every registered model; a new one must be added here (and so gets the contract tests). The HRDA networks
+(``hrda_*``: the fused output is the context view's grid times 2, MiT needs sides of 58 there) have their
+contract tests in tests/test_hrda.py (``MULTI_RESOLUTION``)."""
+
+MULTI_RESOLUTION = ("hrda_daformer_mitb0", "hrda_daformer_mitb5", "hrda_deeplabv2_r101")
 
 CONTRACT_INPUT = (2, 3, 65, 49)  # odd sides: the rounding of each stride-2 layer shows
 
@@ -392,7 +396,7 @@ def briefly_in_train_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def test_contract_table_covers_the_registry():
-    assert sorted(REGISTERED) == available_models()
+    assert sorted([*REGISTERED, *MULTI_RESOLUTION]) == available_models()
 
 
 @pytest.mark.parametrize("name", sorted(REGISTERED))
@@ -469,7 +473,8 @@ def test_contract_is_abstract_until_implemented():
 
 def test_registry_names_and_small_model():
     daformers = [f"daformer_mitb{k}" for k in range(6)]
-    assert available_models() == [*daformers, "deeplabv2_r101", "deeplabv2_r101_proda", "pspnet50", "small"]
+    hrda = ["hrda_daformer_mitb0", "hrda_daformer_mitb5", "hrda_deeplabv2_r101"]
+    assert available_models() == [*daformers, "deeplabv2_r101", "deeplabv2_r101_proda", *hrda, "pspnet50", "small"]
     model = create_model("small", 5, feature_dim=16)
     assert isinstance(model, SmallSegNet)
     out = model.eval()(torch.rand(1, 3, 32, 32))
@@ -478,7 +483,7 @@ def test_registry_names_and_small_model():
 
 def test_registry_errors_name_the_key_and_the_choices():
     with pytest.raises(ConfigError, match=(
-        r"unknown model.name 'deeplabv2_r10'.*deeplabv2_r101, deeplabv2_r101_proda, pspnet50, small"
+        r"unknown model.name 'deeplabv2_r10'.*deeplabv2_r101, deeplabv2_r101_proda, hrda_daformer_mitb0, .*pspnet50, small"
         r".*did you mean 'deeplabv2_r101'"
     )):
         create_model("deeplabv2_r10", 19)

@@ -103,15 +103,21 @@ def prediction_grid(runs: dict[str, tuple[Path, RunConfig]], count: int = 4) -> 
 
 
 @torch.no_grad()
-def pixel_features(model: Any, dataset: Any, device: torch.device, images: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(
+    model: Any, dataset: Any, device: torch.device, images: int = 16, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``model``'s features ``[M, D]`` at the labelled pixels of the first ``images`` items, and their classes ``[M]``.
 
-    Labels are resized (nearest) to the feature map; ignored pixels are left out.
+    Images are resized to ``size`` first when given (the run's ``eval.size``, as its evaluation feeds them);
+    labels are resized (nearest) to the feature map; ignored pixels are left out.
     """
     gathered, classes = [], []
     for index in range(min(len(dataset), images)):
         sample = dataset[index]
-        features = model(sample["image"][None].to(device)).features[0].float().cpu()
+        image = sample["image"][None].to(device)
+        if size is not None:
+            image = torch.nn.functional.interpolate(image, size=tuple(size), mode="bilinear", align_corners=False)
+        features = model(image).features[0].float().cpu()
         label = torch.nn.functional.interpolate(sample["label"][None, None].float(), size=features.shape[-2:], mode="nearest")[0, 0].long()
         valid = label != dataset.classes.ignore_index
         gathered.append(features.permute(1, 2, 0)[valid])
@@ -151,7 +157,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, images: in
             first_ckpt, first_cfg = next(iter(checkpoints.values()))
             device = resolve_device(first_cfg.device)
             model = load_trained_model(first_ckpt, first_cfg)[0].to(device)
-            features, labels = pixel_features(model, dataset, device)
+            features, labels = pixel_features(model, dataset, device, size=first_cfg.eval.size)
             plot_features(features, labels, dataset.classes, out_dir / "features.png")
             lines += ["## Feature space", "", f"PCA of `{next(iter(checkpoints))}`'s pixel features, coloured by class.", "",
                       "![features](features.png)", ""]
