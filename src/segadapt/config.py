@@ -258,7 +258,10 @@ class EvalConfig(_Strict):
     size: tuple[int, int] | None = Field(None, description="resize images to (h, w) before the network")
     flip: bool = False
     scales: list[float] = Field(default_factory=lambda: [1.0])
-    sliding_window: tuple[int, int] | None = Field(None, description="(h, w) window; stride 2/3 of it")
+    sliding_window: tuple[int, int] | None = Field(None, description="(h, w) window; stride 2/3 of it unless window_stride")
+    window_stride: tuple[int, int] | None = Field(
+        None, description="(h, w) stride of the sliding window (HRDA: half the window, 512 for 1024); null = 2/3 of the window"
+    )
     window_flip: Literal["image", "window"] = Field("image", description=WINDOW_FLIP_HELP)
     protocols: list[int] = Field(
         default_factory=list,

@@ -58,14 +58,25 @@ def _forward_scores(model: nn.Module, images: torch.Tensor, out_size: tuple[int,
     return logits if average == "logits" else logits.softmax(dim=1)
 
 
-def window_positions(height: int, width: int, window: Sequence[int]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+def window_positions(
+    height: int, width: int, window: Sequence[int], stride: Sequence[int] | None = None
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """Top-left corners of the sliding windows over an image, and the window size.
 
-    Stride 2/3 of the window (DARS/PSPNet evaluation); when the grid does not reach the border,
-    a last row / column of windows is shifted to it. A window larger than the image shrinks to it.
+    Stride 2/3 of the window (DARS/PSPNet evaluation) unless ``stride`` is given (HRDA/mmseg: half
+    the window); when the grid does not reach the border, a last row / column of windows is
+    shifted to it (the same windows as mmseg's ``slide_inference``). A window larger than the
+    image shrinks to it.
+
+    Examples:
+        >>> window_positions(1024, 2048, (1024, 1024), stride=(512, 512))[0]
+        [(0, 0), (0, 512), (0, 1024)]
     """
     win_h, win_w = min(window[0], height), min(window[1], width)
-    stride_h, stride_w = max(1, math.ceil(win_h * 2 / 3)), max(1, math.ceil(win_w * 2 / 3))
+    if stride is None:
+        stride_h, stride_w = max(1, math.ceil(win_h * 2 / 3)), max(1, math.ceil(win_w * 2 / 3))
+    else:
+        stride_h, stride_w = max(1, int(stride[0])), max(1, int(stride[1]))
     tops = list(range(0, max(height - win_h, 0) + 1, stride_h))
     lefts = list(range(0, max(width - win_w, 0) + 1, stride_w))
     if tops[-1] + win_h < height:
@@ -94,7 +105,7 @@ def _sliding_window_scores(
         - returns: ``[N, C, *out_size]``
     """
     batch, (height, width) = images.shape[0], images.shape[-2:]
-    positions, (win_h, win_w) = window_positions(height, width, window)
+    positions, (win_h, win_w) = window_positions(height, width, window, cfg.window_stride)
     total: torch.Tensor | None = None
     count = torch.zeros(1, 1, height, width, device=images.device)
     for start in range(0, len(positions), cfg.window_batch):

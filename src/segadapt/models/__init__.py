@@ -7,7 +7,9 @@ The registry turns ``model.name`` / ``model.options`` of a config into a network
 
 Names: ``deeplabv2_r101`` (:class:`DeepLabV2`), ``deeplabv2_r101_proda``
 (:class:`DeepLabV2ProDA`), ``pspnet50`` (:class:`PSPNet50`), ``daformer_mitb0`` ..
-``daformer_mitb5`` (:class:`DAFormer` on MiT-B0 .. B5: :class:`DAFormerMiTB0` ..), ``small``
+``daformer_mitb5`` (:class:`DAFormer` on MiT-B0 .. B5: :class:`DAFormerMiTB0` ..),
+``hrda_daformer_mitb0`` / ``hrda_daformer_mitb5`` / ``hrda_deeplabv2_r101`` (HRDA's multi-resolution
+network around them: :class:`HRDADAFormer`, :class:`HRDADeepLabV2`), ``small``
 (:class:`SmallSegNet`). The contract (``SegOutput(logits, features, aux_logits)``,
 ``feature_dim``, ``output_stride``, ``aux_weight``, ``normalization``,
 ``backbone_parameters()`` / ``head_parameters()``, and :class:`EncoderDecoder` for networks
@@ -42,6 +44,7 @@ from .daformer import (
     DAFormerMiTB5,
 )
 from .deeplabv2 import DeepLabV2, DeepLabV2ProDA, deeplabv2_output_size
+from .hrda import HRDADAFormer, HRDADAFormerMiTB0, HRDADAFormerMiTB5, HRDADeepLabV2, HRDASegmentor
 from .mit import MixTransformer
 from .pspnet import PSPNet50, pspnet_output_size
 from .small import SmallSegNet
@@ -55,6 +58,9 @@ MODELS: dict[str, type[SegmentationModel]] = {
     "daformer_mitb4": DAFormerMiTB4,
     "daformer_mitb5": DAFormerMiTB5,
     "deeplabv2_r101": DeepLabV2,
+    "hrda_daformer_mitb0": HRDADAFormerMiTB0,
+    "hrda_daformer_mitb5": HRDADAFormerMiTB5,
+    "hrda_deeplabv2_r101": HRDADeepLabV2,
     "deeplabv2_r101_proda": DeepLabV2ProDA,
     "pspnet50": PSPNet50,
     "small": SmallSegNet,
@@ -166,6 +172,11 @@ __all__ = [
     "DeepLabV2",
     "DeepLabV2ProDA",
     "EncoderDecoder",
+    "HRDADAFormer",
+    "HRDADAFormerMiTB0",
+    "HRDADAFormerMiTB5",
+    "HRDADeepLabV2",
+    "HRDASegmentor",
     "InputNormalizer",
     "LoadReport",
     "MixTransformer",

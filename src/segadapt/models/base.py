@@ -19,11 +19,49 @@ from torch import nn
 from ..errors import ConfigError
 
 
+class DetailOutput(NamedTuple):
+    """The detail branch of a multi-resolution network's training forward (HRDA; :mod:`segadapt.models.hrda`).
+
+    :meth:`segadapt.engine.recipes.base.Recipe.supervised_loss` reads it: the loss of such an output is
+    ``(1 - loss_weight) * L(fused logits, labels) + loss_weight * L(logits, labels in box)`` (HRDA's
+    ``hr_loss_weight``, lambda_d = 0.1).
+
+    Attributes:
+        logits: the detail crop's own class scores, at the network's stride of the crop.
+        box: ``(y1, y2, x1, x2)`` of the detail crop in the input image's pixels (the same box
+            for every image of the batch, as HRDA draws it).
+        input_size: ``(H, W)`` of the input image, to scale ``box`` to labels of another size.
+        loss_weight: the weight of the detail term (the fused term gets ``1 - loss_weight``).
+        context_encoded: the encoder maps of the context view (the image at the context scale),
+            shallow to deep: HRDA's ImageNet feature distance compares these (the authors'
+            ``feature_scale`` 0.5).
+
+    Shape:
+        - logits: ``[N, C, h_d, w_d]``
+        - context_encoded: maps ``[N, D_i, h_i, w_i]``
+    """
+
+    logits: torch.Tensor
+    box: tuple[int, int, int, int]
+    input_size: tuple[int, int]
+    loss_weight: float
+    context_encoded: tuple[torch.Tensor, ...] = ()
+
+    def split(self, sizes: Sequence[int]) -> tuple[DetailOutput, ...]:
+        """One :class:`DetailOutput` per chunk of the batch (``forward_streams`` splits every field this way)."""
+        logits = self.logits.split(list(sizes))
+        maps = [m.split(list(sizes)) for m in self.context_encoded]
+        return tuple(
+            DetailOutput(part, self.box, self.input_size, self.loss_weight, tuple(m[i] for m in maps))
+            for i, part in enumerate(logits)
+        )
+
+
 class SegOutput(NamedTuple):
     """What every segadapt model returns, at the network's output stride (the caller upsamples).
 
     Read the fields by name. ``logits, features = out[:2]`` also works; plain two-name
-    unpacking (``logits, features = out``) does not, since there is a third field.
+    unpacking (``logits, features = out``) does not, since there are more fields.
 
     Attributes:
         logits: the class scores.
@@ -32,6 +70,9 @@ class SegOutput(NamedTuple):
         aux_logits: an auxiliary head's class scores in training mode, for a loss term
             weighted by the model's ``aux_weight`` (PSPNet-50's layer-3 head); ``None`` in eval
             mode and for models without an auxiliary head.
+        detail: a multi-resolution network's detail branch in training mode (HRDA's
+            :class:`DetailOutput`: its own logits on the detail crop, for the detail loss term);
+            ``None`` in eval mode and for single-resolution networks.
 
     Shape:
         - logits: ``[N, C, h, w]``
@@ -47,6 +88,7 @@ class SegOutput(NamedTuple):
     logits: torch.Tensor
     features: torch.Tensor
     aux_logits: torch.Tensor | None = None
+    detail: DetailOutput | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ so its checkpoints and SegFormer's ImageNet encoder files load with the function
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator, Sequence, cast
+from typing import ClassVar, Iterator, Literal, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,10 @@ class DAFormerHead(nn.Module):
         num_classes: output classes ``C``.
         embed_dim: ``D``, the channels of each level's embedding and of the fused map (256).
         dropout: ``Dropout2d`` probability before the classifier (0.1).
+        fusion: ``aspp``, DAFormer's context-aware fusion (:class:`SeparableASPPFusion`), or
+            ``conv1x1``, a 1x1 ``ConvBNReLU`` from the concatenated embeddings to ``embed_dim``
+            (``fuse_layer.conv``, ``fuse_layer.bn``): what HRDA's scale-attention head uses in
+            place of the ASPP (its ``HRDAHead`` swaps an ``aspp`` fusion for a 1x1 convolution).
 
     Shape:
         - input: maps ``[N, in_channels[i], h_i, w_i]``, the first at the output size
@@ -115,10 +119,23 @@ class DAFormerHead(nn.Module):
         ((1, 3, 10, 12), (1, 4, 10, 12))
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        embed_dim: int = 256,
+        dropout: float = 0.1,
+        fusion: Literal["aspp", "conv1x1"] = "aspp",
+    ) -> None:
         super().__init__()
         self.embed_layers = nn.ModuleList(LinearEmbedding(channels, embed_dim) for channels in in_channels)
-        self.fuse_layer = SeparableASPPFusion(len(in_channels) * embed_dim, embed_dim)
+        concatenated = len(in_channels) * embed_dim
+        if fusion == "aspp":
+            self.fuse_layer: nn.Module = SeparableASPPFusion(concatenated, embed_dim)
+        elif fusion == "conv1x1":
+            self.fuse_layer = ConvBNReLU(concatenated, embed_dim, 1)
+        else:
+            raise ValueError(f"DAFormerHead fusion must be 'aspp' or 'conv1x1', got {fusion!r}")
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(embed_dim, num_classes, 1)
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)  # mmseg BaseDecodeHead

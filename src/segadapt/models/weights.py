@@ -350,7 +350,9 @@ def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool
     because a half-loaded network trains or evaluates silently wrong. A DAFormer UDA
     checkpoint (``{'meta': ..., 'state_dict': ...}`` with ``model.``, ``ema_model.`` and
     ``imnet_model.`` keys) loads its student ``model.*`` under these rules; the other two
-    networks' tensors are listed in the report's ``skipped``.
+    networks' tensors are listed in the report's ``skipped``. An HRDA network takes a checkpoint of
+    its single-scale network too (a DAFormer warm-up; :class:`SingleScaleCheckpoint`): its scale
+    attention then keeps its initialisation and is listed in ``missing``.
 
     Args:
         model: the freshly created model (not wrapped in DDP).
@@ -368,6 +370,14 @@ def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool
     path = Path(path)
     expected = model.state_dict()
     state, skipped = _select_student(read_state_dict(path, trusted=trusted), expected)
+    left_at_init: tuple[str, ...] = ()
+    single_scale = getattr(model, "single_scale_checkpoint", None)
+    if single_scale is not None and not any(key in expected for key in state if key.startswith(single_scale.head_prefix)):
+        # a single-scale network's file (a DAFormer warm-up) into a multi-resolution one (HRDA): its decoder is the shared
+        # decoder; the modules only the multi-resolution network has (the scale attention) keep their initialisation
+        state = {single_scale.map_key(key): value for key, value in state.items()}
+        left_at_init = tuple(key for key in expected if key.startswith(single_scale.new_prefixes) and key not in state)
+        expected = {key: value for key, value in expected.items() if key not in left_at_init}
     mismatched = [
         (key, value.shape, expected[key].shape)
         for key, value in state.items()
@@ -384,9 +394,30 @@ def load_checkpoint_weights(model: nn.Module, path: str | Path, *, trusted: bool
             f" {_layout_hints(missing, unexpected)}"
         )
     model.load_state_dict(state, strict=False)
-    report = LoadReport(loaded=tuple(state), missing=(), unexpected=(), skipped=skipped)
+    report = LoadReport(loaded=tuple(state), missing=left_at_init, unexpected=(), skipped=skipped)
     logger.info("model weights from %s: %s", path, report.summary())
     return report
+
+
+@dataclass(frozen=True)
+class SingleScaleCheckpoint:
+    """How a multi-resolution network (HRDA) takes a single-scale network's checkpoint (a DAFormer warm-up).
+
+    A model declares it as its ``single_scale_checkpoint`` attribute. A file whose keys fit none of the
+    model's under ``head_prefix`` (``decode_head.``) is a single-scale one: ``head_prefix`` keys move to
+    ``head_prefix + shared_head`` (``decode_head.head.``), and the model's keys under ``new_prefixes``
+    (``decode_head.scale_attention.``) keep their initialisation, listed as ``missing`` in the report.
+    """
+
+    head_prefix: str
+    shared_head: str
+    new_prefixes: tuple[str, ...]
+
+    def map_key(self, key: str) -> str:
+        """``decode_head.conv_seg.weight`` -> ``decode_head.head.conv_seg.weight``; other keys unchanged."""
+        if key.startswith(self.head_prefix):
+            return f"{self.head_prefix}{self.shared_head}{key[len(self.head_prefix) :]}"
+        return key
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:

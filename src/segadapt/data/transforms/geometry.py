@@ -229,7 +229,7 @@ def to_augmented_view(records: Sequence[Any], tensor: torch.Tensor, kind: Kind =
 
 
 def valid_mask(records: Sequence[Any], input_size: Sequence[int],
-               output_size: Sequence[int] | None = None) -> torch.Tensor:
+               output_size: Sequence[int] | None = None, margins: Sequence[int] | None = None) -> torch.Tensor:
     """True where the augmented view shows real image content: False in crop padding and cutout boxes.
 
     Losses on replayed soft maps use it to skip padded and erased pixels, as ProDA masks its padding
@@ -239,10 +239,18 @@ def valid_mask(records: Sequence[Any], input_size: Sequence[int],
         records: one record list, or per-sample lists (the result is then ``[N, h, w]``).
         input_size: ``(H, W)`` of the un-augmented view the records start from.
         output_size: ``(h, w)`` to resize the mask to (nearest).
+        margins: ``(top, bottom, left, right)`` pixels of the un-augmented view that count as
+            invalid too (HRDA's pseudo-label margins), before the geometry is replayed.
     """
     if records and isinstance(records[0], (list, tuple)):
-        return torch.stack([valid_mask(r, input_size, output_size) for r in records])
+        return torch.stack([valid_mask(r, input_size, output_size, margins) for r in records])
     mask = torch.ones(1, 1, int(input_size[0]), int(input_size[1]), dtype=torch.bool)
+    if margins is not None:
+        top, bottom, left, right = (int(m) for m in margins)
+        mask[..., :top, :] = False
+        mask[..., mask.shape[-2] - bottom :, :] = False
+        mask[..., :left] = False
+        mask[..., mask.shape[-1] - right :] = False
     for record in records:
         if isinstance(record, _GEOMETRIC):
             mask = _apply_geometry(record, mask, "label", (1.0, 1.0))

@@ -8,13 +8,13 @@ from .adversarial import AdversarialWarmup
 from .base import Recipe, Stream, parse_options
 from .bicl import BiCL, BiCLDistill
 from .cpsl import CPSL
-from .dacs import DACS, DAFormer
+from .dacs import DACS, HRDA, DAFormer
 from .distill import CPSLDistill
 from .self_training import SelfTraining
 from .source_only import Oracle, SourceOnly
 
 RECIPES: dict[str, type[Recipe]] = {
-    cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, DAFormer, BiCL, BiCLDistill)
+    cls.name: cls for cls in (SourceOnly, Oracle, SelfTraining, CPSL, AdversarialWarmup, CPSLDistill, DACS, DAFormer, HRDA, BiCL, BiCLDistill)
 }
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import Sampler
 from ...config import RunConfig, validate
 from ...data.classes import ClassInfo
 from ...errors import ConfigError
+from ...methods.hrda import hrda_loss
 from ...models.base import SegmentationModel, SegOutput
 from ..losses import SegLoss
 
@@ -136,13 +137,21 @@ class Recipe(nn.Module, abc.ABC):
         PSPNet-50's layer-3 head), ``model.aux_weight`` (0.4, DARS/semseg) times the same loss on
         ``output.aux_logits``. ``weight`` (per pixel, ``[N, H, W]``) weights both alike. Terms that
         are not a segmentation loss against labels (consistency, distillation KL, contrastive,
-        entropy) act on ``output.logits`` alone.
+        entropy) act on ``output.logits`` alone. A multi-resolution network's training output
+        (HRDA: ``output.detail`` set) gets HRDA's Eq. 6 instead,
+        ``(1 - lambda_d) L(fused logits) + lambda_d L(detail logits, labels in the detail crop)``
+        (:func:`segadapt.methods.hrda.hrda_loss`), so every recipe trains an HRDA network alike.
         """
-        weighted = {} if weight is None else {"weight": weight}
-        loss = self.seg_loss(output.logits, labels, **weighted)
+        if output.detail is not None:  # a multi-resolution network (HRDA): its fused and detail terms, Eq. 6
+            return hrda_loss(self._output_loss, output.logits, output.detail, labels, weight)
+        loss = self._output_loss(output.logits, labels, weight)
         if output.aux_logits is not None:
-            loss = loss + self.model.aux_weight * self.seg_loss(output.aux_logits, labels, **weighted)
+            loss = loss + self.model.aux_weight * self._output_loss(output.aux_logits, labels, weight)
         return loss
+
+    def _output_loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """``seg_loss`` of one output, with the per-pixel weight when there is one."""
+        return self.seg_loss(logits, labels) if weight is None else self.seg_loss(logits, labels, weight=weight)
 
     def train_sampler(self, stream: str, dataset: Any, seed: int, start: int) -> Sampler | None:
         """A sampler for ``stream`` instead of the default shuffled stream (e.g. BiCL's weighted source sampling).

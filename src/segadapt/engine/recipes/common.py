@@ -1,6 +1,7 @@
 """What several recipes share; recipes import this module and :mod:`.base`, never each other.
 
 - :func:`content_mask`: where a training view shows image content (not crop padding or cutout boxes);
+  :func:`pseudo_margin_mask`: where it is away from the margins of its whole image (HRDA's pseudo-label crop);
 - :class:`FrozenNetwork` and :func:`load_teacher`: a fixed network a recipe predicts with (CPSL's
   warm-up, a distillation teacher), never trained, never saved, moved to the data's device lazily;
 - :func:`forward_streams`: one forward of several streams' images concatenated, split back per
@@ -32,6 +33,7 @@ from ...methods.common import confidence_share_weight
 from ...methods.ema import ModelEMA, batch_norm_as, warmup_momentum
 from ...methods.mic import block_mask, mask_images
 from ...models.base import EncoderDecoder, SegmentationModel, SegOutput
+from ...models.hrda import HRDASegmentor
 from ..losses import upsample_logits
 
 if TYPE_CHECKING:
@@ -70,6 +72,23 @@ def content_mask(batch: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
     return torch.stack(masks).to(images.device)
 
 
+def pseudo_margin_mask(batch: dict[str, Any], size: tuple[int, int], margins: Sequence[int]) -> torch.Tensor:
+    """``[N, *size]`` float, 0 within ``margins`` of the un-augmented image's border, 1 elsewhere (HRDA's pseudo-label crop v2).
+
+    ``margins`` are ``(top, bottom, left, right)`` in pixels of the image the view's replay records start
+    from (the dataset's image: HRDA's ``[30, 240, 30, 30]`` of a 2048 x 1024 Cityscapes image); the mask is
+    made there and follows the view's geometry, so a crop away from the border keeps all its pixels. A
+    view without records is its own image.
+    """
+    images = batch["image"]
+    masks = []
+    for records in batch.get("replay") or [[]] * len(images):
+        start = view_start_size(records)
+        mask = valid_mask(records, start or size, output_size=size, margins=margins)
+        masks.append(mask)
+    return torch.stack(masks).to(device=images.device, dtype=images.dtype)
+
+
 # --------------------------------------------------------------------------- frozen networks
 
 
@@ -98,10 +117,13 @@ class FrozenNetwork:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's feature maps of a wrapped :class:`~segadapt.models.base.EncoderDecoder` (DAFormer's ImageNet features)."""
+        """The encoder's feature maps of a wrapped :class:`~segadapt.models.base.EncoderDecoder` (DAFormer's ImageNet
+        features), or of an HRDA segmentor's context view (:meth:`~segadapt.models.hrda.HRDASegmentor.encode_context`)."""
+        self._follow(images)
+        if isinstance(self.network, HRDASegmentor):
+            return self.network.encode_context(images)
         if not isinstance(self.network, EncoderDecoder):
             raise TypeError(f"{type(self.network).__name__} is no EncoderDecoder: it has no encoder features to give")
-        self._follow(images)
         return self.network.encode(images)
 
     def logits(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

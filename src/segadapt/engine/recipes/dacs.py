@@ -68,6 +68,7 @@ from ...methods.daformer import (
 )
 from ...methods.ema import ModelEMA, batch_norm_as, warmup_momentum
 from ...models.base import EncoderDecoder, SegmentationModel, SegOutput
+from ...models.hrda import HRDASegmentor
 from ..losses import upsample_logits
 from ..sampling import ClassBalancedSampler
 from .base import Recipe, Stream, parse_options
@@ -78,6 +79,7 @@ from .common import (
     cache_source_class_pixels,
     content_mask,
     masked_image_consistency,
+    pseudo_margin_mask,
     source_class_pixels,
     spatial_size,
     strong_view,
@@ -107,6 +109,11 @@ class DACSOptions(BaseModel):
     )
     rare_class_min_crop_ratio: float = Field(
         0.5, ge=0, description="the crop is re-drawn (up to 10 times) until it holds min_crop_ratio * min_pixels of the class"
+    )
+    pseudo_margins: tuple[int, int, int, int] | None = Field(
+        None,
+        description="top, bottom, left, right margins of the un-augmented target image, in its pixels, where the pseudo-label "
+        "weight is 0 (HRDA's pseudo-label crop v2: [30, 240, 30, 30] on 2048x1024 Cityscapes); null = none",
     )
     feature_distance_weight: float = Field(0.0, ge=0, description="lambda_FD of DAFormer Eq. 9 (0.005); 0 = off")
     feature_distance_classes: list[str] | None = Field(
@@ -164,6 +171,20 @@ class DAFormerOptions(DACSOptions):
     feature_distance_weight: float = Field(0.005, ge=0, description="lambda_FD of Eq. 9; 0 = off")
 
 
+class HRDAOptions(DAFormerOptions):
+    """``method.*`` of recipe ``hrda``: DAFormer's values with HRDA's changes (``configs/hrda/gtaHR2csHR_hrda.py``)."""
+
+    pseudo_ignore_top: int = Field(0, ge=0, description="rows at the top of a target crop with pseudo-label weight 0 (HRDA: margins instead)")
+    pseudo_ignore_bottom: int = Field(0, ge=0, description="rows at the bottom of a target crop with weight 0 (HRDA: margins instead)")
+    pseudo_margins: tuple[int, int, int, int] | None = Field(
+        (30, 240, 30, 30),
+        description="top, bottom, left, right margins of the un-augmented target image with pseudo-label weight 0 (HRDA: 30, 240, 30, 30)",
+    )
+    rare_class_min_crop_ratio: float = Field(
+        2.0, ge=0, description="the crop is re-drawn until it holds min_crop_ratio * min_pixels of the class (HRDA: 2.0, 4x DAFormer's pixels)"
+    )
+
+
 class DACS(Recipe):
     """Source CE + confidence-weighted CE on ClassMix source/target images with EMA-teacher pseudo labels.
 
@@ -219,11 +240,11 @@ class DACS(Recipe):
         self.start_network: FrozenNetwork | None = None
         self.thing_classes: list[int] | None = None
         if self.options.feature_distance_weight > 0:
-            if not isinstance(model, EncoderDecoder):
+            if not isinstance(model, (EncoderDecoder, HRDASegmentor)):
                 raise ConfigError(
                     f"method.feature_distance_weight>0 needs the encoder's features, which model {cfg.model.name!r} does not "
-                    "expose (it is no segadapt.models.base.EncoderDecoder): use a daformer_* model or "
-                    "method.feature_distance_weight=0"
+                    "expose (it is no segadapt.models.base.EncoderDecoder or HRDA segmentor): use a daformer_* or hrda_* model "
+                    "or method.feature_distance_weight=0"
                 )
             self.start_network = FrozenNetwork(copy.deepcopy(model))
             names = self.options.feature_distance_classes
@@ -304,14 +325,24 @@ class DACS(Recipe):
         return self.supervised_loss(output, labels, weight=torch.ones(labels.shape, device=labels.device))
 
     def source_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The supervised source loss, plus DAFormer's feature distance (Eq. 9) on the same forward's bottleneck."""
+        """The supervised source loss, plus DAFormer's feature distance (Eq. 9) on the same forward's bottleneck.
+
+        On an HRDA network the distance compares the context view's bottleneck (the image at half
+        resolution: the authors' ``feature_scale`` 0.5) with the start network's on the same view.
+        """
         if self.start_network is None:
             return {"loss_source": self.source_loss(self.model(images), labels)}
-        assert isinstance(self.model, EncoderDecoder)  # checked in __init__
-        encoded = self.model.encode(images)
-        output: SegOutput = self.model.decode(encoded)
+        output: SegOutput
+        if isinstance(self.model, HRDASegmentor):
+            output = self.model(images)
+            assert output.detail is not None  # the training forward
+            student = output.detail.context_encoded[-1]
+        else:
+            assert isinstance(self.model, EncoderDecoder)  # checked in __init__
+            encoded = self.model.encode(images)
+            output = self.model.decode(encoded)
+            student = encoded[-1]
         reference = self.start_network.encode(images)[-1]
-        student = encoded[-1]
         mask = None
         if self.thing_classes is not None:
             factor = max(1, labels.shape[-1] // student.shape[-1])
@@ -333,6 +364,8 @@ class DACS(Recipe):
         images = target["image"]
         inside = content_mask(target, spatial_size(images))
         labels, pseudo_weight = self.pseudo_labels(images, inside)
+        if self.options.pseudo_margins is not None:  # HRDA's crop v2: margins of the whole image, before the crop
+            pseudo_weight = pseudo_weight * pseudo_margin_mask(target, spatial_size(images), self.options.pseudo_margins)
         masks = classmix_masks(source["label"], ignore_index=self.ignore_index, pool=self.options.classmix_classes)
         mixed_images = mix(masks, source["image"], images)
         mixed_labels = mix(masks, source["label"], labels)
@@ -368,3 +401,27 @@ class DAFormer(DACS):
 
     name = "daformer"
     Options = DAFormerOptions
+
+
+class HRDA(DAFormer):
+    """DAFormer's training of an HRDA network (Hoyer et al., ECCV 2022; docs/hrda.md).
+
+    The step is the ``daformer`` recipe's; what makes it HRDA is the network
+    (:class:`segadapt.models.hrda.HRDASegmentor`): every supervised term (source, mixed, MIC's
+    masked) is Eq. 6's fused-plus-detail loss on a random detail crop, the teacher's pseudo labels
+    come from its eval forward (the detail branch slid over the whole target crop), and the feature
+    distance compares the context view's bottleneck. The options differ from DAFormer's in the
+    rare-class crop ratio (2.0: the crops hold four times the pixels) and the pseudo-label crop
+    (margins of the whole image, [30, 240, 30, 30], instead of rows of the crop).
+    """
+
+    name = "hrda"
+    Options = HRDAOptions
+
+    def __init__(self, cfg: RunConfig, model: SegmentationModel, seg_loss: Any, classes: ClassInfo) -> None:
+        if not isinstance(model, HRDASegmentor):
+            raise ConfigError(
+                f"recipe hrda trains HRDA's multi-resolution network, but model {cfg.model.name!r} is none: use "
+                "model.name=hrda_daformer_mitb5 (or hrda_daformer_mitb0, hrda_deeplabv2_r101), or recipe daformer"
+            )
+        super().__init__(cfg, model, seg_loss, classes)
