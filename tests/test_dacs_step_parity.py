@@ -31,15 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import segadapt.data.transforms.mixing as mixing
-import segadapt.data.transforms.photometric as photometric
 from segadapt.config import load_config
 from segadapt.data.classes import ClassInfo
 from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.dacs import DACS
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
-from step_parity import assert_close, load_step
+from step_parity import BLUR_SIGMA_RANGE, JITTER_RANGES, RecordedDraws, assert_close, load_step
 
 STEPS = ["dacs_step.pt", "dacs_step_jitter.pt", "dacs_step_fdist.pt"]
 AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daformer.md, "The authors' step")
@@ -84,62 +82,22 @@ class TinyNet(SegmentationModel, EncoderDecoder):
         yield from self.conv_seg.parameters()
 
 
-JITTER_RANGES = [(0.8, 1.2)] * 3 + [(-0.2, 0.2)]  # DACS's strength 0.2: brightness, contrast, saturation, hue
+def dacs_draws(fixture: dict[str, Any]) -> RecordedDraws:
+    """The draws of a DACS step fixture, in the order segadapt's step asks for them.
 
-
-class RecordedDraws:
-    """The authors' draws, handed to segadapt's step at the point where it draws each.
-
-    - a coin with probability ``p`` gets the code's ``U(0, 1)`` draw ``u`` and applies when
-      ``u > 1 - p`` (DACS: jitter when ``u > 0.2``, blur when ``u > 0.5``); a coin of probability
-      0 or 1 (the per-image coins after the batch's, ``augmentation_coins=batch``) is decided;
-    - ClassMix's permutation of the ``n`` candidate values starts with the code's
-      ``np.random.choice(n, k, replace=False)``;
-    - for each image, the jitter's brightness, contrast, saturation and hue factors and their order
-      are kornia's draws (hue in turns, as kornia's factor before its ``2 pi``), then the blur sigma
-      is the code's ``np.random.uniform(0.15, 1.15)``.
+    Two batch coins (jitter, blur); for each mixed image its four jitter factors (in the steps that
+    jitter) and its blur sigma (in the steps that blur); one jitter order per image; one ClassMix
+    choice per image.
     """
-
-    def __init__(self, fixture: dict[str, Any]) -> None:
-        self.coins = [fixture["jitter_coin"], fixture["blur_coin"]]
-        self.choices = list(zip(fixture["classmix_counts"], fixture["classmix_choices"]))
-        factors, sigmas = fixture["jitter_factors"].tolist(), fixture["blur_sigmas"]
-        self.uniforms: list[tuple[tuple[float, float], float]] = []  # (the interval segadapt draws from, the value)
-        for image in range(len(fixture["source_images"])):
-            if factors:
-                self.uniforms += list(zip(JITTER_RANGES, factors[image]))
-            if sigmas:
-                self.uniforms.append(((0.15, 1.15), sigmas[image]))
-        self.orders = list(fixture["jitter_orders"])
-
-    def coin(self, p: float, generator: torch.Generator | None) -> bool:
-        if p in (0.0, 1.0):
-            return p == 1.0
-        return self.coins.pop(0) > 1.0 - p
-
-    def randperm(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        count, chosen = self.choices.pop(0)
-        assert n == count, f"ClassMix draws from {n} values, the authors' code from {count}"
-        rest = [i for i in range(n) if i not in chosen.tolist()]
-        return torch.cat([chosen, torch.tensor(rest, dtype=torch.long)])
-
-    def uniform_in(self, interval: Any, generator: torch.Generator | None) -> float:
-        expected, value = self.uniforms.pop(0)
-        assert tuple(interval) == pytest.approx(expected), f"segadapt draws from {interval}, the authors' code from {expected}"
-        return value
-
-    def jitter_order(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        assert n == 4
-        return self.orders.pop(0)
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(photometric, "_coin", self.coin)
-        monkeypatch.setattr(photometric, "_uniform_in", self.uniform_in)
-        monkeypatch.setattr(photometric, "_randperm", self.jitter_order)
-        monkeypatch.setattr(mixing, "_randperm", self.randperm)
-
-    def all_used(self) -> bool:
-        return not (self.coins or self.choices or self.uniforms or self.orders)
+    factors, sigmas = fixture["jitter_factors"].tolist(), fixture["blur_sigmas"]
+    uniforms: list[tuple[tuple[float, float], float]] = []
+    for image in range(len(fixture["source_images"])):
+        if factors:
+            uniforms += list(zip(JITTER_RANGES, factors[image]))
+        if sigmas:
+            uniforms.append((BLUR_SIGMA_RANGE, sigmas[image]))
+    choices = list(zip(fixture["classmix_counts"], fixture["classmix_choices"]))
+    return RecordedDraws([fixture["jitter_coin"], fixture["blur_coin"]], choices, uniforms, list(fixture["jitter_orders"]))
 
 
 @pytest.fixture(params=STEPS)
@@ -181,7 +139,7 @@ def batches(fixture: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
 
 def run_step(recipe: DACS, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, torch.Tensor], list, RecordedDraws]:
     """The replayed step with the authors' draws; returns its losses, what the loss saw, and the draws (to check all were used)."""
-    draws = RecordedDraws(fixture)
+    draws = dacs_draws(fixture)
     draws.install(monkeypatch)
     seen: list[tuple[torch.Tensor, ...]] = []
     rng_states = list(fixture["dropout_rng_states"])
