@@ -19,7 +19,8 @@ Eq. 10-12 (distribution align)  :class:`ClassDistribution`, fed with
 Eq. 13 (consistency)            :func:`symmetric_kl_consistency` (the authors' code:
                                 :func:`prototype_kl_consistency`)
 Eq. 14 (total loss)             :func:`cpsl_total_loss`
-authors' code, not in the paper :func:`reverse_cross_entropy` (``--rce``), :func:`cutmix_box`, :func:`cutmix`
+authors' code, not in the paper :func:`reverse_cross_entropy` (``--rce``), :func:`cutmix_box`, :func:`cutmix`,
+                                :func:`translate_x_by_height` (their replay of the strong view's shifts)
 CPSL+distill (Sec. 4.2)         :func:`distillation_loss` (KL: :func:`~segadapt.methods.common.pixel_kl_divergence`)
 ==============================  ==========================================================
 
@@ -57,7 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.classes import IGNORE_INDEX
-from ..data.transforms import resize
+from ..data.transforms import AffineRecord, resize
+from ..data.transforms.records import Record
 from ..errors import ConfigError, DataError
 from .common import check_label_ids, class_feature_means, class_feature_sums, class_means_from_sums, class_pixel_counts, pixel_kl_divergence
 from .sinkhorn import class_marginal_error, normalized_marginal, sinkhorn
@@ -875,6 +877,30 @@ def reverse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     label_mass = probabilities.gather(1, labels.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
     per_pixel = -math.log(floor) * (probabilities.sum(dim=1) - label_mass)
     return (per_pixel * valid).sum() / (valid.sum() + 1e-6)
+
+
+def translate_x_by_height(records: list[Record]) -> list[Record]:
+    """``records`` with every RandAugment ``translate_x`` shift multiplied by the view's ``W / H``: the authors' replay.
+
+    The authors' ``affine_sample`` (``data/randaugment.py``), which replays the strong view's geometry on
+    the teacher's output (``label_strong_T``), normalises the horizontal shift of ``TranslateX`` by the
+    map's height instead of its width, so the teacher's map moves ``W / H`` times as far as the image did
+    (twice on a 1024 x 512 crop). ``method.randaugment_translate_quirk=true`` replays that; the default
+    replays the image's shift. Other records are returned as they are.
+
+    Examples:
+        >>> shift = AffineRecord((32, 64), (1.0, 0.0, 5.0, 0.0, 1.0, 0.0), name="translate_x")
+        >>> translate_x_by_height([shift])[0].matrix
+        (1.0, 0.0, 10.0, 0.0, 1.0, 0.0)
+    """
+    moved: list[Record] = []
+    for record in records:
+        if isinstance(record, AffineRecord) and record.name == "translate_x":
+            height, width = record.input_size
+            a, b, c, d, e, f = record.matrix
+            record = AffineRecord(record.input_size, (a, b, c * width / height, d, e, f), record.pad_value, record.ignore_index, record.name)
+        moved.append(record)
+    return moved
 
 
 def cutmix_box(height: int, width: int, area: float = 0.5, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:

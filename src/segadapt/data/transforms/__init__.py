@@ -15,7 +15,8 @@ none is given (DataLoader workers seed that one per worker), so runs are reprodu
 
 Modules, by kind: :mod:`~segadapt.data.transforms.geometry` (replayable resize, scale, crop, flip,
 rotate; replay and valid masks), :mod:`~segadapt.data.transforms.photometric` (colour jitter, blur,
-cutout, strong augmentation), :mod:`~segadapt.data.transforms.mixing` (ClassMix),
+cutout, strong augmentation), :mod:`~segadapt.data.transforms.mixing` (ClassMix), :mod:`~segadapt.data.transforms.randaugment`
+(FixMatch's RandAugment, CPSL's strong view, every draw recorded),
 :mod:`~segadapt.data.transforms.pipeline` (:class:`Compose` and :func:`build_transforms` from
 configs), :mod:`~segadapt.data.transforms.records` (what each transform drew). Every public name is
 importable from this package.
@@ -33,11 +34,16 @@ Examples:
 
 from .common import Kind, Sample, Transform
 from .geometry import (
+    FULL_IMAGE_KEY,
+    KeepFullFrame,
     RandomCrop,
     RandomHorizontalFlip,
     RandomRotate,
     RandomScale,
     Resize,
+    affine,
+    affine_theta,
+    records_after_full_frame,
     replay_geometric,
     resize,
     rotate,
@@ -57,11 +63,15 @@ from .photometric import (
     strong_augment,
 )
 from .pipeline import TRANSFORMS, Compose, build_transforms, crop_and_largest_view
+from .randaugment import RANDAUGMENT_OPS, RandAugmentMC, apply_cutout, apply_op, cutout_box, geometric_record, op_value
 from .records import (
+    AffineRecord,
     BlurRecord,
     CropRecord,
     CutoutRecord,
+    EnhanceRecord,
     FlipRecord,
+    FullFrameRecord,
     GeometricRecord,
     JitterRecord,
     Record,
@@ -70,7 +80,22 @@ from .records import (
 )
 
 __all__ = [
+    "FULL_IMAGE_KEY",
+    "RANDAUGMENT_OPS",
     "TRANSFORMS",
+    "AffineRecord",
+    "EnhanceRecord",
+    "FullFrameRecord",
+    "KeepFullFrame",
+    "RandAugmentMC",
+    "affine",
+    "affine_theta",
+    "apply_cutout",
+    "apply_op",
+    "cutout_box",
+    "geometric_record",
+    "op_value",
+    "records_after_full_frame",
     "BlurRecord",
     "ColorJitter",
     "Compose",

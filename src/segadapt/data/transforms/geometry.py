@@ -35,14 +35,19 @@ from .common import (
 )
 from .records import (
     _GEOMETRIC,
+    AffineRecord,
     CropRecord,
     CutoutRecord,
     FlipRecord,
+    FullFrameRecord,
     GeometricRecord,
     Record,
     RotateRecord,
     ScaleRecord,
 )
+
+FULL_IMAGE_KEY = "full_image"
+"""The sample key of the frame :class:`KeepFullFrame` keeps; later transforms leave it alone."""
 
 # --------------------------------------------------------------------------- tensor ops
 
@@ -74,12 +79,28 @@ def resize(tensor: torch.Tensor, size: tuple[int, int], kind: Kind) -> torch.Ten
     return resized.to(tensor.dtype)
 
 
-def _pad_value(record: CropRecord | RotateRecord, kind: Kind, dtype: torch.dtype) -> float | int | bool:
+def _pad_value(record: CropRecord | RotateRecord | AffineRecord, kind: Kind, dtype: torch.dtype) -> float | int | bool:
     if kind == "image":
         return record.pad_value
     if kind == "soft":
         return 0.0
     return False if dtype == torch.bool else record.ignore_index
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, kind: Kind, pad: float | int | bool) -> torch.Tensor:
+    """Resample ``[N, C, H, W]`` through ``theta`` (``affine_grid``'s output-to-input map, normalised coordinates).
+
+    Images and soft maps are resampled bilinearly, labels and masks take the nearest value; outside the
+    source the result is ``pad``.
+    """
+    grid = F.affine_grid(theta.to(x.device).expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    if kind == "label":
+        inside = F.grid_sample(torch.ones_like(x[:, :1], dtype=torch.float32), grid, mode="nearest", align_corners=False) > 0.5
+        moved = F.grid_sample(x.float(), grid, mode="nearest", align_corners=False).to(x.dtype)
+        return torch.where(inside, moved, torch.as_tensor(pad, dtype=x.dtype, device=x.device))
+    # zero padding of (x - pad) + pad pads with ``pad`` and blends it smoothly at the border
+    moved = F.grid_sample(x.float() - float(pad), grid, mode="bilinear", align_corners=False) + float(pad)
+    return moved.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, angle: float, kind: Kind, pad: float | int | bool) -> torch.Tensor:
@@ -97,17 +118,43 @@ def rotate(x: torch.Tensor, angle: float, kind: Kind, pad: float | int | bool) -
     cos, sin = math.cos(radians), math.sin(radians)
     # affine_grid maps output to input in coordinates normalised by each side's half length, so the
     # pixel-space inverse rotation picks up the aspect ratio; y points down, hence the signs.
-    theta = torch.tensor(
-        [[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]], dtype=torch.float32, device=x.device
+    theta = torch.tensor([[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]], dtype=torch.float32)
+    return _warp(x, theta, kind, pad)
+
+
+def affine_theta(matrix: Sequence[float], size: tuple[int, int]) -> torch.Tensor:
+    """``affine_grid``'s ``theta`` ``[2, 3]`` of an :class:`~.records.AffineRecord` matrix on a ``size`` ``(H, W)`` view.
+
+    With ``u = 2 x / W - 1`` and ``v = 2 y / H - 1`` (``align_corners=False``), the pixel map
+    ``x' = a x + b y + c``, ``y' = d x + e y + f`` becomes ``u' = a u + b (H/W) v + a + b H/W + 2c/W - 1``
+    and ``v' = d (W/H) u + e v + d W/H + e + 2f/H - 1``. The normalised map is the same picture at
+    any resolution of the view, so a replay on a coarser grid moves it as the image moved.
+
+    Examples:
+        >>> affine_theta((1, 0, 8, 0, 1, 0), (16, 32))  # 8 pixels of 32: a quarter of the normalised width
+        tensor([[1.0000, 0.0000, 0.5000],
+                [0.0000, 1.0000, 0.0000]])
+    """
+    a, b, c, d, e, f = (float(v) for v in matrix)
+    height, width = size
+    return torch.tensor(
+        [
+            [a, b * height / width, a + b * height / width + 2 * c / width - 1],
+            [d * width / height, e, d * width / height + e + 2 * f / height - 1],
+        ],
+        dtype=torch.float32,
     )
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    if kind == "label":
-        inside = F.grid_sample(torch.ones_like(x[:, :1], dtype=torch.float32), grid, mode="nearest", align_corners=False) > 0.5
-        moved = F.grid_sample(x.float(), grid, mode="nearest", align_corners=False).to(x.dtype)
-        return torch.where(inside, moved, torch.as_tensor(pad, dtype=x.dtype, device=x.device))
-    # zero padding of (x - pad) + pad pads with ``pad`` and blends it smoothly at the border
-    moved = F.grid_sample(x.float() - float(pad), grid, mode="bilinear", align_corners=False) + float(pad)
-    return moved.to(x.dtype)
+
+
+def affine(x: torch.Tensor, record: AffineRecord, kind: Kind, pad: float | int | bool) -> torch.Tensor:
+    """Warp ``[N, C, H, W]`` by ``record``'s matrix (PIL's ``AFFINE`` transform), at any resolution of the view.
+
+    Shape:
+        ``x``: ``[N, C, H, W]`` on a grid of any size; the result has the same shape.
+    """
+    if tuple(record.matrix) == (1, 0, 0, 0, 1, 0):
+        return x
+    return _warp(x, affine_theta(record.matrix, record.input_size), kind, pad)
 
 
 def _apply_geometry(record: GeometricRecord, x: torch.Tensor, kind: Kind, ratio: tuple[float, float]) -> torch.Tensor:
@@ -116,6 +163,8 @@ def _apply_geometry(record: GeometricRecord, x: torch.Tensor, kind: Kind, ratio:
         return x.flip(-1) if record.flipped else x
     if isinstance(record, RotateRecord):
         return rotate(x, record.angle, kind, _pad_value(record, kind, x.dtype))
+    if isinstance(record, AffineRecord):
+        return affine(x, record, kind, _pad_value(record, kind, x.dtype))
     if isinstance(record, ScaleRecord):
         height, width = record.output_size
         return resize(x, (max(1, _round(height * ratio[0])), max(1, _round(width * ratio[1]))), kind)
@@ -126,7 +175,6 @@ def _apply_geometry(record: GeometricRecord, x: torch.Tensor, kind: Kind, ratio:
     if pad_bottom or pad_right:
         x = F.pad(x, (0, pad_right, 0, pad_bottom), value=_pad_value(record, kind, x.dtype))
     return x[..., top : top + height, left : left + width]
-
 
 
 # --------------------------------------------------------------------------- replay
@@ -144,8 +192,7 @@ def _split_records(records: Sequence[Any], batch: torch.Tensor, batched: bool) -
     return list(records)
 
 
-def _replay(records: Sequence[Any], tensor: torch.Tensor, kind: Kind, output_size: tuple[int, int] | None,
-            strict: bool) -> torch.Tensor:
+def _replay(records: Sequence[Any], tensor: torch.Tensor, kind: Kind, output_size: tuple[int, int] | None, strict: bool) -> torch.Tensor:
     batch, batched = _as_batch(tensor, kind)
     per_sample = _split_records(records, batch, batched)
     if per_sample is None:
@@ -161,8 +208,7 @@ def _replay(records: Sequence[Any], tensor: torch.Tensor, kind: Kind, output_siz
     return out.reshape(*tensor.shape[:-2], *out.shape[-2:])
 
 
-def _replay_batch(records: Sequence[Record], x: torch.Tensor, kind: Kind, output_size: tuple[int, int] | None,
-                  strict: bool) -> torch.Tensor:
+def _replay_batch(records: Sequence[Record], x: torch.Tensor, kind: Kind, output_size: tuple[int, int] | None, strict: bool) -> torch.Tensor:
     geometric = [r for r in records if isinstance(r, _GEOMETRIC)]
     if geometric:
         in_height, in_width = geometric[0].input_size
@@ -202,8 +248,7 @@ def replay_geometric(records: Sequence[Any], tensor: torch.Tensor, kind: Kind = 
     return _replay(records, tensor, kind, output_size=None, strict=True)
 
 
-def to_augmented_view(records: Sequence[Any], tensor: torch.Tensor, kind: Kind = "soft",
-                      output_size: Sequence[int] | None = None) -> torch.Tensor:
+def to_augmented_view(records: Sequence[Any], tensor: torch.Tensor, kind: Kind = "soft", output_size: Sequence[int] | None = None) -> torch.Tensor:
     """Map a tensor computed on the un-augmented view into the augmented view, at any resolution.
 
     The teacher sees the un-augmented image and the student an augmented view; this moves the teacher's
@@ -228,8 +273,9 @@ def to_augmented_view(records: Sequence[Any], tensor: torch.Tensor, kind: Kind =
     return _replay(records, tensor, kind, output_size=size, strict=False)
 
 
-def valid_mask(records: Sequence[Any], input_size: Sequence[int],
-               output_size: Sequence[int] | None = None, margins: Sequence[int] | None = None) -> torch.Tensor:
+def valid_mask(
+    records: Sequence[Any], input_size: Sequence[int], output_size: Sequence[int] | None = None, margins: Sequence[int] | None = None
+) -> torch.Tensor:
     """True where the augmented view shows real image content: False in crop padding and cutout boxes.
 
     Losses on replayed soft maps use it to skip padded and erased pixels, as ProDA masks its padding
@@ -269,8 +315,8 @@ def _dense_maps(sample: Sample) -> list[tuple[str, torch.Tensor, Kind]]:
     size = _image_of(sample).shape[-2:]
     maps: list[tuple[str, torch.Tensor, Kind]] = [("image", sample["image"], "image")]
     for key, value in sample.items():
-        if key == "image" or not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
-            continue
+        if key in ("image", FULL_IMAGE_KEY) or not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
+            continue  # the kept full frame stays as it was kept
         if value.shape[-2:] != size:
             raise DataError(
                 f"sample {sample.get('name', '?')!r}: {key!r} is {tuple(value.shape[-2:])} but the image is "
@@ -297,9 +343,7 @@ class Resize:
 
     def __post_init__(self) -> None:
         if (self.size is None) == (self.long_side is None):
-            raise ConfigError(
-                f"give exactly one of size or long_side, got size={self.size!r}, long_side={self.long_side!r}"
-            )
+            raise ConfigError(f"give exactly one of size or long_side, got size={self.size!r}, long_side={self.long_side!r}")
         if self.size is not None:
             self.size = _pair(self.size, "size")
         elif not isinstance(self.long_side, int) or self.long_side < 1:
@@ -376,9 +420,7 @@ class RandomCrop:
                     break
                 top = _randint(height + padding[0] - crop_height, generator)
                 left = _randint(width + padding[1] - crop_width, generator)
-        record = CropRecord(
-            (height, width), top, left, crop_height, crop_width, padding, self.pad_value, self.ignore_index
-        )
+        record = CropRecord((height, width), top, left, crop_height, crop_width, padding, self.pad_value, self.ignore_index)
         return _apply_geometric_record(sample, record)
 
 
@@ -419,3 +461,31 @@ class RandomRotate:
         height, width = _image_of(sample).shape[-2:]
         angle = _uniform(self.min, self.max, generator) if _coin(self.p, generator) else 0.0
         return _apply_geometric_record(sample, RotateRecord((height, width), angle, self.pad_value, self.ignore_index))
+
+
+@dataclass
+class KeepFullFrame:
+    """Keep the view as it is here as ``sample["full_image"]`` (float ``[3, H, W]``) and mark the place in ``replay``.
+
+    Put before the random geometry, it keeps the un-augmented frame a teacher can see whole while
+    the student sees the crop (CPSL's ``img_full``); the records after its :class:`~.records.FullFrameRecord`
+    take that frame to the view (:func:`records_after_full_frame`). Recipe ``cpsl`` inserts it itself
+    where ``method.consistency_teacher_view=full_frame_replayed`` needs it.
+    """
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        image = _image_of(sample)
+        height, width = image.shape[-2:]
+        return _with_record(sample, FullFrameRecord((height, width)), **{FULL_IMAGE_KEY: image})
+
+
+def records_after_full_frame(records: Sequence[Record]) -> list[Record]:
+    """The records after the :class:`~.records.FullFrameRecord` of ``records``: from the kept full frame to the view.
+
+    Raises:
+        ValueError: the records hold no :class:`~.records.FullFrameRecord`.
+    """
+    for index, record in enumerate(records):
+        if isinstance(record, FullFrameRecord):
+            return list(records[index + 1 :])
+    raise ValueError("the view's records hold no FullFrameRecord: its pipeline did not keep a full frame (keep_full_frame)")

@@ -16,6 +16,7 @@ from ...errors import ConfigError, did_you_mean
 from ..classes import IGNORE_INDEX
 from .common import Sample, Transform, _pair, _round
 from .geometry import (
+    KeepFullFrame,
     RandomCrop,
     RandomHorizontalFlip,
     RandomRotate,
@@ -49,6 +50,7 @@ TRANSFORMS: dict[str, type] = {
     "color_jitter": ColorJitter,
     "gaussian_blur": GaussianBlur,
     "cutout": Cutout,
+    "keep_full_frame": KeepFullFrame,
 }
 """The registry of :func:`build_transforms`: config name -> transform class (its fields are the config keys)."""
 
@@ -56,9 +58,7 @@ TRANSFORMS: dict[str, type] = {
 def _build_one(index: int, entry: Any, ignore_index: int) -> Transform:
     where = f"transforms[{index}]"
     if not isinstance(entry, Mapping) or "name" not in entry:
-        raise ConfigError(
-            f"{where}: expected a mapping with a 'name' key, e.g. {{name: random_crop, size: 512}}, got {entry!r}"
-        )
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key, e.g. {{name: random_crop, size: 512}}, got {entry!r}")
     name = entry["name"]
     if name not in TRANSFORMS:
         hint = did_you_mean(str(name), TRANSFORMS)
@@ -80,9 +80,7 @@ def _build_one(index: int, entry: Any, ignore_index: int) -> Transform:
         params["ignore_index"] = ignore_index
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in params]
     if missing:
-        raise ConfigError(
-            f"{where} ({name}): missing required key(s) {', '.join(missing)}; valid keys: {', '.join(valid)}"
-        )
+        raise ConfigError(f"{where} ({name}): missing required key(s) {', '.join(missing)}; valid keys: {', '.join(valid)}")
     try:
         return cls(**params)
     except (ConfigError, TypeError) as error:
@@ -122,7 +120,7 @@ def build_transforms(spec: Sequence[Mapping[str, Any]], ignore_index: int = IGNO
     (``dataset.classes.ignore_index``), as the engine does.
 
     Names: ``resize``, ``random_scale``, ``random_crop``, ``random_horizontal_flip``, ``random_rotate``, ``color_jitter``,
-    ``gaussian_blur``, ``cutout``; the other keys are the constructor arguments. A bad name, key or value
+    ``gaussian_blur``, ``cutout``, ``keep_full_frame``; the other keys are the constructor arguments. A bad name, key or value
     raises :class:`ConfigError` naming the entry and listing the valid choices.
     """
     if isinstance(spec, (str, Mapping)) or not isinstance(spec, Sequence):

@@ -1,10 +1,11 @@
 """The records the transforms append to ``sample["replay"]``: what each one drew, so it can be replayed.
 
 Geometric records (:class:`ScaleRecord`, :class:`CropRecord`, :class:`FlipRecord`,
-:class:`RotateRecord`) are replayed on labels, soft labels and features by
+:class:`RotateRecord`, :class:`AffineRecord`) are replayed on labels, soft labels and features by
 :mod:`segadapt.data.transforms.geometry`; photometric ones (:class:`JitterRecord`,
-:class:`BlurRecord`, :class:`CutoutRecord`) only document the pixel changes (and the cutout boxes,
-which :func:`~segadapt.data.transforms.geometry.valid_mask` masks). Records are frozen dataclasses,
+:class:`BlurRecord`, :class:`CutoutRecord`, :class:`EnhanceRecord`) only document the pixel changes (and
+the cutout boxes, which :func:`~segadapt.data.transforms.geometry.valid_mask` masks);
+:class:`FullFrameRecord` marks where a pipeline kept its un-augmented frame. Records are frozen dataclasses,
 so a collated batch of them can be stored and compared.
 """
 
@@ -102,6 +103,47 @@ class RotateRecord:
     name: str = "random_rotate"
 
 
-Record = ScaleRecord | CropRecord | FlipRecord | RotateRecord | JitterRecord | BlurRecord | CutoutRecord
-GeometricRecord = ScaleRecord | CropRecord | FlipRecord | RotateRecord
-_GEOMETRIC = (ScaleRecord, CropRecord, FlipRecord, RotateRecord)
+@dataclass(frozen=True)
+class AffineRecord:
+    """An affine warp of the view (of ``input_size``), keeping its size, as PIL's ``Image.transform(AFFINE)``.
+
+    ``matrix`` ``(a, b, c, d, e, f)`` maps each output point ``(x, y)`` to the input point
+    ``(a x + b y + c, d x + e y + f)`` in pixel coordinates with the origin at the top-left corner of
+    the top-left pixel (pixel centres at ``i + 0.5``). RandAugment's shears (``(1, v, 0, 0, 1, 0)``)
+    and translations (``(1, 0, dx, 0, 1, 0)``: the content moves by ``-dx``) are such warps. Points
+    from outside the input get ``pad_value`` (image), the ignore index (labels), False (masks) or 0
+    (soft maps).
+    """
+
+    input_size: tuple[int, int]
+    matrix: tuple[float, float, float, float, float, float]
+    pad_value: float = 0.0
+    ignore_index: int = IGNORE_INDEX
+    name: str = "affine"
+
+
+@dataclass(frozen=True)
+class EnhanceRecord:
+    """A photometric RandAugment operation ``op`` and the value it drew (None for those without one)."""
+
+    op: str
+    value: float | None = None
+    name: str = "randaugment_photometric"
+
+
+@dataclass(frozen=True)
+class FullFrameRecord:
+    """The pipeline kept its view of ``size`` ``(H, W)`` as ``sample["full_image"]`` here, before the random geometry.
+
+    The records after it take the full frame to the augmented view (CPSL's ``full2weak``).
+    """
+
+    size: tuple[int, int]
+    name: str = "keep_full_frame"
+
+
+Record = (
+    ScaleRecord | CropRecord | FlipRecord | RotateRecord | AffineRecord | JitterRecord | BlurRecord | CutoutRecord | EnhanceRecord | FullFrameRecord
+)
+GeometricRecord = ScaleRecord | CropRecord | FlipRecord | RotateRecord | AffineRecord
+_GEOMETRIC = (ScaleRecord, CropRecord, FlipRecord, RotateRecord, AffineRecord)

@@ -78,7 +78,8 @@ from torch import nn
 
 from ...config import RunConfig
 from ...data.classes import ClassInfo
-from ...data.transforms import resize
+from ...data.transforms import FULL_IMAGE_KEY, RandAugmentMC, records_after_full_frame, resize, to_augmented_view
+from ...data.transforms.records import Record
 from ...errors import ConfigError, DataError
 from ...methods.cpsl import (
     ClassDistribution,
@@ -101,6 +102,7 @@ from ...methods.cpsl import (
     sample_pixels,
     shared_uniform_pixels,
     symmetric_kl_consistency,
+    translate_x_by_height,
 )
 from ...methods.ema import ModelEMA, batch_norm_as
 from ...models.base import BackboneHeadSplit, SegmentationModel, SegOutput
@@ -171,6 +173,24 @@ class CPSLOptions(BaseModel):
         ge=0,
         description="sigma (pixels) of the strong view's Gaussian blur (authors: radius 1 on images about 2,200 pixels "
         "wide; images s times narrower copy it with 1/s); 0 = no blur",
+    )
+    strong_view: Literal["photometric", "randaugment"] = Field(
+        "photometric",
+        description="the student's strong view of the weak crop: colour jitter and blur only (strong_jitter, strong_blur_sigma), "
+        "or the authors' RandAugmentMC(2, 10): flip, the same blur and jitter, two of FixMatch's 14 operations (shears, "
+        "translations and rotation among them) and a grey cut-out box; its geometry is replayed on the teacher's output "
+        "and the cut-out and brought-in pixels are left out of L_REG (needs target_view=weak)",
+    )
+    consistency_teacher_view: Literal["weak", "full_frame_replayed"] = Field(
+        "weak",
+        description="what the momentum network sees for L_REG: the weak crop, or (the authors' code) the whole un-augmented "
+        "target frame (the view after the target transforms' leading resize), its output then cropped to the weak view "
+        "(full2weak) and replayed through the strong view's geometry; one more no-grad forward of the full frame per step",
+    )
+    randaugment_translate_quirk: bool = Field(
+        False,
+        description="replay RandAugment's horizontal shifts on the teacher as the authors' code does, normalised by the "
+        "height instead of the width (W / H times the image's shift); false replays the image's shift",
     )
     momentum_network: bool = Field(True, description="false = 'w/o Mom': targets from the current networks")
     momentum_batch_norm: Literal["as_student", "running"] = Field(
@@ -282,6 +302,11 @@ def _check_switches(options: CPSLOptions) -> None:
             f"method.contrastive_weight={options.contrastive_weight} contrasts the student's weak-view features with the "
             "self-labeling memory bank: it needs method.target_view=weak and method.self_labeling=true; or set method.contrastive_weight=0"
         )
+    if options.strong_view == "randaugment" and options.target_view != "weak":
+        raise ConfigError(
+            "method.strong_view=randaugment moves the strong view's pixels, so the weak view's pseudo labels do not fit it: "
+            "set method.target_view=weak (the authors' code: L^t_SEG on the weak view) or method.strong_view=photometric"
+        )
     if options.consistency == "prototype" and not options.self_labeling:
         raise ConfigError(
             "method.consistency=prototype compares the views through the self-labeling head's prototypes, which "
@@ -385,6 +410,24 @@ def warmup_statistics_key(cfg: RunConfig) -> dict[str, Any]:
     return key
 
 
+def with_full_frame(cfg: RunConfig) -> RunConfig:
+    """``cfg`` whose target transforms keep the full frame (``keep_full_frame``) after their leading resizes.
+
+    The full frame is the target image as the transforms' deterministic ``resize`` entries leave it,
+    before any random step: the authors' ``img_full`` (the frame resized to 2048 x 1024, which
+    ``gta5_to_cityscapes/cpsl``'s first entry also gives). The target stream takes ``data.target_transforms``,
+    or a copy of ``data.train_transforms`` when that is unset (the source stream keeps its own).
+    """
+    spec = [dict(entry) for entry in (cfg.data.target_transforms if cfg.data.target_transforms is not None else cfg.data.train_transforms or [])]
+    if any(entry.get("name") == "keep_full_frame" for entry in spec):
+        return cfg
+    place = 0
+    while place < len(spec) and spec[place].get("name") == "resize":
+        place += 1
+    spec.insert(place, {"name": "keep_full_frame"})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"target_transforms": spec})})
+
+
 class CPSL(Recipe):
     """Class-balanced pixel-level self-labeling, stage 1 of CPSL (CPSL Alg. 1, Eq. 1-14).
 
@@ -417,6 +460,8 @@ class CPSL(Recipe):
             )
         path = run_dir / INIT_FILE
         reuse_or_make(path, warmup_statistics_key(cfg), lambda: atomic_save(warmup_statistics(cfg, log), path), log, "cpsl: warm-up statistics")
+        if options.consistency_teacher_view == "full_frame_replayed":
+            cfg = with_full_frame(cfg)
         return cfg
 
     _trainable: _SegmentationWithHead  # set with object.__setattr__ in __init__ (not a submodule), declared for type checkers
@@ -445,6 +490,7 @@ class CPSL(Recipe):
             blur_sigma=(blur, blur),
             blur_p=CPSL_STRONG.blur_p if blur > 0 else 0.0,
         )
+        self.randaugment = RandAugmentMC(2, 10, jitter=jitter, blur_sigma=blur, ignore_index=self.ignore_index)
         self.ema_model = ModelEMA(model, options.ema_momentum) if options.momentum_network else None
         self.head: SelfLabelingHead | None = None
         self.ema_head: ModelEMA | None = None
@@ -490,7 +536,7 @@ class CPSL(Recipe):
 
     @torch.no_grad()
     def _momentum_outputs(self, weak: torch.Tensor) -> SegOutput:
-        """``f'_SEG`` on the weak view; without momentum networks ('w/o Mom'), the student itself.
+        """``f'_SEG`` on the weak view (or the full frames); without momentum networks ('w/o Mom'), the student itself.
 
         BatchNorm follows ``method.momentum_batch_norm``: ``as_student`` normalises like the student's
         training forward (batch statistics unless the student's BatchNorm is frozen), ``running`` uses
@@ -534,7 +580,8 @@ class CPSL(Recipe):
 
         weak = target["image"]
         teacher = self._momentum_outputs(weak)
-        student = self.model(strong_view(weak, self.strong_view_augmentation) if options.strong_augmentation else weak)
+        strong, strong_records = self._strong_view(weak)
+        student = self.model(strong)
         grid = spatial_size(teacher.logits)
         inside = content_mask(target, grid)
 
@@ -569,7 +616,7 @@ class CPSL(Recipe):
             loss_target = self._target_loss(weak_output, view_labels)
             if options.contrastive_weight > 0 and self.head is not None and not losses.get("cutmix", 0) and self.bank.is_full:
                 losses["loss_contrast"] = self._contrastive_loss(weak_output.features, labels)
-        loss_reg = self._consistency_loss(teacher, student, inside, momentum_scores)
+        loss_reg = self._consistency_loss(*self._consistency_teacher(target, teacher, momentum_scores, strong_records, inside), student)
         loss = loss_source + cpsl_total_loss(loss_target, loss_sl, loss_reg, options.lambda1, options.lambda2)  # Eq. 14
         if "loss_contrast" in losses:  # the authors' extra term
             loss = loss + options.contrastive_weight * losses["loss_contrast"]
@@ -605,13 +652,94 @@ class CPSL(Recipe):
         assert isinstance(head, SelfLabelingHead)
         return head
 
+    def _strong_view(self, weak: torch.Tensor) -> tuple[torch.Tensor, list[list[Record]] | None]:
+        """The student's strong view of ``weak`` and, for ``method.strong_view=randaugment``, each image's records.
+
+        None: the view has the weak view's geometry (photometric, or 'w/o Aug'). The draws come from the
+        global torch RNG, as the other random choices of the step.
+        """
+        options = self.options
+        if not options.strong_augmentation:
+            return weak, None
+        if options.strong_view == "photometric":
+            return strong_view(weak, self.strong_view_augmentation), None
+        views = [self.randaugment({"image": image, "replay": []}) for image in weak]
+        records = [view["replay"] for view in views]
+        if options.randaugment_translate_quirk:
+            records = [translate_x_by_height(r) for r in records]
+        return torch.stack([view["image"] for view in views]), records
+
+    @torch.no_grad()
+    def _consistency_teacher(
+        self,
+        target: dict[str, Any],
+        teacher: SegOutput,
+        momentum_scores: torch.Tensor | None,
+        strong_records: list[list[Record]] | None,
+        inside: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The teacher's logits and prototype cosines for ``L_REG`` in the strong view's geometry, and where they hold.
+
+        ``consistency_teacher_view=weak``: the momentum outputs of the weak view (``teacher``,
+        ``momentum_scores``), replayed through the strong view's records. ``full_frame_replayed``: the
+        momentum network on the kept full frames, taken to the weak view by the records after their
+        :class:`~segadapt.data.transforms.FullFrameRecord` (the authors' ``full2weak``) and through the
+        strong view's (``label_strong_T``). The mask is False in crop padding, in what the strong
+        geometry brought in from outside and in the cut-out box.
+
+        Shape:
+            logits ``[N, K, h, w]``, cosines ``[N, K, h, w]`` or None, mask ``[N, h, w]`` on the student's grid.
+        """
+        grid = spatial_size(inside)
+        count = len(target["image"])
+        weak_records = target.get("replay") or [[] for _ in range(count)]
+        strong = strong_records or [[] for _ in range(count)]
+        logits, scores = teacher.logits, momentum_scores
+        if self.options.consistency_teacher_view == "full_frame_replayed":
+            if FULL_IMAGE_KEY not in target:
+                raise DataError(
+                    "method.consistency_teacher_view=full_frame_replayed needs the target stream's full frames "
+                    "(transform keep_full_frame, which the recipe's preparation adds to the target transforms)"
+                )
+            full = target[FULL_IMAGE_KEY]
+            records = [records_after_full_frame(w) + s for w, s in zip(weak_records, strong)]
+            device = target["image"].device
+            if isinstance(full, torch.Tensor):
+                batches = [(full.to(device), records)]
+            else:  # frames of different sizes: one forward each
+                batches = [(image[None].to(device), [r]) for image, r in zip(full, records)]
+            moved = [self._full_frame_teacher(images, r, grid, momentum_scores is not None) for images, r in batches]
+            logits = torch.cat([m[0] for m in moved])
+            scores = None if momentum_scores is None else torch.cat([m[1] for m in moved])  # type: ignore[misc]
+        elif strong_records is not None:
+            logits = to_augmented_view(strong, logits.float(), "soft", output_size=grid)
+            scores = None if scores is None else to_augmented_view(strong, scores.float(), "soft", output_size=grid)
+        if strong_records is None and self.options.consistency_teacher_view == "weak":
+            return logits, scores, inside
+        mask = content_mask({"image": target["image"], "replay": [w + s for w, s in zip(weak_records, strong)]}, grid)
+        return logits, scores, mask
+
+    def _full_frame_teacher(
+        self, images: torch.Tensor, records: list[list[Record]], grid: tuple[int, int], with_scores: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The momentum network's logits (and head cosines) on full frames ``images``, moved by ``records`` onto ``grid``."""
+        output = self._momentum_outputs(images)
+        logits = to_augmented_view(records, output.logits.float(), "soft", output_size=grid)
+        if not with_scores:
+            return logits, None
+        return logits, to_augmented_view(records, self._momentum_head()(output.features).float(), "soft", output_size=grid)
+
     def _consistency_loss(
-        self, teacher: SegOutput, student: SegOutput, inside: torch.Tensor, momentum_scores: torch.Tensor | None
+        self, teacher_logits: torch.Tensor, momentum_scores: torch.Tensor | None, inside: torch.Tensor, student: SegOutput
     ) -> torch.Tensor:
-        """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form on ``momentum_scores``."""
+        """``L_REG``: Eq. 13 on the segmentation probabilities, or the authors' prototype form on ``momentum_scores``.
+
+        ``teacher_logits``, ``momentum_scores`` and ``inside`` are in the student's view
+        (:meth:`_consistency_teacher`).
+        """
         reduction = self.options.consistency_reduction
         if self.options.consistency == "segmentation":
-            return symmetric_kl_consistency(teacher.logits, student.logits, inside, reduction)  # Eq. 13
+            return symmetric_kl_consistency(teacher_logits, student.logits, inside, reduction)  # Eq. 13
         assert momentum_scores is not None  # consistency=prototype requires self_labeling (_check_switches)
         # the momentum prototypes are a fixed target here: the gradient reaches the student's features only
         strong_scores = prototype_cosines(student.features, self._momentum_head().prototypes.detach())
