@@ -18,13 +18,15 @@ from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
 from segadapt.engine.recipes import cpsl as cpsl_recipe
 from segadapt.engine.recipes.adversarial import FCDiscriminator
+from segadapt.data.transforms import records_after_full_frame, to_augmented_view, valid_mask
+from segadapt.data.transforms.randaugment import GREY
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 from segadapt.methods import cpsl as cpsl_methods
 from segadapt.methods.cpsl import class_pixel_counts, cutmix, reverse_cross_entropy
 from segadapt.methods.ema import batch_norm_as
 
-from data_fixtures import FAST, TINY, tiny_args, tiny_config
+from data_fixtures import FAST, TINY, tiny_args, tiny_config, toy_overrides
 
 # crops inside the 32x64 tiny images: the small network's 8x16 output grid has 128 pixels
 CROP = ["data.train_transforms=[{name: random_crop, size: [32, 64]}, {name: random_horizontal_flip}]"]
@@ -603,3 +605,103 @@ def test_classes_the_warmup_never_predicts_get_the_configured_head_row(tmp_path:
     assert torch.allclose(norms[~unseen], torch.ones(int((~unseen).sum())))
     expected = torch.ones(int(unseen.sum())) if empty == "random" else torch.zeros(int(unseen.sum()))
     assert torch.allclose(norms[unseen], expected)
+
+
+# ------------------------------------------------------------------- strong view and consistency teacher (authors' code)
+
+
+@pytest.fixture(scope="module")
+def toy_warmup(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A source-only warm-up on the 5-class, ignore-7 toy data (not Cityscapes' label space)."""
+    out = tmp_path_factory.mktemp("toy_warmup")
+    assert main(["train", "benchmark/source_only", *toy_overrides(toy), f"output_dir={out}", "name=w"]) == 0
+    return out / "w" / "checkpoints" / "last.pt"
+
+
+def toy_step(toy: Path, warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, *extra: str):
+    """One CPSL step on the toy data with ``extra``; returns the recipe, its batches, the spy and the strong views it drew."""
+    overrides = [*toy_overrides(toy), f"model.checkpoint={warmup}", "method.pixels_per_image=8", "method.queue_size=64"]
+    trainer = Trainer(load_config("benchmark/cpsl", [*overrides, f"output_dir={tmp_path}", f"name={name}", *extra]))
+    recipe = trainer.recipe
+    batches = {k: next(loader) for k, loader in trainer._loaders().items()}
+    spy = Spy(monkeypatch)
+    drawn: list[tuple[torch.Tensor, Any]] = []
+    original = recipe._strong_view
+    monkeypatch.setattr(recipe, "_strong_view", lambda weak: drawn.append(original(weak)) or drawn[-1])
+    recipe.train()
+    torch.manual_seed(0)
+    losses = recipe.training_step(batches, 0)
+    return trainer, recipe, batches, spy, drawn[0], losses
+
+
+def test_randaugment_strong_view_replays_its_geometry_on_the_weak_teacher(
+    toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "ra", "method.strong_view=randaugment")
+    assert recipe.num_classes == 5 and recipe.ignore_index == 7
+    target = batches["target"]
+    weak = target["image"]
+    assert [r.name for r in records[0]][:3] == ["random_horizontal_flip", "gaussian_blur", "color_jitter"]
+    kl = spy.one("symmetric_kl_consistency")
+    grid = tuple(kl["strong"].shape[-2:])
+    with torch.no_grad():
+        teacher = recipe._momentum_outputs(weak).logits
+    expected = to_augmented_view(records, teacher.float(), "soft", output_size=grid)
+    assert torch.allclose(kl["weak"], expected, atol=1e-5)  # the weak teacher moved through the strong view's geometry
+    mask = torch.stack([valid_mask(w + s, w[0].input_size, grid) for w, s in zip(target["replay"], records)])
+    assert torch.equal(kl["mask"], mask)
+    for image, view_records, image_mask in zip(strong, records, mask):  # the cut-out box is grey and out of L_REG
+        top, left, height, width = view_records[-1].boxes[0]
+        assert (image[:, top : top + height, left : left + width] == GREY).all()
+        box = torch.zeros(weak.shape[-2:], dtype=torch.bool)
+        box[top : top + height, left : left + width] = True
+        covered = F.interpolate(box[None, None].float(), size=grid, mode="nearest-exact")[0, 0] > 0
+        assert not image_mask[covered].any()
+    assert math.isfinite(float(losses["loss_reg"]))
+    with pytest.raises(ConfigError, match="method.target_view=weak"):
+        Trainer(load_config("benchmark/cpsl", [*toy_overrides(toy), f"model.checkpoint={toy_warmup}", f"output_dir={tmp_path}",
+                                               "name=bad", "method.strong_view=randaugment", "method.target_view=strong"]))
+
+
+def test_full_frame_teacher_is_cropped_to_the_weak_view_and_replayed_onto_the_strong_one(
+    toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("method.strong_view=randaugment", "method.consistency_teacher_view=full_frame_replayed")
+    trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "full", *extra)
+    assert trainer.cfg.data.target_transforms[0] == {"name": "keep_full_frame"}  # no resize leads: the loaded frame
+    assert trainer.cfg.data.train_transforms == load_config("benchmark/cpsl", toy_overrides(toy)).data.train_transforms  # the source's own
+    target = batches["target"]
+    full = target["full_image"]
+    assert full.shape == (2, 3, 40, 56)  # the toy's whole frames, the weak views are 32x48 crops of them
+    kl = spy.one("symmetric_kl_consistency")
+    grid = tuple(kl["strong"].shape[-2:])
+    with torch.no_grad():
+        teacher = recipe._momentum_outputs(full).logits
+    chained = [records_after_full_frame(w) + s for w, s in zip(target["replay"], records)]
+    assert torch.allclose(kl["weak"], to_augmented_view(chained, teacher.float(), "soft", output_size=grid), atol=1e-5)
+    assert torch.equal(kl["mask"], torch.stack([valid_mask(w + s, w[1].input_size, grid) for w, s in zip(target["replay"], records)]))
+    # without a strong geometry the full-frame teacher is cropped to the weak view alone (full2weak)
+    trainer, recipe, batches, spy, (strong, records), _ = toy_step(
+        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.consistency_teacher_view=full_frame_replayed"
+    )
+    assert records is None
+    with torch.no_grad():
+        teacher = recipe._momentum_outputs(batches["target"]["full_image"]).logits
+    weak_only = [records_after_full_frame(w) for w in batches["target"]["replay"]]
+    kl = spy.one("symmetric_kl_consistency")
+    assert torch.allclose(kl["weak"], to_augmented_view(weak_only, teacher.float(), "soft", output_size=grid), atol=1e-5)
+
+
+def test_translate_quirk_changes_only_the_replayed_horizontal_shifts(toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, recipe, batches, *_ = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "quirk", "method.strong_view=randaugment")
+    weak = batches["target"]["image"]
+    for seed in range(200):  # a draw with a horizontal shift
+        torch.manual_seed(seed)
+        image, records = recipe._strong_view(weak)
+        if any(r.name == "translate_x" for view in records for r in view):
+            break
+    recipe.options = recipe.options.model_copy(update={"randaugment_translate_quirk": True})
+    torch.manual_seed(seed)
+    quirk_image, quirk_records = recipe._strong_view(weak)
+    assert torch.equal(quirk_image, image)  # the student's view is the same
+    assert quirk_records == [cpsl_methods.translate_x_by_height(view) for view in records] != records
