@@ -45,7 +45,10 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   DeepLab-V2); pixels outside the image (crop padding) are ignored.
 - The strong view is the weak view with colour jitter (0.4, p = 0.5) and Gaussian blur (sigma 1,
   p = 0.5), the photometric part of the authors' ``RandAugmentMC`` (:data:`~.common.CPSL_STRONG`);
-  geometry is unchanged, so no replay between views is needed. ``L^t_SEG`` trains on the weak view and
+  geometry is unchanged, so no replay between views is needed. ``method.strong_view=randaugment`` is
+  the whole of it (:class:`~segadapt.data.transforms.RandAugmentMC`), its recorded geometry replayed
+  on the teacher's output and its cut-out box masked; ``method.consistency_teacher_view=full_frame_replayed``
+  takes that teacher from the whole frame, as the authors' ``full2weak`` and ``label_strong_T``. ``L^t_SEG`` trains on the weak view and
   the strong view gets its own forward for the consistency, as the authors' code (``method.target_view``).
 - ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
   ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
