@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from segadapt.cli import main
 from segadapt.config import load_config
+from segadapt.data.transforms import records_after_full_frame, to_augmented_view, valid_mask
+from segadapt.data.transforms.randaugment import GREY
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
 from segadapt.engine.recipes import cpsl as cpsl_recipe
 from segadapt.engine.recipes.adversarial import FCDiscriminator
-from segadapt.data.transforms import records_after_full_frame, to_augmented_view, valid_mask
-from segadapt.data.transforms.randaugment import GREY
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 from segadapt.methods import cpsl as cpsl_methods
@@ -637,7 +637,8 @@ def toy_step(toy: Path, warmup: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_randaugment_strong_view_replays_its_geometry_on_the_weak_teacher(
     toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "ra", "method.strong_view=randaugment")
+    extra = ("method.strong_view=randaugment",)
+    trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "ra", *extra)
     assert recipe.num_classes == 5 and recipe.ignore_index == 7
     target = batches["target"]
     weak = target["image"]
@@ -692,7 +693,9 @@ def test_full_frame_teacher_is_cropped_to_the_weak_view_and_replayed_onto_the_st
     assert torch.allclose(kl["weak"], to_augmented_view(weak_only, teacher.float(), "soft", output_size=grid), atol=1e-5)
 
 
-def test_translate_quirk_changes_only_the_replayed_horizontal_shifts(toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_translate_quirk_changes_only_the_replayed_horizontal_shifts(
+    toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trainer, recipe, batches, *_ = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "quirk", "method.strong_view=randaugment")
     weak = batches["target"]["image"]
     for seed in range(200):  # a draw with a horizontal shift

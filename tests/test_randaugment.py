@@ -82,7 +82,9 @@ def test_photometric_ops_follow_pil_on_hand_made_images() -> None:
     assert torch.allclose(flat, flat.flatten()[0].expand_as(flat))
 
 
-@pytest.mark.parametrize("op, value", [("translate_x", 6), ("translate_x", -5), ("translate_y", 3), ("shear_x", 0.2), ("shear_y", -0.1), ("rotate", 27)])
+@pytest.mark.parametrize(
+    "op, value", [("translate_x", 6), ("translate_x", -5), ("translate_y", 3), ("shear_x", 0.2), ("shear_y", -0.1), ("rotate", 27)]
+)
 def test_recorded_geometry_moves_maps_as_pil_moves_the_image(op: str, value: float) -> None:
     """PIL's affine convention: output pixel centre (x + .5, y + .5) takes the input at the matrix's image of it."""
     height, width = 16, 24
@@ -179,7 +181,9 @@ def test_randaugment_draws_the_authors_steps_in_order() -> None:
         max_v, bias = RANDAUGMENT_OPS[op]
         assert all(min(abs(value - (v * max_v / 10 + bias)) for v in range(1, 10)) < 1e-9 for value in seen[op]), op
     assert seen["rotate"] <= {3.0 * v for v in range(1, 10)} and seen["posterize"] <= {4.0, 5.0, 6.0, 7.0}
-    assert seen["translate_x"] <= {float(int(v * 0.03 * 18)) for v in range(1, 10)} and seen["solarize"] <= {256.0 - int(v * 25.6) for v in range(1, 10)}
+    assert seen["translate_x"] <= {float(int(v * 0.03 * 18)) for v in range(1, 10)} and seen["solarize"] <= {
+        256.0 - int(v * 25.6) for v in range(1, 10)
+    }
 
 
 def test_kept_full_frame_and_the_records_after_it_rebuild_the_view() -> None:

@@ -222,18 +222,27 @@ def apply_op(sample: Sample, op: str, value: float | None, ignore_index: int = I
     return _with_record(sample, EnhanceRecord(op, None if value is None else float(value)), image=changed)
 
 
-def cutout_box(height: int, width: int, side: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """The authors' ``CutoutAbs`` box ``(top, left, height, width)``: a square of ``side`` about a uniform centre.
+def cutout_square(x: float, y: float, height: int, width: int, side: int) -> tuple[int, int, int, int]:
+    """The authors' ``CutoutAbs`` box ``(top, left, height, width)`` of ``side`` about the centre ``(x, y)``.
 
-    The centre ``(x, y)`` is uniform over the image; the corner ``max(0, int(centre - side / 2))``; the
-    far corner ``min(size, corner + side)``, drawn by PIL inclusive of its last row and column, so the
-    box is ``side + 1`` pixels unless the image border cuts it.
+    The corner is ``max(0, int(centre - side / 2))``, the far corner ``min(size, corner + side)``, drawn
+    by PIL inclusive of its last row and column, so the box is ``side + 1`` pixels unless the image
+    border cuts it.
+
+    Examples:
+        >>> cutout_square(10.0, 5.0, 24, 40, 8), cutout_square(39.0, 23.5, 24, 40, 8)
+        ((1, 6, 9, 9), (19, 35, 5, 5))
     """
-    x = _uniform(0.0, float(width), generator)
-    y = _uniform(0.0, float(height), generator)
     left, top = int(max(0.0, x - side / 2.0)), int(max(0.0, y - side / 2.0))
     right, bottom = min(width, left + side), min(height, top + side)
     return top, left, min(bottom, height - 1) - top + 1, min(right, width - 1) - left + 1
+
+
+def cutout_box(height: int, width: int, side: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """:func:`cutout_square` about a centre drawn uniformly over the image (``x`` first, as the authors)."""
+    x = _uniform(0.0, float(width), generator)
+    y = _uniform(0.0, float(height), generator)
+    return cutout_square(x, y, height, width, side)
 
 
 def apply_cutout(sample: Sample, box: tuple[int, int, int, int]) -> Sample:
