@@ -62,6 +62,7 @@ from segadapt.engine.recipes.cpsl import INIT_FILE
 from segadapt.engine.schedule import build_scheduler
 from segadapt.engine.trainer import Trainer
 from segadapt.methods.ema import ModelEMA
+from segadapt.models import set_activation_checkpointing
 
 IGNORE_INDEX = CITYSCAPES_CLASSES.ignore_index  # the synthetic labels' (random crops have none)
 
@@ -91,6 +92,7 @@ def build_recipe(config: str, overrides: list[str], run_dir: Path, num_classes: 
     cfg = load_config(config, common)
     cls = recipe_class(cfg.recipe)
     model = build_model(cfg.model.model_copy(update={"checkpoint": None}), num_classes).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as the trainer: before the recipe copies it
     if cls.name == "cpsl":  # what CPSL.prepare would compute from the warm-up, with random values
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
