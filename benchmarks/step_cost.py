@@ -35,9 +35,9 @@ and without ``train.stream_backward`` (the source terms back-propagated before t
 ``--checkpointing off on`` does the same for ``train.activation_checkpointing`` (the encoder's blocks recomputed in
 backward); docs/RESULTS.md section 11 measures MIC(HRDA) and MIC(DAFormer) on MiT-B5 so::
 
-    python benchmarks/step_cost.py --threads 1 --warmup 1 --steps 1 --size 256 256 --batch 1 --amp off bf16 \
+    python benchmarks/step_cost.py --threads 1 --warmup 1 --steps 1 --batch 1 --size 256 256 --amp off \
         --stream-backward off on --checkpointing off on --configs gta5_to_cityscapes/mic_hrda \
-        --set model.options.detail_crop_size=[128,128] method.feature_distance_weight=0
+        --set "model.options.detail_crop_size=[128,128]"
 """
 
 from __future__ import annotations
