@@ -21,7 +21,9 @@ MIC(DAFormer) (MiT-B5, 512x512), HRDA and MIC(HRDA) have entries too; while a co
 version (HRDA's, today) its entries are listed as skipped ("recipe not in this version"), and they are measured by the same
 entry once their packaged configs exist. The ratios that decide design questions are computed in the
 same run and printed beside the figures: CPSL / ST step time, per-stream backward on / off peak memory,
-bf16 / fp32 step time, MIC(HRDA) / DAFormer step time and memory, compiled / eager step time.
+bf16 / fp32 step time, MIC(HRDA) / DAFormer step time and memory, compiled / eager step time. MIC(HRDA) and
+MIC(DAFormer) are measured with ``train.activation_checkpointing`` too (fp32 and bf16, per-stream backward on and
+off: the memory goals of docs/RESULTS.md section 11), with the checkpointing on / off peak-memory ratio.
 
 The run stops by a deadline (``--deadline-s``, default 7 minutes): a measurement that would start
 after it, or a training measurement still running at it, is skipped with the reason, as are those
@@ -83,6 +85,7 @@ NOT_IN_VERSION = "recipe not in this version"
 ONE_GRAPH = "one backward per step in this recipe (it back-propagates no stream early): off is the same step as on"
 PSEUDO_LABEL_CONFIG = "gta5_to_cityscapes/dars_td"  # DARS-TD's pseudo-label settings: 1024x512 input, flip, two passes
 COMPILED_RECIPE = "source_only"
+CHECKPOINTED_RECIPES = ("mic_daformer", "mic_hrda")  # measured with train.activation_checkpointing too (docs/RESULTS.md section 11)
 UNITS = {"ms_per_step": ("ms", 1), "peak_memory_gib": ("GiB", 2)}  # a ratio's field -> unit and digits of its figures
 
 
@@ -234,12 +237,14 @@ class Measurement:
 # ----------------------------------------------------------------------------- the measurements
 
 
-def train_params(entry: TrainEntry, profile: Profile, amp: str, stream_backward: bool, compiled: bool) -> dict[str, Any]:
+def train_params(
+    entry: TrainEntry, profile: Profile, amp: str, stream_backward: bool, compiled: bool, checkpointing: bool = False
+) -> dict[str, Any]:
     """The settings of a training measurement; network and batch come from the config (None when it is absent)."""
     params: dict[str, Any] = {
         "recipe": entry.label, "config": entry.config, "network": None, "batch": profile.batch,
         "crop": [side // profile.crop_divisor for side in entry.crop], "amp": amp,
-        "stream_backward": stream_backward, "compile": compiled,
+        "stream_backward": stream_backward, "compile": compiled, "activation_checkpointing": checkpointing,
     }  # fmt: skip
     if entry.available():
         params["network"], batch = network_and_batch(entry.config, profile.train_overrides[entry.family])
@@ -247,13 +252,16 @@ def train_params(entry: TrainEntry, profile: Profile, amp: str, stream_backward:
     return params
 
 
-def train_step(entry: TrainEntry, amp: str, stream_backward: bool, compiled: bool, ctx: Context) -> dict[str, Any]:
+def train_step(
+    entry: TrainEntry, amp: str, stream_backward: bool, compiled: bool, checkpointing: bool, ctx: Context
+) -> dict[str, Any]:
     """Median ms per trainer step, peak memory and first-step seconds of ``entry`` (``benchmarks/step_cost.py``)."""
     profile = ctx.profile
-    params = train_params(entry, profile, amp, stream_backward, compiled)
+    params = train_params(entry, profile, amp, stream_backward, compiled, checkpointing)
     overrides = [
         *profile.train_overrides[entry.family], *(entry.smoke if profile.tiny else ()),
         f"train.amp={AMPS[amp]}", f"train.stream_backward={str(stream_backward).lower()}", f"train.compile={str(compiled).lower()}",
+        f"train.activation_checkpointing={str(checkpointing).lower()}",
     ]  # fmt: skip
     steps = profile.warmup + profile.steps
     cost = measure_steps(
@@ -324,15 +332,19 @@ def sinkhorn_cost(ctx: Context) -> dict[str, Any]:
     return {"ms": {name: 1000 * seconds for name, seconds in median.items()}}
 
 
-def train_id(entry: TrainEntry, amp: str, stream_backward: bool, compiled: bool = False) -> str:
-    return f"train/{entry.key}/{amp}/" + ("compiled" if compiled else f"stream-backward-{'on' if stream_backward else 'off'}")
+def train_id(entry: TrainEntry, amp: str, stream_backward: bool, compiled: bool = False, checkpointing: bool = False) -> str:
+    suffix = "compiled" if compiled else f"stream-backward-{'on' if stream_backward else 'off'}"
+    return f"train/{entry.key}/{amp}/{suffix}" + ("-checkpointing" if checkpointing else "")
 
 
-def train_measurement(entry: TrainEntry, profile: Profile, amp: str, stream_backward: bool, compiled: bool = False) -> Measurement:
-    blocked = None if stream_backward else partial(one_graph, train_id(entry, amp, True))
-    params = train_params(entry, profile, amp, stream_backward, compiled)
+def train_measurement(
+    entry: TrainEntry, profile: Profile, amp: str, stream_backward: bool, compiled: bool = False, checkpointing: bool = False
+) -> Measurement:
+    blocked = None if stream_backward else partial(one_graph, train_id(entry, amp, True, checkpointing=checkpointing))
+    params = train_params(entry, profile, amp, stream_backward, compiled, checkpointing)
     return Measurement(
-        train_id(entry, amp, stream_backward, compiled), "train", params, partial(train_step, entry, amp, stream_backward, compiled),
+        train_id(entry, amp, stream_backward, compiled, checkpointing), "train", params,
+        partial(train_step, entry, amp, stream_backward, compiled, checkpointing),
         missing=None if entry.available() else NOT_IN_VERSION, blocked=blocked, needs_s=profile.compile_needs_s if compiled else 0.0,
     )
 
@@ -350,6 +362,9 @@ def plan(profile: Profile) -> list[Measurement]:
         Measurement("sinkhorn/cpsl", "sinkhorn", {"rows": sinkhorn_rows(), "classes": len(CITYSCAPES_R)}, sinkhorn_cost),
         *(train_measurement(entry, profile, "fp32", True) for entry in entries),
         *(train_measurement(entry, profile, "bf16", True) for entry in entries),
+        # the memory goals (MIC(HRDA) in 24 GB, MIC(DAFormer) in 12 GB): the encoder recomputed in backward
+        *(train_measurement(entry, profile, amp, stream_backward, checkpointing=True)
+          for entry in entries if entry.key in CHECKPOINTED_RECIPES for amp in AMPS for stream_backward in (True, False)),
         *(train_measurement(entry, profile, "fp32", False) for entry in entries),
         *evals,
         Measurement("pseudo_label/deeplab", "pseudo_label", {"network": profile.eval_networks["deeplab"][0], "config": PSEUDO_LABEL_CONFIG,
@@ -404,6 +419,11 @@ def ratios() -> list[Ratio]:
         Ratio(f"MIC(HRDA) / DAFormer {what}, fp32", train_id(entry["mic_hrda"], "fp32", True), train_id(entry["daformer"], "fp32", True), value)
         for what, value in (("step time", "ms_per_step"), ("peak memory", "peak_memory_gib"))
     ]
+    rows += [
+        Ratio(f"activation checkpointing on / off peak memory, {entry[key].label}, {amp}", train_id(entry[key], amp, True, checkpointing=True),
+              train_id(entry[key], amp, True), "peak_memory_gib")
+        for key in CHECKPOINTED_RECIPES for amp in AMPS
+    ]  # fmt: skip
     compiled = entry[COMPILED_RECIPE]
     rows.append(Ratio(f"compiled / eager step time, {compiled.label}, fp32", train_id(compiled, "fp32", True, compiled=True),
                       train_id(compiled, "fp32", True), "ms_per_step"))  # fmt: skip
@@ -488,7 +508,8 @@ def figures(ratio: dict[str, Any]) -> str:
 def train_rows(m: Measurement) -> list[list[str]]:
     p, r = m.params, m.result or {}
     backward = "compiled" if p["compile"] else ("on" if p["stream_backward"] else "off")
-    return [[p["recipe"], p["network"] or "-", "x".join(map(str, p["crop"][::-1])), str(p["batch"] or "-"), p["amp"], backward,
+    recomputed = "on" if p.get("activation_checkpointing") else "off"
+    return [[p["recipe"], p["network"] or "-", "x".join(map(str, p["crop"][::-1])), str(p["batch"] or "-"), p["amp"], backward, recomputed,
              number(r.get("ms_per_step")), number(r.get("peak_memory_gib"), 2), number(r.get("first_step_s"))]]  # fmt: skip
 
 
@@ -510,7 +531,8 @@ def sinkhorn_rows_md(m: Measurement) -> list[list[str]]:
 
 TABLES: dict[str, tuple[str, list[str], Callable[[Measurement], list[list[str]]]]] = {
     "train": ("Training steps (median after warm-up)",
-              ["recipe", "network", "crop WxH", "batch/stream", "amp", "per-stream backward", "ms/step", "peak GiB", "first step s"], train_rows),
+              ["recipe", "network", "crop WxH", "batch/stream", "amp", "per-stream backward", "checkpointing", "ms/step", "peak GiB",
+               "first step s"], train_rows),
     "eval": ("Evaluation throughput", ["network", "amp", "case", "images/s", "peak GiB"], eval_rows),
     "pseudo_label": ("Pseudo-label pass (both passes, PNGs written)",
                      ["network", "images", "size WxH", "seconds", "images/s", f"projected {PSEUDO_LABEL_IMAGES} images, s"], pseudo_label_rows),

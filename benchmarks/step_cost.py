@@ -31,6 +31,13 @@ and without ``train.stream_backward`` (the source terms back-propagated before t
 
     python benchmarks/step_cost.py --configs benchmark/source_only benchmark/dacs benchmark/cpsl \
         benchmark/cpsl_distill benchmark/adversarial_warmup --stream-backward off on --threads 1
+
+``--checkpointing off on`` does the same for ``train.activation_checkpointing`` (the encoder's blocks recomputed in
+backward); docs/RESULTS.md section 11 measures MIC(HRDA) and MIC(DAFormer) on MiT-B5 so::
+
+    python benchmarks/step_cost.py --threads 1 --warmup 1 --steps 1 --batch 1 --size 256 256 --amp off \
+        --stream-backward off on --checkpointing off on --configs gta5_to_cityscapes/mic_hrda \
+        --set "model.options.detail_crop_size=[128,128]"
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from segadapt.engine.recipes.cpsl import INIT_FILE
 from segadapt.engine.schedule import build_scheduler
 from segadapt.engine.trainer import Trainer
 from segadapt.methods.ema import ModelEMA
+from segadapt.models import set_activation_checkpointing
 
 IGNORE_INDEX = CITYSCAPES_CLASSES.ignore_index  # the synthetic labels' (random crops have none)
 
@@ -91,6 +99,7 @@ def build_recipe(config: str, overrides: list[str], run_dir: Path, num_classes: 
     cfg = load_config(config, common)
     cls = recipe_class(cfg.recipe)
     model = build_model(cfg.model.model_copy(update={"checkpoint": None}), num_classes).to(device)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)  # as the trainer: before the recipe copies it
     if cls.name == "cpsl":  # what CPSL.prepare would compute from the warm-up, with random values
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
@@ -224,10 +233,13 @@ def measure_steps(
 
 def time_steps(
     config: str, args: argparse.Namespace, amp: str, device: torch.device, workdir: Path, stream_backward: bool = True,
-    compiled: bool = False,
+    compiled: bool = False, checkpointing: bool = False,
 ) -> tuple[float, float | None, float]:
     """Median seconds per step after warm-up, the peak memory of the timed steps (GiB) and the first step's seconds."""
-    overrides = [*args.set, f"train.amp={amp}", f"train.stream_backward={str(stream_backward).lower()}", f"train.compile={str(compiled).lower()}"]
+    overrides = [
+        *args.set, f"train.amp={amp}", f"train.stream_backward={str(stream_backward).lower()}", f"train.compile={str(compiled).lower()}",
+        f"train.activation_checkpointing={str(checkpointing).lower()}",
+    ]  # fmt: skip
     cost = measure_steps(
         config, overrides, tuple(args.size), args.batch, args.num_classes, device, workdir / amp, args.warmup, args.steps
     )
@@ -257,6 +269,8 @@ def main() -> None:
     parser.add_argument("--stream-backward", nargs="+", default=["on"], choices=["on", "off"],
                         help="train.stream_backward: back-propagate the source terms before the target graph (on, the default)")
     parser.add_argument("--compile", nargs="+", default=["off"], choices=["on", "off"], help="train.compile: torch.compile the network")
+    parser.add_argument("--checkpointing", nargs="+", default=["off"], choices=["on", "off"],
+                        help="train.activation_checkpointing: recompute the encoder's blocks in backward")
     args = parser.parse_args()
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc keeps freed blocks for reuse, so resident memory would only ever grow; with every large
@@ -271,23 +285,26 @@ def main() -> None:
     print(f"# {name}; torch {torch.__version__}; {datetime.date.today()}; crops {args.size[0]}x{args.size[1]}, batch {args.batch} per stream")
     print(f"# overrides: {' '.join(args.set) or 'none'}")
     memory_kind = "GPU allocated" if device.type == "cuda" else "CPU resident growth"
-    print(f"| config | amp | stream backward | compile | ms/step | x first config | first step (s) | peak memory, {memory_kind} (GiB) |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print(
+        f"| config | amp | stream backward | compile | checkpointing | ms/step | x first config | first step (s) | peak memory, {memory_kind} (GiB) |"
+    )
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for amp in args.amp:
             baseline = None
             for config in args.configs:
-                for mode in args.stream_backward:
-                    for compiled in args.compile:
-                        seconds, peak, first = time_steps(
-                            config, args, amp, device, Path(tmp), stream_backward=mode == "on", compiled=compiled == "on"
-                        )
-                        baseline = baseline or seconds
-                        memory = f"{peak:.2f}" if peak is not None else "-"
-                        print(
-                            f"| {config} | {amp} | {mode} | {compiled} | {1000 * seconds:.1f} | {seconds / baseline:.2f} | {first:.1f} | {memory} |",
-                            flush=True,
-                        )
+                for mode, compiled, recomputed in itertools.product(args.stream_backward, args.compile, args.checkpointing):
+                    seconds, peak, first = time_steps(
+                        config, args, amp, device, Path(tmp), stream_backward=mode == "on", compiled=compiled == "on",
+                        checkpointing=recomputed == "on",
+                    )  # fmt: skip
+                    baseline = baseline or seconds
+                    memory = f"{peak:.2f}" if peak is not None else "-"
+                    print(
+                        f"| {config} | {amp} | {mode} | {compiled} | {recomputed} | {1000 * seconds:.1f} | {seconds / baseline:.2f}"
+                        f" | {first:.1f} | {memory} |",
+                        flush=True,
+                    )
     sys.stdout.flush()
 
 

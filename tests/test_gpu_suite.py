@@ -32,8 +32,12 @@ STREAMED = ["st", "dars_td", "cpsl", "dacs_blv", "daformer", "mic_daformer", "hr
 # (self-training forwards its labelled and pseudo-labelled batches separately, as the DARS code: method.batch_norm=separate)
 
 
+CHECKPOINTED = ["mic_daformer", "mic_hrda"]  # also measured with train.activation_checkpointing (the memory goals)
+
+
 def expected_ids() -> set[str]:
     train = {f"train/{r}/{amp}/stream-backward-{sb}" for r in RECIPES for amp in ("fp32", "bf16") for sb in ("on", "off")}
+    train |= {f"train/{r}/{amp}/stream-backward-{sb}-checkpointing" for r in CHECKPOINTED for amp in ("fp32", "bf16") for sb in ("on", "off")}
     evals = {f"eval/{family}/{amp}" for family in ("deeplab", "mit") for amp in ("fp32", "bf16")}
     return train | evals | {"train/source_only/fp32/compiled", "pseudo_label/deeplab", "sinkhorn/cpsl"}
 
@@ -89,6 +93,9 @@ def test_smoke_training_records_are_typed_and_detect_per_stream_backward(smoke: 
     assert measurements["train/mic_hrda/fp32/stream-backward-on"]["params"]["crop"] == [128, 128]
     assert measurements["train/mic_hrda/fp32/stream-backward-on"]["params"]["network"] == "hrda_daformer_mitb0"
     assert measurements["train/source_only/fp32/compiled"]["params"]["compile"] is True
+    recomputed = measurements["train/mic_hrda/bf16/stream-backward-off-checkpointing"]["params"]
+    assert (recomputed["activation_checkpointing"], recomputed["stream_backward"], recomputed["amp"]) == (True, False, "bf16")
+    assert measurements["train/mic_hrda/bf16/stream-backward-off"]["params"]["activation_checkpointing"] is False
 
 
 def test_smoke_inference_pseudo_labels_and_sinkhorn_records(smoke: tuple[Path, dict[str, Any], str]) -> None:
@@ -133,6 +140,10 @@ def test_smoke_environment_and_ratios(smoke: tuple[Path, dict[str, Any], str]) -
     per_stream = ratios["per-stream backward on / off peak memory, DACS + BLV, fp32"]
     assert per_stream["value"] is not None or per_stream["note"] == "n/a (peak_memory_gib zero or not measured)"
     assert ratios["compiled / eager step time, source-only, fp32"]["value"] > 0
+    recomputed = ratios["activation checkpointing on / off peak memory, MIC(HRDA), bf16"]
+    assert (recomputed["numerator"], recomputed["denominator"]) == (
+        "train/mic_hrda/bf16/stream-backward-on-checkpointing", "train/mic_hrda/bf16/stream-backward-on"
+    )
     for r in doc["ratios"]:
         assert (r["value"] is None) != (r["note"] is None), r
 
@@ -149,7 +160,8 @@ def test_smoke_markdown_is_written_and_printed(smoke: tuple[Path, dict[str, Any]
     assert "| MIC(HRDA) / DAFormer step time, fp32 | n/a (skipped) |" not in text
     assert "recipe not in this version" not in text
     measured_train = [m for m in doc["measurements"] if m["kind"] == "train" and m["status"] == "measured"]
-    assert len(measured_train) == 10 + 10 + 8 + 8 + 1  # fp32 and bf16 with per-stream backward, off where it differs, compiled
+    # fp32 and bf16 with per-stream backward, off where it differs, compiled, and MIC's two with checkpointing
+    assert len(measured_train) == 10 + 10 + 8 + 8 + 1 + 8
     assert sum(line.startswith(("| source-only |", "| CPSL stage 1 |", "| DAFormer |", "| ST |")) for line in text.splitlines()) == 3 + 4 + 4 + 4
     assert "Not run yet" not in text
     assert printed.endswith(f"{text}\nwrote {output} and {output.with_suffix('.md')}\n")

@@ -223,6 +223,12 @@ class TrainConfig(_Strict):
         description="two-stream recipes back-propagate the source terms before building the target graph "
         "(same gradients, the peak memory of one stream)",
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute the encoder's blocks (MiT transformer blocks, ResNet bottlenecks) in backward instead of "
+        "keeping their activations: same gradients, less memory, about one more encoder forward per step "
+        "(docs/training.md)",
+    )
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over all processes' batches (SyncBatchNorm)"
     )

@@ -19,7 +19,7 @@ from .recipes.base import parse_options
 
 APPLIED_ON_RESUME = (
     "train.iters", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.threads",
-    "train.compile", "train.channels_last", "train.stream_backward", "train.sync_bn",
+    "train.compile", "train.channels_last", "train.stream_backward", "train.activation_checkpointing", "train.sync_bn",
     "eval", "data.num_workers", "data.val_batch_size", "device", "deterministic", "rounds",
     "name", "output_dir",
 )  # fmt: skip

@@ -26,6 +26,7 @@ from ..data.label_ids import check_label_ids
 from ..data.transforms import crop_and_largest_view
 from ..errors import CheckpointError, ConfigError, SegadaptError, writing
 from ..methods.ema import ModelEMA
+from ..models.checkpointing import set_activation_checkpointing
 from ..progress import write as write_line
 from . import distributed
 from .builders import (
@@ -160,6 +161,8 @@ class Trainer:
         if cfg.train.channels_last:
             # Module.to(memory_format=...) exists (it is documented); torch's stubs list only its other overloads
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # before the recipe copies the network (its EMA teacher runs without gradients, so it never recomputes)
+        set_activation_checkpointing(model, cfg.train.activation_checkpointing)
         loss = build_seg_loss(cfg.loss, ignore_index=self.classes.ignore_index, run=cfg, num_classes=self.num_classes, log=self.log)
         self.recipe: Recipe = self.recipe_class(cfg, model, loss, self.classes).to(self.device)
         if cfg.train.compile:

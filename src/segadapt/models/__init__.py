@@ -33,6 +33,7 @@ from .base import (
     SegOutput,
     check_num_classes,
 )
+from .checkpointing import set_activation_checkpointing
 from .daformer import (
     DAFormer,
     DAFormerHead,
@@ -194,4 +195,5 @@ __all__ = [
     "param_groups",
     "pspnet_output_size",
     "read_state_dict",
+    "set_activation_checkpointing",
 ]

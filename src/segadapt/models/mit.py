@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import CheckpointableBlocks, run_block
+
 BLOCK_NORM_EPS = 1e-6
 """LayerNorm epsilon in the blocks and after each stage (SegFormer's ``mit_b*`` presets); the
 patch embeddings and the key/value reduction keep PyTorch's default 1e-5."""
@@ -228,7 +230,7 @@ def init_mit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class MixTransformer(nn.Module):
+class MixTransformer(nn.Module, CheckpointableBlocks):
     """SegFormer's hierarchical Mix Transformer encoder (Xie et al., SegFormer, NeurIPS 2021).
 
     Args:
@@ -239,6 +241,8 @@ class MixTransformer(nn.Module):
 
     Attributes:
         embed_dims: the channels ``C_1..C_4`` of the four returned maps.
+        activation_checkpointing: recompute each transformer block in backward instead of keeping its
+            activations (``train.activation_checkpointing``; :mod:`segadapt.models.checkpointing`).
 
     Shape:
         - input: ``[N, 3, H, W]``, already normalised
@@ -286,10 +290,13 @@ class MixTransformer(nn.Module):
             embed, blocks, norm = self.stage(index)
             tokens, height, width = embed(x)
             for block in blocks:
-                tokens = block(tokens, height, width)
+                tokens = run_block(block, tokens, height, width, checkpointed=self.activation_checkpointing)
             x = tokens_to_map(norm(tokens), height, width)
             maps.append(x)
         return maps
+
+    def checkpointable_blocks(self) -> int:
+        return sum(self.config.depths)
 
     def _check_size(self, x: torch.Tensor) -> None:
         height, width = x.shape[-2:]

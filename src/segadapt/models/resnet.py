@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .checkpointing import CheckpointableBlocks, run_block
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 RESNET101_BLOCKS = (3, 4, 23, 3)
@@ -113,6 +114,22 @@ class Bottleneck(nn.Module):
         return self.relu(out + residual)
 
 
+class ResNetStage(nn.Sequential, CheckpointableBlocks):
+    """One ResNet stage: its bottlenecks in order (an ``nn.Sequential``, same state-dict keys).
+
+    With ``activation_checkpointing`` on, each bottleneck is recomputed in backward
+    (:mod:`segadapt.models.checkpointing`; BatchNorm's running statistics are updated once).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = run_block(block, x, checkpointed=self.activation_checkpointing)
+        return x
+
+    def checkpointable_blocks(self) -> int:
+        return len(self)
+
+
 def make_resnet_stage(
     block: type[CaffeBottleneck | Bottleneck],
     in_channels: int,
@@ -120,7 +137,7 @@ def make_resnet_stage(
     blocks: int,
     stride: int = 1,
     dilation: int = 1,
-) -> nn.Sequential:
+) -> ResNetStage:
     """One ResNet stage of ``blocks`` bottlenecks; its first block always gets a projection shortcut.
 
     The references create the projection whenever the stride, width or dilation changes;
@@ -153,7 +170,7 @@ def make_resnet_stage(
     )
     layers = [block(in_channels, planes, stride, dilation, downsample)]
     layers += [block(out_channels, planes, dilation=dilation) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
+    return ResNetStage(*layers)
 
 
 def deep_stem() -> nn.Sequential:
