@@ -17,9 +17,8 @@ measures, each by a fixed step count,
   settings (``benchmarks/pseudo_label_memory.py``'s images);
 - Sinkhorn at CPSL's size (bank plus batch pixels; ``benchmarks/sinkhorn_benchmark.py``).
 
-MIC(DAFormer) (MiT-B5, 512x512), HRDA and MIC(HRDA) have entries too; while a config is not in the installed
-version (HRDA's, today) its entries are listed as skipped ("recipe not in this version"), and they are measured by the same
-entry once their packaged configs exist. The ratios that decide design questions are computed in the
+MIC(DAFormer) (MiT-B5, 512x512), HRDA and MIC(HRDA) (MiT-B5, 1024x1024) have entries too; an entry whose config is
+not in the installed version (an older segadapt) is listed as skipped ("recipe not in this version"). The ratios that decide design questions are computed in the
 same run and printed beside the figures: CPSL / ST step time, per-stream backward on / off peak memory,
 bf16 / fp32 step time, MIC(HRDA) / DAFormer step time and memory, compiled / eager step time. MIC(HRDA) and
 MIC(DAFormer) are measured with ``train.activation_checkpointing`` too (fp32 and bf16, per-stream backward on and
