@@ -18,11 +18,12 @@ measures, each by a fixed step count,
 - Sinkhorn at CPSL's size (bank plus batch pixels; ``benchmarks/sinkhorn_benchmark.py``).
 
 MIC(DAFormer) (MiT-B5, 512x512), HRDA and MIC(HRDA) (MiT-B5, 1024x1024) have entries too; an entry whose config is
-not in the installed version (an older segadapt) is listed as skipped ("recipe not in this version"). The ratios that decide design questions are computed in the
-same run and printed beside the figures: CPSL / ST step time, per-stream backward on / off peak memory,
-bf16 / fp32 step time, MIC(HRDA) / DAFormer step time and memory, compiled / eager step time. MIC(HRDA) and
-MIC(DAFormer) are measured with ``train.activation_checkpointing`` too (fp32 and bf16, per-stream backward on and
-off: the memory goals of docs/RESULTS.md section 11), with the checkpointing on / off peak-memory ratio.
+not in the installed version (an older segadapt) is listed as skipped ("recipe not in this version").
+The ratios that decide design questions are computed in the same run and printed beside the figures:
+CPSL / ST step time, per-stream backward on / off peak memory, bf16 / fp32 step time, MIC(HRDA) / DAFormer
+step time and memory, compiled / eager step time. MIC(HRDA) and MIC(DAFormer) are measured with
+``train.activation_checkpointing`` too (fp32 and bf16, per-stream backward on and off: the memory goals of
+docs/RESULTS.md section 11), with the checkpointing on / off peak-memory ratio.
 
 The run stops by a deadline (``--deadline-s``, default 7 minutes): a measurement that would start
 after it, or a training measurement still running at it, is skipped with the reason, as are those
