@@ -50,19 +50,20 @@ def warmup_mitb0(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def recipe_overrides(config: str, warmup: Path, warmup_mitb0: Path) -> list[str]:
     extra = []
+    host = config.removeprefix("mic_")  # MIC on a recipe starts as the recipe does
     if config in WARMED_UP_MITB0:
         extra.append(f"model.checkpoint={warmup_mitb0}")
     if "daformer" in config or "hrda" in config:  # the toy data's thing classes (the configs name Cityscapes'), and its small images
         extra += ["method.feature_distance_classes=[car,sign]", "method.rare_class_min_pixels=10"]
     if "hrda" in config:  # HRDA's context view of a MiT network needs sides of 58 (MiT: 29 at half scale)
         extra += ["data.crop_size=[64,96]", "eval.size=[64,96]", "pseudo_label.size=[64,96]", "model.options.detail_crop_size=[32,48]"]
-    if config in WARMED_UP or config.startswith("cpsl") and config not in DISTILLED:
+    if host in WARMED_UP or host.startswith("cpsl") and host not in DISTILLED:
         extra.append(f"model.checkpoint={warmup}")
     if config in DISTILLED:
         extra.append(f"method.teacher={warmup}")
-    if config.startswith("cpsl") and config not in DISTILLED:
+    if host.startswith("cpsl") and host not in DISTILLED:
         extra += ["method.pixels_per_image=8", "method.queue_size=64"]  # the 4x6 output grid of a 32x48 crop
-    if config in ("dars_td", "dars_paper"):
+    if host in ("dars_td", "dars_paper"):
         extra.append("pseudo_label.given_distribution=[40,20,30,8,2]")
     return extra
 
