@@ -699,11 +699,11 @@ class CPSL(Recipe):
             )
         full, device = target[FULL_IMAGE_KEY], target["image"].device
         records = [records_after_full_frame(r) for r in target["replay"]]
+        frames: SegOutput | None = None
         if isinstance(full, torch.Tensor):
-            frames: SegOutput | None = self._momentum_outputs(full.to(device))
+            frames = self._momentum_outputs(full.to(device))
             parts = [(frames, records)]
         else:  # frames of different sizes: one forward each
-            frames = None
             parts = [(self._momentum_outputs(image[None].to(device)), [r]) for image, r in zip(full, records)]
         logits = torch.cat([to_augmented_view(r, out.logits.float(), "soft", output_size=grid) for out, r in parts])
         features = torch.cat([to_augmented_view(r, out.features.float(), "soft", output_size=grid) for out, r in parts])
