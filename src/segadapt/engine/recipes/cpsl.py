@@ -37,7 +37,7 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
 - The momentum network and head predict on the weak view, with dropout off. The authors run ``f'_SEG``
   on the whole un-augmented frame instead and move its features into the crop (``full2weak``) for
   rectification and the consistency, and sample L_SL's pixels from the whole frame:
-  ``method.teacher_view=full_frame`` does all of it (:meth:`CPSL._teacher_outputs`). Their BatchNorm follows
+  ``method.teacher_view=full_frame`` does all of it (:meth:`CPSL._full_frame_teacher`). Their BatchNorm follows
   ``method.momentum_batch_norm``: ``as_student`` (default) uses batch statistics wherever the student
   does, like the authors' train-mode teacher; ``running`` uses the running statistics copied from
   the student (eval mode). See docs/reference_code.md, "CPSL: momentum network and views".
@@ -586,10 +586,13 @@ class CPSL(Recipe):
         loss_source = self.backward_now(self.supervised_loss(source_output, source["label"]))
 
         weak = target["image"]
+        teacher = self._momentum_outputs(weak) if options.teacher_view == "weak" else None
         strong, strong_records = self._strong_view(weak)
         student = self.model(strong)
         grid = spatial_size(student.logits)
-        teacher, frames = self._teacher_outputs(target, grid)
+        frames = None
+        if teacher is None:  # the full frames' teacher, moved onto the student's grid
+            teacher, frames = self._full_frame_teacher(target, grid)
         inside = content_mask(target, grid)
 
         if options.self_training:
@@ -677,11 +680,11 @@ class CPSL(Recipe):
         return torch.stack([view["image"] for view in views]), records
 
     @torch.no_grad()
-    def _teacher_outputs(self, target: dict[str, Any], grid: tuple[int, int]) -> tuple[SegOutput, SegOutput | None]:
-        """The momentum network's output in the weak view on ``grid``, and its output on the whole frames (or None).
+    def _full_frame_teacher(self, target: dict[str, Any], grid: tuple[int, int]) -> tuple[SegOutput, SegOutput | None]:
+        """The momentum network's output in the weak view on ``grid`` from the full frames, and its output on them (or None).
 
-        ``method.teacher_view=weak``: ``f'_SEG`` on the weak view. ``full_frame`` (the authors' code): ``f'_SEG``
-        on the kept full frames (their ``img_full``) instead, its logits and features moved into the weak view
+        ``method.teacher_view=full_frame`` (the authors' code): ``f'_SEG`` on the kept full frames (their
+        ``img_full``) in place of the weak view, its logits and features moved into the weak view
         by the records after the :class:`~segadapt.data.transforms.FullFrameRecord` (their ``full2weak``, which
         moves the features before the cosines to the prototypes are taken); the whole-frame output is returned
         too, for the ``shared_uniform`` L_SL sampling of the whole frame. Frames of different sizes go through
@@ -690,8 +693,6 @@ class CPSL(Recipe):
         Shape:
             weak-view logits ``[N, K, *grid]`` and features ``[N, D, *grid]``; whole frames at the network's stride.
         """
-        if self.options.teacher_view == "weak":
-            return self._momentum_outputs(target["image"]), None
         if FULL_IMAGE_KEY not in target:
             raise DataError(
                 "method.teacher_view=full_frame needs the target stream's full frames "
@@ -720,7 +721,7 @@ class CPSL(Recipe):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The teacher's logits and prototype cosines for ``L_REG`` in the strong view's geometry, and where they hold.
 
-        The weak-view teacher (``teacher`` and ``momentum_scores``, from :meth:`_teacher_outputs`) replayed
+        The weak-view teacher (``teacher`` and ``momentum_scores``: the weak view's, or :meth:`_full_frame_teacher`) replayed
         through the strong view's records (the authors' ``label_strong_T``). The mask is False in crop
         padding, in what the strong geometry brought in from outside and in the cut-out box.
 
