@@ -23,7 +23,7 @@ from segadapt.engine.recipes.adversarial import FCDiscriminator
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
 from segadapt.methods import cpsl as cpsl_methods
-from segadapt.methods.cpsl import class_pixel_counts, cutmix, reverse_cross_entropy
+from segadapt.methods.cpsl import class_pixel_counts, cutmix, gather_pixel_features, reverse_cross_entropy
 from segadapt.methods.ema import batch_norm_as
 
 from data_fixtures import FAST, TINY, tiny_args, tiny_config, toy_overrides
@@ -664,10 +664,16 @@ def test_randaugment_strong_view_replays_its_geometry_on_the_weak_teacher(
                                                "name=bad", "method.strong_view=randaugment", "method.target_view=strong"]))
 
 
-def test_full_frame_teacher_is_cropped_to_the_weak_view_and_replayed_onto_the_strong_one(
+def test_full_frame_teacher_serves_rectification_sampling_and_the_consistency(
     toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = ("method.strong_view=randaugment", "method.consistency_teacher_view=full_frame_replayed")
+    """``method.teacher_view=full_frame``: the momentum network sees the whole frame once, and every use takes it from there.
+
+    Its features moved into the weak crop (full2weak) give the Eq. 1 cosines and the class-balanced L_SL
+    pixels; its logits moved into the crop and then through the strong view's geometry are the consistency
+    teacher; with shared_uniform sampling L_SL's pixels come from the whole frame's map.
+    """
+    extra = ("method.strong_view=randaugment", "method.teacher_view=full_frame")
     trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "full", *extra)
     assert trainer.cfg.data.target_transforms[0] == {"name": "keep_full_frame"}  # no resize leads: the loaded frame
     assert trainer.cfg.data.train_transforms == load_config("benchmark/cpsl", toy_overrides(toy)).data.train_transforms  # the source's own
@@ -677,20 +683,39 @@ def test_full_frame_teacher_is_cropped_to_the_weak_view_and_replayed_onto_the_st
     kl = spy.one("symmetric_kl_consistency")
     grid = tuple(kl["strong"].shape[-2:])
     with torch.no_grad():
-        teacher = recipe._momentum_outputs(full).logits
-    chained = [records_after_full_frame(w) + s for w, s in zip(target["replay"], records)]
-    assert torch.allclose(kl["weak"], to_augmented_view(chained, teacher.float(), "soft", output_size=grid), atol=1e-5)
+        frames = recipe._momentum_outputs(full)
+        weak_only = [records_after_full_frame(w) for w in target["replay"]]
+        logits = to_augmented_view(weak_only, frames.logits.float(), "soft", output_size=grid)
+        features = to_augmented_view(weak_only, frames.features.float(), "soft", output_size=grid)
+        cosines = recipe._momentum_head()(features)
+    rectify = spy.one("rectify_pseudo_labels")
+    assert torch.allclose(rectify["scores"], cosines, atol=1e-5)  # Eq. 1 with the moved features' cosines
+    sampled = spy.one("sample_pixels")["result"]
+    assert torch.allclose(spy.one("online_self_labeling_loss")["features"], gather_pixel_features(features, sampled).flatten(0, 1), atol=1e-5)
+    assert torch.allclose(kl["weak"], to_augmented_view(records, logits, "soft", output_size=grid), atol=1e-5)
     assert torch.equal(kl["mask"], torch.stack([valid_mask(w + s, w[1].input_size, grid) for w, s in zip(target["replay"], records)]))
-    # without a strong geometry the full-frame teacher is cropped to the weak view alone (full2weak)
+    # without a strong geometry the full-frame teacher is the weak crop's (full2weak alone)
     trainer, recipe, batches, spy, (strong, records), _ = toy_step(
-        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.consistency_teacher_view=full_frame_replayed"
+        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.teacher_view=full_frame"
     )
     assert records is None
     with torch.no_grad():
-        teacher = recipe._momentum_outputs(batches["target"]["full_image"]).logits
+        frames = recipe._momentum_outputs(batches["target"]["full_image"])
     weak_only = [records_after_full_frame(w) for w in batches["target"]["replay"]]
     kl = spy.one("symmetric_kl_consistency")
-    assert torch.allclose(kl["weak"], to_augmented_view(weak_only, teacher.float(), "soft", output_size=grid), atol=1e-5)
+    assert torch.allclose(kl["weak"], to_augmented_view(weak_only, frames.logits.float(), "soft", output_size=grid), atol=1e-5)
+    # shared_uniform sampling takes L_SL's pixels from the whole frame's grid, as the authors' feat_SL
+    drawn: list[torch.Tensor] = []
+    original = cpsl_recipe.shared_uniform_pixels
+    monkeypatch.setattr(cpsl_recipe, "shared_uniform_pixels", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    trainer, recipe, batches, spy, _, _ = toy_step(
+        toy, toy_warmup, tmp_path, monkeypatch, "full_shared", "method.teacher_view=full_frame", "method.pixel_sampling=shared_uniform"
+    )
+    with torch.no_grad():
+        frames = recipe._momentum_outputs(batches["target"]["full_image"])
+    assert drawn[0].max() < frames.features.shape[-2] * frames.features.shape[-1]
+    expected = gather_pixel_features(frames.features.float(), drawn[0]).flatten(0, 1)
+    assert torch.allclose(spy.one("online_self_labeling_loss")["features"], expected, atol=1e-5)
 
 
 def test_translate_quirk_changes_only_the_replayed_horizontal_shifts(

@@ -1,6 +1,6 @@
 """One CPSL stage-1 training step replayed against the authors' code (issue 28, step parity).
 
-``tests/fixtures/parity/cpsl_step{,_queue,_nomix,_contrast}.pt`` each hold one step of lslrh/CPSL's ``CustomModel.step``
+``tests/fixtures/parity/cpsl_step{,_queue,_nomix,_contrast,_geometry}.pt`` each hold one step of lslrh/CPSL's ``CustomModel.step``
 (``models/adaptation_modelv2.py`` at 5ab8e14) under the README's stage-1 command, on a tiny network
 (256-channel features at stride 4, the code's hard-coded width) and a batch of two 32 x 48 source
 and target images, five classes: the start weights of the student and the EMA network, the
@@ -18,19 +18,41 @@ term on the momentum logits, one Sinkhorn per image, one sampling permutation fo
 prototype-cosine consistency ``KL(teacher || student)`` divided by K, the contrastive term against
 the bank, the total, the gradient of every network parameter and of the prototypes, and the banks
 after a step from full queues. segadapt's options are set to the authors' values
-(:data:`AUTHORS_STEP`). What it does not cover, because the fixture's step makes them no-ops or
-the test injects them: the strong view's RandAugment (the recorded strong image is given to
-segadapt's step; its geometry, cutout and their replay onto the teacher are absent), the full-frame
-teacher and ``full2weak`` (the weak view is the full frame), the queues (empty, as in the first
-64 iterations) in two of the steps, the warm-up's soft labels (the
+(:data:`AUTHORS_STEP`). In the first four steps the weak view is the full frame and the strong view a
+recorded photometric change of it (given to segadapt's step in place of its own), so ``full2weak`` and
+``label_strong_T`` are identities there.
+
+The fifth, ``cpsl_step_geometry.pt``, has the geometry (options :data:`GEOMETRY_STEP`, the authors'
+values): the momentum network sees the 40 x 80 full frames, and the weak views are 24 x 48 crops of
+them, one flipped; the strong views are the authors' ``RandAugmentMC(2, 10)`` of the weak ones, whose
+draws (flip, blur and jitter coins, operations, magnitudes, apply and sign coins, cut-out centre) are
+handed to segadapt's :class:`~segadapt.data.transforms.RandAugmentMC` (:class:`AuthorsRandAugment`), so
+segadapt makes the strong view and its records itself (the images agree on every 8-bit level). The
+full-frame teacher moved into the crops (``full2weak``) rectifies the labels, its whole-frame map gives
+``L_SL``'s pixels, and its cosines replayed through the strong views' flip, shift and cut-out
+(``label_strong_T``, ``TranslateX`` normalised by the height: ``randaugment_translate_quirk``) are the
+consistency teacher. The draws keep the step off segadapt's documented departures, which are therefore
+not options: the frames are not rescaled (``RandomSized`` at the frame's size: segadapt resizes soft maps
+with half-pixel, antialiased bilinear where ``full2weak`` uses ``align_corners=True``), each strong view
+has one geometric operation (the authors replay operations in a fixed order and keep one draw of an
+operation drawn twice), the shifts move the stride-4 teacher map by whole pixels (segadapt resamples it
+bilinearly where the authors take the nearest value; both are exact on whole-pixel shifts, not on shears
+or rotations), the crops and cut-out corners lie on multiples of 4 (the authors' ``y0 // 4 : y1 // 4``
+cut-out mask at stride 4 is one row and column short of segadapt's nearest resize of PIL's inclusive box,
+unless the corners are multiples of 4) and no blur or colour jitter is drawn (PIL's on 8-bit against
+segadapt's float maths; the operations drawn, shifts, solarize and posterize, agree exactly).
+
+What no step covers, because the test injects it: the warm-up's soft labels (the
 file the authors read is given to segadapt in place of its online warm-up forward), the
-optimiser update and the EMA updates after the step.
+optimiser update and the EMA updates after the step; the queues are empty (as in the first
+64 iterations) in three of the steps.
 
 Tolerance: 1e-5 relative, per tensor, against the largest magnitude of the authors' tensor.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,13 +64,17 @@ import torch.nn.functional as F
 import segadapt.engine.recipes.cpsl as cpsl_recipe
 from segadapt.config import load_config
 from segadapt.data.classes import ClassInfo
+from segadapt.data.transforms import CropRecord, FlipRecord, FullFrameRecord
+from segadapt.data.transforms import geometry as geometry_transforms
+from segadapt.data.transforms import photometric as photometric_transforms
+from segadapt.data.transforms import randaugment as randaugment_transforms
 from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.cpsl import CPSL
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
 from step_parity import assert_close, load_step
 
-STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt", "cpsl_step_nomix.pt", "cpsl_step_contrast.pt"]
+STEPS = ["cpsl_step.pt", "cpsl_step_queue.pt", "cpsl_step_nomix.pt", "cpsl_step_contrast.pt", "cpsl_step_geometry.pt"]
 AUTHORS_STEP = [  # the authors' value of every option of the step (README stage 1, parser_train.py defaults)
     "method.lambda1=0.1",
     "method.lambda2=5",
@@ -75,6 +101,50 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (README stage
     "method.source_align_corners=true",
     "method.cutmix_label_sampling=top_left",
 ]
+
+GEOMETRY_STEP = [  # the authors' strong view and full-frame teacher, for the step that has their geometry
+    "method.strong_view=randaugment",
+    "method.teacher_view=full_frame",
+    "method.randaugment_translate_quirk=true",
+]
+
+
+class AuthorsRandAugment:
+    """The authors' recorded ``RandAugmentMC`` draws, handed to segadapt's at the point where it draws each.
+
+    Per image, in segadapt's order: the flip coin (``geometry``), the blur and jitter coins
+    (``photometric``), then per operation its index in the pool, its magnitude, its apply coin and (when
+    applied) its sign coin (``randaugment``), then the cut-out centre ``x``, ``y``. Every call checks that
+    segadapt asks for what the authors drew.
+    """
+
+    def __init__(self, draws: list[dict[str, Any]]) -> None:
+        self.flips = [d["flip"] for d in draws]
+        self.photometric = [coin for d in draws for coin in (d["blur"], d["jitter"])]
+        pool = list(randaugment_transforms.RANDAUGMENT_OPS)
+        self.integers: list[tuple[int, int]] = []  # (bound, value)
+        self.coins: list[bool] = []
+        self.uniforms: list[float] = []
+        for d in draws:
+            for name, magnitude, applied, negative in d["ops"]:
+                self.integers += [(len(pool) - 1, pool.index(re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower())), (8, magnitude - 1)]
+                self.coins += [applied, negative] if applied else [applied]
+            self.uniforms += list(d["cutout_centre"])
+
+    def randint(self, high_inclusive: int, generator: torch.Generator | None) -> int:
+        bound, value = self.integers.pop(0)
+        assert high_inclusive == bound, f"segadapt draws from 0..{high_inclusive}, the authors' draw was from 0..{bound}"
+        return value
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(geometry_transforms, "_coin", lambda p, generator: self.flips.pop(0))
+        monkeypatch.setattr(photometric_transforms, "_coin", lambda p, generator: self.photometric.pop(0))
+        monkeypatch.setattr(randaugment_transforms, "_coin", lambda p, generator: self.coins.pop(0))
+        monkeypatch.setattr(randaugment_transforms, "_randint", self.randint)
+        monkeypatch.setattr(randaugment_transforms, "_uniform", lambda low, high, generator: self.uniforms.pop(0))
+
+    def all_used(self) -> bool:
+        return not (self.flips or self.photometric or self.integers or self.coins or self.uniforms)
 
 
 class TinyNet(SegmentationModel, EncoderDecoder):
@@ -132,7 +202,8 @@ def replay_recipe(fixture: dict[str, Any], tmp_path: Path, *overrides: str) -> C
     num_classes, ignore_index = fixture["num_classes"], fixture["ignore_index"]
     cfg = load_config(None, [
         "recipe=cpsl", f"output_dir={tmp_path}", "name=run", f"method.pixels_per_image={fixture['opt']['fbs']}",
-        f"method.queue_size={len(fixture['queue_start']) if 'queue_start' in fixture else 1024}", *AUTHORS_STEP, *overrides,
+        f"method.queue_size={len(fixture['queue_start']) if 'queue_start' in fixture else 1024}", *AUTHORS_STEP,
+        *(GEOMETRY_STEP if "full_images" in fixture else []), *overrides,
     ])  # fmt: skip
     cfg.run_dir.mkdir(parents=True)
     # the Eq. 7/10 file prepare() writes: the prototypes and the class distribution r (the authors' class_distribution.npy)
@@ -165,9 +236,12 @@ def run_step(recipe: CPSL, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
         top, left, bottom, right = fixture["cutmix_box"]  # the authors' rows bbx1:bbx2, columns bby1:bby2
         monkeypatch.setattr(cpsl_recipe, "cutmix_box", lambda height, width, *a, **k: (top, left, bottom, right))
     permutation = fixture["sampling_permutation"]
-    monkeypatch.setattr(
-        cpsl_recipe, "shared_uniform_pixels", lambda n, pixels, m, *a, **k: permutation[:m].unsqueeze(0).expand(n, -1).clone()
-    )
+
+    def shared_uniform_pixels(n: int, pixels: int, m: int, *a: Any, **k: Any) -> torch.Tensor:
+        assert pixels == permutation.numel(), f"segadapt samples {pixels} pixels, the authors' code {permutation.numel()} (the whole frame's)"
+        return permutation[:m].unsqueeze(0).expand(n, -1).clone()
+
+    monkeypatch.setattr(cpsl_recipe, "shared_uniform_pixels", shared_uniform_pixels)
     monkeypatch.setattr(CPSL, "_warmup_probabilities", lambda self, weak: fixture["soft_pseudo_labels_quarter"].clone())
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = CPSL._target_loss
@@ -177,12 +251,27 @@ def run_step(recipe: CPSL, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPa
         return original(self, output, labels)
 
     monkeypatch.setattr(CPSL, "_target_loss", target_loss)
-    batches = {
-        "source": {"image": fixture["source_images"], "label": fixture["source_labels"]},
-        "target": {"image": fixture["target_images"]},
-    }
+    target: dict[str, Any] = {"image": fixture["target_images"]}
+    draws = None
+    if "full_images" in fixture:  # the loader's full frames and the weak views' records; the authors' RandAugment draws
+        full = fixture["full_images"]
+        height, width = fixture["target_images"].shape[-2:]
+        target |= {"full_image": full, "replay": [
+            [FullFrameRecord(tuple(full.shape[-2:])), CropRecord(tuple(full.shape[-2:]), top, left, height, width), FlipRecord((height, width), flip)]
+            for top, left, flip in fixture["crops"]
+        ]}  # fmt: skip
+        draws = AuthorsRandAugment(fixture["randaugment_draws"])
+        draws.install(monkeypatch)
+        made: list[tuple[torch.Tensor, Any]] = []
+        original_strong_view = recipe._strong_view
+        monkeypatch.setattr(recipe, "_strong_view", lambda weak: made.append(original_strong_view(weak)) or made[-1])
+    batches = {"source": {"image": fixture["source_images"], "label": fixture["source_labels"]}, "target": target}
     losses = recipe.training_step(batches, 1)
     assert not orders, "the authors' step drew more contrastive permutations"
+    if draws is not None:
+        assert draws.all_used(), "segadapt's RandAugmentMC drew less than the authors'"
+        ((strong, _),) = made  # segadapt's strong views: the authors' on every 8-bit level
+        assert torch.equal((strong * 255).round(), (fixture["strong_images"] * 255).round())
     losses["loss"].backward()
     return losses, seen
 
@@ -276,3 +365,24 @@ def test_the_contrastive_step_tells_the_bank_labels_apart(tmp_path: Path, monkey
     recipe = replay_recipe(fixture, tmp_path, "method.contrastive_bank_labels=sampled")
     losses, _ = run_step(recipe, fixture, monkeypatch)
     assert (losses["loss_contrast"] - fixture["loss_contrast"]).abs().item() > 1e-3 * fixture["loss_contrast"].item()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "moved"),
+    [
+        (("method.randaugment_translate_quirk=false",), ("loss_reg",)),
+        (("method.teacher_view=weak", "method.pixel_sampling=class_balanced"), ("loss_target", "loss_reg")),
+    ],
+)
+def test_the_geometry_step_tells_the_teacher_options_apart(
+    overrides: tuple[str, ...], moved: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's own horizontal shift replayed on the teacher moves L_REG (measured 0.11, gradients 0.45); the
+    momentum network on the weak crop instead of the full frame moves the rectified labels and L_REG (measured 9e-3
+    and 3e-2; its L_SL pixels come from the crop, so the sampling is class-balanced there)."""
+    fixture = load_step("cpsl_step_geometry.pt")
+    recipe = replay_recipe(fixture, tmp_path, *overrides)
+    losses, _ = run_step(recipe, fixture, monkeypatch)
+    departures = relative_departures(recipe, losses, fixture)
+    assert all(departures[term] > 1e-3 for term in moved), departures
+    assert max(value for name, value in departures.items() if not name.startswith("loss")) > 1e-2

@@ -470,7 +470,7 @@ class KeepFullFrame:
     Put before the random geometry, it keeps the un-augmented frame a teacher can see whole while
     the student sees the crop (CPSL's ``img_full``); the records after its :class:`~.records.FullFrameRecord`
     take that frame to the view (:func:`records_after_full_frame`). Recipe ``cpsl`` inserts it itself
-    where ``method.consistency_teacher_view=full_frame_replayed`` needs it.
+    where ``method.teacher_view=full_frame`` needs it.
     """
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:

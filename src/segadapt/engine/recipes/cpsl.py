@@ -34,8 +34,10 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   (less context) but needs no disk and is aligned with the view by construction. The copy is a
   :class:`~.common.FrozenNetwork`, not saved in checkpoints: it is rebuilt from ``model.checkpoint``
   on every start.
-- The momentum network and head predict on the weak view (the authors run ``f'_SEG`` on the whole
-  un-augmented image and crop its output, ``full2weak``), with dropout off. Their BatchNorm follows
+- The momentum network and head predict on the weak view, with dropout off. The authors run ``f'_SEG``
+  on the whole un-augmented frame instead and move its features into the crop (``full2weak``) for
+  rectification and the consistency, and sample L_SL's pixels from the whole frame:
+  ``method.teacher_view=full_frame`` does all of it (:meth:`CPSL._full_frame_teacher`). Their BatchNorm follows
   ``method.momentum_batch_norm``: ``as_student`` (default) uses batch statistics wherever the student
   does, like the authors' train-mode teacher; ``running`` uses the running statistics copied from
   the student (eval mode). See docs/reference_code.md, "CPSL: momentum network and views".
@@ -47,9 +49,9 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   p = 0.5), the photometric part of the authors' ``RandAugmentMC`` (:data:`~.common.CPSL_STRONG`);
   geometry is unchanged, so no replay between views is needed. ``method.strong_view=randaugment`` is
   the whole of it (:class:`~segadapt.data.transforms.RandAugmentMC`), its recorded geometry replayed
-  on the teacher's output and its cut-out box masked; ``method.consistency_teacher_view=full_frame_replayed``
-  takes that teacher from the whole frame, as the authors' ``full2weak`` and ``label_strong_T``. ``L^t_SEG`` trains on the weak view and
-  the strong view gets its own forward for the consistency, as the authors' code (``method.target_view``).
+  on the teacher's output and its cut-out box masked (the authors' ``label_strong_T``). ``L^t_SEG`` trains on
+  the weak view and the strong view gets its own forward for the consistency, as the authors' code
+  (``method.target_view``).
 - ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
   ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
   authors' code does. A class the warm-up never predicts starts with ``r_k = 0``.
@@ -184,11 +186,13 @@ class CPSLOptions(BaseModel):
         "translations and rotation among them) and a grey cut-out box; its geometry is replayed on the teacher's output "
         "and the cut-out and brought-in pixels are left out of L_REG (needs target_view=weak)",
     )
-    consistency_teacher_view: Literal["weak", "full_frame_replayed"] = Field(
+    teacher_view: Literal["weak", "full_frame"] = Field(
         "weak",
-        description="what the momentum network sees for L_REG: the weak crop, or (the authors' code) the whole un-augmented "
-        "target frame (the view after the target transforms' leading resize), its output then cropped to the weak view "
-        "(full2weak) and replayed through the strong view's geometry; one more no-grad forward of the full frame per step",
+        description="what the momentum network sees: the weak crop, or (the authors' code) the whole un-augmented target "
+        "frame (the view after the target transforms' leading resize) in place of it, for every use of the momentum "
+        "network: its features and logits moved into the weak crop (full2weak) for Eq. 1 rectification, for the "
+        "consistency teacher (then through the strong view's geometry) and for class-balanced L_SL sampling, and its "
+        "whole-frame map for shared_uniform L_SL sampling, as the authors sample it",
     )
     randaugment_translate_quirk: bool = Field(
         False,
@@ -463,7 +467,7 @@ class CPSL(Recipe):
             )
         path = run_dir / INIT_FILE
         reuse_or_make(path, warmup_statistics_key(cfg), lambda: atomic_save(warmup_statistics(cfg, log), path), log, "cpsl: warm-up statistics")
-        if options.consistency_teacher_view == "full_frame_replayed":
+        if options.teacher_view == "full_frame":
             cfg = with_full_frame(cfg)
         return cfg
 
@@ -582,10 +586,13 @@ class CPSL(Recipe):
         loss_source = self.backward_now(self.supervised_loss(source_output, source["label"]))
 
         weak = target["image"]
-        teacher = self._momentum_outputs(weak)
+        teacher = self._momentum_outputs(weak) if options.teacher_view == "weak" else None
         strong, strong_records = self._strong_view(weak)
         student = self.model(strong)
-        grid = spatial_size(teacher.logits)
+        grid = spatial_size(student.logits)
+        frames = None
+        if teacher is None:  # the full frames' teacher, moved onto the student's grid
+            teacher, frames = self._full_frame_teacher(target, grid)
         inside = content_mask(target, grid)
 
         if options.self_training:
@@ -598,7 +605,7 @@ class CPSL(Recipe):
             with torch.no_grad():
                 momentum_scores = self._momentum_head()(teacher.features)
                 labels = rectify_pseudo_labels(soft, momentum_scores, options.tau, self.ignore_index)  # Eq. 1
-            loss_sl = self._self_labeling_loss(labels, teacher, student.features)
+            loss_sl = self._self_labeling_loss(labels, teacher, student.features, frames)
             if options.self_training:
                 changed = (labels != soft.argmax(dim=1)) & inside
                 losses["rectified_fraction"] = changed.sum() / inside.sum().clamp_min(1)
@@ -673,6 +680,37 @@ class CPSL(Recipe):
         return torch.stack([view["image"] for view in views]), records
 
     @torch.no_grad()
+    def _full_frame_teacher(self, target: dict[str, Any], grid: tuple[int, int]) -> tuple[SegOutput, SegOutput | None]:
+        """The momentum network's output in the weak view on ``grid`` from the full frames, and its output on them (or None).
+
+        ``method.teacher_view=full_frame`` (the authors' code): ``f'_SEG`` on the kept full frames (their
+        ``img_full``) in place of the weak view, its logits and features moved into the weak view
+        by the records after the :class:`~segadapt.data.transforms.FullFrameRecord` (their ``full2weak``, which
+        moves the features before the cosines to the prototypes are taken); the whole-frame output is returned
+        too, for the ``shared_uniform`` L_SL sampling of the whole frame. Frames of different sizes go through
+        the network one by one and have no whole-frame batch (None).
+
+        Shape:
+            weak-view logits ``[N, K, *grid]`` and features ``[N, D, *grid]``; whole frames at the network's stride.
+        """
+        if FULL_IMAGE_KEY not in target:
+            raise DataError(
+                "method.teacher_view=full_frame needs the target stream's full frames "
+                "(transform keep_full_frame, which the recipe's preparation adds to the target transforms)"
+            )
+        full, device = target[FULL_IMAGE_KEY], target["image"].device
+        records = [records_after_full_frame(r) for r in target["replay"]]
+        frames: SegOutput | None = None
+        if isinstance(full, torch.Tensor):
+            frames = self._momentum_outputs(full.to(device))
+            parts = [(frames, records)]
+        else:  # frames of different sizes: one forward each
+            parts = [(self._momentum_outputs(image[None].to(device)), [r]) for image, r in zip(full, records)]
+        logits = torch.cat([to_augmented_view(r, out.logits.float(), "soft", output_size=grid) for out, r in parts])
+        features = torch.cat([to_augmented_view(r, out.features.float(), "soft", output_size=grid) for out, r in parts])
+        return SegOutput(logits, features), frames
+
+    @torch.no_grad()
     def _consistency_teacher(
         self,
         target: dict[str, Any],
@@ -683,54 +721,21 @@ class CPSL(Recipe):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The teacher's logits and prototype cosines for ``L_REG`` in the strong view's geometry, and where they hold.
 
-        ``consistency_teacher_view=weak``: the momentum outputs of the weak view (``teacher``,
-        ``momentum_scores``), replayed through the strong view's records. ``full_frame_replayed``: the
-        momentum network on the kept full frames, taken to the weak view by the records after their
-        :class:`~segadapt.data.transforms.FullFrameRecord` (the authors' ``full2weak``) and through the
-        strong view's (``label_strong_T``). The mask is False in crop padding, in what the strong
-        geometry brought in from outside and in the cut-out box.
+        The weak-view teacher (``teacher`` and ``momentum_scores``: the weak view's, or :meth:`_full_frame_teacher`) replayed
+        through the strong view's records (the authors' ``label_strong_T``). The mask is False in crop
+        padding, in what the strong geometry brought in from outside and in the cut-out box.
 
         Shape:
             logits ``[N, K, h, w]``, cosines ``[N, K, h, w]`` or None, mask ``[N, h, w]`` on the student's grid.
         """
+        if strong_records is None:
+            return teacher.logits, momentum_scores, inside
         grid = spatial_size(inside)
-        count = len(target["image"])
-        weak_records = target.get("replay") or [[] for _ in range(count)]
-        strong = strong_records or [[] for _ in range(count)]
-        logits, scores = teacher.logits, momentum_scores
-        if self.options.consistency_teacher_view == "full_frame_replayed":
-            if FULL_IMAGE_KEY not in target:
-                raise DataError(
-                    "method.consistency_teacher_view=full_frame_replayed needs the target stream's full frames "
-                    "(transform keep_full_frame, which the recipe's preparation adds to the target transforms)"
-                )
-            full = target[FULL_IMAGE_KEY]
-            records = [records_after_full_frame(w) + s for w, s in zip(weak_records, strong)]
-            device = target["image"].device
-            if isinstance(full, torch.Tensor):
-                batches = [(full.to(device), records)]
-            else:  # frames of different sizes: one forward each
-                batches = [(image[None].to(device), [r]) for image, r in zip(full, records)]
-            moved = [self._full_frame_teacher(images, r, grid, momentum_scores is not None) for images, r in batches]
-            logits = torch.cat([m[0] for m in moved])
-            scores = None if momentum_scores is None else torch.cat([m[1] for m in moved])  # type: ignore[misc]
-        elif strong_records is not None:
-            logits = to_augmented_view(strong, logits.float(), "soft", output_size=grid)
-            scores = None if scores is None else to_augmented_view(strong, scores.float(), "soft", output_size=grid)
-        if strong_records is None and self.options.consistency_teacher_view == "weak":
-            return logits, scores, inside
-        mask = content_mask({"image": target["image"], "replay": [w + s for w, s in zip(weak_records, strong)]}, grid)
+        logits = to_augmented_view(strong_records, teacher.logits.float(), "soft", output_size=grid)
+        scores = None if momentum_scores is None else to_augmented_view(strong_records, momentum_scores.float(), "soft", output_size=grid)
+        weak_records = target.get("replay") or [[] for _ in strong_records]
+        mask = content_mask({"image": target["image"], "replay": [w + s for w, s in zip(weak_records, strong_records)]}, grid)
         return logits, scores, mask
-
-    def _full_frame_teacher(
-        self, images: torch.Tensor, records: list[list[Record]], grid: tuple[int, int], with_scores: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The momentum network's logits (and head cosines) on full frames ``images``, moved by ``records`` onto ``grid``."""
-        output = self._momentum_outputs(images)
-        logits = to_augmented_view(records, output.logits.float(), "soft", output_size=grid)
-        if not with_scores:
-            return logits, None
-        return logits, to_augmented_view(records, self._momentum_head()(output.features).float(), "soft", output_size=grid)
 
     def _consistency_loss(
         self, teacher_logits: torch.Tensor, momentum_scores: torch.Tensor | None, inside: torch.Tensor, student: SegOutput
@@ -757,18 +762,34 @@ class CPSL(Recipe):
             terms.append(bank_contrastive_loss(pixels[order], image_labels.flatten()[order], self.bank.features, self.bank_labels, self.options.tau))
         return torch.stack(terms).mean()
 
-    def _self_labeling_loss(self, labels: torch.Tensor, teacher: SegOutput, student_features: torch.Tensor) -> torch.Tensor:
+    def _self_labeling_loss(
+        self, labels: torch.Tensor, teacher: SegOutput, student_features: torch.Tensor, frames: SegOutput | None = None
+    ) -> torch.Tensor:
         """Eq. 8-9 sampling, Eq. 4-6/12 loss over ``[bank; batch]``, then the bank and Eq. 11 updates.
 
         With ``method.output_self_labeling`` the authors' second term on the momentum logits is added.
+        The pixels come from the weak view's momentum map ``teacher``; with ``method.teacher_view=full_frame``
+        and ``shared_uniform`` sampling of the momentum features, from the whole frames' map ``frames``, as the
+        authors sample it (their ``feat_SL``, ``out_SL``). The labels stored for the contrastive term are then
+        the authors' ``threshold_SL``: the weak view's labels stretched onto the frame's grid (nearest), which
+        do not belong to the frame's pixels.
         """
         options = self.options
         assert self.head is not None
-        pixels_on_grid = labels.shape[1] * labels.shape[2]
+        source = teacher
+        if options.teacher_view == "full_frame" and options.pixel_sampling == "shared_uniform" and options.sl_through_ema_features_only:
+            if frames is None:
+                raise DataError(
+                    "method.teacher_view=full_frame with method.pixel_sampling=shared_uniform samples L_SL's pixels from the "
+                    "whole frames, which must share one size; resize the target frames to one size or use class_balanced"
+                )
+            source = frames
+        grid = spatial_size(source.features)
+        pixels_on_grid = grid[0] * grid[1]
         if options.pixels_per_image > pixels_on_grid:
             raise ConfigError(
                 f"method.pixels_per_image={options.pixels_per_image} exceeds the {pixels_on_grid} pixels of the network's "
-                f"{tuple(labels.shape[1:])} output grid for these crops; lower it or use larger crops"
+                f"{grid} output grid for these crops; lower it or use larger crops"
             )
         if options.pixel_sampling == "shared_uniform":
             indices = shared_uniform_pixels(labels.shape[0], pixels_on_grid, options.pixels_per_image).to(labels.device)
@@ -776,11 +797,13 @@ class CPSL(Recipe):
             indices = sample_pixels(
                 labels, options.pixels_per_image, self.num_classes, class_balanced=options.class_balanced, ignore_index=self.ignore_index
             )
-        features = teacher.features if options.sl_through_ema_features_only else student_features
+        features = source.features if options.sl_through_ema_features_only else student_features
         pixels = gather_pixel_features(features, indices).float()  # [N, M, D]
         marginal = self.class_distribution.distribution if options.class_balanced else None  # None: equipartition
         solve = (marginal, options.tau, options.epsilon, options.sinkhorn_iterations)
-        logits = gather_pixel_features(teacher.logits.detach(), indices).float() if options.output_self_labeling else None  # [N, M, K]
+        logits = gather_pixel_features(source.logits.detach(), indices).float() if options.output_self_labeling else None  # [N, M, K]
+        # the labels on the sampled grid: the authors' threshold_SL (legacy nearest) when it is the whole frame's
+        grid_labels = labels if source is teacher else F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long()
         # one Sinkhorn problem per image, each image's pixels queued before the next image's problem (Alg. 1, the
         # authors' code), or one over the batch's pooled pixels; the bank is updated after the loss either way, so a
         # batch is never its own context; every rank's pixels, so ranks keep one bank
@@ -794,7 +817,7 @@ class CPSL(Recipe):
                 term = term + output_self_labeling_loss(self.head, group_pixels, group_logits, self.bank_out, *solve)
                 self.bank_out.enqueue(all_gather_cat(group_logits))
             if options.contrastive_weight > 0:  # the labels go into the rows the features are about to take
-                flat = labels.flatten(1)
+                flat = grid_labels.flatten(1)
                 stored = flat[:, : indices.shape[1]] if options.contrastive_bank_labels == "first_pixels" else flat.gather(1, indices)
                 stored = all_gather_cat(stored[group].reshape(-1))[-self.bank.capacity :]  # as MemoryBank.enqueue
                 slots = (int(self.bank.pointer) + torch.arange(stored.shape[0], device=stored.device)) % self.bank.capacity
