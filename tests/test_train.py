@@ -191,7 +191,9 @@ def test_demo_trains_a_shortened_schedule_and_leaves_the_packaged_configs_as_the
     # another method keeps its own packaged recipe options, halved in time like the others
     (cpsl,) = [run for run in demo.demo_plan(tmp_path, methods=["cpsl"]) if run.name == "cpsl"]
     assert (cpsl.cfg.train.iters, cpsl.packaged.train.iters, cpsl.cfg.pseudo_label.flip) == (150, 300, True)
-    assert cpsl.cfg.method["ema_momentum"] == pytest.approx(cpsl.packaged.method["ema_momentum"] ** 2)  # the same half-life share of the run
+    # time constants follow the demo's shorter run: the teacher's window a tenth of it, alpha's half-life the same share
+    assert cpsl.cfg.method["ema_momentum"] == pytest.approx(1 - 10 / 150)
+    assert cpsl.cfg.method["distribution_momentum"] == pytest.approx(cpsl.packaged.method["distribution_momentum"] ** 2)
 
 
 def test_demo_prints_its_schedule_first_and_refuses_a_run_folder_of_another_schedule(
