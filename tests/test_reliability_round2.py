@@ -11,13 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+from pydantic import Field
 
 from segadapt.cli import main
-from segadapt.config import load_config
+from segadapt.config import RunConfig, load_config, packaged_config_names, resolved_yaml, save_config
 from segadapt.data import label_ids as label_ids_module
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.logging import read_metrics
+from segadapt.engine.recipes import cpsl as cpsl_recipe
+from segadapt.engine.recipes import recipe_class
+from segadapt.engine.recipes.base import parse_options
 from segadapt.engine.resume import refused_changes
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import DataError
@@ -251,6 +256,137 @@ def test_values_a_time_constant_scales_follow_a_changed_train_iters() -> None:
     assert refused_changes(saved, load_config("benchmark/bicl_dynamic", ["train.iters=200", "method.prototype_momentum=0.5"])) == [
         "method.prototype_momentum"
     ]
+
+
+# ------------------------------------------------------------------ a recipe default that changes between versions
+
+
+@pytest.fixture(scope="module")
+def warm(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-iteration source-only checkpoint on the toy data, the start of the CPSL runs below."""
+    out = tmp_path_factory.mktemp("warm")
+    assert train(toy, out, "train.iters=1") == 0
+    return out / "run" / "checkpoints" / "last.pt"
+
+
+def train_cpsl(toy: Path, warm: Path, out: Path, *extra: str) -> int:
+    """2 iterations of benchmark/cpsl on the toy data; the config sets only these two of CPSL's options (and the
+    packaged config's own ema_momentum and distribution_momentum)."""
+    small = ["method.pixels_per_image=8", "method.queue_size=64", f"model.checkpoint={warm}"]
+    return main(["train", "benchmark/cpsl", *toy_overrides(toy), *small, f"output_dir={out}", "name=run", *extra])
+
+
+def new_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later segadapt whose CPSL default of method.consistency_reduction is the per-pixel mean (it was so before
+    2026-12-07: the kind of change a run started before it and resumed after it must not follow)."""
+
+    class LaterOptions(cpsl_recipe.CPSLOptions):
+        consistency_reduction: str = Field("pixel_mean")
+
+    monkeypatch.setattr(cpsl_recipe.CPSL, "Options", LaterOptions)
+
+
+def used_options(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The recipe options each Trainer.fit of the test trains with, appended as it starts."""
+    seen: list[dict] = []
+    fit = Trainer.fit
+
+    def recording_fit(self: Trainer):
+        seen.append(self.recipe.options.model_dump())
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    return seen
+
+
+def test_a_run_directory_records_every_recipe_option_and_reads_back_equal(toy: Path, warm: Path, tmp_path: Path) -> None:
+    assert train_cpsl(toy, warm, tmp_path) == 0
+    path = tmp_path / "run" / "config.yaml"
+    method = yaml.safe_load(path.read_text())["method"]
+    # every option, the ones the config left to their defaults too (the recipe's field order)
+    assert list(method) == list(cpsl_recipe.CPSLOptions.model_fields)
+    assert method["teacher_view"] == "weak" and method["consistency_reduction"] == "class_mean" and method["pixels_per_image"] == 8
+    # a time-constant tag's value is the number it gave for the run's train.iters
+    scaled = load_config("benchmark/cpsl", ["train.iters=2"]).method["distribution_momentum"]
+    assert "!" not in path.read_text() and method["distribution_momentum"] == scaled
+    # the file reads back as the config it was written from: spelled out again, saved again, it is the same
+    saved = load_config(path)
+    assert parse_options(cpsl_recipe.CPSLOptions, saved.method, "cpsl").model_dump(mode="json") == saved.method
+    save_config(saved, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == saved and (tmp_path / "again.yaml").read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("name", [name for name in packaged_config_names() if name.startswith("benchmark/")])
+def test_spelled_out_options_read_back_equal(name: str) -> None:
+    cfg = load_config(name)
+    options = recipe_class(cfg.recipe).Options
+    spelled = cfg.model_copy(update={"method": parse_options(options, cfg.method, cfg.recipe).model_dump(mode="json")})
+    back = RunConfig.model_validate(yaml.safe_load(resolved_yaml(spelled)))
+    assert back == spelled
+    assert parse_options(options, back.method, cfg.recipe).model_dump(mode="json") == spelled.method
+
+
+def test_a_changed_recipe_default_does_not_change_a_resumed_run(
+    toy: Path, warm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert train_cpsl(toy, warm, tmp_path) == 0
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
+    new_default(monkeypatch)
+    seen = used_options(monkeypatch)
+    capsys.readouterr()
+    # the run directory: the saved value, whatever today's default
+    assert main(["train", str(run), "train.iters=3"]) == 0
+    assert seen[-1]["consistency_reduction"] == "class_mean" and load_checkpoint(last)["iteration"] == 3
+    assert "does not record" not in capsys.readouterr().err
+    # the config again: its unset option now defaults to another value than the run recorded, which is refused
+    before = last.read_bytes()
+    assert train_cpsl(toy, warm, tmp_path, "resume=true", "train.iters=4") == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith(
+        f"segadapt train: error: cannot resume {run} with method.consistency_reduction: 'class_mean' -> 'pixel_mean': "
+        "a resumed run keeps what it was trained with"
+    )
+    assert (
+        "method.consistency_reduction is not set by the config and today's default differs from the value the run recorded: "
+        f"continue with `segadapt train {run}`, which keeps the saved values, or set method.consistency_reduction=class_mean explicitly"
+    ) in line
+    assert last.read_bytes() == before and len(seen) == 1
+    # the second way on: the key set explicitly
+    assert train_cpsl(toy, warm, tmp_path, "resume=true", "train.iters=4", "method.consistency_reduction=class_mean") == 0
+    assert seen[-1]["consistency_reduction"] == "class_mean" and load_checkpoint(last)["iteration"] == 4
+
+
+def test_an_old_run_directory_resumes_with_todays_defaults_and_a_warning(
+    toy: Path, warm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert train_cpsl(toy, warm, tmp_path) == 0
+    run = tmp_path / "run"
+    # config.yaml as an older segadapt wrote it: only the options the config gave, one under its former name
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    given = {"pixels_per_image", "queue_size", "distribution_momentum"}
+    raw["method"] = {**{key: raw["method"][key] for key in given}, "momentum": raw["method"]["ema_momentum"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    new_default(monkeypatch)
+    seen = used_options(monkeypatch)
+    capsys.readouterr()
+    assert main(["train", str(run), "train.iters=3"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "does not record" in line]
+    unrecorded = [name for name in cpsl_recipe.CPSLOptions.model_fields if name not in given | {"ema_momentum"}]
+    assert warnings == [
+        f"warning: {run / 'config.yaml'} does not record the cpsl options {', '.join(f'method.{name}' for name in unrecorded)} "
+        "(an older segadapt saved only the options its config set): today's defaults apply to them on this resume; "
+        'to pin one, write its value under method: in that file (docs/training.md, "Changing a run when it resumes")'
+    ]
+    # as before: today's default for what the file does not record, the recorded values (the former name too) kept
+    assert seen[-1]["consistency_reduction"] == "pixel_mean" and seen[-1]["ema_momentum"] == raw["method"]["momentum"]
+    # the config resumed with resume=true compares as before (today's defaults on both sides), with the same warning
+    assert train_cpsl(toy, warm, tmp_path, "resume=true", "train.iters=4") == 0
+    assert sum("does not record" in line for line in capsys.readouterr().err.splitlines()) == 1
+    # pinned in the file, a value is kept
+    raw["method"]["consistency_reduction"] = "class_mean"
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["train", str(run), "train.iters=5"]) == 0
+    assert seen[-1]["consistency_reduction"] == "class_mean" and load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 5
 
 
 # ------------------------------------------------------------------ a failed start leaves a run that can go on

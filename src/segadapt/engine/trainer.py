@@ -46,7 +46,7 @@ from .losses import build_seg_loss
 from .output_folder import check_not_data, stream_folders
 from .recipes import Recipe, check_masked_consistency, recipe_class
 from .recipes.base import Stream, parse_options
-from .resume import check_resume_config
+from .resume import check_resume_config, given_options
 from .schedule import build_scheduler
 
 
@@ -96,13 +96,16 @@ class Trainer:
         # paths made absolute once (method.teacher too), so the run directory resumes from any working directory
         options = with_absolute_paths(parse_options(self.recipe_class.Options, cfg.method, cfg.recipe))
         check_masked_consistency(self.recipe_class, cfg)
-        cfg = with_absolute_paths(cfg).model_copy(update={"method": {key: getattr(options, key) for key in cfg.method}})
+        # the options the config sets, under their current names (a former name is read as the new one)
+        cfg = with_absolute_paths(cfg).model_copy(update={"method": {key: getattr(options, key) for key in given_options(cfg)}})
         self.cfg = cfg
         # what config.yaml records: the run as asked (every recipe option spelled out, defaults included, so a
         # run keeps its behaviour when a later version changes a default), not the paths a preparation made
         given = cfg.model_copy(update={"method": options.model_dump(mode="json")})
         if resume:
-            check_resume_config(self.run_dir, given)  # a change it cannot apply is refused before any work
+            # a change it cannot apply is refused before any work; compared as asked (cfg), so that an option
+            # left to a default that changed since the run was saved is named as such
+            check_resume_config(self.run_dir, cfg, self.log)
 
         # the label space comes from the data, and every config value tied to it is checked before
         # any work (a recipe's preparation may take minutes) and before the run directory exists
