@@ -31,6 +31,24 @@ from data_fixtures import FAST, TINY, tiny_args, tiny_config, toy_overrides
 # crops inside the 32x64 tiny images: the small network's 8x16 output grid has 128 pixels
 CROP = ["data.train_transforms=[{name: random_crop, size: [32, 64]}, {name: random_horizontal_flip}]"]
 
+# The paper's reading of the step (Alg. 1, Eq. 1-14; config benchmark/cpsl_paper but for the consistency's
+# reduction), which the tests of the paper's equations set: since 2026-12-07 the defaults are the authors' step.
+# One Sinkhorn problem over the batch's pooled pixels, so the self-labeling loss is one call.
+PAPER_STEP = (
+    "method.cutmix_p=0",
+    "method.target_loss=ce",
+    "method.contrastive_weight=0",
+    "method.output_self_labeling=false",
+    "method.pixel_sampling=class_balanced",
+    "method.sinkhorn_per_image=false",
+    "method.bank_partial=true",
+    "method.bank_scores=cosine",
+    "method.prototype_init=pixel_mean",
+    "method.strong_view=photometric",
+    "method.teacher_view=weak",
+    "method.distribution=momentum",
+)
+
 
 @pytest.fixture(scope="module")
 def warmup(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -58,7 +76,7 @@ def stop_after(cfg, iterations: int) -> None:
 
 def test_cpsl_resumes_bitwise_and_reuses_its_warmup_statistics(tmp_path: Path, warmup: Path) -> None:
     common = TINY + FAST + CROP + [f"output_dir={tmp_path}", f"model.checkpoint={warmup}", "method.pixels_per_image=16",
-                                   "method.queue_size=40", "train.iters=3"]
+                                   "method.queue_size=40", "train.iters=3", "method.distribution=momentum"]
     stop_after(load_config("benchmark/cpsl", common + ["name=a"]), 2)
     stamp = (tmp_path / "a" / "cpsl_init.pt").stat().st_mtime_ns
     assert main(["train", str(tmp_path / "a")]) == 0  # a run directory resumes
@@ -115,7 +133,7 @@ def test_cpsl_warmup_statistics_are_remade_only_when_what_made_them_changes(tmp_
 
 
 def test_cpsl_warmup_statistics_are_eq7_and_eq10_of_the_warmup(tmp_path: Path, warmup: Path) -> None:
-    cfg = cpsl_config(tmp_path, warmup, "name=s")
+    cfg = cpsl_config(tmp_path, warmup, "name=s", "method.prototype_init=pixel_mean")  # Eq. 7 as written
     trainer = Trainer(cfg)
     init = torch.load(tmp_path / "s" / "cpsl_init.pt")
     from segadapt.engine.builders import build_dataset_from_spec, build_model
@@ -144,8 +162,8 @@ def test_cpsl_image_means_prototypes_are_the_authors_four_passes(tmp_path: Path,
     """``method.prototype_init=image_means``: calc_prototype.py's running mean of per-image means, four passes; Eq. 10 once."""
     lines: list[str] = []
     run_dir = tmp_path / "r"
-    cpsl_recipe.CPSL.prepare(cpsl_config(tmp_path, warmup), run_dir, lines.append)
-    default = torch.load(run_dir / "cpsl_init.pt")
+    cpsl_recipe.CPSL.prepare(cpsl_config(tmp_path, warmup, "method.prototype_init=pixel_mean"), run_dir, lines.append)
+    pixel_mean = torch.load(run_dir / "cpsl_init.pt")
     cfg = cpsl_config(tmp_path, warmup, "method.prototype_init=image_means")
     cpsl_recipe.CPSL.prepare(cfg, run_dir, lines.append)
     assert any("changed: method.prototype_init)" in line for line in lines[-3:])
@@ -161,8 +179,8 @@ def test_cpsl_image_means_prototypes_are_the_authors_four_passes(tmp_path: Path,
                 out = net(dataset[index]["image"][None])
                 expected.update(out.features, out.logits.argmax(1))
     assert torch.allclose(init["prototypes"], expected.compute(), atol=1e-6)
-    assert torch.equal(init["class_counts"], default["class_counts"])  # counted in the first pass only
-    assert not torch.allclose(F.normalize(init["prototypes"], dim=1), F.normalize(default["prototypes"], dim=1), atol=1e-4)
+    assert torch.equal(init["class_counts"], pixel_mean["class_counts"])  # counted in the first pass only
+    assert not torch.allclose(F.normalize(init["prototypes"], dim=1), F.normalize(pixel_mean["prototypes"], dim=1), atol=1e-4)
 
 
 class Spy:
@@ -226,7 +244,7 @@ def warmup_probs(warmup: Path, images: torch.Tensor) -> torch.Tensor:
 
 
 def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, "full")
+    trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, "full", *PAPER_STEP)
     weak = batches["target"]["image"]
     rectify = spy.one("rectify_pseudo_labels")
     assert torch.allclose(rectify["soft"], warmup_probs(warmup, weak), atol=1e-6)  # P_ST: the fixed warm-up
@@ -271,7 +289,7 @@ def test_cpsl_step_follows_eq1_eq8_eq11_and_eq14(tmp_path: Path, warmup: Path, m
 )
 def test_every_cpsl_switch_changes_what_the_step_does(tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
     override = {"distribution": "fixed"}.get(switch, "false")
-    trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, switch, f"method.{switch}={override}")
+    trainer, recipe, batches, spy, forwards, losses, r0 = one_step(tmp_path, warmup, monkeypatch, switch, *PAPER_STEP, f"method.{switch}={override}")
     weak = batches["target"]["image"]
     inside = torch.ones(weak.shape[0], 8, 16, dtype=torch.bool)
     if switch == "self_labeling":  # w/o SL: no head, labels are argmax P_ST, no L_SL
@@ -333,7 +351,7 @@ def test_strong_view_follows_its_options(
     views: list[Any] = []
     original = cpsl_recipe.strong_view
     monkeypatch.setattr(cpsl_recipe, "strong_view", lambda images, aug: views.append(aug) or original(images, aug))
-    one_step(tmp_path, warmup, monkeypatch, f"view{len(overrides) and overrides[0][7:]}", *overrides)
+    one_step(tmp_path, warmup, monkeypatch, f"view{len(overrides) and overrides[0][7:]}", "method.strong_view=photometric", *overrides)
     (augmentation,) = views
     assert (augmentation.jitter, augmentation.jitter_p) == jitter
     assert (augmentation.blur_sigma, augmentation.blur_p) == blur
@@ -351,7 +369,8 @@ def test_self_labeling_loss_trains_only_the_head_by_default(tmp_path: Path, warm
     for lambda1 in ("0.1", "0.0"):
         _, recipe, _, spy, _, losses, _ = one_step(tmp_path, warmup, monkeypatch, f"paper_{lambda1}", f"method.lambda1={lambda1}")
         assert recipe.options.sl_through_ema_features_only is True
-        assert not spy.one("online_self_labeling_loss")["features"].requires_grad  # momentum features
+        calls = spy.calls["online_self_labeling_loss"]  # one Sinkhorn problem per image (the authors' default)
+        assert len(calls) == 2 and not any(call["features"].requires_grad for call in calls)  # momentum features
         losses["loss"].backward()
         network = [p.grad.clone() for p in recipe.model.parameters() if p.grad is not None]
         head = [p.grad.clone() for p in recipe.head.parameters() if p.grad is not None]
@@ -371,7 +390,7 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
     gradients = {}
     for lambda2 in ("5.0", "0.0"):
         _, recipe, batches, spy, _, losses, _ = one_step(
-            tmp_path, warmup, monkeypatch, f"proto_{lambda2}", "method.consistency=prototype", f"method.lambda2={lambda2}"
+            tmp_path, warmup, monkeypatch, f"proto_{lambda2}", *PAPER_STEP, "method.consistency=prototype", f"method.lambda2={lambda2}"
         )
         assert "symmetric_kl_consistency" not in spy.calls
         call = spy.one("prototype_kl_consistency")
@@ -396,7 +415,7 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
     assert torch.equal(head, head_without)  # the consistency term sends nothing to the head
     assert any(not torch.equal(a, b) for a, b in zip(network, network_without))  # ... and reaches the network
     with pytest.raises(ConfigError, match=r"method.consistency=segmentation \(Eq. 13\) for 'w/o SL'"):
-        Trainer(cpsl_config(tmp_path, warmup, "name=e5", "method.consistency=prototype", "method.self_labeling=false"))
+        Trainer(cpsl_config(tmp_path, warmup, "name=e5", *PAPER_STEP, "method.consistency=prototype", "method.self_labeling=false"))
 
 
 @pytest.mark.parametrize(
@@ -418,6 +437,50 @@ def test_cpsl_configs_use_the_authors_consistency_reduction_and_cpsl_paper_the_p
     assert options.consistency_reduction == "class_mean" and options.target_view == "weak"  # the authors' code
 
 
+# The authors' stage-1 step (lslrh/CPSL README: --ema --proto_rectify --rce --proto_consistW 5 --SL_lambda 0.1, the rest
+# parser_train.py's defaults), each option where it departs from the paper, and the paper's reading of it.
+AUTHORS_AND_PAPER = {
+    "consistency_reduction": ("class_mean", "pixel_mean"),
+    "cutmix_p": (0.5, 0.0),
+    "target_loss": ("symmetric_ce", "ce"),
+    "contrastive_weight": (0.001, 0.0),
+    "output_self_labeling": (True, False),
+    "pixel_sampling": ("shared_uniform", "class_balanced"),
+    "bank_partial": (False, True),
+    "bank_scores": ("unnormalised_prototypes", "cosine"),
+    "prototype_init": ("image_means", "pixel_mean"),
+    "teacher_view": ("full_frame", "weak"),
+    "distribution": ("fixed", "momentum"),
+    "pixels_per_image": (256, 512),
+}
+# where the paper agrees with the authors or is silent: the authors' value in both
+SHARED = {"target_view": "weak", "strong_view": "randaugment", "sinkhorn_per_image": True, "momentum_batch_norm": "as_student",
+          "sl_through_ema_features_only": True, "lambda1": 0.1, "lambda2": 5.0, "tau": 0.08, "epsilon": 0.05, "sinkhorn_iterations": 3,
+          "queue_size": 65536, "ema_momentum": 0.999}
+# the authors' code's bugs are not reproduced, and the consistency keeps Eq. 13's form (the authors': prototype)
+CORRECTED = {"randaugment_translate_quirk": False, "contrastive_bank_labels": "sampled", "cutmix_label_sampling": "pixel_centres",
+             "source_align_corners": False, "consistency": "segmentation"}
+
+
+def test_cpsl_defaults_are_the_authors_step_and_cpsl_paper_names_every_departure() -> None:
+    """Since 2026-12-07 the recipe's defaults are the authors' released step; ``<benchmark>/cpsl_paper`` sets the paper's
+    reading of each option where it differs (the benchmark's M scaled: 32 for the authors' 256, 64 for the paper's 512)."""
+    defaults = cpsl_recipe.CPSLOptions().model_dump()
+    assert {key: defaults[key] for key in AUTHORS_AND_PAPER} == {key: authors for key, (authors, _) in AUTHORS_AND_PAPER.items()}
+    assert {key: defaults[key] for key in SHARED | CORRECTED} == SHARED | CORRECTED
+    scaled = {"benchmark": (32, 64), "gta5_to_cityscapes": (256, 512), "synthia_to_cityscapes": (256, 512)}
+    for benchmark, (authors_m, paper_m) in scaled.items():
+        authors, paper = (
+            cpsl_recipe.parse_options(cpsl_recipe.CPSLOptions, load_config(f"{benchmark}/{name}").method, "cpsl").model_dump()
+            for name in ("cpsl", "cpsl_paper")
+        )
+        expected = {key: value for key, (_, value) in AUTHORS_AND_PAPER.items()} | {"pixels_per_image": paper_m}
+        assert {key: paper[key] for key in expected} == expected, benchmark
+        assert authors["pixels_per_image"] == authors_m
+        differ = {key for key in authors if authors[key] != paper[key]}
+        assert differ == set(AUTHORS_AND_PAPER), benchmark  # nothing else: the paper agrees or is silent
+
+
 def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
     tmp_path: Path, warmup: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -437,7 +500,7 @@ def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, w
     (method.target_view=weak, default) with a source box (and its labels) pasted in; the strong view's forward feeds the
     consistency alone. method.target_view=strong trains L^t_SEG on the strong forward and refuses CutMix."""
     options = ("method.cutmix_p=1", "method.target_loss=symmetric_ce")  # method.target_view=weak is the default
-    _, recipe, batches, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "authors_target", *options)
+    _, recipe, batches, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "authors_target", *PAPER_STEP, *options)
     weak, source = batches["target"]["image"], batches["source"]
     assert [f[0] for f in forwards] == [True, True, True] and losses["cutmix"] == 1.0
     strong, mixed = forwards[1], forwards[2]
@@ -454,7 +517,7 @@ def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, w
     ce = F.cross_entropy(logits, target_labels, ignore_index=recipe.ignore_index)
     assert losses["loss_target"].item() == pytest.approx((0.1 * ce + reverse_cross_entropy(logits, target_labels)).item(), rel=1e-5)
     # method.target_view=strong (the default before 2026-12-07): L^t_SEG and the consistency share the strong forward
-    _, _, _, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "strong_target", "method.target_view=strong")
+    _, _, _, spy, forwards, losses, _ = one_step(tmp_path, warmup, monkeypatch, "strong_target", *PAPER_STEP, "method.target_view=strong")
     assert len(forwards) == 2 and not torch.equal(forwards[1][1], weak) and "cutmix" not in losses
     assert torch.equal(spy.one("symmetric_kl_consistency")["strong"], forwards[1][2])
     assert torch.equal(spy.calls["supervised_loss"][1], spy.one("rectify_pseudo_labels")["result"])
@@ -462,7 +525,7 @@ def test_authors_target_term_weak_view_cutmix_and_symmetric_ce(tmp_path: Path, w
         Trainer(cpsl_config(tmp_path, warmup, "name=e_cutmix", "method.cutmix_p=0.5", "method.target_view=strong"))
     for switch in ("method.target_view=strong", "method.self_labeling=false"):
         with pytest.raises(ConfigError, match="method.contrastive_weight=0.001 contrasts the student's weak-view features"):
-            Trainer(cpsl_config(tmp_path, warmup, "name=e_contrast", "method.contrastive_weight=0.001", switch))
+            Trainer(cpsl_config(tmp_path, warmup, "name=e_contrast", *PAPER_STEP, "method.contrastive_weight=0.001", switch))
 
 
 def test_momentum_network_normalises_like_the_student_unless_told_running(
@@ -471,7 +534,7 @@ def test_momentum_network_normalises_like_the_student_unless_told_running(
     def batch_norms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
         return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
-    _, recipe, batches, spy, _, _, _ = one_step(tmp_path, warmup, monkeypatch, "as_student")
+    _, recipe, batches, spy, _, _, _ = one_step(tmp_path, warmup, monkeypatch, "as_student", *PAPER_STEP)
     weak = batches["target"]["image"]
     teacher = recipe.ema_model.module
     # batch statistics of the weak batch, as the student's train-mode forward uses (the authors' train-mode teacher)
@@ -482,7 +545,7 @@ def test_momentum_network_normalises_like_the_student_unless_told_running(
         assert torch.equal(norm.running_mean, original.running_mean) and torch.equal(norm.running_var, original.running_var)
         assert not norm.training and norm.momentum == original.momentum
 
-    _, recipe, batches, spy, _, _, _ = one_step(tmp_path, warmup, monkeypatch, "running", "method.momentum_batch_norm=running")
+    _, recipe, batches, spy, _, _, _ = one_step(tmp_path, warmup, monkeypatch, "running", *PAPER_STEP, "method.momentum_batch_norm=running")
     expected = copy.deepcopy(recipe.ema_model.module).eval()(batches["target"]["image"]).logits
     assert torch.allclose(spy.one("symmetric_kl_consistency")["weak"], expected, atol=1e-5)
 
@@ -506,6 +569,9 @@ def test_cpsl_errors_name_the_key_and_the_fix(tmp_path: Path, warmup: Path, monk
         Trainer(cpsl_config(tmp_path, warmup, "name=e2", "method.lamda1=0.2"))
     with pytest.raises(ConfigError, match=r"keep at least one of them true"):
         Trainer(cpsl_config(tmp_path, warmup, "name=e3", "method.self_labeling=false", "method.self_training=false"))
+    # 'w/o SL' removes the authors' second self-labeling term with the head: the config must say so
+    with pytest.raises(ConfigError, match=r"method.output_self_labeling=false \(config benchmark/cpsl_wo_sl does\)"):
+        Trainer(cpsl_config(tmp_path, warmup, "name=e6", "method.self_labeling=false", "method.contrastive_weight=0"))
     with pytest.raises(ConfigError, match=r"method.pixels_per_image=129 exceeds the 128 pixels"):
         one_step(tmp_path, warmup, monkeypatch, "e4", "method.pixels_per_image=129")
 
@@ -637,7 +703,7 @@ def toy_step(toy: Path, warmup: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_randaugment_strong_view_replays_its_geometry_on_the_weak_teacher(
     toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = ("method.strong_view=randaugment",)
+    extra = ("method.strong_view=randaugment", "method.teacher_view=weak")
     trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "ra", *extra)
     assert recipe.num_classes == 5 and recipe.ignore_index == 7
     target = batches["target"]
@@ -673,7 +739,9 @@ def test_full_frame_teacher_serves_rectification_sampling_and_the_consistency(
     pixels; its logits moved into the crop and then through the strong view's geometry are the consistency
     teacher; with shared_uniform sampling L_SL's pixels come from the whole frame's map.
     """
-    extra = ("method.strong_view=randaugment", "method.teacher_view=full_frame")
+    # class-balanced sampling of the moved features, one Sinkhorn problem for the batch (one call to check)
+    one_problem = ("method.sinkhorn_per_image=false", "method.pixel_sampling=class_balanced")
+    extra = ("method.strong_view=randaugment", "method.teacher_view=full_frame", *one_problem)
     trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "full", *extra)
     assert trainer.cfg.data.target_transforms[0] == {"name": "keep_full_frame"}  # no resize leads: the loaded frame
     assert trainer.cfg.data.train_transforms == load_config("benchmark/cpsl", toy_overrides(toy)).data.train_transforms  # the source's own
@@ -696,7 +764,7 @@ def test_full_frame_teacher_serves_rectification_sampling_and_the_consistency(
     assert torch.equal(kl["mask"], torch.stack([valid_mask(w + s, w[1].input_size, grid) for w, s in zip(target["replay"], records)]))
     # without a strong geometry the full-frame teacher is the weak crop's (full2weak alone)
     trainer, recipe, batches, spy, (strong, records), _ = toy_step(
-        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.teacher_view=full_frame"
+        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.teacher_view=full_frame", "method.strong_view=photometric"
     )
     assert records is None
     with torch.no_grad():
@@ -709,7 +777,8 @@ def test_full_frame_teacher_serves_rectification_sampling_and_the_consistency(
     original = cpsl_recipe.shared_uniform_pixels
     monkeypatch.setattr(cpsl_recipe, "shared_uniform_pixels", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
     trainer, recipe, batches, spy, _, _ = toy_step(
-        toy, toy_warmup, tmp_path, monkeypatch, "full_shared", "method.teacher_view=full_frame", "method.pixel_sampling=shared_uniform"
+        toy, toy_warmup, tmp_path, monkeypatch, "full_shared", "method.teacher_view=full_frame", "method.pixel_sampling=shared_uniform",
+        "method.sinkhorn_per_image=false",
     )
     with torch.no_grad():
         frames = recipe._momentum_outputs(batches["target"]["full_image"])

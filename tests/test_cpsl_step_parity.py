@@ -102,6 +102,11 @@ AUTHORS_STEP = [  # the authors' value of every option of the step (README stage
     "method.cutmix_label_sampling=top_left",
 ]
 
+NO_GEOMETRY_STEP = [  # the first four steps: the weak view is the full frame and the recorded strong view replaces the photometric one
+    "method.strong_view=photometric",
+    "method.teacher_view=weak",
+]
+
 GEOMETRY_STEP = [  # the authors' strong view and full-frame teacher, for the step that has their geometry
     "method.strong_view=randaugment",
     "method.teacher_view=full_frame",
@@ -203,7 +208,7 @@ def replay_recipe(fixture: dict[str, Any], tmp_path: Path, *overrides: str) -> C
     cfg = load_config(None, [
         "recipe=cpsl", f"output_dir={tmp_path}", "name=run", f"method.pixels_per_image={fixture['opt']['fbs']}",
         f"method.queue_size={len(fixture['queue_start']) if 'queue_start' in fixture else 1024}", *AUTHORS_STEP,
-        *(GEOMETRY_STEP if "full_images" in fixture else []), *overrides,
+        *(GEOMETRY_STEP if "full_images" in fixture else NO_GEOMETRY_STEP), *overrides,
     ])  # fmt: skip
     cfg.run_dir.mkdir(parents=True)
     # the Eq. 7/10 file prepare() writes: the prototypes and the class distribution r (the authors' class_distribution.npy)

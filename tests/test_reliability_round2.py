@@ -305,7 +305,12 @@ def test_a_run_directory_records_every_recipe_option_and_reads_back_equal(toy: P
     method = yaml.safe_load(path.read_text())["method"]
     # every option, the ones the config left to their defaults too (the recipe's field order)
     assert list(method) == list(cpsl_recipe.CPSLOptions.model_fields)
-    assert method["teacher_view"] == "weak" and method["consistency_reduction"] == "class_mean" and method["pixels_per_image"] == 8
+    defaults = cpsl_recipe.CPSLOptions()  # the authors' step since 2026-12-07: a full-frame teacher, KL / K
+    assert (method["teacher_view"], method["consistency_reduction"]) == (defaults.teacher_view, defaults.consistency_reduction) == (
+        "full_frame",
+        "class_mean",
+    )
+    assert method["pixels_per_image"] == 8
     # a time-constant tag's value is the number it gave for the run's train.iters
     scaled = load_config("benchmark/cpsl", ["train.iters=2"]).method["distribution_momentum"]
     assert "!" not in path.read_text() and method["distribution_momentum"] == scaled

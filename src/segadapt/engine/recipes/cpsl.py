@@ -11,22 +11,25 @@ l.2, Eq. 7 prototype init of f_SL, f'_SL    :meth:`CPSL.prepare` (one pass of th
 Eq. 10 initial class distribution ``r``     :meth:`CPSL.prepare` (the warm-up's predicted class histogram)
 l.5-6, Eq. 3 source loss                    cross-entropy on the source crop (``loss_source``)
 l.17 ``P_SL``                               ``f'_SL`` (EMA head) on ``f'_SEG`` (EMA network) features of the
-                                            weak view
+                                            weak view (by default from the whole frame, as the authors)
 l.18, Eq. 1 rectified labels (tau)          :func:`rectify_pseudo_labels`
 l.19, Eq. 2 target loss                     cross-entropy of the student on the weak view, as the authors' code
                                             (``loss_target``; ``method.target_view``; their CutMix and symmetric CE:
                                             ``method.cutmix_p``, ``method.target_loss``)
-Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectified labels
+Eq. 8-9 class-balanced sampling (M)         :func:`sample_pixels` on the rectified labels (``method.pixel_sampling=
+                                            class_balanced``; the default is the authors' uniform sampling)
 l.8-14, Eq. 4-6, 12 self-labeling loss      :func:`online_self_labeling_loss` over ``[bank; batch]`` with
                                             Sinkhorn marginal ``r`` (``loss_sl``), then the bank is updated
 Eq. 11 distribution alignment               :meth:`ClassDistribution.update` with the rectified labels
+                                            (``method.distribution=momentum``; the authors' ``fixed`` by default)
 Eq. 13 consistency                          :func:`symmetric_kl_consistency` of EMA(weak) and student(strong),
                                             per-pixel KL / K as the authors' code (``method.consistency_reduction``)
 Eq. 14 total                                ``loss_source +`` :func:`cpsl_total_loss`
 l.16, l.20 momentum updates (0.999)         :meth:`CPSL.after_optimizer_step`
 ==========================================  ===============================================================
 
-Choices where the paper is silent (docs/cpsl.md lists them all):
+The defaults are the authors' stage-1 step since 2026-12-07 (:class:`CPSLOptions`); config
+``<benchmark>/cpsl_paper`` is the paper's reading. Choices where the paper is silent (docs/cpsl.md lists them all):
 
 - ``P_ST`` is computed online by a frozen copy of the warm-up network on the weak view, instead of
   being stored offline as ProDA/CPSL do (``generate_pseudo_label.py --soft``). Both are the fixed
@@ -34,10 +37,10 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   (less context) but needs no disk and is aligned with the view by construction. The copy is a
   :class:`~.common.FrozenNetwork`, not saved in checkpoints: it is rebuilt from ``model.checkpoint``
   on every start.
-- The momentum network and head predict on the weak view, with dropout off. The authors run ``f'_SEG``
-  on the whole un-augmented frame instead and move its features into the crop (``full2weak``) for
-  rectification and the consistency, and sample L_SL's pixels from the whole frame:
-  ``method.teacher_view=full_frame`` does all of it (:meth:`CPSL._full_frame_teacher`). Their BatchNorm follows
+- The momentum network and head predict, with dropout off, on the whole un-augmented frame by default
+  (``method.teacher_view=full_frame``, the authors'): its features are moved into the crop (``full2weak``)
+  for rectification and the consistency, and L_SL's pixels are sampled from the whole frame
+  (:meth:`CPSL._full_frame_teacher`); ``method.teacher_view=weak`` runs it on the weak view. Their BatchNorm follows
   ``method.momentum_batch_norm``: ``as_student`` (default) uses batch statistics wherever the student
   does, like the authors' train-mode teacher; ``running`` uses the running statistics copied from
   the student (eval mode). See docs/reference_code.md, "CPSL: momentum network and views".
@@ -45,16 +48,16 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   optimiser step, so ``P_SL`` comes from the momentum head of the previous iteration.
 - Labels, sampling and losses live on the network's output grid (stride 4 for ``small``, 8 for
   DeepLab-V2); pixels outside the image (crop padding) are ignored.
-- The strong view is the weak view with colour jitter (0.4, p = 0.5) and Gaussian blur (sigma 1,
-  p = 0.5), the photometric part of the authors' ``RandAugmentMC`` (:data:`~.common.CPSL_STRONG`);
-  geometry is unchanged, so no replay between views is needed. ``method.strong_view=randaugment`` is
-  the whole of it (:class:`~segadapt.data.transforms.RandAugmentMC`), its recorded geometry replayed
-  on the teacher's output and its cut-out box masked (the authors' ``label_strong_T``). ``L^t_SEG`` trains on
+- The strong view is, by default, the authors' ``RandAugmentMC`` (``method.strong_view=randaugment``,
+  :class:`~segadapt.data.transforms.RandAugmentMC`), its recorded geometry replayed on the teacher's output
+  and its cut-out box masked (the authors' ``label_strong_T``); ``method.strong_view=photometric`` keeps
+  only its colour jitter (0.4, p = 0.5) and Gaussian blur (sigma 1, p = 0.5) (:data:`~.common.CPSL_STRONG`),
+  so no geometry is replayed between views. ``L^t_SEG`` trains on
   the weak view and the strong view gets its own forward for the consistency, as the authors' code
   (``method.target_view``).
-- ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and follows Eq. 11 with
-  ``method.distribution_momentum`` (0.999 assumed); ``method.distribution=fixed`` keeps it, as the
-  authors' code does. A class the warm-up never predicts starts with ``r_k = 0``.
+- ``r`` starts from the warm-up's argmax histogram over the target (Eq. 10) and stays there, as the
+  authors' code (``method.distribution=fixed``); ``method.distribution=momentum`` follows Eq. 11 with
+  ``method.distribution_momentum`` (0.999 assumed). A class the warm-up never predicts starts with ``r_k = 0``.
 - L_SL is computed on the momentum network's features and trains only the self-labeling head:
   Fig. 1 puts ``f_SL`` after ``f'_SEG``, Sec. 3.2 says "the self-labeling head f_SL is updated by
   minimizing L_SL", and Algorithm 1 trains ``f_SL`` with L_SL (line 15) and ``f_SEG`` with
@@ -62,11 +65,11 @@ Choices where the paper is silent (docs/cpsl.md lists them all):
   self-labeling loss"). ``method.sl_through_ema_features_only=false`` feeds the student's features
   instead, so that L_SL also trains the network (a reading of Eq. 14 as one loss over the whole model).
 
-The authors' step (lslrh/CPSL ``CustomModel.step``) is one option set away, each option named for its
-departure (docs/reference_code.md, "CPSL"); ``tests/test_cpsl_step_parity.py`` replays it against
-their code with those options (their CutMix label grid, source upsampling, shared sampling
-permutation, per-image Sinkhorn, second self-labeling term, full-queue rule and scores, contrastive
-term; ``method.prototype_init=image_means`` for their prototypes).
+The authors' step (lslrh/CPSL ``CustomModel.step``) is the default but for ``method.consistency``
+(Eq. 13's form kept; ``prototype`` is theirs) and four bugs of their code not reproduced, each an option
+(docs/reference_code.md, "CPSL"); ``tests/test_cpsl_step_parity.py`` replays it against their code with
+those options set to the code's (their consistency, CutMix label grid, source upsampling, contrastive
+bank labels).
 """
 
 from __future__ import annotations
@@ -125,13 +128,19 @@ INIT_FILE = "cpsl_init.pt"
 
 
 class CPSLOptions(BaseModel):
-    """``method.*`` of recipe ``cpsl``; defaults are the paper's (Sec. 4.1) unless noted.
+    """``method.*`` of recipe ``cpsl``; the defaults are the authors' stage-1 step (since 2026-12-07).
 
-    ``target_view`` is the authors' code's by default (the paper does not name the view), and so is
-    ``consistency_reduction``: their README's ``--proto_consistW 5``
-    is the paper's lambda2 = 5 applied to the per-pixel KL divided by K, the scale at which the
-    published tables were produced; ``pixel_mean`` (config ``<benchmark>/cpsl_paper``) is the plain
-    per-pixel mean, K times stronger.
+    The published tables came from the authors' released code and its README command (``--ema --proto_rectify
+    --rce --proto_consistW 5 --SL_lambda 0.1``, the rest ``parser_train.py``'s defaults), so every option
+    where that code departs from the paper defaults to the code's behaviour: the consistency scale (KL / K),
+    the weak view for ``L^t_SEG`` with CutMix and the symmetric cross-entropy, the contrastive term, the
+    second self-labeling term, uniform shared pixel sampling of M = 256, one Sinkhorn problem per image, the
+    full-queue rule and its scores, the image-mean prototypes, RandAugment, the full-frame teacher and the
+    fixed class distribution. Three exceptions, each one option away: the consistency keeps Eq. 13's form
+    (``consistency=segmentation``; the authors' ``prototype`` form is config ``benchmark/cpsl_prototype_consistency``),
+    and the authors' evident bugs are not reproduced (``randaugment_translate_quirk``, ``contrastive_bank_labels``,
+    ``cutmix_label_sampling``, ``source_align_corners`` keep the correct behaviour). The paper's reading where it
+    differs is config ``<benchmark>/cpsl_paper``, which names every such option.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -153,11 +162,14 @@ class CPSLOptions(BaseModel):
     tau: float = Field(0.08, gt=0, description="temperature of P_SL in Eq. 1 and of p in Eq. 4")
     epsilon: float = Field(0.05, gt=0, description="Sinkhorn temperature (Eq. 6)")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (authors' code: 3)")
-    pixels_per_image: int = Field(512, ge=1, description="M of Eq. 9 (paper 512, authors' code 256)")
+    pixels_per_image: int = Field(
+        256, ge=1, description="M of Eq. 9, pixels per image for L_SL (default: the authors' fbs 256; the paper's 512)"
+    )
     queue_size: int = Field(65536, ge=1, description="memory bank length in pixel features")
     ema_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of f'_SEG and f'_SL")
     distribution: Literal["momentum", "fixed"] = Field(
-        "momentum", description="r follows Eq. 11 (paper) or stays the warm-up histogram (authors' code)"
+        "fixed",
+        description="r stays the warm-up histogram (default: the authors', who never update it) or follows Eq. 11 (the paper)",
     )
     distribution_momentum: float = Field(0.999, ge=0, le=1, description="alpha of Eq. 11 (the paper gives none)")
     self_labeling: bool = Field(True, description="false = 'w/o SL': no head, no L_SL, labels argmax P_ST")
@@ -180,15 +192,16 @@ class CPSLOptions(BaseModel):
         "wide; images s times narrower copy it with 1/s); 0 = no blur",
     )
     strong_view: Literal["photometric", "randaugment"] = Field(
-        "photometric",
-        description="the student's strong view of the weak crop: colour jitter and blur only (strong_jitter, strong_blur_sigma), "
-        "or the authors' RandAugmentMC(2, 10): flip, the same blur and jitter, two of FixMatch's 14 operations (shears, "
-        "translations and rotation among them) and a grey cut-out box; its geometry is replayed on the teacher's output "
-        "and the cut-out and brought-in pixels are left out of L_REG (needs target_view=weak)",
+        "randaugment",
+        description="the student's strong view of the weak crop: (default, the authors' and the paper's 'RandAugment, Cutout') "
+        "RandAugmentMC(2, 10): flip, the same blur and jitter, two of FixMatch's 14 operations (shears, translations and "
+        "rotation among them) and a grey cut-out box; its geometry is replayed on the teacher's output and the cut-out and "
+        "brought-in pixels are left out of L_REG (needs target_view=weak); or colour jitter and blur only (strong_jitter, "
+        "strong_blur_sigma; the default before 2026-12-07). strong_augmentation=false ('w/o Aug') removes either",
     )
     teacher_view: Literal["weak", "full_frame"] = Field(
-        "weak",
-        description="what the momentum network sees: the weak crop, or (the authors' code) the whole un-augmented target "
+        "full_frame",
+        description="what the momentum network sees: the weak crop (the paper), or (default: the authors') the whole un-augmented target "
         "frame (the view after the target transforms' leading resize) in place of it, for every use of the momentum "
         "network: its features and logits moved into the weak crop (full2weak) for Eq. 1 rectification, for the "
         "consistency teacher (then through the strong view's geometry) and for class-balanced L_SL sampling, and its "
@@ -197,7 +210,8 @@ class CPSLOptions(BaseModel):
     randaugment_translate_quirk: bool = Field(
         False,
         description="replay RandAugment's horizontal shifts on the teacher as the authors' code does, normalised by the "
-        "height instead of the width (W / H times the image's shift); false replays the image's shift",
+        "height instead of the width (W / H times the image's shift; a bug of their replay); false (default) replays the "
+        "image's own shift",
     )
     momentum_network: bool = Field(True, description="false = 'w/o Mom': targets from the current networks")
     momentum_batch_norm: Literal["as_student", "running"] = Field(
@@ -212,69 +226,74 @@ class CPSLOptions(BaseModel):
         "consistency also uses (one forward fewer; the default before 2026-12-07)",
     )
     target_loss: Literal["ce", "symmetric_ce"] = Field(
-        "ce",
-        description="L^t_SEG: cross-entropy (Eq. 2) or the authors' --rce, rce_alpha * CE + rce_beta * reverse CE",
+        "symmetric_ce",
+        description="L^t_SEG: (default) the authors' --rce, rce_alpha * CE + rce_beta * reverse CE, or cross-entropy (Eq. 2, the paper)",
     )
     rce_alpha: float = Field(0.1, ge=0, description="weight of the cross-entropy in target_loss=symmetric_ce (authors' 0.1)")
     rce_beta: float = Field(1.0, ge=0, description="weight of the reverse cross-entropy in target_loss=symmetric_ce (authors' 1.0)")
     cutmix_p: float = Field(
-        0.0,
+        0.5,
         ge=0,
         le=1,
         description="probability per iteration of the authors' CutMix: a source box of half the crop's area and its labels "
-        "pasted into the weak target view L^t_SEG trains on (authors' 0.5; needs target_view=weak)",
+        "pasted into the weak target view L^t_SEG trains on (default: the authors' 0.5; the paper names CutMix without "
+        "detail; 0 = off; needs target_view=weak)",
     )
     pixel_sampling: Literal["class_balanced", "shared_uniform"] = Field(
-        "class_balanced",
-        description="how L_SL picks its M pixels per image: class by class (Eq. 8-9; uniform per image with "
-        "class_balanced=false) or the authors' code, one uniform permutation of the grid for the whole batch",
+        "shared_uniform",
+        description="how L_SL picks its M pixels per image: (default: the authors') one uniform permutation of the grid for "
+        "the whole batch, the class balance left to the Sinkhorn marginal r; or class by class (Eq. 8-9, the paper; "
+        "uniform per image with class_balanced=false)",
     )
     sinkhorn_per_image: bool = Field(
-        False,
-        description="one Sinkhorn problem per target image (Alg. 1 and the authors' code) instead of one over the batch's "
-        "pooled pixels (the same marginals, one call)",
+        True,
+        description="one Sinkhorn problem per target image, each image queued before the next (default: Alg. 1 and the "
+        "authors' code); false: one over the batch's pooled pixels (the same marginals, one call; the default before 2026-12-07)",
     )
     bank_partial: bool = Field(
-        True,
-        description="a partly filled memory bank augments the batch (the literal [Z; M] of Alg. 1 l.10); false: only "
-        "a full one (the authors' code, which waits until its last slot is written)",
+        False,
+        description="false (default: the authors', who wait until its last slot is written): only a full memory bank "
+        "augments the batch; true: a partly filled one too (the literal [Z; M] of Alg. 1 l.10, the paper)",
     )
     bank_scores: Literal["cosine", "unnormalised_prototypes"] = Field(
-        "cosine",
-        description="how the bank's features are scored for Sinkhorn: cosines to the prototypes, as the batch (one f_SL, "
-        "the paper), or dot products with the raw prototype vectors (the authors' code)",
+        "unnormalised_prototypes",
+        description="how the bank's features are scored for Sinkhorn: (default: the authors') dot products with the raw "
+        "prototype vectors, or cosines to the prototypes, as the batch (one f_SL, the paper)",
     )
     prototype_init: Literal["pixel_mean", "image_means"] = Field(
-        "pixel_mean",
-        description="Eq. 7 prototypes: one pass, the mean of the L2-normalised features of each class's pixels; or the "
-        "authors' calc_prototype.py, four passes, a running mean (count capped at 3,000) of per-image means of "
-        "unnormalised features over classes with >= 10 pixels in the image",
+        "image_means",
+        description="Eq. 7 prototypes: (default) the authors' calc_prototype.py, four passes, a running mean (count capped "
+        "at 3,000) of per-image means of unnormalised features over classes with >= 10 pixels in the image; or one pass, "
+        "the mean of the L2-normalised features of each class's pixels (Eq. 7 as written)",
     )
     contrastive_weight: float = Field(
-        0.0,
+        0.001,
         ge=0,
-        description="weight of the authors' supervised-contrastive term (0.001 in their code; not in the paper): the student's "
-        "weak-view pixel features against the memory bank, on iterations without CutMix once the bank is full",
+        description="weight of the authors' supervised-contrastive term (default: their 0.001; not in the paper, 0 = off): "
+        "the student's weak-view pixel features against the memory bank, on iterations without CutMix once the bank is full "
+        "(needs self_labeling and target_view=weak)",
     )
     contrastive_bank_labels: Literal["sampled", "first_pixels"] = Field(
         "sampled",
-        description="the labels stored with the bank's features for the contrastive term: those of the sampled pixels, or "
-        "the authors' (a quirk): the labels of the image's first M pixels in raster order, which do not belong to them",
+        description="the labels stored with the bank's features for the contrastive term: (default) those of the sampled "
+        "pixels, or the authors' (a bug): the labels of the image's first M pixels in raster order, which do not belong to them",
     )
     output_self_labeling: bool = Field(
-        False,
-        description="add the authors' second self-labeling term (not in the paper): Sinkhorn assignments from the momentum "
+        True,
+        description="add the authors' second self-labeling term (default: on, as their code; not in the paper; needs "
+        "self_labeling): Sinkhorn assignments from the momentum "
         "network's L2-normalised logits at the sampled pixels (with a queue of its own), the head's prediction as in Eq. 5",
     )
     source_align_corners: bool = Field(
         False,
         description="upsample the source logits to the labels with align_corners=True before the source cross-entropy "
-        "(the authors' code) instead of segadapt's half-pixel bilinear rule",
+        "(the authors' code) instead of segadapt's half-pixel bilinear rule (default: false, the rule of every recipe)",
     )
     cutmix_label_sampling: Literal["pixel_centres", "top_left"] = Field(
         "pixel_centres",
-        description="how CutMix brings the labels between the output grid and the image grid: nearest by pixel centres "
-        "(aligned with the image) or PyTorch's legacy nearest, the top-left corner (the authors' code, half an output pixel off)",
+        description="how CutMix brings the labels between the output grid and the image grid: (default) nearest by pixel "
+        "centres (aligned with the image) or PyTorch's legacy nearest, the top-left corner (the authors' code, half an "
+        "output pixel off: a bug)",
     )
     sl_through_ema_features_only: bool = Field(
         True,
@@ -313,6 +332,11 @@ def _check_switches(options: CPSLOptions) -> None:
         raise ConfigError(
             "method.strong_view=randaugment moves the strong view's pixels, so the weak view's pseudo labels do not fit it: "
             "set method.target_view=weak (the authors' code: L^t_SEG on the weak view) or method.strong_view=photometric"
+        )
+    if not options.self_labeling and options.output_self_labeling:
+        raise ConfigError(
+            "method.output_self_labeling=true adds a second self-labeling term, which method.self_labeling=false ('w/o SL') "
+            "removes with the head and L_SL: set method.output_self_labeling=false (config benchmark/cpsl_wo_sl does)"
         )
     if options.consistency == "prototype" and not options.self_labeling:
         raise ConfigError(
@@ -403,7 +427,7 @@ def warmup_statistics(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, A
 
 def warmup_statistics_key(cfg: RunConfig) -> dict[str, Any]:
     """What :func:`warmup_statistics` depends on: the warm-up's content, the network built, the target and its size,
-    and ``method.prototype_init`` when it is not the default (so files made before the option still match)."""
+    and ``method.prototype_init`` when it is not ``pixel_mean`` (so files made before the option still match)."""
     assert cfg.data.target is not None and cfg.model.checkpoint is not None
     key = {
         "model.checkpoint": file_fingerprint(cfg.model.checkpoint, "model.checkpoint"),
