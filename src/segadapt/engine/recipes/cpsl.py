@@ -162,9 +162,7 @@ class CPSLOptions(BaseModel):
     tau: float = Field(0.08, gt=0, description="temperature of P_SL in Eq. 1 and of p in Eq. 4")
     epsilon: float = Field(0.05, gt=0, description="Sinkhorn temperature (Eq. 6)")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (authors' code: 3)")
-    pixels_per_image: int = Field(
-        256, ge=1, description="M of Eq. 9, pixels per image for L_SL (default: the authors' fbs 256; the paper's 512)"
-    )
+    pixels_per_image: int = Field(256, ge=1, description="M of Eq. 9, pixels per image for L_SL (default: the authors' fbs 256; the paper's 512)")
     queue_size: int = Field(65536, ge=1, description="memory bank length in pixel features")
     ema_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of f'_SEG and f'_SL")
     distribution: Literal["momentum", "fixed"] = Field(
