@@ -60,6 +60,8 @@ import torch
 
 from segadapt.config import load_config
 from segadapt.data.classes import CITYSCAPES_CLASSES, ClassInfo
+from segadapt.data.transforms import FULL_IMAGE_KEY
+from segadapt.data.transforms.records import FullFrameRecord
 from segadapt.engine import distributed
 from segadapt.engine.builders import build_model, build_optimizer
 from segadapt.engine.checkpoint import seed_everything
@@ -75,9 +77,15 @@ IGNORE_INDEX = CITYSCAPES_CLASSES.ignore_index  # the synthetic labels' (random 
 
 
 def synthetic_batches(
-    streams: dict[str, Any], batch: int, size: tuple[int, int], num_classes: int, device: torch.device
+    streams: dict[str, Any], batch: int, size: tuple[int, int], num_classes: int, device: torch.device, full_frame: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Random images in [0, 1] and, for labelled streams, label maps of square class blocks."""
+    """Random images in [0, 1] and, for labelled streams, label maps of square class blocks.
+
+    ``full_frame``: the unlabelled stream also carries a full frame (CPSL's ``method.teacher_view=full_frame``), here
+    another random image of the crop's size whose view is the crop itself (no geometry between them): the momentum
+    network's forward then costs one crop's, a lower bound of the authors' 2048x1024 frame (about 4.6 of the paper's
+    896x512 crops).
+    """
     height, width = size
     batches = {}
     for name, stream in streams.items():
@@ -90,6 +98,9 @@ def synthetic_batches(
             blocks = torch.randint(0, num_classes, (batch, 1, height // 32 + 1, width // 32 + 1), device=device)
             labels = torch.nn.functional.interpolate(blocks.float(), scale_factor=32, mode="nearest")[:, 0, :height, :width].long()
             sample["label"] = labels
+        elif full_frame:
+            sample[FULL_IMAGE_KEY] = torch.rand(batch, 3, height, width, device=device)
+            sample["replay"] = [[FullFrameRecord((height, width))] for _ in range(batch)]
         batches[name] = sample
     return batches
 
@@ -201,7 +212,8 @@ def measure_steps(
     run_dir = workdir / config.replace("/", "_")
     cfg, recipe = build_recipe(config, [*overrides, f"data.batch_size={batch}"], run_dir, num_classes, device)
     trainer = SyntheticTrainer(cfg, recipe, device, compile_backend)
-    batches = synthetic_batches(type(recipe).streams, batch, size, num_classes, device)
+    full_frame = getattr(recipe.options, "teacher_view", None) == "full_frame"  # CPSL's momentum network on the whole frame
+    batches = synthetic_batches(type(recipe).streams, batch, size, num_classes, device, full_frame)
     times = []
     resident = None
     try:

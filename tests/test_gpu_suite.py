@@ -111,7 +111,7 @@ def test_smoke_inference_pseudo_labels_and_sinkhorn_records(smoke: tuple[Path, d
     assert pseudo["result"]["images_per_s"] == pytest.approx(4 / pseudo["result"]["seconds"])
     assert pseudo["result"]["projected_2975_images_s"] == pytest.approx(2975 * pseudo["result"]["seconds"] / 4)
     sinkhorn = measurements["sinkhorn/cpsl"]
-    assert sinkhorn["params"] == {"rows": 65536 + 4 * 512, "classes": 19}  # CPSL's bank + a batch of 4 x M = 512 pixels
+    assert sinkhorn["params"] == {"rows": 65536 + 256, "classes": 19}  # CPSL's bank + one image's M = 256 pixels (the authors' problem)
     assert set(sinkhorn["result"]["ms"]) == {"new", "log", "plain"} and min(sinkhorn["result"]["ms"].values()) > 0
 
 
