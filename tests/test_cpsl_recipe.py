@@ -35,6 +35,7 @@ CROP = ["data.train_transforms=[{name: random_crop, size: [32, 64]}, {name: rand
 # reduction), which the tests of the paper's equations set: since 2026-12-07 the defaults are the authors' step.
 # One Sinkhorn problem over the batch's pooled pixels, so the self-labeling loss is one call.
 PAPER_STEP = (
+    "method.consistency=segmentation",
     "method.cutmix_p=0",
     "method.target_loss=ce",
     "method.contrastive_weight=0",
@@ -424,7 +425,6 @@ def test_prototype_consistency_is_the_authors_kl_on_the_momentum_prototypes(
         ("benchmark/cpsl", "class_mean"),
         ("gta5_to_cityscapes/cpsl", "class_mean"),
         ("synthia_to_cityscapes/cpsl", "class_mean"),
-        ("benchmark/cpsl_prototype_consistency", "class_mean"),
         ("benchmark/cpsl_paper", "pixel_mean"),
         ("gta5_to_cityscapes/cpsl_paper", "pixel_mean"),
     ],
@@ -440,6 +440,7 @@ def test_cpsl_configs_use_the_authors_consistency_reduction_and_cpsl_paper_the_p
 # The authors' stage-1 step (lslrh/CPSL README: --ema --proto_rectify --rce --proto_consistW 5 --SL_lambda 0.1, the rest
 # parser_train.py's defaults), each option where it departs from the paper, and the paper's reading of it.
 AUTHORS_AND_PAPER = {
+    "consistency": ("prototype", "segmentation"),
     "consistency_reduction": ("class_mean", "pixel_mean"),
     "cutmix_p": (0.5, 0.0),
     "target_loss": ("symmetric_ce", "ce"),
@@ -457,9 +458,9 @@ AUTHORS_AND_PAPER = {
 SHARED = {"target_view": "weak", "strong_view": "randaugment", "sinkhorn_per_image": True, "momentum_batch_norm": "as_student",
           "sl_through_ema_features_only": True, "lambda1": 0.1, "lambda2": 5.0, "tau": 0.08, "epsilon": 0.05, "sinkhorn_iterations": 3,
           "queue_size": 65536, "ema_momentum": 0.999}
-# the authors' code's bugs are not reproduced, and the consistency keeps Eq. 13's form (the authors': prototype)
+# the authors' code's bugs are not reproduced
 CORRECTED = {"randaugment_translate_quirk": False, "contrastive_bank_labels": "sampled", "cutmix_label_sampling": "pixel_centres",
-             "source_align_corners": False, "consistency": "segmentation"}
+             "source_align_corners": False}
 
 
 def test_cpsl_defaults_are_the_authors_step_and_cpsl_paper_names_every_departure() -> None:
@@ -487,7 +488,9 @@ def test_consistency_reduction_scales_the_step_s_consistency_by_the_class_count(
     """The same step with method.consistency_reduction=pixel_mean (benchmark/cpsl_paper) has K times the consistency."""
     values = {}
     for reduction in ("class_mean", "pixel_mean"):
-        _, _, _, spy, _, losses, _ = one_step(tmp_path, warmup, monkeypatch, reduction, f"method.consistency_reduction={reduction}")
+        _, _, _, spy, _, losses, _ = one_step(
+            tmp_path, warmup, monkeypatch, reduction, "method.consistency=segmentation", f"method.consistency_reduction={reduction}"
+        )
         assert spy.one("symmetric_kl_consistency")["reduction"] == reduction
         values[reduction] = losses["loss_reg"].item()
     assert values["pixel_mean"] > 0 and values["pixel_mean"] == pytest.approx(19 * values["class_mean"], rel=1e-5)
@@ -703,7 +706,7 @@ def toy_step(toy: Path, warmup: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_randaugment_strong_view_replays_its_geometry_on_the_weak_teacher(
     toy: Path, toy_warmup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = ("method.strong_view=randaugment", "method.teacher_view=weak")
+    extra = ("method.strong_view=randaugment", "method.teacher_view=weak", "method.consistency=segmentation")  # Eq. 13's spy
     trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "ra", *extra)
     assert recipe.num_classes == 5 and recipe.ignore_index == 7
     target = batches["target"]
@@ -741,7 +744,7 @@ def test_full_frame_teacher_serves_rectification_sampling_and_the_consistency(
     """
     # class-balanced sampling of the moved features, one Sinkhorn problem for the batch (one call to check)
     one_problem = ("method.sinkhorn_per_image=false", "method.pixel_sampling=class_balanced")
-    extra = ("method.strong_view=randaugment", "method.teacher_view=full_frame", *one_problem)
+    extra = ("method.strong_view=randaugment", "method.teacher_view=full_frame", "method.consistency=segmentation", *one_problem)
     trainer, recipe, batches, spy, (strong, records), losses = toy_step(toy, toy_warmup, tmp_path, monkeypatch, "full", *extra)
     assert trainer.cfg.data.target_transforms[0] == {"name": "keep_full_frame"}  # no resize leads: the loaded frame
     assert trainer.cfg.data.train_transforms == load_config("benchmark/cpsl", toy_overrides(toy)).data.train_transforms  # the source's own
@@ -764,7 +767,8 @@ def test_full_frame_teacher_serves_rectification_sampling_and_the_consistency(
     assert torch.equal(kl["mask"], torch.stack([valid_mask(w + s, w[1].input_size, grid) for w, s in zip(target["replay"], records)]))
     # without a strong geometry the full-frame teacher is the weak crop's (full2weak alone)
     trainer, recipe, batches, spy, (strong, records), _ = toy_step(
-        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.teacher_view=full_frame", "method.strong_view=photometric"
+        toy, toy_warmup, tmp_path, monkeypatch, "full_photometric", "method.teacher_view=full_frame", "method.strong_view=photometric",
+        "method.consistency=segmentation",
     )
     assert records is None
     with torch.no_grad():

@@ -136,9 +136,8 @@ class CPSLOptions(BaseModel):
     the weak view for ``L^t_SEG`` with CutMix and the symmetric cross-entropy, the contrastive term, the
     second self-labeling term, uniform shared pixel sampling of M = 256, one Sinkhorn problem per image, the
     full-queue rule and its scores, the image-mean prototypes, RandAugment, the full-frame teacher and the
-    fixed class distribution. Three exceptions, each one option away: the consistency keeps Eq. 13's form
-    (``consistency=segmentation``; the authors' ``prototype`` form is config ``benchmark/cpsl_prototype_consistency``),
-    and the authors' evident bugs are not reproduced (``randaugment_translate_quirk``, ``contrastive_bank_labels``,
+    fixed class distribution, and the consistency's form (KL(teacher || student) of the prototype
+    probabilities). The authors' evident bugs are not reproduced (``randaugment_translate_quirk``, ``contrastive_bank_labels``,
     ``cutmix_label_sampling``, ``source_align_corners`` keep the correct behaviour). The paper's reading where it
     differs is config ``<benchmark>/cpsl_paper``, which names every such option.
     """
@@ -149,7 +148,7 @@ class CPSLOptions(BaseModel):
     lambda1: float = Field(0.1, ge=0, description="weight of the self-labeling loss L_SL (Eq. 14)")
     lambda2: float = Field(5.0, ge=0, description="weight of the consistency loss L_REG (Eq. 14)")
     consistency: Literal["segmentation", "prototype"] = Field(
-        "segmentation",
+        "prototype",
         description="L_REG: symmetric KL of the two views' segmentation probabilities (Eq. 13, paper) or KL(teacher || "
         "student) of their prototype probabilities softmax(cos(z, c'_SL) / tau) (the authors' code; needs self_labeling)",
     )
