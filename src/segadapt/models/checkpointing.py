@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -38,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 
 
-class CheckpointableBlocks:
+class CheckpointableBlocks(abc.ABC):
     """A mixin for the module that runs a sequence of blocks: ``activation_checkpointing`` switches recomputation.
 
     The module calls :func:`run_block` for each block with its own ``activation_checkpointing`` flag and
@@ -48,9 +49,9 @@ class CheckpointableBlocks:
 
     activation_checkpointing: bool = False
 
+    @abc.abstractmethod
     def checkpointable_blocks(self) -> int:
         """How many blocks this module recomputes when its flag is on."""
-        raise NotImplementedError
 
 
 def _batch_norms_updating_statistics(block: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
