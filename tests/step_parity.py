@@ -98,3 +98,14 @@ class RecordedDraws:
 
     def all_used(self) -> bool:
         return not (self.coins or self.choices or self.uniforms or self.orders)
+
+
+DACS_AUTHORS_STEP = [  # the authors' value of every option of a DACS/DAFormer/HRDA step (docs/daformer.md, "The authors' step")
+    "method.source_loss_mean=all",
+    "method.teacher_batch_norm=as_student",
+    "method.ema_warmup=from_start",
+    "method.classmix_classes=batch",
+    "method.augmentation_coins=batch",
+    "method.blur_kernel=tenth_of_side",
+    "method.jitter_maths=kornia",
+]

@@ -37,18 +37,9 @@ from segadapt.engine.losses import build_seg_loss
 from segadapt.engine.recipes.dacs import DACS
 from segadapt.models.base import EncoderDecoder, Normalization, SegmentationModel, SegOutput
 
-from step_parity import BLUR_SIGMA_RANGE, JITTER_RANGES, RecordedDraws, assert_close, load_step
+from step_parity import BLUR_SIGMA_RANGE, DACS_AUTHORS_STEP, JITTER_RANGES, RecordedDraws, assert_close, load_step
 
 STEPS = ["dacs_step.pt", "dacs_step_jitter.pt", "dacs_step_fdist.pt"]
-AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daformer.md, "The authors' step")
-    "method.source_loss_mean=all",
-    "method.teacher_batch_norm=as_student",
-    "method.ema_warmup=from_start",
-    "method.classmix_classes=batch",
-    "method.augmentation_coins=batch",
-    "method.blur_kernel=tenth_of_side",
-    "method.jitter_maths=kornia",
-]
 
 
 class TinyNet(SegmentationModel, EncoderDecoder):
@@ -117,7 +108,7 @@ def replay_recipe(fixture: dict[str, Any], *overrides: str) -> DACS:
     cfg = load_config(None, [
         "recipe=dacs", f"method.ema_momentum={fixture['alpha']}", f"method.pseudo_threshold={fixture['pseudo_threshold']}",
         f"method.pseudo_ignore_top={fixture['pseudo_ignore_top']}",
-        f"method.pseudo_ignore_bottom={fixture['pseudo_ignore_bottom']}", *distance, *AUTHORS_STEP, *overrides,
+        f"method.pseudo_ignore_bottom={fixture['pseudo_ignore_bottom']}", *distance, *DACS_AUTHORS_STEP, *overrides,
     ])  # fmt: skip
     classes = ClassInfo("tiny", tuple(names), ((0, 0, 0),) * num_classes, ignore_index=ignore_index)
     model = TinyNet(num_classes, fixture["mean"], fixture["std"])

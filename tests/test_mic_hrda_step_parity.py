@@ -47,19 +47,10 @@ from segadapt.engine.recipes.dacs import HRDA
 from segadapt.models.base import Normalization, SegOutput
 from segadapt.models.hrda import HRDASegmentor
 
-from step_parity import BLUR_SIGMA_RANGE, JITTER_RANGES, RecordedDraws, assert_close, load_step
+from step_parity import BLUR_SIGMA_RANGE, DACS_AUTHORS_STEP, JITTER_RANGES, RecordedDraws, assert_close, load_step
 
 STEP = "mic_hrda_step.pt"
 FORWARDS = ("source", "mixed", "masked")  # the student's three training forwards, in the step's order
-AUTHORS_STEP = [  # the authors' value of every option of the step (docs/daformer.md, "The authors' step")
-    "method.source_loss_mean=all",
-    "method.teacher_batch_norm=as_student",
-    "method.ema_warmup=from_start",
-    "method.classmix_classes=batch",
-    "method.augmentation_coins=batch",
-    "method.blur_kernel=tenth_of_side",
-    "method.jitter_maths=kornia",
-]
 
 
 class TinyBackbone(nn.Module):
@@ -128,7 +119,7 @@ def replay_recipe(fixture: dict[str, Any], *overrides: str) -> HRDA:
         f"method.feature_distance_min_ratio={fixture['feature_distance_min_ratio']}",
         "mic.enabled=true", "mic.teacher=host", "mic.augmentation=true", f"mic.mask_ratio={fixture['mask_ratio']}",
         f"mic.mask_block_size={fixture['mask_block_size']}", f"mic.mask_lambda={fixture['mask_lambda']}",
-        *AUTHORS_STEP, *overrides,
+        *DACS_AUTHORS_STEP, *overrides,
     ])  # fmt: skip
     classes = ClassInfo("tiny", tuple(names), ((0, 0, 0),) * num_classes, ignore_index=ignore_index)
     model = tiny_hrda(fixture)
