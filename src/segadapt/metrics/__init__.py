@@ -11,6 +11,7 @@ Examples:
 
 from __future__ import annotations
 
+from .boundary import band_target, boundary_band
 from .confusion import (
     ConfusionMatrix,
     SegScores,
@@ -27,6 +28,8 @@ from .pseudo_label_quality import PseudoLabelStats, kl_divergence, pseudo_label_
 from .table import format_table
 
 __all__ = [
+    "band_target",
+    "boundary_band",
     "ConfusionMatrix",
     "PROTOCOLS",
     "Protocol",
