@@ -278,7 +278,8 @@ class EvalConfig(_Strict):
     boundary_width: int = Field(
         0,
         ge=0,
-        description="also score the pixels within this many pixels of a ground-truth boundary (the trimap band; boundary_miou, boundary_iou/<class>); 0 = off",
+        description="also score the pixels within this many pixels of a ground-truth boundary "
+        "(the trimap band; boundary_miou, boundary_iou/<class>); 0 = off",
     )
     amp: Literal["off", "bf16", "fp16"] = Field("off", description=INFERENCE_AMP_HELP)
     channels_last: bool = Field(False, description=CHANNELS_LAST_HELP)
