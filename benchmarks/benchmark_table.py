@@ -72,6 +72,11 @@ def train(config: str, output: Path, seed: int, extra: list[str], threads: int, 
     return json.loads(scores_file.read_text()), wall
 
 
+def fill_in(override: str, seed: int, output: Path) -> str:
+    """``override`` with ``{seed}`` and ``{output}`` replaced; other braces (a YAML list of mappings) stay."""
+    return override.replace("{seed}", str(seed)).replace("{output}", str(output))
+
+
 def mean_std(values: list[float]) -> str:
     values = [100 * v for v in values]
     if len(values) == 1:
@@ -116,7 +121,7 @@ def main() -> None:
             walls.setdefault("oracle", []).append(wall)
         checkpoint = args.output / f"{args.warmup}_s{seed}" / "checkpoints" / "last.pt"
         for method, config, overrides in plan:
-            filled = [override.format(seed=seed, output=args.output) for override in overrides]
+            filled = [fill_in(override, seed, args.output) for override in overrides]
             scores, wall = train(f"benchmark/{config}", args.output, seed, [f"model.checkpoint={checkpoint}", *filled], args.threads, method)
             results.setdefault(method, []).append(scores)
             walls.setdefault(method, []).append(wall)
