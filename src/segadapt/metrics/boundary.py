@@ -2,8 +2,8 @@
 
 Segmentation papers measure boundary quality as the mIoU of the pixels in a narrow band around the
 ground truth's object boundaries (the "trimap" of Kohli et al., IJCV 2009, used by DeepLab, Chen et al.,
-TPAMI 2018, Sec. 4.1.2 and Fig. 5); HRDA (Hoyer et al., ECCV 2022) claims its detail branch improves
-exactly those pixels. A pixel lies on a boundary when one of its 8 neighbours holds another *valid* class
+TPAMI 2018, Fig. 5); HRDA (Hoyer et al., ECCV 2022) credits its high-resolution detail branch with
+finer boundaries, which this band measures. A pixel lies on a boundary when one of its 8 neighbours holds another *valid* class
 (an edge against ignored pixels is no boundary the labels can judge); the band is every pixel within
 ``width`` pixels (chessboard distance) of a boundary pixel. Counting the band's pixels into a
 :class:`~segadapt.metrics.ConfusionMatrix` gives its per-class IoU, mIoU and accuracy as usual.
