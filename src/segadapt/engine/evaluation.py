@@ -38,8 +38,6 @@ def confusion_over(
     ``amp``, ``channels_last``: :func:`inference_model`). ``boundary``, when given, also counts the
     pixels within ``cfg.boundary_width`` of a label boundary (:func:`~segadapt.metrics.band_target`).
     """
-    if boundary is not None and cfg.boundary_width < 1:
-        raise ValueError(f"a boundary matrix needs eval.boundary_width >= 1, got {cfg.boundary_width}")
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     shards = distributed.get_world_size()  # under torchrun rank 0 shows its share of the images
     done = "evaluated {n} images in {elapsed}" if shards == 1 else f"evaluated {{n}} images (rank 0's share of {shards}) in {{elapsed}}"
