@@ -65,11 +65,12 @@ The defaults are the authors' stage-1 step since 2026-12-07 (:class:`CPSLOptions
   self-labeling loss"). ``method.sl_through_ema_features_only=false`` feeds the student's features
   instead, so that L_SL also trains the network (a reading of Eq. 14 as one loss over the whole model).
 
-The authors' step (lslrh/CPSL ``CustomModel.step``) is the default but for ``method.consistency``
-(Eq. 13's form kept; ``prototype`` is theirs) and four bugs of their code not reproduced, each an option
+The authors' step (lslrh/CPSL ``CustomModel.step``) is the default, their prototype-probability
+consistency included (``method.consistency=prototype``; Eq. 13's form is ``segmentation``, as in
+``benchmark/cpsl_paper``), but for four bugs of their code not reproduced, each an option
 (docs/reference_code.md, "CPSL"); ``tests/test_cpsl_step_parity.py`` replays it against their code with
-those options set to the code's (their consistency, CutMix label grid, source upsampling, contrastive
-bank labels).
+those options set to the code's (CutMix label grid, source upsampling, contrastive bank labels,
+RandAugment's translate replay).
 """
 
 from __future__ import annotations
